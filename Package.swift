@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "Cairn",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "CairnStorage", targets: ["CairnStorage"]),
+        .library(name: "CairnCodec", targets: ["CairnCodec"]),
+        .library(name: "CairnCore", targets: ["CairnCore"]),
+        .executable(name: "cairn-bench", targets: ["CairnBench"]),
+        .executable(name: "cairn-chaos", targets: ["CairnChaos"]),
+        .executable(name: "cairn-example", targets: ["CairnExample"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // C libraries, found through pkg-config (liblmdb-dev, libzstd-dev).
+        .systemLibrary(name: "CLMDB", path: "Storage/CLMDB", pkgConfig: "lmdb",
+                       providers: [.apt(["liblmdb-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Storage/CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
+
+        // Shared value types with no dependencies: seeded randomness.
+        .target(name: "CairnCore", path: "Sources/CairnCore"),
+
+        // Compact binary Codable format used for checkpoints, logs and the wire.
+        .target(name: "CairnCodec", path: "Sources/CairnCodec"),
+
+        // Durable keyed records, append-only logs and checkpoints; LMDB and in-memory engines.
+        .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CairnCodec", "CairnCore"],
+                path: "Storage/CairnStorage"),
+
+        .executableTarget(name: "CairnBench", dependencies: [
+            "CairnStorage", "CairnCodec",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], path: "Sources/CairnBench"),
+        .executableTarget(name: "CairnChaos", dependencies: [
+            "CairnStorage", "CairnCodec",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], path: "Chaos/CairnChaos"),
+        .executableTarget(name: "CairnExample", dependencies: ["CairnStorage", "CairnCodec"],
+                          path: "Sources/CairnExample"),
+
+        .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
+                    path: "Tests/CairnCodecTests"),
+        // Depends on the chaos executable so that `swift test` builds the crash child it spawns.
+        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage", "CairnCodec", "CairnChaos"],
+                    path: "Tests/CairnStorageTests"),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,610 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Decodes `Decodable` values from the Cairn binary format (see ``BinaryFormat``).
+///
+/// Hostile input is safe: every length is checked against the bytes that remain before
+/// anything is allocated, nesting is limited to ``maxDepth``, and every failure is a
+/// ``CodecError`` naming the offset and coding path.
+public struct BinaryDecoder: Sendable {
+    /// Deepest container nesting accepted.
+    public var maxDepth: Int
+
+    public init(maxDepth: Int = BinaryFormat.defaultMaxDepth) {
+        self.maxDepth = maxDepth
+    }
+
+    /// Decodes a complete document; bytes after the value are an error.
+    public func decode<T: Decodable>(_ type: T.Type, from bytes: [UInt8]) throws -> T {
+        try bytes.withUnsafeBytes { try decode(type, from: $0) }
+    }
+
+    /// Decodes a complete document from raw memory that stays valid for the duration of the call.
+    public func decode<T: Decodable>(_ type: T.Type, from bytes: UnsafeRawBufferPointer) throws -> T {
+        let impl = DecoderImpl(bytes: bytes, maxDepth: maxDepth)
+        guard bytes.count >= 2 else {
+            throw impl.error(.truncated, at: 0, "a document is at least 2 bytes (magic and version); got \(bytes.count)")
+        }
+        guard bytes[0] == BinaryFormat.magic else {
+            throw impl.error(.badMagic, at: 0, "expected magic byte 0xCA, found 0x\(String(bytes[0], radix: 16)): not a Cairn binary document")
+        }
+        guard bytes[1] == BinaryFormat.version else {
+            throw impl.error(.unsupportedVersion, at: 1, "format version \(bytes[1]) is not supported; this reader knows version \(BinaryFormat.version)")
+        }
+        let (value, end) = try impl.decodeValue(T.self, at: 2)
+        guard end == bytes.count else {
+            throw impl.error(.trailingBytes, at: end, "\(bytes.count - end) bytes remain after the top-level value")
+        }
+        return value
+    }
+}
+
+final class DecoderImpl: Decoder {
+    let base: UnsafeRawBufferPointer
+    let end: Int
+    let maxDepth: Int
+    /// Start of the value the current `init(from:)` is decoding.
+    var pos = 0
+    var depth = 0
+    var codingPath: [any CodingKey] = []
+    var userInfo: [CodingUserInfoKey: Any] { [:] }
+    /// Sequential-read cursors of open keyed containers, by depth: (identity, next entry offset).
+    var cursors: [(id: Int, at: Int)] = []
+    var nextID = 1
+
+    init(bytes: UnsafeRawBufferPointer, maxDepth: Int) {
+        base = bytes
+        end = bytes.count
+        self.maxDepth = maxDepth
+    }
+
+    func error(_ code: CodecError.Code, at offset: Int, _ detail: String, path: [any CodingKey]? = nil) -> CodecError {
+        CodecError(code, offset: offset, path: renderPath(path ?? codingPath), detail: detail)
+    }
+
+    // MARK: reading primitives
+
+    @inline(__always) func byte(_ at: Int) throws -> UInt8 {
+        guard at < end else { throw error(.truncated, at: at, "input ended where a value was expected") }
+        return base[at]
+    }
+
+    @inline(__always) func varint(_ at: inout Int) throws -> UInt64 {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while true {
+            guard at < end else { throw error(.truncated, at: at, "input ended inside a varint") }
+            let b = base[at]
+            at += 1
+            if shift == 63 && b > 1 {
+                throw error(.valueOutOfRange, at: at - 1, "varint does not fit in 64 bits")
+            }
+            result |= UInt64(b & 0x7F) << shift
+            if b < 0x80 { return result }
+            shift += 7
+            if shift > 63 { throw error(.valueOutOfRange, at: at - 1, "varint is longer than 10 bytes") }
+        }
+    }
+
+    /// Reads a length and checks that that many bytes remain.
+    @inline(__always) func length(_ at: inout Int) throws -> Int {
+        let start = at
+        let n = try varint(&at)
+        guard n <= UInt64(end - at) else {
+            throw error(.lengthMismatch, at: start, "declared length \(n) exceeds the \(end - at) bytes that remain")
+        }
+        return Int(n)
+    }
+
+    @inline(__always) func expect(_ tag: UInt8, _ want: UInt8, _ at: Int, _ type: String) throws {
+        guard tag == want else { throw mismatch(tag, at, type) }
+    }
+
+    func mismatch(_ tag: UInt8, _ at: Int, _ type: String) -> CodecError {
+        if tag > Tag.map {
+            return error(.unknownTag, at: at, "byte 0x\(String(tag, radix: 16)) is not a value tag")
+        }
+        return error(.typeMismatch, at: at, "expected \(type), found \(Tag.name(tag))")
+    }
+
+    func readSigned(_ at: inout Int, _ type: String) throws -> Int64 {
+        let start = at
+        let tag = try byte(at)
+        at += 1
+        if tag == Tag.int {
+            let z = try varint(&at)
+            return Int64(bitPattern: (z >> 1) ^ (0 &- (z & 1)))
+        }
+        if tag == Tag.uint {
+            let u = try varint(&at)
+            guard u <= UInt64(Int64.max) else { throw error(.valueOutOfRange, at: start, "\(u) does not fit in \(type)") }
+            return Int64(u)
+        }
+        throw mismatch(tag, start, type)
+    }
+
+    func readUnsigned(_ at: inout Int, _ type: String) throws -> UInt64 {
+        let start = at
+        let tag = try byte(at)
+        at += 1
+        if tag == Tag.uint { return try varint(&at) }
+        if tag == Tag.int {
+            let z = try varint(&at)
+            let v = Int64(bitPattern: (z >> 1) ^ (0 &- (z & 1)))
+            guard v >= 0 else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(type)") }
+            return UInt64(v)
+        }
+        throw mismatch(tag, start, type)
+    }
+
+    func readInt<I: FixedWidthInteger>(_ at: inout Int, _ type: I.Type) throws -> I {
+        let start = at
+        if I.isSigned {
+            let v = try readSigned(&at, "\(I.self)")
+            guard let r = I(exactly: v) else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(I.self)") }
+            return r
+        } else {
+            let v = try readUnsigned(&at, "\(I.self)")
+            guard let r = I(exactly: v) else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(I.self)") }
+            return r
+        }
+    }
+
+    @inline(__always) func fixed64(_ at: inout Int) throws -> UInt64 {
+        guard end - at >= 8 else { throw error(.truncated, at: at, "input ended inside an 8-byte number") }
+        let v = base.loadUnaligned(fromByteOffset: at, as: UInt64.self)
+        at += 8
+        return UInt64(littleEndian: v)
+    }
+
+    @inline(__always) func fixed32(_ at: inout Int) throws -> UInt32 {
+        guard end - at >= 4 else { throw error(.truncated, at: at, "input ended inside a 4-byte number") }
+        let v = base.loadUnaligned(fromByteOffset: at, as: UInt32.self)
+        at += 4
+        return UInt32(littleEndian: v)
+    }
+
+    func readDouble(_ at: inout Int) throws -> Double {
+        let start = at
+        let tag = try byte(at)
+        at += 1
+        if tag == Tag.float64 { return Double(bitPattern: try fixed64(&at)) }
+        if tag == Tag.float32 { return Double(Float(bitPattern: try fixed32(&at))) }
+        throw mismatch(tag, start, "Double")
+    }
+
+    func readFloat(_ at: inout Int) throws -> Float {
+        let start = at
+        let tag = try byte(at)
+        at += 1
+        if tag == Tag.float32 { return Float(bitPattern: try fixed32(&at)) }
+        if tag == Tag.float64 { return Float(Double(bitPattern: try fixed64(&at))) }
+        throw mismatch(tag, start, "Float")
+    }
+
+    func readBool(_ at: inout Int) throws -> Bool {
+        let tag = try byte(at)
+        if tag == Tag.trueValue { at += 1; return true }
+        if tag == Tag.falseValue { at += 1; return false }
+        throw mismatch(tag, at, "Bool")
+    }
+
+    func readString(_ at: inout Int) throws -> String {
+        let start = at
+        let tag = try byte(at)
+        guard tag == Tag.string else { throw mismatch(tag, start, "String") }
+        at += 1
+        let n = try length(&at)
+        let bytes = UnsafeRawBufferPointer(rebasing: base[at..<(at + n)])
+        guard let s = String(validating: bytes.bindMemory(to: UInt8.self), as: UTF8.self) else {
+            throw error(.invalidUTF8, at: at, "string of \(n) bytes is not valid UTF-8")
+        }
+        at += n
+        return s
+    }
+
+    func readBytes(_ at: inout Int) throws -> UnsafeRawBufferPointer {
+        let start = at
+        let tag = try byte(at)
+        guard tag == Tag.bytes else { throw mismatch(tag, start, "bytes") }
+        at += 1
+        let n = try length(&at)
+        let slice = UnsafeRawBufferPointer(rebasing: base[at..<(at + n)])
+        at += n
+        return slice
+    }
+
+    /// Returns the offset just past the value at `at`, without decoding it.
+    func skip(_ at: Int) throws -> Int {
+        var p = at
+        let tag = try byte(p)
+        p += 1
+        switch tag {
+        case Tag.null, Tag.falseValue, Tag.trueValue: return p
+        case Tag.int, Tag.uint: _ = try varint(&p); return p
+        case Tag.float32: guard end - p >= 4 else { throw error(.truncated, at: p, "input ended inside a float") }; return p + 4
+        case Tag.float64: guard end - p >= 8 else { throw error(.truncated, at: p, "input ended inside a double") }; return p + 8
+        case Tag.string, Tag.bytes, Tag.array, Tag.map:
+            let n = try length(&p)
+            return p + n
+        default:
+            throw error(.unknownTag, at: at, "byte 0x\(String(tag, radix: 16)) is not a value tag")
+        }
+    }
+
+    /// Opens the container at `at`: returns (first entry offset, end offset, count).
+    func openContainer(_ tag: UInt8, at: Int, _ what: String) throws -> (first: Int, end: Int, count: Int) {
+        var p = at
+        let t = try byte(p)
+        guard t == tag else { throw mismatch(t, at, what) }
+        p += 1
+        let bodyLength = try length(&p)
+        let bodyEnd = p + bodyLength
+        let countAt = p
+        let count = try varint(&p)
+        guard p <= bodyEnd, count <= UInt64(bodyEnd - p) else {
+            throw error(.lengthMismatch, at: countAt, "container declares \(count) entries in \(bodyLength) bytes")
+        }
+        return (p, bodyEnd, Int(count))
+    }
+
+    // MARK: values
+
+    /// Decodes the value at `at`; returns it and the offset just past it.
+    func decodeValue<T: Decodable>(_ type: T.Type, at: Int) throws -> (T, Int) {
+        var p = at
+        if T.self == [UInt8].self {
+            let raw = try readBytes(&p)
+            return ([UInt8](raw) as! T, p)
+        }
+        if T.self == Data.self {
+            let raw = try readBytes(&p)
+            return (Data(raw) as! T, p)
+        }
+        if T.self == String.self { return (try readString(&p) as! T, p) }
+        if T.self == Int.self { return (try readInt(&p, Int.self) as! T, p) }
+        if T.self == Double.self { return (try readDouble(&p) as! T, p) }
+        if T.self == Bool.self { return (try readBool(&p) as! T, p) }
+        guard depth < maxDepth else {
+            throw error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(maxDepth)")
+        }
+        depth += 1
+        defer { depth -= 1 }
+        let savedPos = pos
+        pos = at
+        let value: T
+        do {
+            value = try T(from: self)
+        } catch let error as CodecError {
+            throw error
+        } catch {
+            throw self.error(.rejectedByType, at: at, "\(T.self) refused the value: \(error)")
+        }
+        pos = savedPos
+        return (value, try skip(at))
+    }
+
+    func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
+        let (first, bodyEnd, count) = try openContainer(Tag.map, at: pos, "a keyed container (struct, class or enum)")
+        let id = nextID
+        nextID &+= 1
+        let slot = depth
+        while cursors.count <= slot { cursors.append((0, 0)) }
+        cursors[slot] = (id, first)
+        return KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, id: id, slot: slot, first: first, end: bodyEnd, count: count, codingPath: codingPath))
+    }
+
+    func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
+        let (first, bodyEnd, count) = try openContainer(Tag.array, at: pos, "an unkeyed container (array)")
+        return UnkeyedDecoder(impl: self, cursor: first, end: bodyEnd, count: count, codingPath: codingPath)
+    }
+
+    func singleValueContainer() throws -> any SingleValueDecodingContainer {
+        SingleValueDecoder(impl: self, at: pos, codingPath: codingPath)
+    }
+}
+
+struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
+    let impl: DecoderImpl
+    let id: Int
+    let slot: Int
+    let first: Int
+    let end: Int
+    let count: Int
+    var codingPath: [any CodingKey]
+
+    /// Reads the key at `at`; returns its byte range and the offset of its value.
+    @inline(__always) func keyAt(_ at: Int) throws -> (start: Int, count: Int, value: Int) {
+        var p = at
+        let n = try impl.length(&p)
+        guard p + n <= end else { throw impl.error(.lengthMismatch, at: at, "key runs past the end of its container", path: codingPath) }
+        return (p, n, p + n)
+    }
+
+    @inline(__always) func matches(_ key: Key, _ start: Int, _ n: Int) -> Bool {
+        var name = key.stringValue
+        return name.withUTF8 { utf8 in
+            utf8.count == n && (n == 0 || memcmp(utf8.baseAddress!, impl.base.baseAddress! + start, n) == 0)
+        }
+    }
+
+    /// Finds the value offset for `key`: first at the sequential cursor, then by scanning.
+    func find(_ key: Key) throws -> Int? {
+        if slot < impl.cursors.count, impl.cursors[slot].id == id {
+            let at = impl.cursors[slot].at
+            if at < end {
+                let k = try keyAt(at)
+                if matches(key, k.start, k.count) { return k.value }
+            }
+        }
+        var p = first
+        for _ in 0..<count {
+            guard p < end else { break }
+            let k = try keyAt(p)
+            if matches(key, k.start, k.count) { return k.value }
+            p = try impl.skip(k.value)
+        }
+        return nil
+    }
+
+    func require(_ key: Key) throws -> Int {
+        guard let at = try find(key) else {
+            throw impl.error(.keyNotFound, at: first, "no entry for key \"\(key.stringValue)\"", path: codingPath + [key])
+        }
+        return at
+    }
+
+    @inline(__always) func advance(_ next: Int) {
+        if slot < impl.cursors.count, impl.cursors[slot].id == id { impl.cursors[slot].at = next }
+    }
+
+    var allKeys: [Key] {
+        var keys: [Key] = []
+        var p = first
+        for _ in 0..<count {
+            guard p < end, let k = try? keyAt(p) else { break }
+            let name = String(decoding: UnsafeRawBufferPointer(rebasing: impl.base[k.start..<(k.start + k.count)]), as: UTF8.self)
+            if let key = Key(stringValue: name) { keys.append(key) }
+            guard let next = try? impl.skip(k.value) else { break }
+            p = next
+        }
+        return keys
+    }
+
+    func contains(_ key: Key) -> Bool { (try? find(key)) != nil }
+
+    func decodeNil(forKey key: Key) throws -> Bool {
+        let at = try require(key)
+        return try impl.byte(at) == Tag.null
+    }
+
+    @inline(__always) func primitive<T>(_ key: Key, _ read: (inout Int) throws -> T) throws -> T {
+        var p = try require(key)
+        do {
+            let v = try read(&p)
+            advance(p)
+            return v
+        } catch let e as CodecError {
+            throw CodecError(e.code, offset: e.offset, path: renderPath(codingPath + [key]), detail: e.detail)
+        }
+    }
+
+    func decode(_ type: Bool.Type, forKey key: Key) throws -> Bool { try primitive(key) { try impl.readBool(&$0) } }
+    func decode(_ type: String.Type, forKey key: Key) throws -> String { try primitive(key) { try impl.readString(&$0) } }
+    func decode(_ type: Double.Type, forKey key: Key) throws -> Double { try primitive(key) { try impl.readDouble(&$0) } }
+    func decode(_ type: Float.Type, forKey key: Key) throws -> Float { try primitive(key) { try impl.readFloat(&$0) } }
+    func decode(_ type: Int.Type, forKey key: Key) throws -> Int { try primitive(key) { try impl.readInt(&$0, Int.self) } }
+    func decode(_ type: Int8.Type, forKey key: Key) throws -> Int8 { try primitive(key) { try impl.readInt(&$0, Int8.self) } }
+    func decode(_ type: Int16.Type, forKey key: Key) throws -> Int16 { try primitive(key) { try impl.readInt(&$0, Int16.self) } }
+    func decode(_ type: Int32.Type, forKey key: Key) throws -> Int32 { try primitive(key) { try impl.readInt(&$0, Int32.self) } }
+    func decode(_ type: Int64.Type, forKey key: Key) throws -> Int64 { try primitive(key) { try impl.readInt(&$0, Int64.self) } }
+    func decode(_ type: UInt.Type, forKey key: Key) throws -> UInt { try primitive(key) { try impl.readInt(&$0, UInt.self) } }
+    func decode(_ type: UInt8.Type, forKey key: Key) throws -> UInt8 { try primitive(key) { try impl.readInt(&$0, UInt8.self) } }
+    func decode(_ type: UInt16.Type, forKey key: Key) throws -> UInt16 { try primitive(key) { try impl.readInt(&$0, UInt16.self) } }
+    func decode(_ type: UInt32.Type, forKey key: Key) throws -> UInt32 { try primitive(key) { try impl.readInt(&$0, UInt32.self) } }
+    func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try primitive(key) { try impl.readInt(&$0, UInt64.self) } }
+
+    func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
+        let at = try require(key)
+        impl.codingPath.append(key)
+        defer { impl.codingPath.removeLast() }
+        let (value, next) = try impl.decodeValue(T.self, at: at)
+        advance(next)
+        return value
+    }
+
+    func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type, forKey key: Key) throws -> KeyedDecodingContainer<NestedKey> {
+        let at = try require(key)
+        advance(try impl.skip(at))
+        let saved = impl.pos
+        impl.pos = at
+        defer { impl.pos = saved }
+        impl.depth += 1
+        defer { impl.depth -= 1 }
+        guard impl.depth < impl.maxDepth else { throw impl.error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(impl.maxDepth)") }
+        let saveCoding = impl.codingPath
+        impl.codingPath = codingPath + [key]
+        defer { impl.codingPath = saveCoding }
+        return try impl.container(keyedBy: NestedKey.self)
+    }
+
+    func nestedUnkeyedContainer(forKey key: Key) throws -> any UnkeyedDecodingContainer {
+        let at = try require(key)
+        advance(try impl.skip(at))
+        let (firstAt, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
+        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, codingPath: codingPath + [key])
+    }
+
+    func superDecoder() throws -> any Decoder { try superDecoder(forKey: Key(stringValue: "super")!) }
+
+    func superDecoder(forKey key: Key) throws -> any Decoder {
+        let at = try require(key)
+        advance(try impl.skip(at))
+        return ValueDecoder(impl: impl, at: at, codingPath: codingPath + [key])
+    }
+}
+
+struct UnkeyedDecoder: UnkeyedDecodingContainer {
+    let impl: DecoderImpl
+    var cursor: Int
+    let end: Int
+    let total: Int
+    var codingPath: [any CodingKey]
+    var currentIndex = 0
+    var count: Int? { total }
+    var isAtEnd: Bool { currentIndex >= total }
+
+    init(impl: DecoderImpl, cursor: Int, end: Int, count: Int, codingPath: [any CodingKey]) {
+        self.impl = impl
+        self.cursor = cursor
+        self.end = end
+        self.total = count
+        self.codingPath = codingPath
+    }
+
+    @inline(__always) func check() throws {
+        guard currentIndex < total else {
+            throw impl.error(.endOfContainer, at: cursor, "array has \(total) elements; element \(currentIndex) was requested", path: codingPath)
+        }
+    }
+
+    @inline(__always) mutating func primitive<T>(_ read: (inout Int) throws -> T) throws -> T {
+        try check()
+        var p = cursor
+        let v = try read(&p)
+        guard p <= end else { throw impl.error(.lengthMismatch, at: cursor, "element runs past the end of its array", path: codingPath) }
+        cursor = p
+        currentIndex += 1
+        return v
+    }
+
+    mutating func decodeNil() throws -> Bool {
+        try check()
+        if try impl.byte(cursor) == Tag.null {
+            cursor += 1
+            currentIndex += 1
+            return true
+        }
+        return false
+    }
+
+    mutating func decode(_ type: Bool.Type) throws -> Bool { try primitive { [impl] in try impl.readBool(&$0) } }
+    mutating func decode(_ type: String.Type) throws -> String { try primitive { [impl] in try impl.readString(&$0) } }
+    mutating func decode(_ type: Double.Type) throws -> Double { try primitive { [impl] in try impl.readDouble(&$0) } }
+    mutating func decode(_ type: Float.Type) throws -> Float { try primitive { [impl] in try impl.readFloat(&$0) } }
+    mutating func decode(_ type: Int.Type) throws -> Int { try primitive { [impl] in try impl.readInt(&$0, Int.self) } }
+    mutating func decode(_ type: Int8.Type) throws -> Int8 { try primitive { [impl] in try impl.readInt(&$0, Int8.self) } }
+    mutating func decode(_ type: Int16.Type) throws -> Int16 { try primitive { [impl] in try impl.readInt(&$0, Int16.self) } }
+    mutating func decode(_ type: Int32.Type) throws -> Int32 { try primitive { [impl] in try impl.readInt(&$0, Int32.self) } }
+    mutating func decode(_ type: Int64.Type) throws -> Int64 { try primitive { [impl] in try impl.readInt(&$0, Int64.self) } }
+    mutating func decode(_ type: UInt.Type) throws -> UInt { try primitive { [impl] in try impl.readInt(&$0, UInt.self) } }
+    mutating func decode(_ type: UInt8.Type) throws -> UInt8 { try primitive { [impl] in try impl.readInt(&$0, UInt8.self) } }
+    mutating func decode(_ type: UInt16.Type) throws -> UInt16 { try primitive { [impl] in try impl.readInt(&$0, UInt16.self) } }
+    mutating func decode(_ type: UInt32.Type) throws -> UInt32 { try primitive { [impl] in try impl.readInt(&$0, UInt32.self) } }
+    mutating func decode(_ type: UInt64.Type) throws -> UInt64 { try primitive { [impl] in try impl.readInt(&$0, UInt64.self) } }
+
+    mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        try check()
+        impl.codingPath.append(IndexKey(currentIndex))
+        defer { impl.codingPath.removeLast() }
+        let (value, next) = try impl.decodeValue(T.self, at: cursor)
+        guard next <= end else { throw impl.error(.lengthMismatch, at: cursor, "element runs past the end of its array", path: codingPath) }
+        cursor = next
+        currentIndex += 1
+        return value
+    }
+
+    mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
+        try check()
+        let at = cursor
+        cursor = try impl.skip(at)
+        currentIndex += 1
+        let saved = impl.pos
+        impl.pos = at
+        defer { impl.pos = saved }
+        impl.depth += 1
+        defer { impl.depth -= 1 }
+        guard impl.depth < impl.maxDepth else { throw impl.error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(impl.maxDepth)") }
+        return try impl.container(keyedBy: NestedKey.self)
+    }
+
+    mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
+        try check()
+        let at = cursor
+        cursor = try impl.skip(at)
+        currentIndex += 1
+        let (firstAt, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
+        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, codingPath: codingPath + [IndexKey(currentIndex - 1)])
+    }
+
+    mutating func superDecoder() throws -> any Decoder {
+        try check()
+        let at = cursor
+        cursor = try impl.skip(at)
+        currentIndex += 1
+        return ValueDecoder(impl: impl, at: at, codingPath: codingPath)
+    }
+}
+
+struct SingleValueDecoder: SingleValueDecodingContainer {
+    let impl: DecoderImpl
+    let at: Int
+    var codingPath: [any CodingKey]
+
+    @inline(__always) func read<T>(_ body: (inout Int) throws -> T) throws -> T {
+        var p = at
+        return try body(&p)
+    }
+
+    func decodeNil() -> Bool { (try? impl.byte(at)) == Tag.null }
+    func decode(_ type: Bool.Type) throws -> Bool { try read { try impl.readBool(&$0) } }
+    func decode(_ type: String.Type) throws -> String { try read { try impl.readString(&$0) } }
+    func decode(_ type: Double.Type) throws -> Double { try read { try impl.readDouble(&$0) } }
+    func decode(_ type: Float.Type) throws -> Float { try read { try impl.readFloat(&$0) } }
+    func decode(_ type: Int.Type) throws -> Int { try read { try impl.readInt(&$0, Int.self) } }
+    func decode(_ type: Int8.Type) throws -> Int8 { try read { try impl.readInt(&$0, Int8.self) } }
+    func decode(_ type: Int16.Type) throws -> Int16 { try read { try impl.readInt(&$0, Int16.self) } }
+    func decode(_ type: Int32.Type) throws -> Int32 { try read { try impl.readInt(&$0, Int32.self) } }
+    func decode(_ type: Int64.Type) throws -> Int64 { try read { try impl.readInt(&$0, Int64.self) } }
+    func decode(_ type: UInt.Type) throws -> UInt { try read { try impl.readInt(&$0, UInt.self) } }
+    func decode(_ type: UInt8.Type) throws -> UInt8 { try read { try impl.readInt(&$0, UInt8.self) } }
+    func decode(_ type: UInt16.Type) throws -> UInt16 { try read { try impl.readInt(&$0, UInt16.self) } }
+    func decode(_ type: UInt32.Type) throws -> UInt32 { try read { try impl.readInt(&$0, UInt32.self) } }
+    func decode(_ type: UInt64.Type) throws -> UInt64 { try read { try impl.readInt(&$0, UInt64.self) } }
+
+    func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        try impl.decodeValue(T.self, at: at).0
+    }
+}
+
+/// A `Decoder` positioned at one value, for `superDecoder()`.
+struct ValueDecoder: Decoder {
+    let impl: DecoderImpl
+    let at: Int
+    var codingPath: [any CodingKey]
+    var userInfo: [CodingUserInfoKey: Any] { [:] }
+
+    func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
+        let saved = impl.pos
+        impl.pos = at
+        defer { impl.pos = saved }
+        return try impl.container(keyedBy: Key.self)
+    }
+
+    func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
+        let (first, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
+        return UnkeyedDecoder(impl: impl, cursor: first, end: bodyEnd, count: n, codingPath: codingPath)
+    }
+
+    func singleValueContainer() throws -> any SingleValueDecodingContainer {
+        SingleValueDecoder(impl: impl, at: at, codingPath: codingPath)
+    }
+}
