@@ -36,8 +36,10 @@ let package = Package(
             "CairnStorage", "CairnCodec",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
+        // Process control and workloads shared by the chaos runner and the crash tests.
+        .target(name: "CairnChaosKit", dependencies: ["CairnCore"], path: "Chaos/CairnChaosKit"),
         .executableTarget(name: "CairnChaos", dependencies: [
-            "CairnStorage", "CairnCodec",
+            "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Chaos/CairnChaos"),
         .executableTarget(name: "CairnExample", dependencies: ["CairnStorage", "CairnCodec"],
@@ -46,7 +48,7 @@ let package = Package(
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.
-        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage", "CairnCodec", "CairnChaos"],
+        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage", "CairnCodec", "CairnChaos", "CairnChaosKit", "CairnCore"],
                     path: "Tests/CairnStorageTests"),
     ],
     swiftLanguageModes: [.v6]

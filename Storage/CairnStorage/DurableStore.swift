@@ -1,0 +1,518 @@
+import CairnCodec
+import Foundation
+
+/// How a ``DurableStore`` turns writes into fsync'd commits.
+public enum SyncMode: Sendable, Equatable {
+    /// Every call commits its own transaction, fsync'd, on the caller's thread.
+    case eachCommit
+    /// Writers hand their batches to the store's committer thread, which gathers everything
+    /// waiting into one fsync'd transaction (at most `maxOperationsPerCommit` operations) and
+    /// then completes every writer. Throughput grows with the number of concurrent writers;
+    /// each write still returns only once it is durable.
+    case groupCommit(maxOperationsPerCommit: Int)
+
+    /// Group commit with a limit of 65,536 operations per transaction.
+    public static let group = SyncMode.groupCommit(maxOperationsPerCommit: 65_536)
+}
+
+/// Settings of a ``DurableStore``.
+public struct StoreOptions: Sendable {
+    /// How writes are committed. Default: ``SyncMode/group``.
+    public var syncMode: SyncMode = .group
+    /// How many checkpoints per name are kept; older ones are deleted when a new one is written. Default 2.
+    public var checkpointsKept: Int = 2
+    /// zstd level for checkpoints (1 = fastest). Default 1.
+    public var compressionLevel: Int32 = 1
+
+    public init(syncMode: SyncMode = .group, checkpointsKept: Int = 2, compressionLevel: Int32 = 1) {
+        precondition(checkpointsKept >= 1, "checkpointsKept must be at least 1")
+        self.syncMode = syncMode
+        self.checkpointsKept = checkpointsKept
+        self.compressionLevel = compressionLevel
+    }
+}
+
+/// A stored record: a key and its value.
+public struct Record: Sendable, Equatable {
+    public let key: [UInt8]
+    public let value: [UInt8]
+}
+
+/// One entry of an append-only log.
+public struct LogEntry: Sendable, Equatable {
+    /// Position in the log, from 0, never reused.
+    public let sequence: UInt64
+    public let payload: [UInt8]
+}
+
+/// The extent of a log: entries `first ..< next` are present.
+public struct LogBounds: Sendable, Equatable {
+    /// The oldest entry still present (equal to `next` when the log is empty).
+    public let first: UInt64
+    /// The sequence number the next append gets.
+    public let next: UInt64
+}
+
+/// Several writes applied in one atomic transaction: all of them or none.
+public struct WriteBatch: Sendable {
+    enum Operation: Sendable {
+        case put([UInt8], [UInt8])
+        case delete([UInt8])
+        case append(String, [[UInt8]])
+        case truncate(String, before: UInt64)
+        case checkpoint(String, sequence: UInt64, blob: [UInt8])
+    }
+
+    var operations: [Operation] = []
+
+    public init() {}
+
+    /// Whether the batch has no operations.
+    public var isEmpty: Bool { operations.isEmpty }
+
+    /// Stores `value` under `key`.
+    public mutating func put(_ key: [UInt8], _ value: [UInt8]) { operations.append(.put(key, value)) }
+    /// Removes `key`.
+    public mutating func delete(_ key: [UInt8]) { operations.append(.delete(key)) }
+    /// Appends `payloads` to `log`; their sequence numbers are reported in ``CommitResult/firstSequences``.
+    public mutating func append(to log: String, _ payloads: [[UInt8]]) { operations.append(.append(log, payloads)) }
+    /// Deletes the entries of `log` before `sequence`.
+    public mutating func truncate(log: String, before sequence: UInt64) { operations.append(.truncate(log, before: sequence)) }
+
+    var weight: Int {
+        operations.reduce(0) { n, op in
+            if case .append(_, let payloads) = op { return n + payloads.count }
+            return n + 1
+        }
+    }
+}
+
+/// What a committed ``WriteBatch`` produced.
+public struct CommitResult: Sendable, Equatable {
+    /// For each append in the batch, in order, the sequence number of its first entry.
+    public let firstSequences: [UInt64]
+}
+
+/// A verified checkpoint read back from the store.
+public struct CheckpointRead: Sendable {
+    /// The sequence number the checkpoint was written with.
+    public let sequence: UInt64
+    /// The raw payload, decompressed and verified.
+    public let payload: [UInt8]
+    /// Newer checkpoints that failed verification and were skipped, newest first.
+    public let rejected: [(sequence: UInt64, error: CheckpointError)]
+}
+
+/// Durable keyed records, append-only logs and checkpoints over a ``StorageEngine``.
+///
+/// Everything durable in Cairn goes through this one type: the engine decides where the
+/// bytes live (``LMDBEngine`` by default, ``MemoryEngine`` for tests), the store decides
+/// their layout, framing and checksums, and how writes become commits (``SyncMode``).
+///
+/// Layout inside the engine (first byte is the namespace):
+/// - `0x01 key` → record value
+/// - `0x02 len16 name seq64` → log entry, framed as `length32 · crc32c(seq64 · payload) · payload`
+/// - `0x03 name` → the log's truncation point, so sequence numbers are never reused
+/// - `0x04 len16 name seq64` → checkpoint in ``CheckpointFormat``
+///
+/// Sequence numbers are assigned inside the commit, so concurrent appenders to one log
+/// get distinct, gap-free numbers in commit order.
+public final class DurableStore: Sendable {
+    /// The engine underneath.
+    public let engine: any StorageEngine
+    /// The settings this store was opened with.
+    public let options: StoreOptions
+    private let committer: GroupCommitter?
+
+    /// Opens a store over `engine`.
+    public init(engine: any StorageEngine, options: StoreOptions = StoreOptions()) {
+        self.engine = engine
+        self.options = options
+        if case .groupCommit(let limit) = options.syncMode {
+            let keep = options.checkpointsKept
+            committer = GroupCommitter(maxOperations: limit) { batches in
+                try engine.write { w in try Self.apply(batches, w, keep: keep) }
+            }
+        } else {
+            committer = nil
+        }
+    }
+
+    /// Opens (creating if needed) an LMDB-backed store in `directory`.
+    public static func lmdb(directory: String, options: StoreOptions = StoreOptions(), initialMapSize: Int = 64 << 20) throws -> DurableStore {
+        DurableStore(engine: try LMDBEngine(directory: directory, initialMapSize: initialMapSize), options: options)
+    }
+
+    /// Creates an empty in-memory store.
+    public static func inMemory(options: StoreOptions = StoreOptions()) -> DurableStore {
+        DurableStore(engine: MemoryEngine(), options: options)
+    }
+
+    /// Finishes queued commits, then closes the engine. Later calls throw ``StorageError/Code-swift.enum/closed``.
+    public func close() {
+        committer?.stop()
+        engine.close()
+    }
+
+    deinit {
+        committer?.stop()
+    }
+
+    // MARK: records
+
+    /// The value stored under `key`, or nil.
+    public func get(_ key: [UInt8]) throws -> [UInt8]? {
+        try validate(key: key)
+        return try engine.read { try $0.get(Keys.record(key)) }
+    }
+
+    /// Durably stores `value` under `key`.
+    public func put(_ key: [UInt8], _ value: [UInt8]) throws {
+        var batch = WriteBatch()
+        batch.put(key, value)
+        _ = try commit(batch)
+    }
+
+    /// Durably removes `key`.
+    public func delete(_ key: [UInt8]) throws {
+        var batch = WriteBatch()
+        batch.delete(key)
+        _ = try commit(batch)
+    }
+
+    /// Records whose keys start with `prefix`, in key order, at most `limit`.
+    public func scan(prefix: [UInt8], limit: Int = .max) throws -> [Record] {
+        let start = Keys.record(prefix)
+        return try engine.read { r in
+            var out: [Record] = []
+            try r.scan(from: start) { k, v in
+                guard out.count < limit, Keys.hasPrefix(k, start) else { return false }
+                out.append(Record(key: [UInt8](k.dropFirst()), value: [UInt8](v)))
+                return true
+            }
+            return out
+        }
+    }
+
+    // MARK: logs
+
+    /// Durably appends `payloads` to `log`; returns the sequence number of the first.
+    @discardableResult
+    public func append(to log: String, _ payloads: [[UInt8]]) throws -> UInt64 {
+        var batch = WriteBatch()
+        batch.append(to: log, payloads)
+        return try commit(batch).firstSequences[0]
+    }
+
+    /// Entries of `log` with `from <= sequence < upTo`, in order, at most `limit`.
+    ///
+    /// Every entry's length and checksum are verified; the first that fails throws
+    /// ``StorageError/Code-swift.enum/corruptRecord`` with its ``StorageError/sequence``, and a
+    /// caller that wants the entries before it reads again with `upTo:` that sequence.
+    public func readLog(_ log: String, from: UInt64 = 0, upTo: UInt64 = .max, limit: Int = .max) throws -> [LogEntry] {
+        try validate(log: log)
+        let prefix = Keys.logPrefix(log)
+        let start = Keys.log(log, from)
+        return try engine.read { r in
+            var out: [LogEntry] = []
+            try r.scan(from: start) { k, v in
+                guard out.count < limit, k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
+                let seq = Keys.sequence(k)
+                guard seq < upTo else { return false }
+                out.append(LogEntry(sequence: seq, payload: try Frame.open(v, sequence: seq, log: log)))
+                return true
+            }
+            return out
+        }
+    }
+
+    /// The present extent of `log`.
+    public func logBounds(_ log: String) throws -> LogBounds {
+        try validate(log: log)
+        return try engine.read { r in
+            let next = try Self.nextSequence(r, log)
+            var first = next
+            let prefix = Keys.logPrefix(log)
+            try r.scan(from: prefix) { k, _ in
+                if k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) { first = Keys.sequence(k) }
+                return false
+            }
+            return LogBounds(first: first, next: next)
+        }
+    }
+
+    /// Durably deletes the entries of `log` before `sequence`. Sequence numbers are not reused.
+    public func truncateLog(_ log: String, before sequence: UInt64) throws {
+        var batch = WriteBatch()
+        batch.truncate(log: log, before: sequence)
+        _ = try commit(batch)
+    }
+
+    // MARK: checkpoints
+
+    /// Compresses, checksums and durably stores a checkpoint of `payload` under `name`,
+    /// keeping the newest ``StoreOptions/checkpointsKept``. Returns the stored size in bytes.
+    ///
+    /// Compression and checksumming run on the caller's thread, outside the commit.
+    @discardableResult
+    public func writeCheckpoint(_ name: String, sequence: UInt64, payload: [UInt8]) throws -> Int {
+        try validate(log: name)
+        let blob = try CheckpointFormat.encode(payload: payload, sequence: sequence, level: options.compressionLevel)
+        var batch = WriteBatch()
+        batch.operations.append(.checkpoint(name, sequence: sequence, blob: blob))
+        _ = try commit(batch)
+        return blob.count
+    }
+
+    /// Encodes `state` with ``BinaryEncoder`` and stores it as a checkpoint. Returns the stored size in bytes.
+    @discardableResult
+    public func writeCheckpoint<State: Encodable>(_ name: String, sequence: UInt64, state: State) throws -> Int {
+        try writeCheckpoint(name, sequence: sequence, payload: try BinaryEncoder().encode(state))
+    }
+
+    /// The newest checkpoint under `name` that verifies, or nil if there is none at all.
+    ///
+    /// Checkpoints that fail verification are skipped and listed in ``CheckpointRead/rejected``;
+    /// if every stored one fails, throws ``StorageError/Code-swift.enum/noValidCheckpoint``.
+    public func newestCheckpoint(_ name: String) throws -> CheckpointRead? {
+        try validate(log: name)
+        let prefix = Keys.checkpointPrefix(name)
+        let sequences: [UInt64] = try engine.read { r in
+            var out: [UInt64] = []
+            try r.scanBackward(before: Keys.upperBound(prefix)) { k, _ in
+                guard k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
+                out.append(Keys.sequence(k))
+                return true
+            }
+            return out
+        }
+        var rejected: [(UInt64, CheckpointError)] = []
+        for seq in sequences {
+            guard let blob = try engine.read({ try $0.get(Keys.checkpoint(name, seq)) }) else { continue }
+            do {
+                let (stored, payload) = try CheckpointFormat.decode(blob)
+                guard stored == seq else {
+                    rejected.append((seq, CheckpointError(.lengthMismatch, "stored under sequence \(seq) but its header says \(stored)")))
+                    continue
+                }
+                return CheckpointRead(sequence: seq, payload: payload, rejected: rejected)
+            } catch {
+                rejected.append((seq, error))
+            }
+        }
+        if rejected.isEmpty { return nil }
+        let reasons = rejected.map { "sequence \($0.0): \($0.1)" }.joined(separator: "; ")
+        throw StorageError(.noValidCheckpoint, "no checkpoint under \"\(name)\" verifies (\(reasons)); recover from the log alone or restore the directory from a backup")
+    }
+
+    /// The newest verified checkpoint under `name`, decoded with ``BinaryDecoder``.
+    public func newestCheckpoint<State: Decodable>(_ type: State.Type, _ name: String) throws -> (state: State, read: CheckpointRead)? {
+        guard let read = try newestCheckpoint(name) else { return nil }
+        return (try BinaryDecoder().decode(State.self, from: read.payload), read)
+    }
+
+    /// Sequence numbers of the checkpoints stored under `name`, oldest first (verified or not).
+    public func checkpointSequences(_ name: String) throws -> [UInt64] {
+        try validate(log: name)
+        let prefix = Keys.checkpointPrefix(name)
+        return try engine.read { r in
+            var out: [UInt64] = []
+            try r.scan(from: prefix) { k, _ in
+                guard k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
+                out.append(Keys.sequence(k))
+                return true
+            }
+            return out
+        }
+    }
+
+    // MARK: commits
+
+    /// Durably applies `batch` in one transaction and returns once it is fsync'd.
+    public func commit(_ batch: WriteBatch) throws -> CommitResult {
+        try validate(batch)
+        guard let committer else {
+            return try engine.write { w in try Self.apply([batch], w, keep: options.checkpointsKept)[0] }
+        }
+        return try committer.submitAndWait(batch)
+    }
+
+    /// Durably applies `batch`; `completion` runs once it is fsync'd (or failed), on the committer thread
+    /// in group-commit mode, so it must not block.
+    public func commit(_ batch: WriteBatch, completion: @escaping @Sendable (Result<CommitResult, StorageError>) -> Void) {
+        do {
+            try validate(batch)
+        } catch let error as StorageError {
+            completion(.failure(error))
+            return
+        } catch {
+            completion(.failure(StorageError(.io, "\(error)")))
+            return
+        }
+        guard let committer else {
+            completion(Result { try engine.write { w in try Self.apply([batch], w, keep: options.checkpointsKept)[0] } }
+                .mapError { $0 as? StorageError ?? StorageError(.io, "\($0)") })
+            return
+        }
+        committer.submit(batch, completion)
+    }
+
+    /// Durably applies `batch`, suspending until it is fsync'd.
+    public func commit(_ batch: WriteBatch) async throws -> CommitResult {
+        try await withCheckedThrowingContinuation { continuation in
+            commit(batch) { continuation.resume(with: $0) }
+        }
+    }
+
+    // MARK: inside a transaction
+
+    static func apply(_ batches: [WriteBatch], _ w: any StorageWriter, keep: Int) throws -> [CommitResult] {
+        var next: [String: UInt64] = [:]
+        var results: [CommitResult] = []
+        results.reserveCapacity(batches.count)
+        for batch in batches {
+            var firsts: [UInt64] = []
+            for op in batch.operations {
+                switch op {
+                case .put(let key, let value):
+                    try w.put(Keys.record(key), value)
+                case .delete(let key):
+                    try w.delete(Keys.record(key))
+                case .append(let log, let payloads):
+                    var seq = try next[log] ?? nextSequence(w, log)
+                    firsts.append(seq)
+                    for payload in payloads {
+                        try w.put(Keys.log(log, seq), Frame.make(payload, sequence: seq))
+                        seq += 1
+                    }
+                    next[log] = seq
+                case .truncate(let log, let before):
+                    let current = try next[log] ?? nextSequence(w, log)
+                    let cut = min(before, current)
+                    try w.deleteRange(from: Keys.log(log, 0), to: Keys.log(log, cut))
+                    let meta = Keys.logMeta(log)
+                    let old = try w.get(meta).map { Keys.readBE($0) } ?? 0
+                    if cut > old { try w.put(meta, Keys.be(cut)) }
+                    next[log] = current
+                case .checkpoint(let name, let sequence, let blob):
+                    try w.put(Keys.checkpoint(name, sequence), blob)
+                    let prefix = Keys.checkpointPrefix(name)
+                    var present: [UInt64] = []
+                    try w.scan(from: prefix) { k, _ in
+                        guard k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
+                        present.append(Keys.sequence(k))
+                        return true
+                    }
+                    for old in present.dropLast(keep) { try w.delete(Keys.checkpoint(name, old)) }
+                }
+            }
+            results.append(CommitResult(firstSequences: firsts))
+        }
+        return results
+    }
+
+    static func nextSequence(_ r: any StorageReader, _ log: String) throws -> UInt64 {
+        let prefix = Keys.logPrefix(log)
+        var next: UInt64 = 0
+        try r.scanBackward(before: Keys.upperBound(prefix)) { k, _ in
+            if k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) { next = Keys.sequence(k) + 1 }
+            return false
+        }
+        if let meta = try r.get(Keys.logMeta(log)) { next = max(next, Keys.readBE(meta)) }
+        return next
+    }
+
+    // MARK: validation
+
+    private func validate(key: [UInt8]) throws {
+        guard !key.isEmpty, key.count + 1 <= engine.maxKeySize else {
+            throw StorageError(.invalidKey, "record keys must be 1 to \(engine.maxKeySize - 1) bytes; got \(key.count)")
+        }
+    }
+
+    private func validate(log: String) throws {
+        let n = log.utf8.count
+        guard n > 0, n <= 256, n + 11 <= engine.maxKeySize else {
+            throw StorageError(.invalidName, "log and checkpoint names must be 1 to \(min(256, engine.maxKeySize - 11)) bytes of UTF-8; got \(n)")
+        }
+    }
+
+    private func validate(_ batch: WriteBatch) throws {
+        for op in batch.operations {
+            switch op {
+            case .put(let key, _), .delete(let key): try validate(key: key)
+            case .append(let log, _), .truncate(let log, _), .checkpoint(let log, _, _): try validate(log: log)
+            }
+        }
+    }
+}
+
+/// Key layout helpers.
+enum Keys {
+    static func record(_ key: [UInt8]) -> [UInt8] { [0x01] + key }
+
+    static func named(_ ns: UInt8, _ name: String) -> [UInt8] {
+        let utf8 = Array(name.utf8)
+        var out: [UInt8] = [ns, UInt8(utf8.count >> 8), UInt8(utf8.count & 0xFF)]
+        out += utf8
+        return out
+    }
+
+    static func logPrefix(_ name: String) -> [UInt8] { named(0x02, name) }
+    static func log(_ name: String, _ seq: UInt64) -> [UInt8] { logPrefix(name) + be(seq) }
+    static func logMeta(_ name: String) -> [UInt8] { [0x03] + Array(name.utf8) }
+    static func checkpointPrefix(_ name: String) -> [UInt8] { named(0x04, name) }
+    static func checkpoint(_ name: String, _ seq: UInt64) -> [UInt8] { checkpointPrefix(name) + be(seq) }
+
+    /// A key greater than every `prefix · seq64` key.
+    static func upperBound(_ prefix: [UInt8]) -> [UInt8] { prefix + [UInt8](repeating: 0xFF, count: 9) }
+
+    static func be(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (56 - 8 * UInt64($0))) } }
+
+    static func readBE(_ bytes: [UInt8]) -> UInt64 { bytes.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+
+    static func sequence(_ key: UnsafeRawBufferPointer) -> UInt64 {
+        var v: UInt64 = 0
+        for b in key.suffix(8) { v = v << 8 | UInt64(b) }
+        return v
+    }
+
+    static func hasPrefix(_ key: UnsafeRawBufferPointer, _ prefix: [UInt8]) -> Bool {
+        key.count >= prefix.count && prefix.withUnsafeBytes { p in
+            p.isEmpty || memcmp(key.baseAddress!, p.baseAddress!, p.count) == 0
+        }
+    }
+}
+
+/// Framing of one log entry: `length32 · crc32c(seq64 · payload) · payload`, little-endian.
+enum Frame {
+    static func make(_ payload: [UInt8], sequence: UInt64) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(payload.count + 8)
+        let n = UInt32(payload.count)
+        let seqBytes = Keys.be(sequence)
+        let crc = payload.withUnsafeBytes { p in CRC32C.update(seqBytes.withUnsafeBytes { CRC32C.checksum($0) }, p) }
+        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: n >> (8 * UInt32(i)))) }
+        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i)))) }
+        out += payload
+        return out
+    }
+
+    static func open(_ frame: UnsafeRawBufferPointer, sequence: UInt64, log: String) throws -> [UInt8] {
+        guard frame.count >= 8 else {
+            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" is \(frame.count) bytes, shorter than its 8-byte frame header (a torn write)", sequence: sequence)
+        }
+        let n = Int(frame.loadUnaligned(fromByteOffset: 0, as: UInt32.self).littleEndian)
+        let expected = frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian
+        guard n == frame.count - 8 else {
+            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" declares \(n) payload bytes but holds \(frame.count - 8) (a torn write)", sequence: sequence)
+        }
+        let payload = UnsafeRawBufferPointer(rebasing: frame[8...])
+        let seqBytes = Keys.be(sequence)
+        let actual = CRC32C.update(seqBytes.withUnsafeBytes { CRC32C.checksum($0) }, payload)
+        guard actual == expected else {
+            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" fails its CRC-32C (stored 0x\(String(expected, radix: 16)), computed 0x\(String(actual, radix: 16)))", sequence: sequence)
+        }
+        return [UInt8](payload)
+    }
+}
