@@ -25,11 +25,14 @@ let package = Package(
         // Shared value types with no dependencies: seeded randomness.
         .target(name: "CairnCore", path: "Sources/CairnCore"),
 
+        // CRC-32C with the SSE4.2 instruction where the CPU has it.
+        .target(name: "CCairnCRC", path: "Storage/CCairnCRC"),
+
         // Compact binary Codable format used for checkpoints, logs and the wire.
         .target(name: "CairnCodec", path: "Sources/CairnCodec"),
 
         // Durable keyed records, append-only logs and checkpoints; LMDB and in-memory engines.
-        .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CairnCodec", "CairnCore"],
+        .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CCairnCRC", "CairnCodec", "CairnCore"],
                 path: "Storage/CairnStorage"),
 
         .executableTarget(name: "CairnBench", dependencies: [

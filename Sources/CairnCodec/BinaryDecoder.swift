@@ -47,23 +47,62 @@ public struct BinaryDecoder: Sendable {
     }
 }
 
+/// A keyed container's sequential-read position: its identity and next entry offset.
+struct Cursor {
+    var id: Int
+    var at: Int
+}
+
+struct DecoderState {
+    var pos = 0
+    var depth = 0
+    var codingPath: [any CodingKey] = []
+    var cursors: [Cursor] = []
+    var nextID = 1
+}
+
 final class DecoderImpl: Decoder {
     let base: UnsafeRawBufferPointer
     let end: Int
     let maxDepth: Int
+    /// Mutable state behind a pointer, for the reason given at ``EncoderState``.
+    let state: UnsafeMutablePointer<DecoderState>
+
     /// Start of the value the current `init(from:)` is decoding.
-    var pos = 0
-    var depth = 0
-    var codingPath: [any CodingKey] = []
-    var userInfo: [CodingUserInfoKey: Any] { [:] }
+    var pos: Int {
+        get { state.pointee.pos }
+        set { state.pointee.pos = newValue }
+    }
+    var depth: Int {
+        get { state.pointee.depth }
+        set { state.pointee.depth = newValue }
+    }
+    var codingPath: [any CodingKey] {
+        _read { yield state.pointee.codingPath }
+        _modify { yield &state.pointee.codingPath }
+    }
     /// Sequential-read cursors of open keyed containers, by depth: (identity, next entry offset).
-    var cursors: [(id: Int, at: Int)] = []
-    var nextID = 1
+    var cursors: [Cursor] {
+        _read { yield state.pointee.cursors }
+        _modify { yield &state.pointee.cursors }
+    }
+    var nextID: Int {
+        get { state.pointee.nextID }
+        set { state.pointee.nextID = newValue }
+    }
+    var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     init(bytes: UnsafeRawBufferPointer, maxDepth: Int) {
         base = bytes
         end = bytes.count
         self.maxDepth = maxDepth
+        state = .allocate(capacity: 1)
+        state.initialize(to: DecoderState())
+    }
+
+    deinit {
+        state.deinitialize(count: 1)
+        state.deallocate()
     }
 
     func error(_ code: CodecError.Code, at offset: Int, _ detail: String, path: [any CodingKey]? = nil) -> CodecError {
@@ -261,18 +300,19 @@ final class DecoderImpl: Decoder {
     /// Decodes the value at `at`; returns it and the offset just past it.
     func decodeValue<T: Decodable>(_ type: T.Type, at: Int) throws -> (T, Int) {
         var p = at
-        if T.self == [UInt8].self {
+        let type = ObjectIdentifier(T.self)
+        if type == FastPath.bytes {
             let raw = try readBytes(&p)
             return ([UInt8](raw) as! T, p)
         }
-        if T.self == Data.self {
+        if type == FastPath.data {
             let raw = try readBytes(&p)
             return (Data(raw) as! T, p)
         }
-        if T.self == String.self { return (try readString(&p) as! T, p) }
-        if T.self == Int.self { return (try readInt(&p, Int.self) as! T, p) }
-        if T.self == Double.self { return (try readDouble(&p) as! T, p) }
-        if T.self == Bool.self { return (try readBool(&p) as! T, p) }
+        if type == FastPath.string { return (try readString(&p) as! T, p) }
+        if type == FastPath.int { return (try readInt(&p, Int.self) as! T, p) }
+        if type == FastPath.double { return (try readDouble(&p) as! T, p) }
+        if type == FastPath.bool { return (try readBool(&p) as! T, p) }
         guard depth < maxDepth else {
             throw error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(maxDepth)")
         }
@@ -297,18 +337,18 @@ final class DecoderImpl: Decoder {
         let id = nextID
         nextID &+= 1
         let slot = depth
-        while cursors.count <= slot { cursors.append((0, 0)) }
-        cursors[slot] = (id, first)
-        return KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, id: id, slot: slot, first: first, end: bodyEnd, count: count, codingPath: codingPath))
+        while cursors.count <= slot { cursors.append(Cursor(id: 0, at: 0)) }
+        cursors[slot] = Cursor(id: id, at: first)
+        return KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, id: id, slot: slot, first: first, end: bodyEnd, count: count, storedPath: nil))
     }
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
         let (first, bodyEnd, count) = try openContainer(Tag.array, at: pos, "an unkeyed container (array)")
-        return UnkeyedDecoder(impl: self, cursor: first, end: bodyEnd, count: count, codingPath: codingPath)
+        return UnkeyedDecoder(impl: self, cursor: first, end: bodyEnd, count: count, storedPath: nil)
     }
 
     func singleValueContainer() throws -> any SingleValueDecodingContainer {
-        SingleValueDecoder(impl: self, at: pos, codingPath: codingPath)
+        SingleValueDecoder(impl: self, at: pos, storedPath: nil)
     }
 }
 
@@ -319,7 +359,11 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     let first: Int
     let end: Int
     let count: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
 
     /// Reads the key at `at`; returns its byte range and the offset of its value.
     @inline(__always) func keyAt(_ at: Int) throws -> (start: Int, count: Int, value: Int) {
@@ -440,7 +484,7 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
         let at = try require(key)
         advance(try impl.skip(at))
         let (firstAt, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
-        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, codingPath: codingPath + [key])
+        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, storedPath: codingPath + [key])
     }
 
     func superDecoder() throws -> any Decoder { try superDecoder(forKey: Key(stringValue: "super")!) }
@@ -448,7 +492,7 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     func superDecoder(forKey key: Key) throws -> any Decoder {
         let at = try require(key)
         advance(try impl.skip(at))
-        return ValueDecoder(impl: impl, at: at, codingPath: codingPath + [key])
+        return ValueDecoder(impl: impl, at: at, storedPath: codingPath + [key])
     }
 }
 
@@ -457,17 +501,21 @@ struct UnkeyedDecoder: UnkeyedDecodingContainer {
     var cursor: Int
     let end: Int
     let total: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
     var currentIndex = 0
     var count: Int? { total }
     var isAtEnd: Bool { currentIndex >= total }
 
-    init(impl: DecoderImpl, cursor: Int, end: Int, count: Int, codingPath: [any CodingKey]) {
+    init(impl: DecoderImpl, cursor: Int, end: Int, count: Int, storedPath: [any CodingKey]?) {
         self.impl = impl
         self.cursor = cursor
         self.end = end
         self.total = count
-        self.codingPath = codingPath
+        self.storedPath = storedPath
     }
 
     @inline(__always) func check() throws {
@@ -542,7 +590,7 @@ struct UnkeyedDecoder: UnkeyedDecodingContainer {
         cursor = try impl.skip(at)
         currentIndex += 1
         let (firstAt, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
-        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, codingPath: codingPath + [IndexKey(currentIndex - 1)])
+        return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, storedPath: codingPath + [IndexKey(currentIndex - 1)])
     }
 
     mutating func superDecoder() throws -> any Decoder {
@@ -550,14 +598,18 @@ struct UnkeyedDecoder: UnkeyedDecodingContainer {
         let at = cursor
         cursor = try impl.skip(at)
         currentIndex += 1
-        return ValueDecoder(impl: impl, at: at, codingPath: codingPath)
+        return ValueDecoder(impl: impl, at: at, storedPath: nil)
     }
 }
 
 struct SingleValueDecoder: SingleValueDecodingContainer {
     let impl: DecoderImpl
     let at: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
 
     @inline(__always) func read<T>(_ body: (inout Int) throws -> T) throws -> T {
         var p = at
@@ -589,7 +641,11 @@ struct SingleValueDecoder: SingleValueDecodingContainer {
 struct ValueDecoder: Decoder {
     let impl: DecoderImpl
     let at: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
@@ -601,10 +657,10 @@ struct ValueDecoder: Decoder {
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
         let (first, bodyEnd, n) = try impl.openContainer(Tag.array, at: at, "an unkeyed container (array)")
-        return UnkeyedDecoder(impl: impl, cursor: first, end: bodyEnd, count: n, codingPath: codingPath)
+        return UnkeyedDecoder(impl: impl, cursor: first, end: bodyEnd, count: n, storedPath: nil)
     }
 
     func singleValueContainer() throws -> any SingleValueDecodingContainer {
-        SingleValueDecoder(impl: impl, at: at, codingPath: codingPath)
+        SingleValueDecoder(impl: impl, at: at, storedPath: nil)
     }
 }

@@ -39,19 +39,62 @@ public struct BinaryEncoder: Sendable {
     }
 }
 
-final class EncoderImpl: Encoder {
+/// The encoder's mutable state. It lives behind a pointer rather than in stored class
+/// properties: Swift checks exclusive access to a class's stored `var`s at run time on every
+/// access, which cost a fifth of the encoding time; a pointee is not checked. The encoder is
+/// used by one thread for one `encode` call, so there is nothing for those checks to catch.
+/// An open container: its identity, the offset of its reserved length byte, its element count.
+/// (A struct, not a tuple: tuple metadata is looked up in a locked runtime table.)
+struct OpenContainer {
+    var id: Int
+    var lengthAt: Int
+    var count: Int
+}
+
+struct EncoderState {
     var buf: [UInt8]
     /// Open containers, innermost last: (identity, offset of the reserved length byte, element count).
-    var open: [(id: Int, lengthAt: Int, count: Int)] = []
+    var open: [OpenContainer] = []
     var nextID = 1
     /// Where the value being encoded by the current `encode(to:)` call starts.
     var valueStart = -1
     var codingPath: [any CodingKey] = []
+}
+
+final class EncoderImpl: Encoder {
+    let state: UnsafeMutablePointer<EncoderState>
+
+    var buf: [UInt8] {
+        _read { yield state.pointee.buf }
+        _modify { yield &state.pointee.buf }
+    }
+    var open: [OpenContainer] {
+        _read { yield state.pointee.open }
+        _modify { yield &state.pointee.open }
+    }
+    var nextID: Int {
+        get { state.pointee.nextID }
+        set { state.pointee.nextID = newValue }
+    }
+    var valueStart: Int {
+        get { state.pointee.valueStart }
+        set { state.pointee.valueStart = newValue }
+    }
+    var codingPath: [any CodingKey] {
+        _read { yield state.pointee.codingPath }
+        _modify { yield &state.pointee.codingPath }
+    }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     init(buffer: [UInt8]) {
-        buf = buffer
-        buf.reserveCapacity(Swift.max(256, buf.count + 256))
+        state = .allocate(capacity: 1)
+        state.initialize(to: EncoderState(buf: buffer))
+        state.pointee.buf.reserveCapacity(Swift.max(256, buffer.count + 256))
+    }
+
+    deinit {
+        state.deinitialize(count: 1)
+        state.deallocate()
     }
 
     func fail(_ detail: String) -> CodecError {
@@ -112,11 +155,12 @@ final class EncoderImpl: Encoder {
 
     /// Encodes any value, taking the byte fast paths and closing what it opens.
     func encodeValue<T: Encodable>(_ value: T) throws {
-        if T.self == [UInt8].self {
+        let type = ObjectIdentifier(T.self)
+        if type == FastPath.bytes {
             (value as! [UInt8]).withUnsafeBytes { bytes($0) }
             return
         }
-        if T.self == Data.self {
+        if type == FastPath.data {
             (value as! Data).withUnsafeBytes { bytes($0) }
             return
         }
@@ -142,7 +186,7 @@ final class EncoderImpl: Encoder {
         buf.append(0)  // element count, patched on close
         let id = nextID
         nextID &+= 1
-        open.append((id, lengthAt, 0))
+        open.append(OpenContainer(id: id, lengthAt: lengthAt, count: 0))
         return id
     }
 
@@ -197,24 +241,24 @@ final class EncoderImpl: Encoder {
     func container<Key: CodingKey>(keyedBy type: Key.Type) -> KeyedEncodingContainer<Key> {
         do {
             let (id, depth) = try requestContainer(Tag.map)
-            return KeyedEncodingContainer(KeyedEncoder<Key>(impl: self, id: id, depth: depth, codingPath: codingPath))
+            return KeyedEncodingContainer(KeyedEncoder<Key>(impl: self, id: id, depth: depth, storedPath: nil))
         } catch {
             // `container(keyedBy:)` cannot throw; the invalid container reports on first use.
-            return KeyedEncodingContainer(KeyedEncoder<Key>(impl: self, id: 0, depth: -1, codingPath: codingPath))
+            return KeyedEncodingContainer(KeyedEncoder<Key>(impl: self, id: 0, depth: -1, storedPath: nil))
         }
     }
 
     func unkeyedContainer() -> any UnkeyedEncodingContainer {
         do {
             let (id, depth) = try requestContainer(Tag.array)
-            return UnkeyedEncoder(impl: self, id: id, depth: depth, codingPath: codingPath)
+            return UnkeyedEncoder(impl: self, id: id, depth: depth, storedPath: nil)
         } catch {
-            return UnkeyedEncoder(impl: self, id: 0, depth: -1, codingPath: codingPath)
+            return UnkeyedEncoder(impl: self, id: 0, depth: -1, storedPath: nil)
         }
     }
 
     func singleValueContainer() -> any SingleValueEncodingContainer {
-        SingleValueEncoder(impl: self, start: buf.count, codingPath: codingPath)
+        SingleValueEncoder(impl: self, start: buf.count, storedPath: nil)
     }
 }
 
@@ -232,7 +276,11 @@ struct KeyedEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
     let impl: EncoderImpl
     let id: Int
     let depth: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
 
     @inline(__always) func entry(_ key: Key) throws {
         guard depth >= 0 else { throw impl.fail("a value asked its encoder for a second container") }
@@ -267,9 +315,9 @@ struct KeyedEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
         do {
             try entry(key)
             let nestedID = impl.openContainer(Tag.map)
-            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: nestedID, depth: impl.open.count - 1, codingPath: codingPath + [key]))
+            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: nestedID, depth: impl.open.count - 1, storedPath: codingPath + [key]))
         } catch {
-            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: 0, depth: -1, codingPath: codingPath + [key]))
+            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: 0, depth: -1, storedPath: codingPath + [key]))
         }
     }
 
@@ -277,9 +325,9 @@ struct KeyedEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
         do {
             try entry(key)
             let nestedID = impl.openContainer(Tag.array)
-            return UnkeyedEncoder(impl: impl, id: nestedID, depth: impl.open.count - 1, codingPath: codingPath + [key])
+            return UnkeyedEncoder(impl: impl, id: nestedID, depth: impl.open.count - 1, storedPath: codingPath + [key])
         } catch {
-            return UnkeyedEncoder(impl: impl, id: 0, depth: -1, codingPath: codingPath + [key])
+            return UnkeyedEncoder(impl: impl, id: 0, depth: -1, storedPath: codingPath + [key])
         }
     }
 
@@ -297,7 +345,11 @@ struct UnkeyedEncoder: UnkeyedEncodingContainer {
     let impl: EncoderImpl
     let id: Int
     let depth: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
     var count: Int {
         depth >= 0 && depth < impl.open.count && impl.open[depth].id == id ? impl.open[depth].count : 0
     }
@@ -332,9 +384,9 @@ struct UnkeyedEncoder: UnkeyedEncodingContainer {
         do {
             try element()
             let nestedID = impl.openContainer(Tag.map)
-            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: nestedID, depth: impl.open.count - 1, codingPath: codingPath))
+            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: nestedID, depth: impl.open.count - 1, storedPath: nil))
         } catch {
-            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: 0, depth: -1, codingPath: codingPath))
+            return KeyedEncodingContainer(KeyedEncoder<NestedKey>(impl: impl, id: 0, depth: -1, storedPath: nil))
         }
     }
 
@@ -342,9 +394,9 @@ struct UnkeyedEncoder: UnkeyedEncodingContainer {
         do {
             try element()
             let nestedID = impl.openContainer(Tag.array)
-            return UnkeyedEncoder(impl: impl, id: nestedID, depth: impl.open.count - 1, codingPath: codingPath)
+            return UnkeyedEncoder(impl: impl, id: nestedID, depth: impl.open.count - 1, storedPath: nil)
         } catch {
-            return UnkeyedEncoder(impl: impl, id: 0, depth: -1, codingPath: codingPath)
+            return UnkeyedEncoder(impl: impl, id: 0, depth: -1, storedPath: nil)
         }
     }
 
@@ -358,7 +410,11 @@ struct UnkeyedEncoder: UnkeyedEncodingContainer {
 struct SingleValueEncoder: SingleValueEncodingContainer {
     let impl: EncoderImpl
     let start: Int
-    var codingPath: [any CodingKey]
+    /// Set only for containers whose path differs from the coder's current one (nested by key).
+    /// Others read the coder's path, so that no container holds a copy of it and extending
+    /// the path never copies the array.
+    let storedPath: [any CodingKey]?
+    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
 
     @inline(__always) func once() throws {
         guard impl.buf.count == start, impl.valueStart == start else {
@@ -386,4 +442,14 @@ struct SingleValueEncoder: SingleValueEncodingContainer {
         try once()
         try impl.encodeValue(value)
     }
+}
+
+/// Type identities of the values with a fast path, looked up once instead of on every value.
+enum FastPath {
+    static let bytes = ObjectIdentifier([UInt8].self)
+    static let data = ObjectIdentifier(Data.self)
+    static let string = ObjectIdentifier(String.self)
+    static let int = ObjectIdentifier(Int.self)
+    static let double = ObjectIdentifier(Double.self)
+    static let bool = ObjectIdentifier(Bool.self)
 }

@@ -1,6 +1,10 @@
+import CCairnCRC
+
 /// CRC-32C (Castagnoli), the checksum on every checkpoint and log record.
 ///
-/// Software slice-by-8: eight 256-entry tables let the loop consume 8 bytes per step.
+/// On x86-64 CPUs with SSE4.2 the CRC32 instruction does the work (see `Storage/CCairnCRC`);
+/// elsewhere a software slice-by-8 loop does, with eight 256-entry tables consuming 8 bytes
+/// per step. Both give identical results (tested).
 /// CRC-32C detects every burst error up to 32 bits and all odd numbers of flipped bits,
 /// which is what a torn or bit-rotted record looks like.
 public enum CRC32C {
@@ -18,8 +22,21 @@ public enum CRC32C {
         return t
     }()
 
+    /// Whether the hardware instruction is used.
+    public static let hardwareAccelerated = cairn_crc32c_hw_available() == 1
+
     /// Extends `crc` (0 to start) with `bytes`.
+    @inline(__always)
     public static func update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        if hardwareAccelerated {
+            guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }
+            return cairn_crc32c_hw(crc, base, bytes.count)
+        }
+        return softwareUpdate(crc, bytes)
+    }
+
+    /// The portable implementation, used when the CPU lacks the CRC32 instruction.
+    public static func softwareUpdate(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         var c = ~crc
         guard var p = bytes.baseAddress, bytes.count > 0 else { return crc }
         var n = bytes.count

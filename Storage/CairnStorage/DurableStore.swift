@@ -111,12 +111,15 @@ public struct CheckpointRead: Sendable {
 ///
 /// Layout inside the engine (first byte is the namespace):
 /// - `0x01 key` → record value
-/// - `0x02 len16 name seq64` → log entry, framed as `length32 · crc32c(seq64 · payload) · payload`
+/// - `0x02 len16 name last64` → a chunk of consecutive log entries ending at sequence `last`:
+///   `first64 · frame*`, each frame `length32 · crc32c(seq64 · payload) · payload` (see ``LogChunk``)
 /// - `0x03 name` → the log's truncation point, so sequence numbers are never reused
 /// - `0x04 len16 name seq64` → checkpoint in ``CheckpointFormat``
 ///
 /// Sequence numbers are assigned inside the commit, so concurrent appenders to one log
-/// get distinct, gap-free numbers in commit order.
+/// get distinct, gap-free numbers in commit order. The entries a commit appends to one log
+/// are stored as one chunk (up to ``LogChunk/targetSize``), not one B-tree entry each:
+/// that keeps LMDB's write amplification near 1 and lets group commit run at disk speed.
 public final class DurableStore: Sendable {
     /// The engine underneath.
     public let engine: any StorageEngine
@@ -130,9 +133,9 @@ public final class DurableStore: Sendable {
         self.options = options
         if case .groupCommit(let limit) = options.syncMode {
             let keep = options.checkpointsKept
-            committer = GroupCommitter(maxOperations: limit) { batches in
-                try engine.write { w in try Self.apply(batches, w, keep: keep) }
-            }
+            committer = GroupCommitter(maxOperations: limit, execute: { batches in
+                try engine.writeUnsynced { w in try Self.apply(batches, w, keep: keep) }
+            }, sync: { try engine.sync() })
         } else {
             committer = nil
         }
@@ -212,15 +215,25 @@ public final class DurableStore: Sendable {
     public func readLog(_ log: String, from: UInt64 = 0, upTo: UInt64 = .max, limit: Int = .max) throws -> [LogEntry] {
         try validate(log: log)
         let prefix = Keys.logPrefix(log)
-        let start = Keys.log(log, from)
         return try engine.read { r in
+            let truncated = try r.get(Keys.logMeta(log)).map { Keys.readBE($0) } ?? 0
+            let lower = max(from, truncated)
             var out: [LogEntry] = []
-            try r.scan(from: start) { k, v in
-                guard out.count < limit, k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
-                let seq = Keys.sequence(k)
-                guard seq < upTo else { return false }
-                out.append(LogEntry(sequence: seq, payload: try Frame.open(v, sequence: seq, log: log)))
-                return true
+            guard limit > 0, lower < upTo else { return out }
+            // The first chunk whose last entry is at or after `lower` holds it.
+            try r.scan(from: Keys.log(log, lower)) { k, v in
+                guard k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) else { return false }
+                var more = true
+                try LogChunk.forEach(v, last: Keys.sequence(k), log: log, verifyFrom: lower, stopAt: upTo) { seq, payload in
+                    guard seq >= lower else { return true }
+                    guard out.count < limit else {
+                        more = false
+                        return false
+                    }
+                    out.append(LogEntry(sequence: seq, payload: [UInt8](payload)))
+                    return true
+                }
+                return more && Keys.sequence(k) < upTo - 1
             }
             return out
         }
@@ -231,13 +244,16 @@ public final class DurableStore: Sendable {
         try validate(log: log)
         return try engine.read { r in
             let next = try Self.nextSequence(r, log)
+            let truncated = try r.get(Keys.logMeta(log)).map { Keys.readBE($0) } ?? 0
             var first = next
             let prefix = Keys.logPrefix(log)
-            try r.scan(from: prefix) { k, _ in
-                if k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) { first = Keys.sequence(k) }
+            try r.scan(from: prefix) { k, v in
+                if k.count == prefix.count + 8, Keys.hasPrefix(k, prefix) {
+                    first = max(LogChunk.first(v) ?? Keys.sequence(k), truncated)
+                }
                 return false
             }
-            return LogBounds(first: first, next: next)
+            return LogBounds(first: min(first, next), next: next)
         }
     }
 
@@ -368,6 +384,7 @@ public final class DurableStore: Sendable {
 
     static func apply(_ batches: [WriteBatch], _ w: any StorageWriter, keep: Int) throws -> [CommitResult] {
         var next: [String: UInt64] = [:]
+        var open: [String: LogChunk.Builder] = [:]
         var results: [CommitResult] = []
         results.reserveCapacity(batches.count)
         for batch in batches {
@@ -381,14 +398,22 @@ public final class DurableStore: Sendable {
                 case .append(let log, let payloads):
                     var seq = try next[log] ?? nextSequence(w, log)
                     firsts.append(seq)
+                    var chunk = open.removeValue(forKey: log) ?? LogChunk.Builder(first: seq)
                     for payload in payloads {
-                        try w.put(Keys.log(log, seq), Frame.make(payload, sequence: seq))
+                        chunk.add(payload, sequence: seq)
                         seq += 1
+                        if chunk.size >= LogChunk.targetSize {
+                            try chunk.write(w, log)
+                            chunk = LogChunk.Builder(first: seq)
+                        }
                     }
+                    open[log] = chunk
                     next[log] = seq
                 case .truncate(let log, let before):
+                    if let chunk = open.removeValue(forKey: log) { try chunk.write(w, log) }
                     let current = try next[log] ?? nextSequence(w, log)
                     let cut = min(before, current)
+                    // Whole chunks before the cut go; a chunk straddling it stays, and readers skip its early entries.
                     try w.deleteRange(from: Keys.log(log, 0), to: Keys.log(log, cut))
                     let meta = Keys.logMeta(log)
                     let old = try w.get(meta).map { Keys.readBE($0) } ?? 0
@@ -408,6 +433,7 @@ public final class DurableStore: Sendable {
             }
             results.append(CommitResult(firstSequences: firsts))
         }
+        for (log, chunk) in open { try chunk.write(w, log) }
         return results
     }
 
@@ -484,35 +510,87 @@ enum Keys {
     }
 }
 
-/// Framing of one log entry: `length32 · crc32c(seq64 · payload) · payload`, little-endian.
-enum Frame {
-    static func make(_ payload: [UInt8], sequence: UInt64) -> [UInt8] {
-        var out = [UInt8]()
-        out.reserveCapacity(payload.count + 8)
-        let n = UInt32(payload.count)
-        let seqBytes = Keys.be(sequence)
-        let crc = payload.withUnsafeBytes { p in CRC32C.update(seqBytes.withUnsafeBytes { CRC32C.checksum($0) }, p) }
-        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: n >> (8 * UInt32(i)))) }
-        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i)))) }
-        out += payload
-        return out
+/// Consecutive log entries stored under one key: `first64 · frame*` (little-endian), where
+/// each frame is `length32 · crc32c(seq64 · payload) · payload`. The key names the last
+/// entry's sequence number, so the chunk holding entry `s` is the first key at or after `s`.
+///
+/// The checksum covers the entry's sequence number, so an entry read at the wrong position,
+/// or a chunk whose header was changed, fails verification.
+public enum LogChunk {
+    /// A commit starts a new chunk once its current one reaches this many bytes.
+    public static let targetSize = 1 << 20
+
+    struct Builder {
+        var bytes: [UInt8]
+        var last: UInt64 = 0
+        var count = 0
+        var size: Int { bytes.count }
+
+        init(first: UInt64) {
+            bytes = []
+            bytes.reserveCapacity(4096)
+            withUnsafeBytes(of: first.littleEndian) { bytes.append(contentsOf: $0) }
+        }
+
+        mutating func add(_ payload: [UInt8], sequence: UInt64) {
+            var seqBE = sequence.bigEndian
+            let seqCRC = withUnsafeBytes(of: &seqBE) { CRC32C.checksum($0) }
+            let crc = payload.withUnsafeBytes { CRC32C.update(seqCRC, $0) }
+            withUnsafeBytes(of: UInt32(payload.count).littleEndian) { bytes.append(contentsOf: $0) }
+            withUnsafeBytes(of: crc.littleEndian) { bytes.append(contentsOf: $0) }
+            bytes.append(contentsOf: payload)
+            last = sequence
+            count += 1
+        }
+
+        func write(_ w: any StorageWriter, _ log: String) throws {
+            guard count > 0 else { return }
+            try w.put(Keys.log(log, last), bytes)
+        }
     }
 
-    static func open(_ frame: UnsafeRawBufferPointer, sequence: UInt64, log: String) throws -> [UInt8] {
-        guard frame.count >= 8 else {
-            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" is \(frame.count) bytes, shorter than its 8-byte frame header (a torn write)", sequence: sequence)
+    /// The first sequence number of a stored chunk, or nil if it is too short to say.
+    static func first(_ chunk: UnsafeRawBufferPointer) -> UInt64? {
+        chunk.count >= 8 ? UInt64(littleEndian: chunk.loadUnaligned(as: UInt64.self)) : nil
+    }
+
+    /// Walks the entries of a chunk in order, verifying each entry at or after `verifyFrom`,
+    /// until `body` returns false. Throws ``StorageError/Code-swift.enum/corruptRecord`` naming the
+    /// first entry that is cut short, fails its checksum, or disagrees with the chunk's key.
+    static func forEach(_ chunk: UnsafeRawBufferPointer, last: UInt64, log: String, verifyFrom: UInt64, stopAt: UInt64 = .max,
+                        _ body: (UInt64, UnsafeRawBufferPointer) throws -> Bool) throws {
+        guard let first = first(chunk) else {
+            throw StorageError(.corruptRecord, "the chunk of log \"\(log)\" ending at entry \(last) is \(chunk.count) bytes, shorter than its header (a torn write)", sequence: last)
         }
-        let n = Int(frame.loadUnaligned(fromByteOffset: 0, as: UInt32.self).littleEndian)
-        let expected = frame.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian
-        guard n == frame.count - 8 else {
-            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" declares \(n) payload bytes but holds \(frame.count - 8) (a torn write)", sequence: sequence)
+        guard first <= last else {
+            throw StorageError(.corruptRecord, "the chunk of log \"\(log)\" ending at entry \(last) claims to start at \(first)", sequence: last)
         }
-        let payload = UnsafeRawBufferPointer(rebasing: frame[8...])
-        let seqBytes = Keys.be(sequence)
-        let actual = CRC32C.update(seqBytes.withUnsafeBytes { CRC32C.checksum($0) }, payload)
-        guard actual == expected else {
-            throw StorageError(.corruptRecord, "entry \(sequence) of log \"\(log)\" fails its CRC-32C (stored 0x\(String(expected, radix: 16)), computed 0x\(String(actual, radix: 16)))", sequence: sequence)
+        var at = 8
+        var seq = first
+        while at < chunk.count {
+            if seq >= stopAt { return }
+            guard chunk.count - at >= 8 else {
+                throw StorageError(.corruptRecord, "entry \(seq) of log \"\(log)\" is cut inside its 8-byte frame header (a torn write)", sequence: seq)
+            }
+            let n = Int(UInt32(littleEndian: chunk.loadUnaligned(fromByteOffset: at, as: UInt32.self)))
+            let expected = UInt32(littleEndian: chunk.loadUnaligned(fromByteOffset: at + 4, as: UInt32.self))
+            guard n <= chunk.count - at - 8 else {
+                throw StorageError(.corruptRecord, "entry \(seq) of log \"\(log)\" declares \(n) payload bytes but only \(chunk.count - at - 8) remain (a torn write)", sequence: seq)
+            }
+            let payload = UnsafeRawBufferPointer(rebasing: chunk[(at + 8)..<(at + 8 + n)])
+            if seq >= verifyFrom {
+                var seqBE = seq.bigEndian
+                let actual = CRC32C.update(withUnsafeBytes(of: &seqBE) { CRC32C.checksum($0) }, payload)
+                guard actual == expected else {
+                    throw StorageError(.corruptRecord, "entry \(seq) of log \"\(log)\" fails its CRC-32C (stored 0x\(String(expected, radix: 16)), computed 0x\(String(actual, radix: 16)))", sequence: seq)
+                }
+            }
+            if try !body(seq, payload) { return }
+            at += 8 + n
+            seq += 1
         }
-        return [UInt8](payload)
+        guard seq == last + 1 else {
+            throw StorageError(.corruptRecord, "the chunk of log \"\(log)\" should end at entry \(last) but holds entries up to \(Int64(bitPattern: seq) - 1) (a torn write)", sequence: seq)
+        }
     }
 }

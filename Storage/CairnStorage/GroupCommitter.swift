@@ -2,10 +2,11 @@ import Foundation
 
 /// Gathers concurrent writers' batches into one fsync'd transaction.
 ///
-/// One committer thread per store: writers append to `queue` and either wait or give a
-/// completion; the thread takes everything queued (up to `maxOperations`), runs it as one
-/// transaction, and completes each writer with its own result. While a commit is being
-/// fsync'd, new writers queue up behind it, so the batch size adapts to the load.
+/// Two threads per store. The committer takes everything queued (up to `maxOperations`)
+/// and runs it as one transaction; the syncer then makes that transaction durable and
+/// completes each writer with its own result, while the committer already builds the next
+/// one. While a commit is in flight new writers queue up behind it, so batch size adapts
+/// to the load. A writer is completed only after a sync that began after its commit.
 ///
 /// Thread safety (why `@unchecked Sendable` is sound): `queue` and `stopping` are only
 /// touched with `condition` locked; `execute` runs on the committer thread only.
@@ -18,14 +19,27 @@ final class GroupCommitter: @unchecked Sendable {
     private var running = true
     private let maxOperations: Int
     private let execute: ([WriteBatch]) throws -> [CommitResult]
+    private let sync: () throws -> Void
+    /// Committed, not yet durable: guarded by `syncCondition`.
+    private let syncCondition = NSCondition()
+    private var unsynced: [(Completion, Result<CommitResult, StorageError>)] = []
+    private var syncerRunning = true
+    private var committerDone = false
 
-    init(maxOperations: Int, execute: @escaping ([WriteBatch]) throws -> [CommitResult]) {
+    /// - Parameters:
+    ///   - execute: runs the batches as one transaction, not necessarily durable yet.
+    ///   - sync: makes every transaction committed before the call durable.
+    init(maxOperations: Int, execute: @escaping ([WriteBatch]) throws -> [CommitResult], sync: @escaping () throws -> Void) {
         precondition(maxOperations >= 1, "maxOperationsPerCommit must be at least 1")
         self.maxOperations = maxOperations
         self.execute = execute
+        self.sync = sync
         let thread = Thread { [self] in run() }
         thread.name = "cairn-group-commit"
         thread.start()
+        let syncer = Thread { [self] in runSyncer() }
+        syncer.name = "cairn-group-sync"
+        syncer.start()
     }
 
     func submit(_ batch: WriteBatch, _ completion: @escaping Completion) {
@@ -58,6 +72,41 @@ final class GroupCommitter: @unchecked Sendable {
         condition.broadcast()
         while running { condition.wait() }
         condition.unlock()
+        syncCondition.lock()
+        committerDone = true
+        syncCondition.broadcast()
+        while syncerRunning { syncCondition.wait() }
+        syncCondition.unlock()
+    }
+
+    private func runSyncer() {
+        while true {
+            syncCondition.lock()
+            while unsynced.isEmpty && !committerDone { syncCondition.wait() }
+            if unsynced.isEmpty {
+                syncerRunning = false
+                syncCondition.broadcast()
+                syncCondition.unlock()
+                return
+            }
+            let work = unsynced
+            unsynced = []
+            syncCondition.unlock()
+            do {
+                try sync()
+                for (completion, result) in work { completion(result) }
+            } catch {
+                let failure = error as? StorageError ?? StorageError(.io, "\(error)")
+                for (completion, _) in work { completion(.failure(failure)) }
+            }
+        }
+    }
+
+    private func hand(_ items: [(Completion, Result<CommitResult, StorageError>)]) {
+        syncCondition.lock()
+        unsynced.append(contentsOf: items)
+        syncCondition.signal()
+        syncCondition.unlock()
     }
 
     private func run() {
@@ -82,8 +131,9 @@ final class GroupCommitter: @unchecked Sendable {
 
             do {
                 let results = try execute(work.map(\.0))
-                for (i, item) in work.enumerated() { item.1(.success(results[i])) }
+                hand(work.enumerated().map { (i, item) in (item.1, .success(results[i])) })
             } catch {
+                // Nothing of a failed transaction was applied: report at once, no sync needed.
                 let failure = error as? StorageError ?? StorageError(.io, "\(error)")
                 for item in work { item.1(.failure(failure)) }
             }

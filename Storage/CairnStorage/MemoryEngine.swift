@@ -61,6 +61,11 @@ public final class MemoryEngine: StorageEngine, @unchecked Sendable {
         }
     }
 
+    public func writeUnsynced<T>(_ body: (any StorageWriter) throws -> T) throws -> T { try write(body) }
+
+    /// Nothing to flush: memory has no durability to give.
+    public func sync() throws {}
+
     /// Binary search: (found, index of the key or of where it would be inserted).
     fileprivate func search(_ key: [UInt8]) -> (Bool, Int) {
         key.withUnsafeBytes { k in search(k) }

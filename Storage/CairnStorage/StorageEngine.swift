@@ -15,6 +15,12 @@ public protocol StorageEngine: AnyObject, Sendable {
     func read<T>(_ body: (any StorageReader) throws -> T) throws -> T
     /// Runs `body` in one durable, atomic write transaction.
     func write<T>(_ body: (any StorageWriter) throws -> T) throws -> T
+    /// Runs `body` in one atomic write transaction that is not yet durable: it becomes durable
+    /// at the next ``sync()`` that starts after this returns. Used by group commit to overlap
+    /// one commit's final flush with the next commit's work.
+    func writeUnsynced<T>(_ body: (any StorageWriter) throws -> T) throws -> T
+    /// Makes every transaction committed before this call durable.
+    func sync() throws
     /// Largest key the engine accepts, in bytes.
     var maxKeySize: Int { get }
     /// Releases the engine's resources; later calls throw ``StorageError/Code-swift.enum/closed``.

@@ -33,6 +33,20 @@ struct CheckpointFormatTests {
         #expect(split == CRC32C.checksum(long))
     }
 
+    @Test("the hardware and software CRC-32C agree on every length and alignment")
+    func crcImplementationsAgree() {
+        var rng = SeededGenerator(seed: 99)
+        let data = rng.bytes(4096)
+        data.withUnsafeBytes { all in
+            for start in 0..<9 {
+                for length in [0, 1, 7, 8, 9, 63, 64, 1000, 4000] where start + length <= all.count {
+                    let slice = UnsafeRawBufferPointer(rebasing: all[start..<(start + length)])
+                    #expect(CRC32C.update(0x1234, slice) == CRC32C.softwareUpdate(0x1234, slice))
+                }
+            }
+        }
+    }
+
     @Test("round trip, compressed and stored")
     func roundTrip() throws {
         for codec in [CheckpointFormat.Codec.zstd, .stored] {

@@ -1,0 +1,49 @@
+import ArgumentParser
+import Foundation
+
+@main
+struct CairnBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cairn-bench",
+        abstract: "Cairn's benchmarks. Each prints JSON lines {\"metric\":…,\"value\":…,\"unit\":…}, then a table.",
+        discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
+        subcommands: [])
+
+    @Argument(help: "Suites to run: storage, codec (default: all).")
+    var suites: [String] = []
+
+    @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
+    var directory: String?
+
+    @Flag(help: "Skip the JSON comparison in the codec suite (for profiling).")
+    var noJSON = false
+
+    static let known = ["storage", "codec"]
+
+    func validate() throws {
+        for s in suites where !Self.known.contains(s) {
+            throw ValidationError("unknown suite \"\(s)\"; known suites: \(Self.known.joined(separator: ", "))")
+        }
+    }
+
+    func run() throws {
+        let report = Report()
+        let chosen = suites.isEmpty ? Self.known : suites
+        #if DEBUG
+        FileHandle.standardError.write(Data("warning: this is a debug build; figures are meaningful only with -c release\n".utf8))
+        #endif
+        for suite in chosen {
+            switch suite {
+            case "storage":
+                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
+                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+                try StorageBenchmark(directory: dir).run(report)
+            case "codec":
+                try CodecBenchmark(compareJSON: !noJSON).run(report)
+            default:
+                break
+            }
+        }
+        report.printTable()
+    }
+}

@@ -1,0 +1,138 @@
+import CairnCodec
+import CairnCore
+import CairnStorage
+import Foundation
+
+/// `cairn-bench storage`: checkpoint write and read throughput, grouped and synced log appends.
+struct StorageBenchmark {
+    let directory: String
+
+    /// The checkpointed state: a large semi-compressible blob and some bookkeeping fields.
+    struct State: Codable {
+        var applied: UInt64
+        var owner: String
+        var blob: [UInt8]
+    }
+
+    /// Semi-compressible state, shaped like encoded records: every 64-byte block is 32 bytes
+    /// copied from one of 1,024 seeded 32-byte templates (the repeated structure: field names,
+    /// tags, common values) followed by 32 random bytes (the data). zstd level 1 halves it.
+    static func semiCompressible(_ count: Int, seed: UInt64) -> [UInt8] {
+        var rng = SeededGenerator(seed: seed)
+        let templates = rng.bytes(1024 * 32)
+        var out = [UInt8](repeating: 0, count: count)
+        out.withUnsafeMutableBufferPointer { o in
+            templates.withUnsafeBufferPointer { t in
+                var i = 0
+                while i < count {
+                    let which = Int(rng.next() % 1024) * 32
+                    for k in 0..<min(32, count - i) { o[i + k] = t[which + k] }
+                    i += 32
+                    var k = 0
+                    while k < 32 && i + k < count {
+                        var w = rng.next()
+                        for _ in 0..<8 where i + k < count {
+                            o[i + k] = UInt8(truncatingIfNeeded: w)
+                            w >>= 8
+                            k += 1
+                        }
+                    }
+                    i += 32
+                }
+            }
+        }
+        return out
+    }
+
+    func run(_ report: Report) throws {
+        FileHandle.standardError.write(Data("storage benchmark directory: \(directory)\n".utf8))
+        try checkpoints(report)
+        try groupedAppends(report)
+        try syncedAppends(report)
+    }
+
+    func checkpoints(_ report: Report) throws {
+        let store = try DurableStore.lmdb(directory: directory + "/checkpoints", options: StoreOptions(syncMode: .eachCommit), initialMapSize: 512 << 20)
+        defer { store.close() }
+        let size = 64 << 20
+        let state = State(applied: 1, owner: "bench", blob: Self.semiCompressible(size, seed: 42))
+        var writeRates: [Double] = []
+        var readRates: [Double] = []
+        var stored = 0
+        for round in 0..<5 {
+            let t0 = now()
+            stored = try store.writeCheckpoint("bench-actor", sequence: UInt64(round), state: state)
+            let t1 = now()
+            guard let back = try store.newestCheckpoint(State.self, "bench-actor") else { fatalError("checkpoint vanished") }
+            let t2 = now()
+            precondition(back.state.blob.count == size && back.read.sequence == UInt64(round), "checkpoint read back wrong")
+            writeRates.append(Double(size) / 1_048_576 / (t1 - t0))
+            readRates.append(Double(size) / 1_048_576 / (t2 - t1))
+        }
+        report.add("storage.checkpoint_write_mb_per_s", median(writeRates), "MB/s", goal: ">= 150")
+        // Where a checkpoint write's time goes: encode, compress + checksum, durable commit.
+        var encodeMs: [Double] = []
+        var formatMs: [Double] = []
+        var commitMs: [Double] = []
+        for round in 0..<3 {
+            let t0 = now()
+            let raw = try BinaryEncoder().encode(state)
+            let t1 = now()
+            _ = try CheckpointFormat.encode(payload: raw, sequence: 0)
+            let t2 = now()
+            try store.writeCheckpoint("breakdown", sequence: UInt64(round), payload: raw)
+            let t3 = now()
+            encodeMs.append((t1 - t0) * 1000)
+            formatMs.append((t2 - t1) * 1000)
+            commitMs.append(((t3 - t2) - (t2 - t1)) * 1000)
+        }
+        report.add("storage.checkpoint_encode_ms", median(encodeMs), "ms")
+        report.add("storage.checkpoint_compress_checksum_ms", median(formatMs), "ms")
+        report.add("storage.checkpoint_commit_ms", median(commitMs), "ms")
+        report.add("storage.checkpoint_read_mb_per_s", median(readRates), "MB/s")
+        report.add("storage.checkpoint_compression_ratio", Double(size) / Double(stored), "x")
+    }
+
+    func groupedAppends(_ report: Report) throws {
+        let store = try DurableStore.lmdb(directory: directory + "/grouped", options: StoreOptions(syncMode: .group), initialMapSize: 1 << 30)
+        defer { store.close() }
+        let writers = 8
+        let window = 4096
+        let perWriter = 50_000
+        let record = [UInt8](repeating: 0x5A, count: 1024)
+        let t0 = now()
+        DispatchQueue.concurrentPerform(iterations: writers) { w in
+            let outstanding = DispatchSemaphore(value: window)
+            let done = DispatchGroup()
+            let log = "writer-\(w % 2)"
+            for _ in 0..<perWriter {
+                outstanding.wait()
+                done.enter()
+                var batch = WriteBatch()
+                batch.append(to: log, [record])
+                store.commit(batch) { result in
+                    if case .failure(let e) = result { fatalError("append failed: \(e)") }
+                    outstanding.signal()
+                    done.leave()
+                }
+            }
+            done.wait()
+        }
+        let elapsed = now() - t0
+        report.add("storage.log_append_grouped_per_s", Double(writers * perWriter) / elapsed, "records/s", goal: ">= 200000")
+    }
+
+    func syncedAppends(_ report: Report) throws {
+        let store = try DurableStore.lmdb(directory: directory + "/synced", options: StoreOptions(syncMode: .eachCommit))
+        defer { store.close() }
+        let record = [UInt8](repeating: 0x33, count: 1024)
+        var samples: [Double] = []
+        for i in 0..<3_000 {
+            let t0 = now()
+            try store.append(to: "synced", [record])
+            if i >= 100 { samples.append((now() - t0) * 1e6) }
+        }
+        report.add("storage.log_append_synced_p50_us", median(samples), "us")
+        report.add("storage.log_append_synced_p99_us", percentile(samples, 0.99), "us")
+    }
+}
