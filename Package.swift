@@ -5,6 +5,7 @@ let package = Package(
     name: "Cairn",
     platforms: [.macOS(.v15)],
     products: [
+        .library(name: "Cairn", targets: ["Cairn"]),
         .library(name: "CairnStorage", targets: ["CairnStorage"]),
         .library(name: "CairnCodec", targets: ["CairnCodec"]),
         .library(name: "CairnCore", targets: ["CairnCore"]),
@@ -14,6 +15,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
     ],
     targets: [
         // C libraries, found through pkg-config (liblmdb-dev, libzstd-dev).
@@ -35,8 +37,14 @@ let package = Package(
         .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CCairnCRC", "CairnCodec", "CairnCore"],
                 path: "Storage/CairnStorage"),
 
+        // The runtime: tasks, objects, actors, nodes, control store, scheduling, transport.
+        .target(name: "Cairn", dependencies: [
+            "CairnCodec", "CairnCore", "CairnStorage",
+            .product(name: "DequeModule", package: "swift-collections"),
+        ], path: "Sources/Cairn"),
+
         .executableTarget(name: "CairnBench", dependencies: [
-            "CairnStorage", "CairnCodec",
+            "Cairn", "CairnStorage", "CairnCodec",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.
@@ -45,9 +53,10 @@ let package = Package(
             "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Chaos/CairnChaos"),
-        .executableTarget(name: "CairnExample", dependencies: ["CairnStorage", "CairnCodec"],
+        .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore"], path: "Tests/CairnTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.

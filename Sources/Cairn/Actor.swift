@@ -1,0 +1,79 @@
+import Synchronization
+
+/// A stateful actor: its state is the value of the conforming type, changed only by its
+/// messages, which run one at a time on the node that hosts it (the lecture's `handleMsg`).
+///
+/// Messages from one caller run in the order that caller sent them. The state must be
+/// `Codable` so that it can be moved to its node and, with durability, checkpointed.
+public protocol RemoteActor: RemoteValue {
+    associatedtype Message: RemoteValue
+    associatedtype Reply: RemoteValue
+
+    /// The name nodes know this type by; defaults to the type's fully qualified name.
+    static var actorTypeName: String { get }
+
+    /// Handles one message and returns the reply.
+    mutating func receive(_ message: Message) throws -> Reply
+}
+
+extension RemoteActor {
+    public static var actorTypeName: String { String(reflecting: Self.self) }
+}
+
+/// A reference to a running actor. It can be sent to tasks and to other actors.
+public struct ActorHandle<A: RemoteActor>: Sendable, Codable, Hashable, CustomStringConvertible {
+    /// The actor's ID.
+    public let id: ActorID
+
+    /// Sends `message`; the returned reference resolves to the reply.
+    public func send(_ message: A.Message) throws -> ObjectRef<A.Reply> {
+        try Submitter.current().sendToActor(id, typeName: A.actorTypeName, message: .boxed(message))
+    }
+
+    public var description: String { "ActorHandle<\(A.self)>(\(id))" }
+}
+
+/// Type-erased actor state, driven by its hosting node.
+class AnyActorBox: @unchecked Sendable {
+    func handle(_ message: StoredValue) throws -> any RemoteValue { preconditionFailure("abstract") }
+}
+
+/// Holds one actor's state. Only the hosting node's actor runner touches `state`, one message
+/// at a time (``ActorInstance`` guarantees it), so the unchecked `Sendable` is sound.
+final class ActorBox<A: RemoteActor>: AnyActorBox, @unchecked Sendable {
+    var state: A
+    init(state: A) { self.state = state }
+
+    override func handle(_ message: StoredValue) throws -> any RemoteValue {
+        try state.receive(try message.value(as: A.Message.self))
+    }
+}
+
+/// One pending call to an actor.
+struct ActorCall: Sendable {
+    let actor: ActorID
+    let typeName: String
+    let result: ObjectID
+    let message: StoredValue
+}
+
+/// An actor hosted on a node: its state and its mailbox.
+///
+/// The mailbox is drained by one worker at a time (`scheduled` is true while a worker owns
+/// it), which is what makes messages run one at a time and in arrival order.
+final class ActorInstance: Sendable {
+    let id: ActorID
+    let typeName: String
+    let box: AnyActorBox
+    struct Mailbox {
+        var calls: [ActorCall] = []
+        var scheduled = false
+    }
+    let mailbox = Mutex(Mailbox())
+
+    init(id: ActorID, typeName: String, box: AnyActorBox) {
+        self.id = id
+        self.typeName = typeName
+        self.box = box
+    }
+}

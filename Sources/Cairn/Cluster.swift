@@ -1,0 +1,303 @@
+import CairnCore
+import Foundation
+import Synchronization
+
+/// Settings of an embedded cluster.
+public struct ClusterOptions: Sendable {
+    /// One configuration per node; node 0 hosts the driver (the program that started the cluster).
+    public var nodes: [NodeConfiguration]
+    /// Seed of the global scheduler's tie-breaking; printed by tests so a run can be replayed.
+    public var schedulerSeed: UInt64
+    /// How often nodes report their load to the control store, in milliseconds.
+    public var housekeepingIntervalMs: Int
+
+    public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2) {
+        precondition(!nodes.isEmpty, "a cluster needs at least one node")
+        self.nodes = nodes
+        self.schedulerSeed = schedulerSeed
+        self.housekeepingIntervalMs = housekeepingIntervalMs
+    }
+
+    /// `count` nodes of `cpus` CPUs each.
+    public static func uniform(nodes count: Int, cpus: Double = 1) -> ClusterOptions {
+        ClusterOptions(nodes: Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: count))
+    }
+}
+
+/// A Cairn cluster, seen from the driver: submit tasks, spawn actors, `get` and `wait`.
+///
+/// `Cluster.local()` runs an embedded cluster inside this process (the default, like
+/// `ray.init()`): every node, the global scheduler and the control store are separate
+/// components that talk only through messages. The most recently started cluster is the
+/// one `f.remote(…)` submits to from the driver; inside a task, work goes to the task's node.
+public final class Cluster: Sendable {
+    let nodes: [Node]
+    let transport: InMemoryTransport
+    private let controlStore: ControlStoreServer
+    private let scheduler: GlobalScheduler
+    private let releases = ReleaseQueue()
+    private let running = Atomic<Bool>(true)
+    private let housekeeper: Housekeeper
+
+    /// The node the driver submits to.
+    var driverNode: Node { nodes[0] }
+
+    /// Starts an embedded cluster of `nodes` nodes, each with `cpus` CPUs.
+    public static func local(nodes: Int = 4, cpus: Double = 1) async throws -> Cluster {
+        try await local(ClusterOptions.uniform(nodes: nodes, cpus: cpus))
+    }
+
+    /// Starts an embedded cluster with the given options.
+    public static func local(_ options: ClusterOptions) async throws -> Cluster {
+        let cluster = Cluster(options)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while cluster.nodes.contains(where: { $0.nodeCount < options.nodes.count }) {
+            guard ContinuousClock.now < deadline else {
+                cluster.shutdown()
+                throw CairnError(.shutDown, "the cluster's nodes did not all register with the control store within 10 s")
+            }
+            try await Task.sleep(for: .microseconds(100))
+        }
+        DefaultCluster.set(cluster)
+        return cluster
+    }
+
+    private init(_ options: ClusterOptions) {
+        let transport = InMemoryTransport()
+        self.transport = transport
+        controlStore = ControlStoreServer(transport: transport)
+        scheduler = GlobalScheduler(transport: transport, seed: options.schedulerSeed)
+        let releases = self.releases
+        nodes = options.nodes.enumerated().map { i, config in
+            Node(id: NodeID(i), configuration: config, transport: transport) { oid in
+                releases.add(oid)
+            }
+        }
+        let nodes = self.nodes
+        housekeeper = Housekeeper(intervalMs: options.housekeepingIntervalMs) {
+            let freed = releases.take()
+            for (node, oids) in freed { transport.send(.free(oids), to: .node(node)) }
+            nodes.forEach { $0.housekeeping() }
+        }
+    }
+
+    /// Stops every component. Pending `get`s fail with ``CairnError/Code-swift.enum/shutDown``.
+    public func shutdown() {
+        guard running.exchange(false, ordering: .relaxed) else { return }
+        housekeeper.stop()
+        nodes.forEach { $0.stop() }
+        transport.shutdown()
+        DefaultCluster.clear(self)
+    }
+
+    /// The number of nodes.
+    public var nodeCount: Int { nodes.count }
+
+    // MARK: objects
+
+    /// Stores `value` in the cluster (on the driver's node) and returns a reference to it.
+    public func put<T: RemoteValue>(_ value: T) -> ObjectRef<T> {
+        driverNode.put(value)
+    }
+
+    /// Waits for `ref`'s value. Throws the task's ``RemoteError`` if it failed, or
+    /// ``CairnError/Code-swift.enum/timeout`` after `timeout`.
+    public func get<T: RemoteValue>(_ ref: ObjectRef<T>, timeout: Duration? = nil) async throws -> T {
+        try await get([ref], timeout: timeout)[0]
+    }
+
+    /// Waits for every value, returned in the order of `refs`.
+    public func get<T: RemoteValue>(_ refs: [ObjectRef<T>], timeout: Duration? = nil) async throws -> [T] {
+        let values = try await collect(refs.map(\.id), count: refs.count, timeout: timeout, failOnTimeout: true)
+        return try values.map { try $0!.value(as: T.self) }
+    }
+
+    /// Ray's `wait`: returns once `count` of `refs` are ready or `timeout` passes, as
+    /// (ready, notReady), each in the order of `refs`. A failed task counts as ready.
+    ///
+    /// Throws ``CairnError/Code-swift.enum/invalidArgument`` if `refs` has duplicates or `count`
+    /// is not in `1...refs.count`.
+    public func wait<T: RemoteValue>(_ refs: [ObjectRef<T>], count: Int = 1, timeout: Duration? = nil) async throws -> (ready: [ObjectRef<T>], notReady: [ObjectRef<T>]) {
+        guard Set(refs.map(\.id)).count == refs.count else {
+            throw CairnError(.invalidArgument, "wait was given the same ObjectRef more than once; pass each ref once")
+        }
+        guard count >= 1 && count <= refs.count else {
+            throw CairnError(.invalidArgument, "wait count must be between 1 and the number of refs (\(refs.count)); got \(count)")
+        }
+        let values = try await collect(refs.map(\.id), count: count, timeout: timeout, failOnTimeout: false)
+        var ready: [ObjectRef<T>] = []
+        var notReady: [ObjectRef<T>] = []
+        for (i, ref) in refs.enumerated() {
+            if values[i] != nil { ready.append(ref) } else { notReady.append(ref) }
+        }
+        return (ready, notReady)
+    }
+
+    /// Cancels a task that has not started running; its `get` then throws a cancelled
+    /// ``RemoteError``. Returns false if it already ran, is running, or was placed on another node.
+    @discardableResult
+    public func cancel<T: RemoteValue>(_ ref: ObjectRef<T>) -> Bool {
+        driverNode.cancel(ref.id)
+    }
+
+    private func collect(_ oids: [ObjectID], count: Int, timeout: Duration?, failOnTimeout: Bool) async throws -> [StoredValue?] {
+        guard running.load(ordering: .relaxed) else { throw CairnError(.shutDown, "the cluster was shut down") }
+        let gather = Gather(total: oids.count, needed: count)
+        return try await withCheckedThrowingContinuation { continuation in
+            gather.start(continuation)
+            if let timeout {
+                Task {
+                    try? await Task.sleep(for: timeout)
+                    gather.expire(failOnTimeout ? CairnError(.timeout, "\(oids.count - gather.readyCount) of \(oids.count) objects were not ready within \(timeout)") : nil)
+                }
+            }
+            driverNode.whenAvailable(oids) { i, value in gather.arrived(i, value) }
+        }
+    }
+
+    // MARK: actors
+
+    /// Creates an actor from its initial state on a node with the resources it needs.
+    public func spawn<A: RemoteActor>(_ initial: A, resources: Resources = Resources(cpus: 0)) async throws -> ActorHandle<A> {
+        FunctionRegistry.process.register(A.self)
+        let id: ActorID = try await withCheckedThrowingContinuation { continuation in
+            driverNode.spawnActor(typeName: A.actorTypeName, state: .boxed(initial), resources: resources) { result in
+                continuation.resume(with: result.map(\.0))
+            }
+        }
+        return ActorHandle(id: id)
+    }
+
+    // MARK: inspection
+
+    /// Objects and bytes held by each node's store.
+    public var storeStatus: [(node: NodeID, objects: Int, bytes: Int)] {
+        nodes.map { ($0.id, $0.storeStatus.objects, $0.storeStatus.bytes) }
+    }
+}
+
+/// Objects whose last reference in this process is gone, by owner, until the next housekeeping.
+final class ReleaseQueue: Sendable {
+    private let table = Mutex<[NodeID: [ObjectID]]>([:])
+    func add(_ oid: ObjectID) { table.withLock { $0[oid.owner, default: []].append(oid) } }
+    func take() -> [NodeID: [ObjectID]] {
+        table.withLock { t in
+            let all = t
+            t = [:]
+            return all
+        }
+    }
+}
+
+/// Collects values for `get` and `wait`; resumes its continuation exactly once.
+final class Gather: @unchecked Sendable {
+    private let lock = NSLock()
+    private var values: [StoredValue?]
+    private var ready = 0
+    private let needed: Int
+    private var continuation: CheckedContinuation<[StoredValue?], any Error>?
+    private var finished = false
+
+    init(total: Int, needed: Int) {
+        values = Array(repeating: nil, count: total)
+        self.needed = needed
+    }
+
+    var readyCount: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return ready
+    }
+
+    func start(_ c: CheckedContinuation<[StoredValue?], any Error>) {
+        lock.lock()
+        continuation = c
+        let done = ready >= needed
+        lock.unlock()
+        if done { finish(nil) }
+    }
+
+    func arrived(_ index: Int, _ value: StoredValue) {
+        lock.lock()
+        if values[index] == nil {
+            values[index] = value
+            ready += 1
+        }
+        let done = ready >= needed && continuation != nil
+        lock.unlock()
+        if done { finish(nil) }
+    }
+
+    func expire(_ error: CairnError?) { finish(error, expired: true) }
+
+    private func finish(_ error: CairnError?, expired: Bool = false) {
+        lock.lock()
+        guard !finished, let c = continuation else {
+            lock.unlock()
+            return
+        }
+        finished = true
+        let snapshot = values
+        lock.unlock()
+        if let error, expired { c.resume(throwing: error) } else { c.resume(returning: snapshot) }
+    }
+}
+
+/// Runs a closure every few milliseconds on its own thread until stopped.
+final class Housekeeper: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var stopped = false
+    private var done = false
+
+    init(intervalMs: Int, _ body: @escaping @Sendable () -> Void) {
+        let thread = Thread { [self] in
+            while true {
+                condition.lock()
+                if !stopped { _ = condition.wait(until: Date(timeIntervalSinceNow: Double(intervalMs) / 1000)) }
+                let stop = stopped
+                condition.unlock()
+                if stop { break }
+                body()
+            }
+            condition.lock()
+            done = true
+            condition.broadcast()
+            condition.unlock()
+        }
+        thread.name = "cairn-housekeeping"
+        thread.start()
+    }
+
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.broadcast()
+        while !done { condition.wait() }
+        condition.unlock()
+    }
+}
+
+/// The cluster `f.remote(…)` submits to from outside any task: the most recently started.
+enum DefaultCluster {
+    private static let current = Mutex<Cluster?>(nil)
+    static func set(_ c: Cluster) { current.withLock { $0 = c } }
+    static func clear(_ c: Cluster) { current.withLock { if $0 === c { $0 = nil } } }
+    static func get() -> Cluster? { current.withLock { $0 } }
+}
+
+/// Finds the node that owns work submitted from the current thread.
+enum Submitter {
+    static func current() throws -> Node {
+        if let context = WorkerContext.current { return context.node }
+        guard let cluster = DefaultCluster.get() else {
+            throw CairnError(.shutDown, "no cluster is running: start one with `try await Cluster.local()` before calling remote()")
+        }
+        return cluster.driverNode
+    }
+}
+
+/// Facts about the task or actor call running on the current thread.
+public enum TaskContext {
+    /// The node running the current task or actor call; nil outside one (on the driver).
+    public static var node: NodeID? { WorkerContext.current?.node.id }
+}

@@ -1,0 +1,57 @@
+import CairnCore
+
+/// The global scheduler: places the tasks that nodes hand up.
+///
+/// Stateless apart from what it reads from the control store (the node table, pushed to it
+/// on every change) and the tasks it placed since the last load report, so it can be
+/// restarted or replaced at any time. Decisions are ``SchedulingPolicy/place(_:nodes:inputBytes:bytesPerQueuedTask:random:)``.
+final class GlobalScheduler: @unchecked Sendable {
+    // Touched only on the scheduler's inbox thread.
+    private var nodes: [NodeID: NodeRecord] = [:]
+    private var placedSinceReport: [NodeID: Int] = [:]
+    private var random: SeededGenerator
+    private let transport: any Transport
+
+    init(transport: any Transport, seed: UInt64) {
+        self.transport = transport
+        random = SeededGenerator(seed: seed)
+        transport.register(.scheduler) { [self] batch in handle(batch) }
+        transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
+    }
+
+    private func handle(_ batch: [Message]) {
+        var placed: [NodeID: [TaskSpec]] = [:]
+        var failed: [NodeID: [(ObjectID, StoredValue)]] = [:]
+        for message in batch {
+            switch message {
+            case .nodeTable(let table):
+                nodes = Dictionary(uniqueKeysWithValues: table.map { ($0.id, $0) })
+                placedSinceReport = [:]
+            case .schedule(let specs):
+                let loads = nodes.values.map {
+                    SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued + (placedSinceReport[$0.id] ?? 0),
+                                              functions: $0.functions, alive: $0.alive)
+                }
+                var view = loads
+                for spec in specs {
+                    var inputs: [NodeID: Int] = [:]
+                    for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
+                    let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
+                    if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, random: &random) {
+                        placed[target, default: []].append(spec)
+                        placedSinceReport[target, default: 0] += 1
+                        if let i = view.firstIndex(where: { $0.id == target }) { view[i].queued += 1 }
+                    } else {
+                        let error = RemoteError(kind: .infeasible, task: spec.id, function: spec.function, node: spec.owner,
+                                                message: "no live node can run it (needs \(spec.resources), function \"\(spec.function)\")")
+                        failed[spec.owner, default: []].append((spec.id, .failed(error)))
+                    }
+                }
+            default:
+                break
+            }
+        }
+        for (node, specs) in placed { transport.send(.runTasks(specs), to: .node(node)) }
+        for (node, objects) in failed { transport.send(.objects(objects), to: .node(node)) }
+    }
+}

@@ -1,0 +1,38 @@
+import Synchronization
+
+/// Identifies a node of a cluster.
+public struct NodeID: Hashable, Sendable, Codable, Comparable, CustomStringConvertible {
+    public let raw: Int
+    public init(_ raw: Int) { self.raw = raw }
+    public static func < (a: NodeID, b: NodeID) -> Bool { a.raw < b.raw }
+    public var description: String { "node-\(raw)" }
+}
+
+/// Identifies an immutable object in the cluster: a task's result, an actor call's reply, or a `put`.
+///
+/// The top 16 bits name the node that created the ID (its owner), the rest count up, so
+/// every node mints IDs without coordination. A task is identified by its result's ID.
+public struct ObjectID: Hashable, Sendable, Codable, CustomStringConvertible {
+    public let raw: UInt64
+    public init(raw: UInt64) { self.raw = raw }
+    init(owner: NodeID, counter: UInt64) { raw = UInt64(owner.raw) << 48 | (counter & 0xFFFF_FFFF_FFFF) }
+    /// The node that created this ID and receives the value when it is computed.
+    public var owner: NodeID { NodeID(Int(raw >> 48)) }
+    public var description: String { "obj-\(raw >> 48)-\(raw & 0xFFFF_FFFF_FFFF)" }
+}
+
+/// Identifies an actor.
+public struct ActorID: Hashable, Sendable, Codable, CustomStringConvertible {
+    public let raw: UInt64
+    public init(raw: UInt64) { self.raw = raw }
+    public var description: String { "actor-\(raw >> 48)-\(raw & 0xFFFF_FFFF_FFFF)" }
+}
+
+/// Mints IDs for one node.
+final class IDMint: Sendable {
+    let node: NodeID
+    private let counter = Atomic<UInt64>(1)
+    init(node: NodeID) { self.node = node }
+    func object() -> ObjectID { ObjectID(owner: node, counter: counter.wrappingAdd(1, ordering: .relaxed).oldValue) }
+    func actor() -> ActorID { ActorID(raw: object().raw) }
+}

@@ -1,0 +1,762 @@
+import CairnCore
+import DequeModule
+import Foundation
+
+/// How one node is set up.
+public struct NodeConfiguration: Sendable {
+    /// What the node offers. `cpus` is also the number of worker threads.
+    public var resources: Resources
+    /// If set, the only function and actor-type names this node accepts (to model a node
+    /// built without some code); nil accepts everything registered in the process.
+    public var functions: Set<String>?
+    /// Bytes of objects the node keeps before evicting least-recently-used ones that can be
+    /// fetched again or rebuilt from lineage. Objects from `put` are never evicted.
+    public var storeLimitBytes: Int
+    /// A node runs a task itself while fewer than this many tasks per worker wait in its queue;
+    /// beyond that it hands tasks to the global scheduler.
+    public var spillThreshold: Int
+
+    public init(resources: Resources = Resources(cpus: 1), functions: Set<String>? = nil,
+                storeLimitBytes: Int = 1 << 30, spillThreshold: Int = 4096) {
+        self.resources = resources
+        self.functions = functions
+        self.storeLimitBytes = storeLimitBytes
+        self.spillThreshold = spillThreshold
+    }
+}
+
+/// Work a worker thread can pick up.
+enum Work {
+    case task(TaskSpec)
+    case actor(ActorInstance)
+}
+
+/// Messages and callbacks gathered under the node's lock and delivered after it is released.
+struct Outgoing {
+    var messages: [(Message, Endpoint)] = []
+    var objects: [NodeID: [(ObjectID, StoredValue)]] = [:]
+    var spilled: [TaskSpec] = []
+    var callbacks: [(@Sendable (StoredValue) -> Void, StoredValue)] = []
+    var spawnWorkers = 0
+}
+
+/// One node: its local scheduler, worker pool, object store and the actors it hosts.
+///
+/// It talks to other nodes, the global scheduler and the control store only through its
+/// ``Transport``. Objects owned by this node (created by tasks, calls or puts submitted here)
+/// are kept here: results computed elsewhere are pushed back to their owner, and any node
+/// fetches an object from its owner, whose ID it carries.
+///
+/// Scheduling is bottom-up: a submitted task waits here until its inputs exist, then runs
+/// here if this node can run it and its queue is short; otherwise it goes to the global
+/// scheduler. A worker blocked in `get` gives its slot back (a replacement thread starts if
+/// work is waiting) so nested tasks never deadlock the pool.
+final class Node: @unchecked Sendable {
+    let id: NodeID
+    let configuration: NodeConfiguration
+    let transport: any Transport
+    let mint: IDMint
+    let workersTarget: Int
+    private let releaseObject: @Sendable (ObjectID) -> Void
+
+    // Everything below is guarded by `condition`.
+    private let condition = NSCondition()
+    private var store: [ObjectID: StoredValue] = [:]
+    private var storeBytes = 0
+    private var evictable = Deque<ObjectID>()
+    private var pinned: Set<ObjectID> = []
+    private var lineage: [ObjectID: TaskSpec] = [:]
+    private var inFlight: Set<ObjectID> = []
+    private var waiters: [ObjectID: [@Sendable (StoredValue) -> Void]] = [:]
+    private var blockedTasks: [ObjectID: [ObjectID]] = [:]
+    private var pending: [ObjectID: (spec: TaskSpec, missing: Int, placed: Bool)] = [:]
+    private var ready = Deque<Work>()
+    private var threads = 0
+    private var idle = 0
+    private var blocked = 0
+    private var actors: [ActorID: ActorInstance] = [:]
+    private var actorLocations: [ActorID: NodeID] = [:]
+    private var actorQueue: [ActorID: [ActorCall]] = [:]
+    /// Calls routed to actors on other nodes, in routing order; sent by `flushActorCalls`.
+    private var actorOutbox: [NodeID: [ActorCall]] = [:]
+    /// Held while taking and sending `actorOutbox`, so that calls leave in the order they were routed.
+    private let actorSendLock = NSLock()
+    private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
+    private var fetching: Set<ObjectID> = []
+    private var fetchRequests: [ObjectID: [NodeID]] = [:]
+    private var copies: [ObjectID: Set<NodeID>] = [:]
+    private var freedEarly: Set<ObjectID> = []
+    private var nodeTable: [NodeRecord] = []
+    private var controlBacklog: [ControlRequest] = []
+    private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
+    private var taskBacklog: [TaskRecord] = []
+    private var stopped = false
+
+    init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, release: @escaping @Sendable (ObjectID) -> Void) {
+        self.id = id
+        self.configuration = configuration
+        self.transport = transport
+        self.mint = IDMint(node: id)
+        self.workersTarget = max(1, Int(configuration.resources.cpus.rounded(.down)))
+        self.releaseObject = release
+        transport.register(.node(id)) { [self] batch in handle(batch) }
+        transport.send(.control(.registerNode(NodeRecord(id: id, resources: configuration.resources, functions: configuration.functions,
+                                                         queued: 0, alive: true))), to: .controlStore)
+        transport.send(.control(.subscribeNodes(.node(id))), to: .controlStore)
+        condition.lock()
+        var out = Outgoing()
+        for _ in 0..<workersTarget { out.spawnWorkers += 1 }
+        threads += workersTarget
+        condition.unlock()
+        flush(&out)
+    }
+
+    /// Stops the workers; work not yet finished is abandoned.
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.broadcast()
+        let all = waiters
+        waiters = [:]
+        condition.unlock()
+        let failure = StoredValue.failed(RemoteError(kind: .cancelled, task: ObjectID(raw: 0), function: "", node: id, message: "the cluster was shut down"))
+        for (_, callbacks) in all { callbacks.forEach { $0(failure) } }
+    }
+
+    var knowsNodes: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return !nodeTable.isEmpty
+    }
+
+    var nodeCount: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return nodeTable.count
+    }
+
+    // MARK: submission
+
+    func accepts(_ function: String) -> Bool {
+        configuration.functions?.contains(function) ?? true
+    }
+
+    func newRef<T>(_ id: ObjectID) -> ObjectRef<T> {
+        ObjectRef(id: id, token: RefToken(id: id, release: releaseObject))
+    }
+
+    /// Submits a task owned by this node.
+    func submit<R: RemoteValue>(function: String, args: [TaskArg], resources: Resources) throws -> ObjectRef<R> {
+        guard let f = FunctionRegistry.process.function(function) else {
+            throw CairnError(.unknownFunction, "no function is registered as \"\(function)\"; create its RemoteFunction before submitting")
+        }
+        guard f.arity == args.count else {
+            throw CairnError(.invalidArgument, "\"\(function)\" takes \(f.arity) arguments, got \(args.count)")
+        }
+        let taskID = mint.object()
+        let spec = TaskSpec(id: taskID, function: function, args: args, resources: resources)
+        var out = Outgoing()
+        condition.lock()
+        guard !stopped else {
+            condition.unlock()
+            throw CairnError(.shutDown, "the cluster was shut down")
+        }
+        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: 0, functions: $0.functions, alive: $0.alive) }
+        guard SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) else {
+            condition.unlock()
+            if !SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads) {
+                throw CairnError(.infeasible, "no node offers \(resources); nodes offer \(nodeTable.map { "\($0.id): \($0.resources)" }.joined(separator: "; "))")
+            }
+            throw CairnError(.unknownFunction, "no node accepts function \"\(function)\" with \(resources)")
+        }
+        lineage[taskID] = spec
+        taskBacklog.append(TaskRecord(id: taskID, function: function, argRefs: args.compactMap { if case .ref(let r, _) = $0 { return r } else { return nil } }))
+        acceptLocked(spec, placed: false, &out)
+        condition.unlock()
+        flush(&out)
+        return newRef(taskID)
+    }
+
+    /// Records that a result for `oid` will arrive from elsewhere (for work handed out directly).
+    func expectResult(_ oid: ObjectID) {
+        condition.lock()
+        inFlight.insert(oid)
+        condition.unlock()
+    }
+
+    /// Stores a value owned by this node; it is never evicted (there is no lineage to rebuild it).
+    func put<T: RemoteValue>(_ value: T) -> ObjectRef<T> {
+        let oid = mint.object()
+        var out = Outgoing()
+        condition.lock()
+        pinned.insert(oid)
+        storeLocked(oid, .boxed(value), &out)
+        condition.unlock()
+        flush(&out)
+        return newRef(oid)
+    }
+
+    /// Cancels a task that has not started. Returns whether it was cancelled.
+    func cancel(_ task: ObjectID) -> Bool {
+        var out = Outgoing()
+        condition.lock()
+        var done = false
+        let error = RemoteError(kind: .cancelled, task: task, function: lineage[task]?.function ?? "", node: id, message: "cancelled before it ran")
+        if let entry = pending.removeValue(forKey: task) {
+            for case .ref(let dep, _) in entry.spec.args { blockedTasks[dep]?.removeAll { $0 == task } }
+            completeLocked(task, .failed(error), &out)
+            done = true
+        } else if let index = ready.firstIndex(where: { if case .task(let s) = $0 { return s.id == task } else { return false } }) {
+            ready.remove(at: index)
+            completeLocked(task, .failed(error), &out)
+            done = true
+        }
+        condition.unlock()
+        flush(&out)
+        return done
+    }
+
+    /// Takes a task in: waits for its inputs, then runs it here or hands it up.
+    private func acceptLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
+        inFlight.insert(spec.id)
+        var missing = 0
+        for case .ref(let dep, _) in spec.args where store[dep] == nil {
+            missing += 1
+            blockedTasks[dep, default: []].append(spec.id)
+            requestLocked(dep, &out)
+        }
+        if missing == 0 {
+            dispatchLocked(spec, placed: placed, &out)
+        } else {
+            pending[spec.id] = (spec, missing, placed)
+        }
+    }
+
+    /// Inputs exist: resolve them, then run here or spill.
+    private func dispatchLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
+        var spec = spec
+        for (i, arg) in spec.args.enumerated() {
+            guard case .ref(let dep, _) = arg, let value = store[dep] else { continue }
+            if case .failed(let upstream) = value {
+                let error = RemoteError(kind: .upstreamFailed, task: spec.id, function: spec.function, node: id,
+                                        message: upstream.root.message, cause: upstream)
+                completeLocked(spec.id, .failed(error), &out)
+                return
+            }
+            spec.args[i] = .value(value)
+        }
+        let runnable = accepts(spec.function) && configuration.resources.satisfies(spec.resources)
+        if placed || (runnable && SchedulingPolicy.runsLocally(queued: ready.count, workers: workersTarget, spillThreshold: configuration.spillThreshold)) {
+            enqueueLocked(.task(spec), &out)
+        } else {
+            out.spilled.append(spec)
+        }
+    }
+
+    private func enqueueLocked(_ work: Work, _ out: inout Outgoing) {
+        ready.append(work)
+        if idle > 0 {
+            condition.signal()
+        } else if threads - blocked < workersTarget {
+            threads += 1
+            out.spawnWorkers += 1
+        }
+    }
+
+    /// Makes sure a missing object will arrive: fetch it from its owner, or rebuild it here.
+    private func requestLocked(_ oid: ObjectID, _ out: inout Outgoing) {
+        if oid.owner != id {
+            if fetching.insert(oid).inserted {
+                out.messages.append((.fetch([oid], replyTo: id), .node(oid.owner)))
+            }
+        } else if !inFlight.contains(oid), let spec = lineage[oid] {
+            // Evicted (or lost): run the task that made it again.
+            acceptLocked(spec, placed: false, &out)
+        } else if !inFlight.contains(oid) && !pinned.contains(oid) && lineage[oid] == nil {
+            let error = RemoteError(kind: .threw, task: oid, function: "", node: id, message: "object \(oid) no longer exists and has no lineage to rebuild it")
+            out.callbacks += (waiters.removeValue(forKey: oid) ?? []).map { ($0, .failed(error)) }
+        }
+    }
+
+    // MARK: objects
+
+    /// A task finished (here): keep the value if it is ours, else send it to its owner.
+    private func completeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
+        if oid.owner == id {
+            storeLocked(oid, value, &out)
+        } else {
+            out.objects[oid.owner, default: []].append((oid, value))
+        }
+    }
+
+    private func storeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
+        inFlight.remove(oid)
+        fetching.remove(oid)
+        if freedEarly.remove(oid) != nil {
+            lineage.removeValue(forKey: oid)
+            return
+        }
+        if store.updateValue(value, forKey: oid) == nil {
+            storeBytes += value.size
+            if !pinned.contains(oid) { evictable.append(oid) }
+        }
+        if oid.owner == id { locationBacklog.append((oid, id, value.size)) }
+        if let callbacks = waiters.removeValue(forKey: oid) {
+            for c in callbacks { out.callbacks.append((c, value)) }
+        }
+        if let tasks = blockedTasks.removeValue(forKey: oid) {
+            for t in tasks {
+                guard var entry = pending[t] else { continue }
+                entry.missing -= 1
+                if entry.missing == 0 {
+                    pending.removeValue(forKey: t)
+                    dispatchLocked(entry.spec, placed: entry.placed, &out)
+                } else {
+                    pending[t] = entry
+                }
+            }
+        }
+        if let requesters = fetchRequests.removeValue(forKey: oid) {
+            for r in requesters {
+                out.objects[r, default: []].append((oid, value))
+                copies[oid, default: []].insert(r)
+            }
+        }
+        evictLocked()
+    }
+
+    /// Drops least-recently-stored objects over the limit: copies (fetchable from their owner)
+    /// and owned results with lineage (rebuilt on demand). Never a `put`.
+    private func evictLocked() {
+        var scanned = 0
+        while storeBytes > configuration.storeLimitBytes, scanned < evictable.count, let oid = evictable.popFirst() {
+            scanned += 1
+            guard let value = store[oid] else { continue }
+            if oid.owner == id && lineage[oid] == nil {
+                evictable.append(oid)
+                continue
+            }
+            store.removeValue(forKey: oid)
+            storeBytes -= value.size
+        }
+    }
+
+    /// The value of `oid`, waiting for it if needed. Blocks the calling thread.
+    func blockingGet(_ oid: ObjectID, timeout: Duration?) throws -> StoredValue {
+        var out = Outgoing()
+        condition.lock()
+        if let v = store[oid] {
+            condition.unlock()
+            return v
+        }
+        let done = DispatchSemaphore(value: 0)
+        let slot = ValueSlot()
+        waiters[oid, default: []].append { value in
+            slot.value = value
+            done.signal()
+        }
+        requestLocked(oid, &out)
+        let isWorker = WorkerContext.current?.node === self
+        if isWorker {
+            blocked += 1
+            if !ready.isEmpty && idle == 0 && threads - blocked < workersTarget {
+                threads += 1
+                out.spawnWorkers += 1
+            }
+        }
+        condition.unlock()
+        flush(&out)
+        let result: DispatchTimeoutResult
+        if let timeout {
+            let c = timeout.components
+            let nanos = Int(c.seconds) * 1_000_000_000 + Int(c.attoseconds / 1_000_000_000)
+            result = done.wait(timeout: .now() + .nanoseconds(nanos))
+        } else {
+            done.wait()
+            result = .success
+        }
+        if isWorker {
+            condition.lock()
+            blocked -= 1
+            condition.unlock()
+        }
+        guard result == .success, let value = slot.value else {
+            throw CairnError(.timeout, "\(oid) was not ready within \(timeout.map { "\($0)" } ?? "the wait")")
+        }
+        return value
+    }
+
+    /// Calls `callback` with each value as it becomes available (at once for those present).
+    func whenAvailable(_ oids: [ObjectID], _ callback: @escaping @Sendable (Int, StoredValue) -> Void) {
+        var out = Outgoing()
+        var now: [(Int, StoredValue)] = []
+        condition.lock()
+        for (i, oid) in oids.enumerated() {
+            if let v = store[oid] {
+                now.append((i, v))
+            } else {
+                waiters[oid, default: []].append { callback(i, $0) }
+                requestLocked(oid, &out)
+            }
+        }
+        condition.unlock()
+        flush(&out)
+        for (i, v) in now { callback(i, v) }
+    }
+
+    func localValue(_ oid: ObjectID) -> StoredValue? {
+        condition.lock()
+        defer { condition.unlock() }
+        return store[oid]
+    }
+
+    /// Objects and bytes held, for tests and status.
+    var storeStatus: (objects: Int, bytes: Int) {
+        condition.lock()
+        defer { condition.unlock() }
+        return (store.count, storeBytes)
+    }
+
+    // MARK: actors
+
+    /// Creates an actor on a node chosen by the policy; `done` gets the node or the failure.
+    func spawnActor(typeName: String, state: StoredValue, resources: Resources, done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
+        let aid = mint.actor()
+        condition.lock()
+        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
+        var random = SeededGenerator(seed: aid.raw)
+        guard let target = SchedulingPolicy.place(.init(resources: resources, function: typeName), nodes: loads, random: &random) else {
+            condition.unlock()
+            let anyNode = SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads)
+            done(.failure(CairnError(anyNode ? .unknownFunction : .infeasible,
+                                     anyNode ? "no node accepts actor type \"\(typeName)\"" : "no node offers \(resources) for actor \(typeName)")))
+            return
+        }
+        spawnWaiters[aid] = { result in done(result.map { (aid, $0) }) }
+        condition.unlock()
+        do {
+            transport.send(.createActor(ActorSpawn(id: aid, typeName: typeName, state: try state.portable(), replyTo: id)), to: .node(target))
+        } catch {
+            condition.lock()
+            spawnWaiters.removeValue(forKey: aid)
+            condition.unlock()
+            done(.failure(error as? CairnError ?? CairnError(.serialization, "\(error)")))
+        }
+    }
+
+    /// Sends a message to an actor wherever it lives; calls from one thread keep their order.
+    func sendToActor<R: RemoteValue>(_ actor: ActorID, typeName: String, message: StoredValue) throws -> ObjectRef<R> {
+        let rid = mint.object()
+        condition.lock()
+        let local = actors[actor] != nil
+        condition.unlock()
+        // A call that may leave the node is encoded before it is routed.
+        let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: local ? message : try message.portable())
+        var out = Outgoing()
+        condition.lock()
+        inFlight.insert(rid)
+        routeLocked(call, &out)
+        condition.unlock()
+        flush(&out)
+        return newRef(rid)
+    }
+
+    private func routeLocked(_ call: ActorCall, _ out: inout Outgoing) {
+        if let instance = actors[call.actor] {
+            deliverLocked(call, to: instance, &out)
+        } else if let location = actorLocations[call.actor] {
+            actorOutbox[location, default: []].append(call)
+        } else {
+            if actorQueue[call.actor] == nil {
+                out.messages.append((.control(.lookupActor(call.actor, replyTo: .node(id))), .controlStore))
+            }
+            actorQueue[call.actor, default: []].append(call)
+        }
+    }
+
+    /// Sends routed actor calls. Taking and sending happen under one lock, so two threads
+    /// flushing at once cannot reorder calls to the same actor.
+    private func flushActorCalls() {
+        actorSendLock.lock()
+        defer { actorSendLock.unlock() }
+        condition.lock()
+        let pending = actorOutbox
+        actorOutbox = [:]
+        condition.unlock()
+        for (node, calls) in pending { transport.send(.actorCalls(calls), to: .node(node)) }
+    }
+
+    private func deliverLocked(_ call: ActorCall, to instance: ActorInstance, _ out: inout Outgoing) {
+        let schedule = instance.mailbox.withLock { box -> Bool in
+            box.calls.append(call)
+            if box.scheduled { return false }
+            box.scheduled = true
+            return true
+        }
+        if schedule { enqueueLocked(.actor(instance), &out) }
+    }
+
+    // MARK: messages
+
+    private func handle(_ batch: [Message]) {
+        var out = Outgoing()
+        var created: [(@Sendable (Result<NodeID, CairnError>) -> Void, Result<NodeID, CairnError>)] = []
+        condition.lock()
+        for message in batch {
+            switch message {
+            case .runTasks(let specs):
+                for spec in specs {
+                    if !accepts(spec.function) || FunctionRegistry.process.function(spec.function) == nil {
+                        let error = RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
+                                                message: "\(id) has no function \"\(spec.function)\" registered")
+                        completeLocked(spec.id, .failed(error), &out)
+                    } else {
+                        acceptLocked(spec, placed: true, &out)
+                    }
+                }
+            case .objects(let objects):
+                for (oid, value) in objects { storeLocked(oid, value, &out) }
+            case .fetch(let oids, let replyTo):
+                for oid in oids {
+                    if let value = store[oid] {
+                        out.objects[replyTo, default: []].append((oid, value))
+                        copies[oid, default: []].insert(replyTo)
+                    } else {
+                        fetchRequests[oid, default: []].append(replyTo)
+                        requestLocked(oid, &out)
+                    }
+                }
+            case .free(let oids):
+                for oid in oids {
+                    lineage.removeValue(forKey: oid)
+                    pinned.remove(oid)
+                    if let value = store.removeValue(forKey: oid) {
+                        storeBytes -= value.size
+                    } else if inFlight.contains(oid) {
+                        freedEarly.insert(oid)
+                    }
+                    if let holders = copies.removeValue(forKey: oid) {
+                        for h in holders { out.messages.append((.free([oid]), .node(h))) }
+                    }
+                }
+            case .createActor(let spawn):
+                var failure: String?
+                if !accepts(spawn.typeName) {
+                    failure = "\(id) does not accept actor type \"\(spawn.typeName)\""
+                } else if let type = FunctionRegistry.process.actorType(spawn.typeName) {
+                    do {
+                        actors[spawn.id] = ActorInstance(id: spawn.id, typeName: spawn.typeName, box: try type.make(spawn.state))
+                        out.messages.append((.control(.registerActor(ActorRecord(id: spawn.id, typeName: spawn.typeName, node: id))), .controlStore))
+                    } catch {
+                        failure = "cannot decode the initial state of \(spawn.typeName): \(error)"
+                    }
+                } else {
+                    failure = "actor type \"\(spawn.typeName)\" is not registered on \(id)"
+                }
+                out.messages.append((.actorCreated(spawn.id, on: id, failure: failure), .node(spawn.replyTo)))
+            case .actorCreated(let aid, let node, let failure):
+                if failure == nil { actorLocations[aid] = node }
+                if let waiter = spawnWaiters.removeValue(forKey: aid) {
+                    created.append((waiter, failure.map { .failure(CairnError(.actorUnavailable, $0)) } ?? .success(node)))
+                }
+            case .actorCalls(let calls):
+                for call in calls {
+                    if let instance = actors[call.actor] {
+                        deliverLocked(call, to: instance, &out)
+                    } else {
+                        let error = RemoteError(kind: .actorUnavailable, task: call.result, function: "\(call.typeName).receive", node: id,
+                                                message: "\(call.actor) is not hosted on \(id)")
+                        completeLocked(call.result, .failed(error), &out)
+                    }
+                }
+            case .actorLocation(let aid, let node):
+                let queued = actorQueue.removeValue(forKey: aid) ?? []
+                if let node {
+                    actorLocations[aid] = node
+                    for call in queued { routeLocked(call, &out) }
+                } else {
+                    for call in queued {
+                        let error = RemoteError(kind: .actorUnavailable, task: call.result, function: "\(call.typeName).receive", node: id,
+                                                message: "no actor \(aid) exists in the cluster")
+                        completeLocked(call.result, .failed(error), &out)
+                    }
+                }
+            case .nodeTable(let table):
+                nodeTable = table
+            case .schedule, .control:
+                break
+            }
+        }
+        condition.unlock()
+        flush(&out)
+        for (waiter, result) in created { waiter(result) }
+    }
+
+    /// Sends what the locked section gathered: encodes values leaving the node (outside the lock).
+    private func flush(_ out: inout Outgoing) {
+        for _ in 0..<out.spawnWorkers {
+            let thread = Thread { [self] in workerLoop() }
+            thread.name = "cairn-\(id)-worker"
+            thread.stackSize = 4 << 20
+            thread.start()
+        }
+        for (message, endpoint) in out.messages { transport.send(message, to: endpoint) }
+        for (node, objects) in out.objects {
+            let portable = objects.map { (oid, value) in (oid, (try? value.portable()) ?? .failed(RemoteError(kind: .serialization, task: oid, function: "", node: id, message: "the result could not be encoded to send to its owner"))) }
+            transport.send(.objects(portable), to: .node(node))
+        }
+        if !out.spilled.isEmpty {
+            var specs: [TaskSpec] = []
+            for spec in out.spilled {
+                do {
+                    specs.append(try spec.portable())
+                } catch {
+                    let e = RemoteError(kind: .serialization, task: spec.id, function: spec.function, node: id, message: "\(error)")
+                    transport.send(.objects([(spec.id, .failed(e))]), to: .node(spec.owner))
+                }
+            }
+            transport.send(.schedule(specs), to: .scheduler)
+        }
+        flushActorCalls()
+        for (callback, value) in out.callbacks { callback(value) }
+        out = Outgoing()
+    }
+
+    /// Reports load and backlogged control-store records; called by the cluster's housekeeping.
+    func housekeeping() {
+        condition.lock()
+        let queued = ready.count + pending.count
+        let locations = locationBacklog
+        let tasks = taskBacklog
+        locationBacklog = []
+        taskBacklog = []
+        condition.unlock()
+        transport.send(.control(.reportLoad(id, queued: queued)), to: .controlStore)
+        if !locations.isEmpty { transport.send(.control(.objectLocations(locations)), to: .controlStore) }
+        if !tasks.isEmpty { transport.send(.control(.recordTasks(tasks)), to: .controlStore) }
+    }
+
+    // MARK: workers
+
+    private func workerLoop() {
+        WorkerContext.enter(WorkerContext(node: self))
+        var results: [(ObjectID, StoredValue)] = []
+        var out = Outgoing()
+        condition.lock()
+        while true {
+            // One locked section per task: hand in the last result, take the next work.
+            for (oid, value) in results { completeLocked(oid, value, &out) }
+            results.removeAll(keepingCapacity: true)
+            if stopped || threads - blocked > workersTarget {
+                threads -= 1
+                condition.unlock()
+                flush(&out)
+                return
+            }
+            guard let work = ready.popFirst() else {
+                condition.unlock()
+                flush(&out)
+                condition.lock()
+                if ready.isEmpty && !stopped {
+                    idle += 1
+                    condition.wait()
+                    idle -= 1
+                }
+                continue
+            }
+            condition.unlock()
+            flush(&out)
+            switch work {
+            case .task(let spec): results.append((spec.id, run(spec)))
+            case .actor(let instance): runActor(instance, into: &results)
+            }
+            condition.lock()
+        }
+    }
+
+    private func deliver(_ results: inout [(ObjectID, StoredValue)]) {
+        guard !results.isEmpty else { return }
+        var out = Outgoing()
+        condition.lock()
+        for (oid, value) in results { completeLocked(oid, value, &out) }
+        condition.unlock()
+        results.removeAll(keepingCapacity: true)
+        flush(&out)
+    }
+
+    private func run(_ spec: TaskSpec) -> StoredValue {
+        guard let f = FunctionRegistry.process.function(spec.function), let args = spec.values else {
+            return .failed(RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
+                                       message: "\(id) has no function \"\(spec.function)\" registered"))
+        }
+        do {
+            return .boxed(try f.invoke(args))
+        } catch let error as RemoteError {
+            return .failed(RemoteError(kind: .upstreamFailed, task: spec.id, function: spec.function, node: id, message: error.root.message, cause: error))
+        } catch {
+            return .failed(RemoteError(kind: .threw, task: spec.id, function: spec.function, node: id, message: "\(error)"))
+        }
+    }
+
+    private func runActor(_ instance: ActorInstance, into results: inout [(ObjectID, StoredValue)]) {
+        let calls = instance.mailbox.withLock { box -> [ActorCall] in
+            let taken = Array(box.calls.prefix(256))
+            box.calls.removeFirst(taken.count)
+            return taken
+        }
+        for call in calls {
+            let value: StoredValue
+            do {
+                value = .boxed(try instance.box.handle(call.message))
+            } catch let error as RemoteError {
+                value = .failed(RemoteError(kind: .upstreamFailed, task: call.result, function: "\(instance.typeName).receive", node: id, message: error.root.message, cause: error))
+            } catch {
+                value = .failed(RemoteError(kind: .threw, task: call.result, function: "\(instance.typeName).receive", node: id, message: "\(error)"))
+            }
+            results.append((call.result, value))
+        }
+        let more = instance.mailbox.withLock { box -> Bool in
+            if box.calls.isEmpty {
+                box.scheduled = false
+                return false
+            }
+            return true
+        }
+        if more {
+            var out = Outgoing()
+            condition.lock()
+            enqueueLocked(.actor(instance), &out)
+            condition.unlock()
+            flush(&out)
+        }
+    }
+}
+
+/// Carries a value from the thread that produces it to the one blocked on a semaphore.
+final class ValueSlot: @unchecked Sendable {
+    var value: StoredValue?
+}
+
+/// Marks a thread as one of a node's workers, so that blocking calls give the slot back and
+/// tasks submitted from a task are owned by the node running it.
+final class WorkerContext: Sendable {
+    let node: Node
+    init(node: Node) { self.node = node }
+
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { pointer in
+            if let pointer { Unmanaged<WorkerContext>.fromOpaque(pointer).release() }
+        }
+        return key
+    }()
+
+    static func enter(_ context: WorkerContext) {
+        pthread_setspecific(key, Unmanaged.passRetained(context).toOpaque())
+    }
+
+    static var current: WorkerContext? {
+        guard let p = pthread_getspecific(key) else { return nil }
+        return Unmanaged<WorkerContext>.fromOpaque(p).takeUnretainedValue()
+    }
+}

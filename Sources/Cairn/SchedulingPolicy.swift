@@ -1,0 +1,70 @@
+/// Where work should run: the decisions of bottom-up scheduling, as pure functions.
+///
+/// A node first asks ``runsLocally(queued:workers:spillThreshold:)``; if not, the global
+/// scheduler calls ``place(_:nodes:inputBytes:random:)``. Neither touches a clock, a socket
+/// or a global random source, so they are tested directly and replayed in simulation.
+public enum SchedulingPolicy {
+    /// What the policy knows about a node.
+    public struct NodeLoad: Sendable, Equatable {
+        public var id: NodeID
+        public var resources: Resources
+        /// Tasks queued or running there.
+        public var queued: Int
+        /// Functions it may run; nil means all.
+        public var functions: Set<String>?
+        public var alive: Bool
+
+        public init(id: NodeID, resources: Resources, queued: Int, functions: Set<String>? = nil, alive: Bool = true) {
+            self.id = id
+            self.resources = resources
+            self.queued = queued
+            self.functions = functions
+            self.alive = alive
+        }
+
+        func canRun(_ need: Resources, _ function: String?) -> Bool {
+            alive && resources.satisfies(need) && (function == nil || functions == nil || functions!.contains(function!))
+        }
+    }
+
+    /// What is being placed.
+    public struct Work: Sendable {
+        public var resources: Resources
+        public var function: String?
+        public init(resources: Resources, function: String?) {
+            self.resources = resources
+            self.function = function
+        }
+    }
+
+    /// A node runs a task itself while its queue is shorter than `spillThreshold` per worker.
+    public static func runsLocally(queued: Int, workers: Int, spillThreshold: Int) -> Bool {
+        queued < max(1, workers) * spillThreshold
+    }
+
+    /// Whether any node could ever run `work`.
+    public static func feasible(_ work: Work, nodes: [NodeLoad]) -> Bool {
+        nodes.contains { $0.canRun(work.resources, work.function) }
+    }
+
+    /// Picks the node with the shortest estimated wait (queued tasks per CPU), discounted by
+    /// the bytes of the task's inputs already there (`bytesPerQueuedTask` bytes of local input
+    /// are worth one queued task), breaking ties at random. Nil if no live node can run it.
+    public static func place<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
+                                                       bytesPerQueuedTask: Double = 65_536, random: inout R) -> NodeID? {
+        var best: [NodeID] = []
+        var bestScore = Double.infinity
+        for node in nodes where node.canRun(work.resources, work.function) {
+            let wait = Double(node.queued) / max(node.resources.cpus, 1)
+            let score = wait - Double(inputBytes[node.id] ?? 0) / bytesPerQueuedTask
+            if score < bestScore - 1e-9 {
+                bestScore = score
+                best = [node.id]
+            } else if abs(score - bestScore) <= 1e-9 {
+                best.append(node.id)
+            }
+        }
+        guard !best.isEmpty else { return nil }
+        return best[Int(random.next() % UInt64(best.count))]
+    }
+}

@@ -1,0 +1,193 @@
+import Foundation
+
+/// Where a message goes: a node, the global scheduler, or the control store.
+enum Endpoint: Hashable, Sendable, CustomStringConvertible {
+    case node(NodeID)
+    case scheduler
+    case controlStore
+
+    var description: String {
+        switch self {
+        case .node(let n): return n.description
+        case .scheduler: return "scheduler"
+        case .controlStore: return "control-store"
+        }
+    }
+}
+
+/// A task as it travels: what to run, on what, for whom.
+struct TaskSpec: Sendable {
+    /// The task's result ID (and so the task's ID).
+    let id: ObjectID
+    let function: String
+    /// Arguments; references are replaced by values before the task runs.
+    var args: [TaskArg]
+    let resources: Resources
+    /// The node that submitted the task and receives its result.
+    var owner: NodeID { id.owner }
+
+    /// Arguments as values, for the worker; nil if a reference is still unresolved.
+    var values: [StoredValue]? {
+        var out: [StoredValue] = []
+        out.reserveCapacity(args.count)
+        for a in args {
+            guard case .value(let v) = a else { return nil }
+            out.append(v)
+        }
+        return out
+    }
+
+    /// A copy that may cross to another node: values encoded, no process-local tokens.
+    func portable() throws -> TaskSpec {
+        var copy = self
+        copy.args = try args.map { arg in
+            switch arg {
+            case .value(let v): return .value(try v.portable())
+            case .ref(let id, _): return .ref(id, nil)
+            }
+        }
+        return copy
+    }
+}
+
+/// A request to create an actor on a node.
+struct ActorSpawn: Sendable {
+    let id: ActorID
+    let typeName: String
+    let state: StoredValue
+    let replyTo: NodeID
+}
+
+/// The requests the control store answers (the GCS tables of DESIGN.md).
+enum ControlRequest: Sendable {
+    case registerNode(NodeRecord)
+    case reportLoad(NodeID, queued: Int)
+    case objectLocations([(ObjectID, NodeID, size: Int)])
+    case recordTasks([TaskRecord])
+    case registerActor(ActorRecord)
+    case lookupActor(ActorID, replyTo: Endpoint)
+    case subscribeNodes(Endpoint)
+}
+
+/// Everything that crosses between components.
+enum Message: Sendable {
+    /// Tasks placed on the receiving node: run them there.
+    case runTasks([TaskSpec])
+    /// Tasks a node hands to the global scheduler.
+    case schedule([TaskSpec])
+    /// Object values, pushed to their owner or sent in answer to a fetch.
+    case objects([(ObjectID, StoredValue)])
+    /// Please send these objects to `replyTo` once they exist.
+    case fetch([ObjectID], replyTo: NodeID)
+    /// No references to these objects remain.
+    case free([ObjectID])
+    case createActor(ActorSpawn)
+    /// The actor exists (or failed to start, with the reason).
+    case actorCreated(ActorID, on: NodeID, failure: String?)
+    case actorCalls([ActorCall])
+    case actorLocation(ActorID, NodeID?)
+    case control(ControlRequest)
+    case nodeTable([NodeRecord])
+}
+
+/// Carries messages between components.
+///
+/// Contract: messages from one sender to one endpoint arrive in the order sent; a handler
+/// receives messages in batches on the endpoint's own thread. The embedded cluster uses
+/// ``InMemoryTransport``; a TCP transport implements the same contract between processes.
+protocol Transport: Sendable {
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void)
+    func send(_ message: Message, to endpoint: Endpoint)
+    func shutdown()
+}
+
+/// Messages between components of one process: one inbox thread per endpoint.
+///
+/// Values never cross as shared Swift references: every value in a message is encoded
+/// bytes (checked on send), exactly as it would be on a wire.
+final class InMemoryTransport: Transport, @unchecked Sendable {
+    private let lock = NSLock()
+    private var inboxes: [Endpoint: Inbox] = [:]
+
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
+        let inbox = Inbox(name: endpoint.description, handler: handler)
+        lock.lock()
+        inboxes[endpoint] = inbox
+        lock.unlock()
+    }
+
+    func send(_ message: Message, to endpoint: Endpoint) {
+        Self.checkPortable(message)
+        lock.lock()
+        let inbox = inboxes[endpoint]
+        lock.unlock()
+        inbox?.post(message)
+    }
+
+    func shutdown() {
+        lock.lock()
+        let all = Array(inboxes.values)
+        inboxes = [:]
+        lock.unlock()
+        all.forEach { $0.stop() }
+    }
+
+    static func checkPortable(_ message: Message) {
+        func check(_ v: StoredValue) {
+            if case .boxed(let b) = v { preconditionFailure("a \(type(of: b)) would cross between components as a shared reference; encode it first") }
+        }
+        switch message {
+        case .runTasks(let specs), .schedule(let specs):
+            for s in specs { for a in s.args { if case .value(let v) = a { check(v) } } }
+        case .objects(let objects): objects.forEach { check($0.1) }
+        case .actorCalls(let calls): calls.forEach { check($0.message) }
+        case .createActor(let spawn): check(spawn.state)
+        default: break
+        }
+    }
+}
+
+/// A batched queue drained by one thread.
+final class Inbox: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var pending: [Message] = []
+    private var stopped = false
+    private let handler: @Sendable ([Message]) -> Void
+
+    init(name: String, handler: @escaping @Sendable ([Message]) -> Void) {
+        self.handler = handler
+        let thread = Thread { [self] in run() }
+        thread.name = "cairn-inbox-\(name)"
+        thread.start()
+    }
+
+    func post(_ message: Message) {
+        condition.lock()
+        pending.append(message)
+        if pending.count == 1 { condition.signal() }
+        condition.unlock()
+    }
+
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.signal()
+        condition.unlock()
+    }
+
+    private func run() {
+        var batch: [Message] = []
+        while true {
+            condition.lock()
+            while pending.isEmpty && !stopped { condition.wait() }
+            if stopped {
+                condition.unlock()
+                return
+            }
+            swap(&batch, &pending)
+            condition.unlock()
+            handler(batch)
+            batch.removeAll(keepingCapacity: true)
+        }
+    }
+}

@@ -1,0 +1,362 @@
+@testable import Cairn
+import CairnCore
+import Foundation
+import Testing
+
+// Functions are registered by name, once per process, as a program would at start-up.
+let double = RemoteFunction<Int, Int>("test.double") { $0 * 2 }
+let whereAmI = RemoteFunction<Int, Int>("test.whereAmI") { _ in
+    usleep(200)
+    return TaskContext.node!.raw
+}
+let add = RemoteFunction2<Int, Int, Int>("test.add") { $0 + $1 }
+let increment = RemoteFunction<Int, Int>("test.increment") { $0 + 1 }
+struct Boom: Error, CustomStringConvertible { var description: String { "boom: the input was 13" } }
+let failOn13 = RemoteFunction<Int, Int>("test.failOn13") { x in
+    if x == 13 { throw Boom() }
+    return x
+}
+let sleepy = RemoteFunction<Int, Int>("test.sleepy") { ms in
+    usleep(UInt32(ms) * 1000)
+    return ms
+}
+/// Recursion through the cluster: depth d submits depth d-1 and blocks on it.
+let nested = RemoteFunction<Int, Int>("test.nested") { depth in
+    depth == 0 ? 0 : try nested.remote(depth - 1).get() + 1
+}
+let needsGPU = RemoteFunction<Int, Int>("test.needsGPU", resources: Resources(cpus: 1, custom: ["gpu": 1])) { $0 }
+let onlyOnNode0 = RemoteFunction<Int, Int>("test.onlyOnNode0") { _ in TaskContext.node!.raw }
+/// Gets an object whose reference arrives inside a value, so the task's node must fetch it.
+let unwrap = RemoteFunction<[ObjectRef<Int>], Int>("test.unwrap") { refs in try refs.reduce(0) { $0 + (try $1.get()) } }
+let bigBlob = RemoteFunction<Int, [UInt8]>("test.bigBlob") { n in [UInt8](repeating: UInt8(n & 0xFF), count: 1 << 20) }
+
+struct Recorder: RemoteActor {
+    enum Message: Codable, Sendable { case record(caller: Int, seq: Int), read }
+    var seen: [Int: [Int]] = [:]
+    mutating func receive(_ message: Message) throws -> [Int: [Int]] {
+        if case .record(let caller, let seq) = message { seen[caller, default: []].append(seq) }
+        return seen
+    }
+}
+
+struct Counter: RemoteActor {
+    var total = 0
+    mutating func receive(_ n: Int) throws -> Int {
+        if n < 0 { throw Boom() }
+        total += n
+        return total
+    }
+}
+
+/// A caller that sends its messages from a task, so callers run concurrently on several nodes.
+let sendInOrder = RemoteFunction2<ActorHandle<Recorder>, Int, Int>("test.sendInOrder") { actor, caller in
+    var last: ObjectRef<[Int: [Int]]>?
+    for seq in 0..<200 { last = try actor.send(.record(caller: caller, seq: seq)) }
+    _ = try last!.get()
+    return caller
+}
+
+@Suite("Runtime: tasks, objects, actors on an embedded 4-node cluster", .serialized)
+struct RuntimeTests {
+    func withCluster(_ options: ClusterOptions = .uniform(nodes: 4), _ body: (Cluster) async throws -> Void) async throws {
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        try await body(cluster)
+    }
+
+    @Test("remote returns at once and get returns the value; put makes an object")
+    func basics() async throws {
+        try await withCluster { cluster in
+            let slow = try sleepy.remote(300)
+            let quick = try double.remote(21)
+            #expect(try await cluster.get(quick) == 42)
+            let put = cluster.put([1, 2, 3])
+            #expect(try await cluster.get(put) == [1, 2, 3])
+            #expect(try await cluster.get(try double.remote(cluster.put(5))) == 10)
+            #expect(try await cluster.get(slow) == 300)
+        }
+    }
+
+    @Test("4 nodes in one process: a burst of tasks spills past the driver's node and runs on all four")
+    func spreadsAcrossNodes() async throws {
+        var options = ClusterOptions.uniform(nodes: 4)
+        for i in options.nodes.indices { options.nodes[i].spillThreshold = 2 }
+        try await withCluster(options) { cluster in
+            let refs = try (0..<400).map { try whereAmI.remote($0) }
+            let nodes = Set(try await cluster.get(refs))
+            #expect(nodes == [0, 1, 2, 3])
+        }
+    }
+
+    @Test("data edges: a chain of 1,000 dependent tasks and a pairwise fan-in of 1,024 leaves")
+    func dataEdges() async throws {
+        try await withCluster { cluster in
+            var ref = cluster.put(0)
+            for _ in 0..<1000 { ref = try increment.remote(ref) }
+            #expect(try await cluster.get(ref) == 1000)
+
+            var level = try (0..<1024).map { try double.remote($0) }
+            while level.count > 1 {
+                level = try stride(from: 0, to: level.count, by: 2).map { try add.remote(level[$0], level[$0 + 1]) }
+            }
+            #expect(try await cluster.get(level[0]) == 2 * (0..<1024).reduce(0, +))
+        }
+    }
+
+    @Test("nested tasks 100 deep on a pool of 2 workers do not deadlock")
+    func nestedDeep() async throws {
+        try await withCluster(ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 2))])) { cluster in
+            let depth = try await cluster.get(try nested.remote(100), timeout: .seconds(60))
+            #expect(depth == 100)
+        }
+    }
+
+    @Test("a reference inside a value is fetched by the node that needs it")
+    func nestedRefsAreFetched() async throws {
+        var options = ClusterOptions.uniform(nodes: 4)
+        for i in options.nodes.indices { options.nodes[i].spillThreshold = 1 }
+        try await withCluster(options) { cluster in
+            let refs = try (1...4).map { try double.remote($0) }
+            let sums = try (0..<40).map { _ in try unwrap.remote(refs) }
+            for s in try await cluster.get(sums) { #expect(s == 20) }
+        }
+    }
+
+    @Test("errors: a thrown error comes back typed with task, function and node; downstream tasks fail with it")
+    func errorPropagation() async throws {
+        try await withCluster { cluster in
+            let bad = try failOn13.remote(13)
+            let chain = try increment.remote(try increment.remote(bad))
+            do {
+                _ = try await cluster.get(chain)
+                Issue.record("expected a RemoteError")
+            } catch let error as RemoteError {
+                #expect(error.kind == .upstreamFailed)
+                #expect(error.function == "test.increment")
+                #expect(error.root.kind == .threw)
+                #expect(error.root.function == "test.failOn13")
+                #expect(error.root.task == bad.id)
+                #expect(error.root.message.contains("boom: the input was 13"))
+                #expect(error.description.contains("test.failOn13"))
+            }
+            #expect(try await cluster.get(try failOn13.remote(12)) == 12)
+        }
+    }
+
+    @Test("wait: returns the first `count` ready in input order, honours the timeout, rejects duplicates and bad counts")
+    func waitSemantics() async throws {
+        try await withCluster { cluster in
+            let fast = try (0..<3).map { try double.remote($0) }
+            let slow = try sleepy.remote(2_000)
+            let refs = [slow] + fast
+            let (ready, notReady) = try await cluster.wait(refs, count: 3, timeout: .seconds(10))
+            #expect(ready.count == 3)
+            #expect(Set(ready) == Set(fast))
+            #expect(notReady == [slow])
+            let (none, all) = try await cluster.wait([slow], count: 1, timeout: .milliseconds(50))
+            #expect(none.isEmpty && all == [slow])
+            await #expect(throws: CairnError.self) { try await cluster.wait([fast[0], fast[0]], count: 1) }
+            await #expect(throws: CairnError.self) { try await cluster.wait(fast, count: 4) }
+            await #expect(throws: CairnError.self) { try await cluster.wait(fast, count: 0) }
+            do {
+                _ = try await cluster.get(slow, timeout: .milliseconds(20))
+                Issue.record("expected a timeout")
+            } catch let e as CairnError {
+                #expect(e.code == .timeout)
+            }
+        }
+    }
+
+    @Test("resources: a task no node can satisfy fails at once; one that a node can is placed there")
+    func resources() async throws {
+        var options = ClusterOptions.uniform(nodes: 4)
+        options.nodes[3].resources.custom["gpu"] = 1
+        options.nodes[0].spillThreshold = 0
+        try await withCluster(options) { cluster in
+            #expect(throws: CairnError.self) { try double.options(resources: Resources(cpus: 64)).remote(1) }
+            do {
+                _ = try double.options(resources: Resources(cpus: 1, custom: ["tpu": 1])).remote(1)
+            } catch let e as CairnError {
+                #expect(e.code == .infeasible)
+                #expect(e.detail.contains("tpu"))
+            }
+            #expect(try await cluster.get(try needsGPU.remote(7)) == 7)
+            _ = cluster
+        }
+    }
+
+    @Test("registry: a node refuses a function it does not have; the scheduler never sends it there")
+    func unknownFunctions() async throws {
+        var options = ClusterOptions.uniform(nodes: 2)
+        options.nodes[1].functions = ["test.double"]
+        options.nodes[0].spillThreshold = 1
+        try await withCluster(options) { cluster in
+            let refs = try (0..<50).map { try onlyOnNode0.remote($0) }
+            for n in try await cluster.get(refs) { #expect(n == 0) }
+            #expect(throws: CairnError.self) { try cluster.nodes[1].submit(function: "test.nonexistent", args: [.value(.boxed(1))], resources: .default) as ObjectRef<Int> }
+            // A node handed a task it lacks refuses it with a typed error rather than running it.
+            let spec = TaskSpec(id: cluster.nodes[0].mint.object(), function: "test.onlyOnNode0", args: [.value(try StoredValue.boxed(1).portable())], resources: .default)
+            cluster.nodes[0].expectResult(spec.id)
+            cluster.transport.send(.runTasks([spec]), to: .node(NodeID(1)))
+            let ref: ObjectRef<Int> = cluster.nodes[0].newRef(spec.id)
+            do {
+                _ = try await cluster.get(ref, timeout: .seconds(10))
+                Issue.record("expected refusal")
+            } catch let e as RemoteError {
+                #expect(e.kind == .unknownFunction)
+                #expect(e.node == NodeID(1))
+            }
+        }
+    }
+
+    @Test("cancel: a queued task is cancelled and its get throws; a finished one is not")
+    func cancellation() async throws {
+        try await withCluster(ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 1))])) { cluster in
+            let blocker = try sleepy.remote(300)
+            let queued = try double.remote(1)
+            #expect(cluster.cancel(queued))
+            do {
+                _ = try await cluster.get(queued)
+                Issue.record("expected cancelled")
+            } catch let e as RemoteError {
+                #expect(e.kind == .cancelled)
+            }
+            #expect(try await cluster.get(blocker) == 300)
+            #expect(!cluster.cancel(blocker))
+            // A task waiting on an input can be cancelled too.
+            let waiting = try increment.remote(try sleepy.remote(200))
+            #expect(cluster.cancel(waiting))
+            await #expect(throws: RemoteError.self) { try await cluster.get(waiting) }
+        }
+    }
+
+    @Test("actors: state persists across calls, a handle works from tasks, a throwing handler fails only its call")
+    func actors() async throws {
+        try await withCluster { cluster in
+            let counter = try await cluster.spawn(Counter())
+            var last: ObjectRef<Int>?
+            for _ in 0..<100 { last = try counter.send(1) }
+            #expect(try await cluster.get(last!) == 100)
+            await #expect(throws: RemoteError.self) { try await cluster.get(try counter.send(-1)) }
+            #expect(try await cluster.get(try counter.send(5)) == 105)
+        }
+    }
+
+    @Test("actors: messages from each of 8 concurrent callers on 4 nodes run in the order each sent them")
+    func perCallerOrdering() async throws {
+        var options = ClusterOptions.uniform(nodes: 4)
+        for i in options.nodes.indices { options.nodes[i].spillThreshold = 1 }
+        try await withCluster(options) { cluster in
+            let recorder = try await cluster.spawn(Recorder())
+            let callers = try (0..<8).map { try sendInOrder.remote(recorder, $0) }
+            _ = try await cluster.get(callers)
+            let seen = try await cluster.get(try recorder.send(.read))
+            #expect(seen.count == 8)
+            for caller in 0..<8 { #expect(seen[caller] == Array(0..<200)) }
+        }
+    }
+
+    @Test("memory: objects are freed when their last reference goes, and a store over its limit evicts and rebuilds")
+    func memory() async throws {
+        var options = ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 1), storeLimitBytes: 8 << 20)])
+        options.housekeepingIntervalMs = 1
+        try await withCluster(options) { cluster in
+            do {
+                let refs = try (0..<1000).map { try double.remote($0) }
+                _ = try await cluster.get(refs)
+                #expect(cluster.storeStatus[0].objects >= 1000)
+            }
+            var freed = false
+            for _ in 0..<500 where !freed {
+                try await Task.sleep(for: .milliseconds(5))
+                freed = cluster.storeStatus[0].objects < 10
+            }
+            #expect(freed, "objects were not freed: \(cluster.storeStatus)")
+
+            // 32 objects of 1 MiB through an 8 MiB store: it stays bounded, and every value is still right.
+            let blobs = try (0..<32).map { try bigBlob.remote($0) }
+            _ = try await cluster.wait(blobs, count: 32, timeout: .seconds(30))
+            #expect(cluster.storeStatus[0].bytes <= 9 << 20)
+            for (i, b) in blobs.enumerated() {
+                let value = try await cluster.get(b, timeout: .seconds(30))
+                #expect(value.count == 1 << 20 && value[0] == UInt8(i))
+            }
+        }
+    }
+
+    @Test("stress: 100,000 tasks on 4 nodes, every result checked")
+    func stress() async throws {
+        try await withCluster { cluster in
+            let refs = try (0..<100_000).map { try double.remote($0) }
+            let values = try await cluster.get(refs, timeout: .seconds(120))
+            #expect(values.count == 100_000)
+            for (i, v) in values.enumerated() where v != 2 * i {
+                Issue.record("task \(i) returned \(v)")
+                break
+            }
+        }
+    }
+
+    @Test("no cluster: remote() says how to start one")
+    func noCluster() throws {
+        do {
+            _ = try double.remote(1)
+            Issue.record("expected an error")
+        } catch let e as CairnError {
+            #expect(e.code == .shutDown)
+            #expect(e.detail.contains("Cluster.local"))
+        }
+    }
+}
+
+@Suite("Scheduling policy (pure)")
+struct SchedulingPolicyTests {
+    let nodes = [
+        SchedulingPolicy.NodeLoad(id: NodeID(0), resources: Resources(cpus: 2), queued: 10),
+        SchedulingPolicy.NodeLoad(id: NodeID(1), resources: Resources(cpus: 2), queued: 2),
+        SchedulingPolicy.NodeLoad(id: NodeID(2), resources: Resources(cpus: 4, custom: ["gpu": 2]), queued: 8),
+        SchedulingPolicy.NodeLoad(id: NodeID(3), resources: Resources(cpus: 1), queued: 0, alive: false),
+    ]
+
+    @Test("place: the shortest estimated wait wins; dead nodes are never chosen")
+    func shortestWait() {
+        var rng = SeededGenerator(seed: 7)
+        #expect(SchedulingPolicy.place(.init(resources: .default, function: nil), nodes: nodes, random: &rng) == NodeID(1))
+    }
+
+    @Test("place: inputs already on a node pull the task there")
+    func locality() {
+        var rng = SeededGenerator(seed: 7)
+        let choice = SchedulingPolicy.place(.init(resources: .default, function: nil), nodes: nodes,
+                                            inputBytes: [NodeID(0): 64 << 20], random: &rng)
+        #expect(choice == NodeID(0))
+    }
+
+    @Test("place: custom resources and function availability restrict the choice; nothing fits gives nil")
+    func constraints() {
+        var rng = SeededGenerator(seed: 7)
+        #expect(SchedulingPolicy.place(.init(resources: Resources(cpus: 1, custom: ["gpu": 1]), function: nil), nodes: nodes, random: &rng) == NodeID(2))
+        #expect(SchedulingPolicy.place(.init(resources: Resources(cpus: 8), function: nil), nodes: nodes, random: &rng) == nil)
+        var limited = nodes
+        limited[1].functions = ["other"]
+        #expect(SchedulingPolicy.place(.init(resources: .default, function: "f"), nodes: limited, random: &rng) != NodeID(1))
+        #expect(!SchedulingPolicy.feasible(.init(resources: Resources(cpus: 1, custom: ["tpu": 1]), function: nil), nodes: nodes))
+    }
+
+    @Test("place: ties are broken by the injected random source, reproducibly per seed")
+    func ties() {
+        let even = (0..<4).map { SchedulingPolicy.NodeLoad(id: NodeID($0), resources: .default, queued: 0) }
+        func picks(_ seed: UInt64) -> [NodeID?] {
+            var rng = SeededGenerator(seed: seed)
+            return (0..<32).map { _ in SchedulingPolicy.place(.init(resources: .default, function: nil), nodes: even, random: &rng) }
+        }
+        #expect(picks(3) == picks(3))
+        #expect(Set(picks(3).compactMap { $0 }).count == 4)
+    }
+
+    @Test("runsLocally: a node keeps work while its queue is short")
+    func local() {
+        #expect(SchedulingPolicy.runsLocally(queued: 3, workers: 2, spillThreshold: 2))
+        #expect(!SchedulingPolicy.runsLocally(queued: 4, workers: 2, spillThreshold: 2))
+    }
+}
