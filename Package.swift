@@ -56,7 +56,7 @@ let package = Package(
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore"], path: "Tests/CairnTests"),
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec"], path: "Tests/CairnTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.

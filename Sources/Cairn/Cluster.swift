@@ -177,15 +177,25 @@ public final class Cluster: Sendable {
 }
 
 /// Objects whose last reference in this process is gone, by owner, until the next housekeeping.
+/// Indexed by the owner's node number: no hashing on the path of every released reference.
 final class ReleaseQueue: Sendable {
-    private let table = Mutex<[NodeID: [ObjectID]]>([:])
-    func add(_ oid: ObjectID) { table.withLock { $0[oid.owner, default: []].append(oid) } }
-    func take() -> [NodeID: [ObjectID]] {
+    private let table = Mutex<[[ObjectID]]>([])
+    func add(_ oid: ObjectID) {
+        let owner = oid.owner.raw
         table.withLock { t in
+            while t.count <= owner { t.append([]) }
+            t[owner].append(oid)
+        }
+    }
+    func take() -> [NodeID: [ObjectID]] {
+        let all = table.withLock { t in
             let all = t
-            t = [:]
+            t = Array(repeating: [], count: t.count)
             return all
         }
+        var out: [NodeID: [ObjectID]] = [:]
+        for (i, oids) in all.enumerated() where !oids.isEmpty { out[NodeID(i)] = oids }
+        return out
     }
 }
 

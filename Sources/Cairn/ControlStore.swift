@@ -60,6 +60,11 @@ final class ControlStoreServer: @unchecked Sendable {
                 }
             case .objectLocations(let entries):
                 for (id, node, size) in entries { locations[id] = (node, size) }
+            case .forgetObjects(let oids):
+                for oid in oids {
+                    locations.removeValue(forKey: oid)
+                    tasks.removeValue(forKey: oid)
+                }
             case .recordTasks(let records):
                 for r in records { tasks[r.id] = r }
             case .registerActor(let record):

@@ -1,6 +1,32 @@
 import CairnCore
 import DequeModule
 import Foundation
+import Synchronization
+
+/// Tasks submitted to a node and not yet taken in by its scheduler.
+final class SubmissionBuffer: Sendable {
+    private let specs = Mutex<[TaskSpec]>([])
+
+    func append(_ spec: TaskSpec) { specs.withLock { $0.append(spec) } }
+
+    /// Everything buffered, or nil if nothing is.
+    func take() -> [TaskSpec]? {
+        specs.withLock { buffer in
+            if buffer.isEmpty { return nil }
+            let all = buffer
+            buffer = []
+            buffer.reserveCapacity(min(all.count, 4096))
+            return all
+        }
+    }
+
+    var isEmpty: Bool { specs.withLock { $0.isEmpty } }
+}
+
+/// Resource requests known to be feasible, by function; cleared when the node table changes.
+struct FeasibilityCache {
+    var known: [String: [Resources]] = [:]
+}
 
 /// How one node is set up.
 public struct NodeConfiguration: Sendable {
@@ -38,6 +64,8 @@ struct Outgoing {
     var spilled: [TaskSpec] = []
     var callbacks: [(@Sendable (StoredValue) -> Void, StoredValue)] = []
     var spawnWorkers = 0
+    /// Set when a call was routed into the actor outbox.
+    var actorCallsRouted = false
 }
 
 /// One node: its local scheduler, worker pool, object store and the actors it hosts.
@@ -58,6 +86,14 @@ final class Node: @unchecked Sendable {
     let mint: IDMint
     let workersTarget: Int
     private let releaseObject: @Sendable (ObjectID) -> Void
+    /// Objects at least this large are recorded in the control store's object and task tables.
+    static let directoryThreshold = 64 << 10
+
+    /// Tasks submitted here, not yet taken in by the local scheduler. A separate lock keeps
+    /// submitters from contending with workers on `condition` for every task.
+    private let submissions = SubmissionBuffer()
+    /// Workers waiting for work; read without `condition` by submitters to decide whether to wake one.
+    private let sleepers = Atomic<Int>(0)
 
     // Everything below is guarded by `condition`.
     private let condition = NSCondition()
@@ -153,28 +189,49 @@ final class Node: @unchecked Sendable {
         guard f.arity == args.count else {
             throw CairnError(.invalidArgument, "\"\(function)\" takes \(f.arity) arguments, got \(args.count)")
         }
+        try checkFeasible(function: function, resources: resources)
         let taskID = mint.object()
-        let spec = TaskSpec(id: taskID, function: function, args: args, resources: resources)
-        var out = Outgoing()
+        let ref: ObjectRef<R> = newRef(taskID)
+        var spec = TaskSpec(id: taskID, function: function, args: args, resources: resources)
+        spec.local = f
+        submissions.append(spec)
+        if sleepers.load(ordering: .acquiring) > 0 {
+            condition.lock()
+            condition.signal()
+            condition.unlock()
+        }
+        return ref
+    }
+
+    /// Throws unless some node could ever run `function` with `resources`.
+    private func checkFeasible(function: String, resources: Resources) throws {
+        let known = feasibility.withLock { cache -> Bool in cache.known[function]?.contains(resources) ?? false }
+        if known { return }
         condition.lock()
-        guard !stopped else {
-            condition.unlock()
-            throw CairnError(.shutDown, "the cluster was shut down")
-        }
+        let stopped = self.stopped
         let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: 0, functions: $0.functions, alive: $0.alive) }
-        guard SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) else {
-            condition.unlock()
-            if !SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads) {
-                throw CairnError(.infeasible, "no node offers \(resources); nodes offer \(nodeTable.map { "\($0.id): \($0.resources)" }.joined(separator: "; "))")
-            }
-            throw CairnError(.unknownFunction, "no node accepts function \"\(function)\" with \(resources)")
-        }
-        lineage[taskID] = spec
-        taskBacklog.append(TaskRecord(id: taskID, function: function, argRefs: args.compactMap { if case .ref(let r, _) = $0 { return r } else { return nil } }))
-        acceptLocked(spec, placed: false, &out)
+        let table = nodeTable
         condition.unlock()
-        flush(&out)
-        return newRef(taskID)
+        guard !stopped else { throw CairnError(.shutDown, "the cluster was shut down") }
+        if SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) {
+            feasibility.withLock { $0.known[function, default: []].append(resources) }
+            return
+        }
+        if !SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads) {
+            throw CairnError(.infeasible, "no node offers \(resources); nodes offer \(table.map { "\($0.id): \($0.resources)" }.joined(separator: "; "))")
+        }
+        throw CairnError(.unknownFunction, "no node accepts function \"\(function)\" with \(resources)")
+    }
+
+    private let feasibility = Mutex(FeasibilityCache())
+
+    /// Takes submitted tasks into the local scheduler.
+    private func drainSubmissionsLocked(_ out: inout Outgoing) {
+        guard let specs = submissions.take() else { return }
+        for spec in specs {
+            lineage[spec.id] = spec
+            acceptLocked(spec, placed: false, &out)
+        }
     }
 
     /// Records that a result for `oid` will arrive from elsewhere (for work handed out directly).
@@ -200,6 +257,7 @@ final class Node: @unchecked Sendable {
     func cancel(_ task: ObjectID) -> Bool {
         var out = Outgoing()
         condition.lock()
+        drainSubmissionsLocked(&out)
         var done = false
         let error = RemoteError(kind: .cancelled, task: task, function: lineage[task]?.function ?? "", node: id, message: "cancelled before it ran")
         if let entry = pending.removeValue(forKey: task) {
@@ -246,11 +304,19 @@ final class Node: @unchecked Sendable {
             spec.args[i] = .value(value)
         }
         let runnable = accepts(spec.function) && configuration.resources.satisfies(spec.resources)
-        if placed || (runnable && SchedulingPolicy.runsLocally(queued: ready.count, workers: workersTarget, spillThreshold: configuration.spillThreshold)) {
+        if placed || (runnable && !spillLocked(spec)) {
             enqueueLocked(.task(spec), &out)
         } else {
             out.spilled.append(spec)
         }
+    }
+
+    /// Bottom-up: keep the task unless the queue is long and another node is less loaded.
+    private func spillLocked(_ spec: TaskSpec) -> Bool {
+        if SchedulingPolicy.runsLocally(queued: ready.count, workers: workersTarget, spillThreshold: configuration.spillThreshold) { return false }
+        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
+        return SchedulingPolicy.shouldSpill(.init(resources: spec.resources, function: spec.function), from: id,
+                                            localQueued: ready.count, localCPUs: configuration.resources.cpus, nodes: loads)
     }
 
     private func enqueueLocked(_ work: Work, _ out: inout Outgoing) {
@@ -290,21 +356,30 @@ final class Node: @unchecked Sendable {
     }
 
     private func storeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
+        // Hashing is a large part of a task's cost: collections that are usually empty are skipped.
         inFlight.remove(oid)
-        fetching.remove(oid)
-        if freedEarly.remove(oid) != nil {
+        if !fetching.isEmpty { fetching.remove(oid) }
+        if !freedEarly.isEmpty, freedEarly.remove(oid) != nil {
             lineage.removeValue(forKey: oid)
             return
         }
+        let size = value.size
         if store.updateValue(value, forKey: oid) == nil {
-            storeBytes += value.size
-            if !pinned.contains(oid) { evictable.append(oid) }
+            storeBytes += size
+            if pinned.isEmpty || !pinned.contains(oid) { evictable.append(oid) }
         }
-        if oid.owner == id { locationBacklog.append((oid, id, value.size)) }
-        if let callbacks = waiters.removeValue(forKey: oid) {
+        if oid.owner == id && size >= Self.directoryThreshold {
+            // Large objects go into the control store's object table (with their lineage), where
+            // the scheduler weighs locality; small ones are known to their owner alone.
+            locationBacklog.append((oid, id, size))
+            if let spec = lineage[oid] {
+                taskBacklog.append(TaskRecord(id: oid, function: spec.function, argRefs: spec.args.compactMap { if case .ref(let r, _) = $0 { return r } else { return nil } }))
+            }
+        }
+        if !waiters.isEmpty, let callbacks = waiters.removeValue(forKey: oid) {
             for c in callbacks { out.callbacks.append((c, value)) }
         }
-        if let tasks = blockedTasks.removeValue(forKey: oid) {
+        if !blockedTasks.isEmpty, let tasks = blockedTasks.removeValue(forKey: oid) {
             for t in tasks {
                 guard var entry = pending[t] else { continue }
                 entry.missing -= 1
@@ -316,7 +391,7 @@ final class Node: @unchecked Sendable {
                 }
             }
         }
-        if let requesters = fetchRequests.removeValue(forKey: oid) {
+        if !fetchRequests.isEmpty, let requesters = fetchRequests.removeValue(forKey: oid) {
             for r in requesters {
                 out.objects[r, default: []].append((oid, value))
                 copies[oid, default: []].insert(r)
@@ -329,6 +404,11 @@ final class Node: @unchecked Sendable {
     /// and owned results with lineage (rebuilt on demand). Never a `put`.
     private func evictLocked() {
         var scanned = 0
+        if storeBytes <= configuration.storeLimitBytes {
+            // Keep the eviction queue from growing without bound while under the limit.
+            if evictable.count > 4 * max(store.count, 1024) { evictable = Deque(evictable.filter { store[$0] != nil }) }
+            return
+        }
         while storeBytes > configuration.storeLimitBytes, scanned < evictable.count, let oid = evictable.popFirst() {
             scanned += 1
             guard let value = store[oid] else { continue }
@@ -347,6 +427,12 @@ final class Node: @unchecked Sendable {
         condition.lock()
         if let v = store[oid] {
             condition.unlock()
+            return v
+        }
+        drainSubmissionsLocked(&out)
+        if let v = store[oid] {
+            condition.unlock()
+            flush(&out)
             return v
         }
         let done = DispatchSemaphore(value: 0)
@@ -391,6 +477,7 @@ final class Node: @unchecked Sendable {
         var out = Outgoing()
         var now: [(Int, StoredValue)] = []
         condition.lock()
+        drainSubmissionsLocked(&out)
         for (i, oid) in oids.enumerated() {
             if let v = store[oid] {
                 now.append((i, v))
@@ -422,6 +509,21 @@ final class Node: @unchecked Sendable {
     /// Creates an actor on a node chosen by the policy; `done` gets the node or the failure.
     func spawnActor(typeName: String, state: StoredValue, resources: Resources, done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
         let aid = mint.actor()
+        // Bottom-up: host the actor here when this node can.
+        if accepts(typeName), configuration.resources.satisfies(resources), let type = FunctionRegistry.process.actorType(typeName) {
+            do {
+                let instance = ActorInstance(id: aid, typeName: typeName, box: try type.make(state))
+                condition.lock()
+                actors[aid] = instance
+                actorLocations[aid] = id
+                condition.unlock()
+                transport.send(.control(.registerActor(ActorRecord(id: aid, typeName: typeName, node: id))), to: .controlStore)
+                done(.success((aid, id)))
+            } catch {
+                done(.failure(CairnError(.serialization, "cannot create \(typeName) from its initial state: \(error)")))
+            }
+            return
+        }
         condition.lock()
         let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
         var random = SeededGenerator(seed: aid.raw)
@@ -466,6 +568,7 @@ final class Node: @unchecked Sendable {
             deliverLocked(call, to: instance, &out)
         } else if let location = actorLocations[call.actor] {
             actorOutbox[location, default: []].append(call)
+            out.actorCallsRouted = true
         } else {
             if actorQueue[call.actor] == nil {
                 out.messages.append((.control(.lookupActor(call.actor, replyTo: .node(id))), .controlStore))
@@ -527,18 +630,22 @@ final class Node: @unchecked Sendable {
                     }
                 }
             case .free(let oids):
+                var recorded: [ObjectID] = []
                 for oid in oids {
                     lineage.removeValue(forKey: oid)
-                    pinned.remove(oid)
+                    if !pinned.isEmpty { pinned.remove(oid) }
                     if let value = store.removeValue(forKey: oid) {
-                        storeBytes -= value.size
+                        let size = value.size
+                        storeBytes -= size
+                        if size >= Self.directoryThreshold { recorded.append(oid) }
                     } else if inFlight.contains(oid) {
                         freedEarly.insert(oid)
                     }
-                    if let holders = copies.removeValue(forKey: oid) {
+                    if !copies.isEmpty, let holders = copies.removeValue(forKey: oid) {
                         for h in holders { out.messages.append((.free([oid]), .node(h))) }
                     }
                 }
+                if !recorded.isEmpty { out.messages.append((.control(.forgetObjects(recorded)), .controlStore)) }
             case .createActor(let spawn):
                 var failure: String?
                 if !accepts(spawn.typeName) {
@@ -582,6 +689,9 @@ final class Node: @unchecked Sendable {
                     }
                 }
             case .nodeTable(let table):
+                if table.map(\.id) != nodeTable.map(\.id) || table.map(\.alive) != nodeTable.map(\.alive) {
+                    feasibility.withLock { $0.known = [:] }
+                }
                 nodeTable = table
             case .schedule, .control:
                 break
@@ -617,7 +727,7 @@ final class Node: @unchecked Sendable {
             }
             transport.send(.schedule(specs), to: .scheduler)
         }
-        flushActorCalls()
+        if out.actorCallsRouted { flushActorCalls() }
         for (callback, value) in out.callbacks { callback(value) }
         out = Outgoing()
     }
@@ -653,15 +763,21 @@ final class Node: @unchecked Sendable {
                 flush(&out)
                 return
             }
+            if ready.isEmpty { drainSubmissionsLocked(&out) }
             guard let work = ready.popFirst() else {
                 condition.unlock()
                 flush(&out)
                 condition.lock()
-                if ready.isEmpty && !stopped {
+                // Announce the sleep before the last look at the submissions: a submitter either
+                // sees the sleeper and signals (under `condition`, so not before the wait), or its
+                // task is seen here.
+                sleepers.add(1, ordering: .sequentiallyConsistent)
+                if ready.isEmpty && !stopped && submissions.isEmpty {
                     idle += 1
                     condition.wait()
                     idle -= 1
                 }
+                sleepers.subtract(1, ordering: .sequentiallyConsistent)
                 continue
             }
             condition.unlock()
@@ -685,7 +801,7 @@ final class Node: @unchecked Sendable {
     }
 
     private func run(_ spec: TaskSpec) -> StoredValue {
-        guard let f = FunctionRegistry.process.function(spec.function), let args = spec.values else {
+        guard let f = spec.local ?? FunctionRegistry.process.function(spec.function), let args = spec.values else {
             return .failed(RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
                                        message: "\(id) has no function \"\(spec.function)\" registered"))
         }

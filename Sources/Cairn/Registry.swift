@@ -117,7 +117,7 @@ public struct RemoteFunction2<A: RemoteValue, B: RemoteValue, R: RemoteValue>: S
 }
 
 /// Resources a task or actor needs, or a node offers: CPUs and named custom resources.
-public struct Resources: Sendable, Codable, Equatable, CustomStringConvertible {
+public struct Resources: Sendable, Codable, Hashable, CustomStringConvertible {
     /// CPUs (worker slots).
     public var cpus: Double
     /// Named resources such as `"gpu"`, with amounts.

@@ -42,6 +42,14 @@ public enum SchedulingPolicy {
         queued < max(1, workers) * spillThreshold
     }
 
+    /// Whether a node whose queue is long should hand `work` up: only if another live node
+    /// that can run it has a shorter queue per CPU. Handing up to a scheduler that can only
+    /// choose this node again would cost a round trip and gain nothing.
+    public static func shouldSpill(_ work: Work, from local: NodeID, localQueued: Int, localCPUs: Double, nodes: [NodeLoad]) -> Bool {
+        let ours = Double(localQueued) / max(localCPUs, 1)
+        return nodes.contains { $0.id != local && $0.canRun(work.resources, work.function) && Double($0.queued) / max($0.resources.cpus, 1) < ours }
+    }
+
     /// Whether any node could ever run `work`.
     public static func feasible(_ work: Work, nodes: [NodeLoad]) -> Bool {
         nodes.contains { $0.canRun(work.resources, work.function) }

@@ -17,12 +17,21 @@ enum Endpoint: Hashable, Sendable, CustomStringConvertible {
 
 /// A task as it travels: what to run, on what, for whom.
 struct TaskSpec: Sendable {
+    init(id: ObjectID, function: String, args: [TaskArg], resources: Resources) {
+        self.id = id
+        self.function = function
+        self.args = args
+        self.resources = resources
+    }
+
     /// The task's result ID (and so the task's ID).
     let id: ObjectID
     let function: String
     /// Arguments; references are replaced by values before the task runs.
     var args: [TaskArg]
     let resources: Resources
+    /// The function's code, when the spec has not left the process that submitted it.
+    var local: ErasedFunction?
     /// The node that submitted the task and receives its result.
     var owner: NodeID { id.owner }
 
@@ -40,6 +49,7 @@ struct TaskSpec: Sendable {
     /// A copy that may cross to another node: values encoded, no process-local tokens.
     func portable() throws -> TaskSpec {
         var copy = self
+        copy.local = nil
         copy.args = try args.map { arg in
             switch arg {
             case .value(let v): return .value(try v.portable())
@@ -63,6 +73,8 @@ enum ControlRequest: Sendable {
     case registerNode(NodeRecord)
     case reportLoad(NodeID, queued: Int)
     case objectLocations([(ObjectID, NodeID, size: Int)])
+    /// The objects were freed: drop their locations and lineage.
+    case forgetObjects([ObjectID])
     case recordTasks([TaskRecord])
     case registerActor(ActorRecord)
     case lookupActor(ActorID, replyTo: Endpoint)

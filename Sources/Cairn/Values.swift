@@ -14,8 +14,10 @@ enum StoredValue: Sendable {
     var size: Int {
         switch self {
         case .boxed(let v):
-            if let bytes = v as? [UInt8] { return bytes.count + 16 }
-            if let s = v as? String { return s.utf8.count + 16 }
+            // Compare type identities first: a dynamic cast on every stored object is costly.
+            let type = ObjectIdentifier(Swift.type(of: v))
+            if type == SizeProbe.bytes, let bytes = v as? [UInt8] { return bytes.count + 16 }
+            if type == SizeProbe.string, let s = v as? String { return s.utf8.count + 16 }
             return 64
         case .encoded(let b): return b.count + 16
         case .failed: return 128
@@ -31,6 +33,9 @@ enum StoredValue: Sendable {
     func portable() throws -> StoredValue {
         switch self {
         case .boxed(let v):
+            if ObjectIdentifier(Swift.type(of: v)) == SizeProbe.int, let i = v as? Int {
+                return .encoded(FastCodec.encode(i))
+            }
             do {
                 return .encoded(try BinaryEncoder().encode(v))
             } catch {
@@ -49,6 +54,7 @@ enum StoredValue: Sendable {
             }
             return t
         case .encoded(let bytes):
+            if T.self == Int.self, let i = FastCodec.decodeInt(bytes) { return i as! T }
             do {
                 return try BinaryDecoder().decode(T.self, from: bytes)
             } catch {
@@ -58,4 +64,40 @@ enum StoredValue: Sendable {
             throw e
         }
     }
+}
+
+/// The binary format's encoding of a lone `Int`, without the `Codable` machinery: the most
+/// common value to cross between nodes. Produces exactly the bytes ``BinaryEncoder`` does.
+enum FastCodec {
+    static func encode(_ value: Int) -> [UInt8] {
+        var out: [UInt8] = [BinaryFormat.magic, BinaryFormat.version, 0x03]
+        var z = UInt64(bitPattern: (Int64(value) << 1) ^ (Int64(value) >> 63))
+        while z >= 0x80 {
+            out.append(UInt8(truncatingIfNeeded: z) | 0x80)
+            z >>= 7
+        }
+        out.append(UInt8(z))
+        return out
+    }
+
+    /// The `Int` in `bytes`, or nil if they are anything but a well-formed lone int (the general decoder then reports why).
+    static func decodeInt(_ bytes: [UInt8]) -> Int? {
+        guard bytes.count >= 4, bytes.count <= 13, bytes[0] == BinaryFormat.magic, bytes[1] == BinaryFormat.version, bytes[2] == 0x03 else { return nil }
+        var z: UInt64 = 0
+        var shift: UInt64 = 0
+        for i in 3..<bytes.count {
+            let b = bytes[i]
+            guard shift < 64 else { return nil }
+            z |= UInt64(b & 0x7F) << shift
+            if b < 0x80 { return i == bytes.count - 1 ? Int(Int64(bitPattern: (z >> 1) ^ (0 &- (z & 1)))) : nil }
+            shift += 7
+        }
+        return nil
+    }
+}
+
+enum SizeProbe {
+    static let int = ObjectIdentifier(Int.self)
+    static let bytes = ObjectIdentifier([UInt8].self)
+    static let string = ObjectIdentifier(String.self)
 }

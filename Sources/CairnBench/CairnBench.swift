@@ -2,14 +2,14 @@ import ArgumentParser
 import Foundation
 
 @main
-struct CairnBench: ParsableCommand {
+struct CairnBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-bench",
         abstract: "Cairn's benchmarks. Each prints JSON lines {\"metric\":…,\"value\":…,\"unit\":…}, then a table.",
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: storage, codec (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, storage, codec (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -18,7 +18,7 @@ struct CairnBench: ParsableCommand {
     @Flag(help: "Skip the JSON comparison in the codec suite (for profiling).")
     var noJSON = false
 
-    static let known = ["storage", "codec"]
+    static let known = ["tasks", "actors", "storage", "codec"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -26,9 +26,16 @@ struct CairnBench: ParsableCommand {
         }
     }
 
-    func run() throws {
+    func run() async throws {
         let report = Report()
         let chosen = suites.isEmpty ? Self.known : suites
+        if chosen.contains("tasks") || chosen.contains("actors") {
+            let runtime = RuntimeBenchmark()
+            let cluster = try await runtime.start(report)
+            if chosen.contains("tasks") { try await runtime.tasks(report, cluster) }
+            if chosen.contains("actors") { try await runtime.actors(report, cluster) }
+            cluster.shutdown()
+        }
         #if DEBUG
         FileHandle.standardError.write(Data("warning: this is a debug build; figures are meaningful only with -c release\n".utf8))
         #endif
@@ -41,7 +48,7 @@ struct CairnBench: ParsableCommand {
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
             default:
-                break
+                break  // tasks and actors ran above, on one cluster
             }
         }
         report.printTable()

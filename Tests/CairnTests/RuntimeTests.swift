@@ -1,5 +1,6 @@
 @testable import Cairn
 import CairnCore
+import CairnCodec
 import Foundation
 import Testing
 
@@ -354,9 +355,37 @@ struct SchedulingPolicyTests {
         #expect(Set(picks(3).compactMap { $0 }).count == 4)
     }
 
+    @Test("shouldSpill: a long queue is handed up only if another node that can run the work is less loaded")
+    func spill() {
+        let work = SchedulingPolicy.Work(resources: .default, function: nil)
+        #expect(SchedulingPolicy.shouldSpill(work, from: NodeID(0), localQueued: 100, localCPUs: 2, nodes: nodes))
+        let alone = [SchedulingPolicy.NodeLoad(id: NodeID(0), resources: Resources(cpus: 2), queued: 100)]
+        #expect(!SchedulingPolicy.shouldSpill(work, from: NodeID(0), localQueued: 100, localCPUs: 2, nodes: alone))
+        let busier = alone + [SchedulingPolicy.NodeLoad(id: NodeID(1), resources: Resources(cpus: 1), queued: 80)]
+        #expect(!SchedulingPolicy.shouldSpill(work, from: NodeID(0), localQueued: 100, localCPUs: 2, nodes: busier))
+    }
+
     @Test("runsLocally: a node keeps work while its queue is short")
     func local() {
         #expect(SchedulingPolicy.runsLocally(queued: 3, workers: 2, spillThreshold: 2))
         #expect(!SchedulingPolicy.runsLocally(queued: 4, workers: 2, spillThreshold: 2))
+    }
+}
+
+@Suite("Values crossing nodes")
+struct ValueTests {
+    @Test("the fast Int encoding is byte-for-byte the binary encoder's, and decodes back", arguments: [0, 1, -1, 63, -64, 64, 1 << 40, Int.max, Int.min])
+    func fastInt(value: Int) throws {
+        #expect(FastCodec.encode(value) == (try BinaryEncoder().encode(value)))
+        #expect(FastCodec.decodeInt(FastCodec.encode(value)) == value)
+        #expect(try StoredValue.boxed(value).portable().value(as: Int.self) == value)
+    }
+
+    @Test("malformed bytes are left to the general decoder, which reports a typed error")
+    func fastIntRejects() {
+        #expect(FastCodec.decodeInt([0xCA, 1, 0x03]) == nil)
+        #expect(FastCodec.decodeInt([0xCA, 1, 0x03, 0x80]) == nil)
+        #expect(FastCodec.decodeInt([0xCA, 1, 0x07, 1, 65]) == nil)
+        #expect(throws: CairnError.self) { try StoredValue.encoded([0xCA, 1, 0x03, 0x80]).value(as: Int.self) }
     }
 }
