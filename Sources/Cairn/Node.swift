@@ -97,15 +97,14 @@ final class Node: @unchecked Sendable {
 
     // Everything below is guarded by `condition`.
     private let condition = NSCondition()
-    private var store: [ObjectID: StoredValue] = [:]
+    /// Everything this node knows about each object, in one table: one hash lookup per step
+    /// of a task's life instead of one per collection (hashing was the largest cost per task).
+    private var objects: [ObjectID: ObjectEntry] = [:]
+    private var storedCount = 0
     private var storeBytes = 0
     private var evictable = Deque<ObjectID>()
-    private var pinned: Set<ObjectID> = []
-    private var lineage: [ObjectID: TaskSpec] = [:]
-    private var inFlight: Set<ObjectID> = []
-    private var waiters: [ObjectID: [@Sendable (StoredValue) -> Void]] = [:]
-    private var blockedTasks: [ObjectID: [ObjectID]] = [:]
-    private var pending: [ObjectID: (spec: TaskSpec, missing: Int, placed: Bool)] = [:]
+    /// Tasks waiting here for inputs.
+    private var pendingCount = 0
     private var ready = Deque<Work>()
     private var threads = 0
     private var idle = 0
@@ -118,10 +117,6 @@ final class Node: @unchecked Sendable {
     /// Held while taking and sending `actorOutbox`, so that calls leave in the order they were routed.
     private let actorSendLock = NSLock()
     private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
-    private var fetching: Set<ObjectID> = []
-    private var fetchRequests: [ObjectID: [NodeID]] = [:]
-    private var copies: [ObjectID: Set<NodeID>] = [:]
-    private var freedEarly: Set<ObjectID> = []
     private var nodeTable: [NodeRecord] = []
     private var controlBacklog: [ControlRequest] = []
     private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
@@ -147,16 +142,34 @@ final class Node: @unchecked Sendable {
         flush(&out)
     }
 
+    /// The entry for `oid`, created if needed.
+    @inline(__always) private func entry(_ oid: ObjectID) -> ObjectEntry {
+        if let e = objects[oid] { return e }
+        let e = ObjectEntry()
+        objects[oid] = e
+        return e
+    }
+
+    /// Forgets `oid` once nothing refers to its entry any more.
+    private func dropIfIdle(_ oid: ObjectID, _ e: ObjectEntry) {
+        if e.value == nil && e.spec == nil && !e.inFlight && e.pendingSpec == nil && e.waiters.isEmpty && e.blockedTasks.isEmpty && e.fetchRequests.isEmpty && !e.freed {
+            objects.removeValue(forKey: oid)
+        }
+    }
+
     /// Stops the workers; work not yet finished is abandoned.
     func stop() {
         condition.lock()
         stopped = true
         condition.broadcast()
-        let all = waiters
-        waiters = [:]
+        var all: [@Sendable (StoredValue) -> Void] = []
+        for (_, e) in objects where !e.waiters.isEmpty {
+            all += e.waiters
+            e.waiters = []
+        }
         condition.unlock()
         let failure = StoredValue.failed(RemoteError(kind: .cancelled, task: ObjectID(raw: 0), function: "", node: id, message: "the cluster was shut down"))
-        for (_, callbacks) in all { callbacks.forEach { $0(failure) } }
+        all.forEach { $0(failure) }
     }
 
     var knowsNodes: Bool {
@@ -229,7 +242,7 @@ final class Node: @unchecked Sendable {
     private func drainSubmissionsLocked(_ out: inout Outgoing) {
         guard let specs = submissions.take() else { return }
         for spec in specs {
-            lineage[spec.id] = spec
+            entry(spec.id).spec = spec
             acceptLocked(spec, placed: false, &out)
         }
     }
@@ -237,7 +250,7 @@ final class Node: @unchecked Sendable {
     /// Records that a result for `oid` will arrive from elsewhere (for work handed out directly).
     func expectResult(_ oid: ObjectID) {
         condition.lock()
-        inFlight.insert(oid)
+        entry(oid).inFlight = true
         condition.unlock()
     }
 
@@ -246,7 +259,7 @@ final class Node: @unchecked Sendable {
         let oid = mint.object()
         var out = Outgoing()
         condition.lock()
-        pinned.insert(oid)
+        entry(oid).pinned = true
         storeLocked(oid, .boxed(value), &out)
         condition.unlock()
         flush(&out)
@@ -259,9 +272,11 @@ final class Node: @unchecked Sendable {
         condition.lock()
         drainSubmissionsLocked(&out)
         var done = false
-        let error = RemoteError(kind: .cancelled, task: task, function: lineage[task]?.function ?? "", node: id, message: "cancelled before it ran")
-        if let entry = pending.removeValue(forKey: task) {
-            for case .ref(let dep, _) in entry.spec.args { blockedTasks[dep]?.removeAll { $0 == task } }
+        let error = RemoteError(kind: .cancelled, task: task, function: objects[task]?.spec?.function ?? "", node: id, message: "cancelled before it ran")
+        if let e = objects[task], let spec = e.pendingSpec {
+            e.pendingSpec = nil
+            pendingCount -= 1
+            for case .ref(let dep, _) in spec.args { objects[dep]?.blockedTasks.removeAll { $0 == task } }
             completeLocked(task, .failed(error), &out)
             done = true
         } else if let index = ready.firstIndex(where: { if case .task(let s) = $0 { return s.id == task } else { return false } }) {
@@ -276,17 +291,23 @@ final class Node: @unchecked Sendable {
 
     /// Takes a task in: waits for its inputs, then runs it here or hands it up.
     private func acceptLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
-        inFlight.insert(spec.id)
+        let task = entry(spec.id)
+        task.inFlight = true
         var missing = 0
-        for case .ref(let dep, _) in spec.args where store[dep] == nil {
+        for case .ref(let dep, _) in spec.args {
+            let d = entry(dep)
+            guard d.value == nil else { continue }
             missing += 1
-            blockedTasks[dep, default: []].append(spec.id)
-            requestLocked(dep, &out)
+            d.blockedTasks.append(spec.id)
+            requestLocked(dep, d, &out)
         }
         if missing == 0 {
             dispatchLocked(spec, placed: placed, &out)
         } else {
-            pending[spec.id] = (spec, missing, placed)
+            task.pendingSpec = spec
+            task.missing = missing
+            task.placed = placed
+            pendingCount += 1
         }
     }
 
@@ -294,7 +315,7 @@ final class Node: @unchecked Sendable {
     private func dispatchLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
         var spec = spec
         for (i, arg) in spec.args.enumerated() {
-            guard case .ref(let dep, _) = arg, let value = store[dep] else { continue }
+            guard case .ref(let dep, _) = arg, let value = objects[dep]?.value else { continue }
             if case .failed(let upstream) = value {
                 let error = RemoteError(kind: .upstreamFailed, task: spec.id, function: spec.function, node: id,
                                         message: upstream.root.message, cause: upstream)
@@ -330,17 +351,21 @@ final class Node: @unchecked Sendable {
     }
 
     /// Makes sure a missing object will arrive: fetch it from its owner, or rebuild it here.
-    private func requestLocked(_ oid: ObjectID, _ out: inout Outgoing) {
+    private func requestLocked(_ oid: ObjectID, _ e: ObjectEntry, _ out: inout Outgoing) {
         if oid.owner != id {
-            if fetching.insert(oid).inserted {
+            if !e.fetching {
+                e.fetching = true
                 out.messages.append((.fetch([oid], replyTo: id), .node(oid.owner)))
             }
-        } else if !inFlight.contains(oid), let spec = lineage[oid] {
+        } else if e.inFlight || e.pinned {
+            return
+        } else if let spec = e.spec {
             // Evicted (or lost): run the task that made it again.
             acceptLocked(spec, placed: false, &out)
-        } else if !inFlight.contains(oid) && !pinned.contains(oid) && lineage[oid] == nil {
+        } else {
             let error = RemoteError(kind: .threw, task: oid, function: "", node: id, message: "object \(oid) no longer exists and has no lineage to rebuild it")
-            out.callbacks += (waiters.removeValue(forKey: oid) ?? []).map { ($0, .failed(error)) }
+            out.callbacks += e.waiters.map { ($0, .failed(error)) }
+            e.waiters = []
         }
     }
 
@@ -356,46 +381,54 @@ final class Node: @unchecked Sendable {
     }
 
     private func storeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
-        // Hashing is a large part of a task's cost: collections that are usually empty are skipped.
-        inFlight.remove(oid)
-        if !fetching.isEmpty { fetching.remove(oid) }
-        if !freedEarly.isEmpty, freedEarly.remove(oid) != nil {
-            lineage.removeValue(forKey: oid)
+        let e = entry(oid)
+        e.inFlight = false
+        e.fetching = false
+        if e.freed {
+            objects.removeValue(forKey: oid)
             return
         }
         let size = value.size
-        if store.updateValue(value, forKey: oid) == nil {
+        if e.value == nil {
+            storedCount += 1
             storeBytes += size
-            if pinned.isEmpty || !pinned.contains(oid) { evictable.append(oid) }
+            if !e.pinned { evictable.append(oid) }
+        } else {
+            storeBytes += size - e.size
         }
+        e.value = value
+        e.size = size
         if oid.owner == id && size >= Self.directoryThreshold {
             // Large objects go into the control store's object table (with their lineage), where
             // the scheduler weighs locality; small ones are known to their owner alone.
             locationBacklog.append((oid, id, size))
-            if let spec = lineage[oid] {
+            if let spec = e.spec {
                 taskBacklog.append(TaskRecord(id: oid, function: spec.function, argRefs: spec.args.compactMap { if case .ref(let r, _) = $0 { return r } else { return nil } }))
             }
         }
-        if !waiters.isEmpty, let callbacks = waiters.removeValue(forKey: oid) {
-            for c in callbacks { out.callbacks.append((c, value)) }
+        if !e.waiters.isEmpty {
+            for c in e.waiters { out.callbacks.append((c, value)) }
+            e.waiters = []
         }
-        if !blockedTasks.isEmpty, let tasks = blockedTasks.removeValue(forKey: oid) {
+        if !e.blockedTasks.isEmpty {
+            let tasks = e.blockedTasks
+            e.blockedTasks = []
             for t in tasks {
-                guard var entry = pending[t] else { continue }
-                entry.missing -= 1
-                if entry.missing == 0 {
-                    pending.removeValue(forKey: t)
-                    dispatchLocked(entry.spec, placed: entry.placed, &out)
-                } else {
-                    pending[t] = entry
+                guard let te = objects[t], let spec = te.pendingSpec else { continue }
+                te.missing -= 1
+                if te.missing == 0 {
+                    te.pendingSpec = nil
+                    pendingCount -= 1
+                    dispatchLocked(spec, placed: te.placed, &out)
                 }
             }
         }
-        if !fetchRequests.isEmpty, let requesters = fetchRequests.removeValue(forKey: oid) {
-            for r in requesters {
+        if !e.fetchRequests.isEmpty {
+            for r in e.fetchRequests {
                 out.objects[r, default: []].append((oid, value))
-                copies[oid, default: []].insert(r)
+                if !e.copies.contains(r) { e.copies.append(r) }
             }
+            e.fetchRequests = []
         }
         evictLocked()
     }
@@ -403,21 +436,23 @@ final class Node: @unchecked Sendable {
     /// Drops least-recently-stored objects over the limit: copies (fetchable from their owner)
     /// and owned results with lineage (rebuilt on demand). Never a `put`.
     private func evictLocked() {
-        var scanned = 0
         if storeBytes <= configuration.storeLimitBytes {
             // Keep the eviction queue from growing without bound while under the limit.
-            if evictable.count > 4 * max(store.count, 1024) { evictable = Deque(evictable.filter { store[$0] != nil }) }
+            if evictable.count > 4 * max(storedCount, 1024) { evictable = Deque(evictable.filter { objects[$0]?.value != nil }) }
             return
         }
+        var scanned = 0
         while storeBytes > configuration.storeLimitBytes, scanned < evictable.count, let oid = evictable.popFirst() {
             scanned += 1
-            guard let value = store[oid] else { continue }
-            if oid.owner == id && lineage[oid] == nil {
+            guard let e = objects[oid], e.value != nil else { continue }
+            if e.pinned || (oid.owner == id && e.spec == nil) {
                 evictable.append(oid)
                 continue
             }
-            store.removeValue(forKey: oid)
-            storeBytes -= value.size
+            e.value = nil
+            storedCount -= 1
+            storeBytes -= e.size
+            dropIfIdle(oid, e)
         }
     }
 
@@ -425,23 +460,24 @@ final class Node: @unchecked Sendable {
     func blockingGet(_ oid: ObjectID, timeout: Duration?) throws -> StoredValue {
         var out = Outgoing()
         condition.lock()
-        if let v = store[oid] {
+        if let v = objects[oid]?.value {
             condition.unlock()
             return v
         }
         drainSubmissionsLocked(&out)
-        if let v = store[oid] {
+        let e = entry(oid)
+        if let v = e.value {
             condition.unlock()
             flush(&out)
             return v
         }
         let done = DispatchSemaphore(value: 0)
         let slot = ValueSlot()
-        waiters[oid, default: []].append { value in
+        e.waiters.append { value in
             slot.value = value
             done.signal()
         }
-        requestLocked(oid, &out)
+        requestLocked(oid, e, &out)
         let isWorker = WorkerContext.current?.node === self
         if isWorker {
             blocked += 1
@@ -479,11 +515,12 @@ final class Node: @unchecked Sendable {
         condition.lock()
         drainSubmissionsLocked(&out)
         for (i, oid) in oids.enumerated() {
-            if let v = store[oid] {
+            let e = entry(oid)
+            if let v = e.value {
                 now.append((i, v))
             } else {
-                waiters[oid, default: []].append { callback(i, $0) }
-                requestLocked(oid, &out)
+                e.waiters.append { callback(i, $0) }
+                requestLocked(oid, e, &out)
             }
         }
         condition.unlock()
@@ -494,14 +531,14 @@ final class Node: @unchecked Sendable {
     func localValue(_ oid: ObjectID) -> StoredValue? {
         condition.lock()
         defer { condition.unlock() }
-        return store[oid]
+        return objects[oid]?.value
     }
 
     /// Objects and bytes held, for tests and status.
     var storeStatus: (objects: Int, bytes: Int) {
         condition.lock()
         defer { condition.unlock() }
-        return (store.count, storeBytes)
+        return (storedCount, storeBytes)
     }
 
     // MARK: actors
@@ -556,7 +593,7 @@ final class Node: @unchecked Sendable {
         let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: local ? message : try message.portable())
         var out = Outgoing()
         condition.lock()
-        inFlight.insert(rid)
+        entry(rid).inFlight = true
         routeLocked(call, &out)
         condition.unlock()
         flush(&out)
@@ -621,28 +658,33 @@ final class Node: @unchecked Sendable {
                 for (oid, value) in objects { storeLocked(oid, value, &out) }
             case .fetch(let oids, let replyTo):
                 for oid in oids {
-                    if let value = store[oid] {
+                    let e = entry(oid)
+                    if let value = e.value {
                         out.objects[replyTo, default: []].append((oid, value))
-                        copies[oid, default: []].insert(replyTo)
+                        if !e.copies.contains(replyTo) { e.copies.append(replyTo) }
                     } else {
-                        fetchRequests[oid, default: []].append(replyTo)
-                        requestLocked(oid, &out)
+                        e.fetchRequests.append(replyTo)
+                        requestLocked(oid, e, &out)
                     }
                 }
             case .free(let oids):
                 var recorded: [ObjectID] = []
                 for oid in oids {
-                    lineage.removeValue(forKey: oid)
-                    if !pinned.isEmpty { pinned.remove(oid) }
-                    if let value = store.removeValue(forKey: oid) {
-                        let size = value.size
-                        storeBytes -= size
-                        if size >= Self.directoryThreshold { recorded.append(oid) }
-                    } else if inFlight.contains(oid) {
-                        freedEarly.insert(oid)
+                    guard let e = objects[oid] else { continue }
+                    if let value = e.value {
+                        storedCount -= 1
+                        storeBytes -= e.size
+                        if e.size >= Self.directoryThreshold { recorded.append(oid) }
+                        _ = value
                     }
-                    if !copies.isEmpty, let holders = copies.removeValue(forKey: oid) {
-                        for h in holders { out.messages.append((.free([oid]), .node(h))) }
+                    for h in e.copies { out.messages.append((.free([oid]), .node(h))) }
+                    if e.inFlight || e.pendingSpec != nil {
+                        // Still being computed: drop the value when it arrives.
+                        e.value = nil
+                        e.spec = nil
+                        e.freed = true
+                    } else {
+                        objects.removeValue(forKey: oid)
                     }
                 }
                 if !recorded.isEmpty { out.messages.append((.control(.forgetObjects(recorded)), .controlStore)) }
@@ -735,7 +777,7 @@ final class Node: @unchecked Sendable {
     /// Reports load and backlogged control-store records; called by the cluster's housekeeping.
     func housekeeping() {
         condition.lock()
-        let queued = ready.count + pending.count
+        let queued = ready.count + pendingCount
         let locations = locationBacklog
         let tasks = taskBacklog
         locationBacklog = []
@@ -846,6 +888,35 @@ final class Node: @unchecked Sendable {
             flush(&out)
         }
     }
+}
+
+/// What a node knows about one object. Guarded by the node's lock.
+final class ObjectEntry {
+    /// The value, once it is here.
+    var value: StoredValue?
+    var size = 0
+    /// Lineage: the task that makes this object, kept by its owner to run it again if lost.
+    var spec: TaskSpec?
+    /// A task or call producing it is under way.
+    var inFlight = false
+    /// Made by `put`: never evicted, no lineage.
+    var pinned = false
+    /// A fetch from its owner is outstanding.
+    var fetching = false
+    /// Freed while still being computed: drop the value when it arrives.
+    var freed = false
+    /// For a task waiting here for its inputs: the task, how many inputs are missing, and
+    /// whether it was placed here by the scheduler (so it must not be handed up again).
+    var pendingSpec: TaskSpec?
+    var missing = 0
+    var placed = false
+    var waiters: [@Sendable (StoredValue) -> Void] = []
+    /// Tasks waiting for this object.
+    var blockedTasks: [ObjectID] = []
+    /// Nodes that asked for it before it existed.
+    var fetchRequests: [NodeID] = []
+    /// Nodes holding a copy (to free them too).
+    var copies: [NodeID] = []
 }
 
 /// Carries a value from the thread that produces it to the one blocked on a semaphore.
