@@ -35,7 +35,9 @@ final class GlobalScheduler: @unchecked Sendable {
                 var view = loads
                 for spec in specs {
                     var inputs: [NodeID: Int] = [:]
-                    for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
+                    if !spec.resolved {
+                        for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
+                    }
                     let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
                     if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, random: &random) {
                         placed[target, default: []].append(spec)

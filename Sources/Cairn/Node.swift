@@ -118,6 +118,8 @@ final class Node: @unchecked Sendable {
     private let actorSendLock = NSLock()
     private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
     private var nodeTable: [NodeRecord] = []
+    /// The node table as the scheduling policy sees it, rebuilt when the table changes.
+    private var nodeLoads: [SchedulingPolicy.NodeLoad] = []
     private var controlBacklog: [ControlRequest] = []
     private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     private var taskBacklog: [TaskRecord] = []
@@ -335,9 +337,8 @@ final class Node: @unchecked Sendable {
     /// Bottom-up: keep the task unless the queue is long and another node is less loaded.
     private func spillLocked(_ spec: TaskSpec) -> Bool {
         if SchedulingPolicy.runsLocally(queued: ready.count, workers: workersTarget, spillThreshold: configuration.spillThreshold) { return false }
-        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
         return SchedulingPolicy.shouldSpill(.init(resources: spec.resources, function: spec.function), from: id,
-                                            localQueued: ready.count, localCPUs: configuration.resources.cpus, nodes: loads)
+                                            localQueued: ready.count, localCPUs: configuration.resources.cpus, nodes: nodeLoads)
     }
 
     private func enqueueLocked(_ work: Work, _ out: inout Outgoing) {
@@ -735,6 +736,7 @@ final class Node: @unchecked Sendable {
                     feasibility.withLock { $0.known = [:] }
                 }
                 nodeTable = table
+                nodeLoads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
             case .schedule, .control:
                 break
             }
@@ -843,12 +845,12 @@ final class Node: @unchecked Sendable {
     }
 
     private func run(_ spec: TaskSpec) -> StoredValue {
-        guard let f = spec.local ?? FunctionRegistry.process.function(spec.function), let args = spec.values else {
+        guard let f = spec.local ?? FunctionRegistry.process.function(spec.function), spec.resolved else {
             return .failed(RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
                                        message: "\(id) has no function \"\(spec.function)\" registered"))
         }
         do {
-            return .boxed(try f.invoke(args))
+            return .boxed(try f.invoke(spec.args))
         } catch let error as RemoteError {
             return .failed(RemoteError(kind: .upstreamFailed, task: spec.id, function: spec.function, node: id, message: error.root.message, cause: error))
         } catch {

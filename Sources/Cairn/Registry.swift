@@ -1,10 +1,27 @@
 import Synchronization
 
-/// How a node runs a function it knows by name.
-struct ErasedFunction: Sendable {
+/// How a node runs a function it knows by name. A class, so that task specs carry one pointer.
+final class ErasedFunction: Sendable {
     let name: String
     let arity: Int
-    let invoke: @Sendable ([StoredValue]) throws -> any RemoteValue
+    /// Runs the function on resolved arguments (every one a `.value`).
+    let invoke: @Sendable ([TaskArg]) throws -> any RemoteValue
+
+    init(name: String, arity: Int, invoke: @escaping @Sendable ([TaskArg]) throws -> any RemoteValue) {
+        self.name = name
+        self.arity = arity
+        self.invoke = invoke
+    }
+}
+
+extension TaskArg {
+    /// The argument's value as `T`; the scheduler resolves references before a task runs.
+    @inline(__always) func value<T: RemoteValue>(as type: T.Type) throws -> T {
+        guard case .value(let v) = self else {
+            throw CairnError(.invalidArgument, "an argument was still a reference when the task ran")
+        }
+        return try v.value(as: T.self)
+    }
 }
 
 /// How a node creates and drives an actor type it knows by name.

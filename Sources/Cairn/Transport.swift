@@ -35,15 +35,10 @@ struct TaskSpec: Sendable {
     /// The node that submitted the task and receives its result.
     var owner: NodeID { id.owner }
 
-    /// Arguments as values, for the worker; nil if a reference is still unresolved.
-    var values: [StoredValue]? {
-        var out: [StoredValue] = []
-        out.reserveCapacity(args.count)
-        for a in args {
-            guard case .value(let v) = a else { return nil }
-            out.append(v)
-        }
-        return out
+    /// Whether every argument is a value (no reference left to resolve).
+    var resolved: Bool {
+        for a in args { if case .ref = a { return false } }
+        return true
     }
 
     /// A copy that may cross to another node: values encoded, no process-local tokens.
