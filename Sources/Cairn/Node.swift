@@ -66,6 +66,16 @@ struct Outgoing {
     var spawnWorkers = 0
     /// Set when a call was routed into the actor outbox.
     var actorCallsRouted = false
+
+    /// Empties everything, keeping the storage (a worker reuses one `Outgoing` for every task).
+    mutating func clear() {
+        if !messages.isEmpty { messages.removeAll(keepingCapacity: true) }
+        if !objects.isEmpty { objects.removeAll(keepingCapacity: true) }
+        if !spilled.isEmpty { spilled.removeAll(keepingCapacity: true) }
+        if !callbacks.isEmpty { callbacks.removeAll(keepingCapacity: true) }
+        spawnWorkers = 0
+        actorCallsRouted = false
+    }
 }
 
 /// One node: its local scheduler, worker pool, object store and the actors it hosts.
@@ -244,8 +254,9 @@ final class Node: @unchecked Sendable {
     private func drainSubmissionsLocked(_ out: inout Outgoing) {
         guard let specs = submissions.take() else { return }
         for spec in specs {
-            entry(spec.id).spec = spec
-            acceptLocked(spec, placed: false, &out)
+            let e = entry(spec.id)
+            e.spec = spec
+            acceptLocked(spec, e, placed: false, &out)
         }
     }
 
@@ -293,7 +304,10 @@ final class Node: @unchecked Sendable {
 
     /// Takes a task in: waits for its inputs, then runs it here or hands it up.
     private func acceptLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
-        let task = entry(spec.id)
+        acceptLocked(spec, entry(spec.id), placed: placed, &out)
+    }
+
+    private func acceptLocked(_ spec: TaskSpec, _ task: ObjectEntry, placed: Bool, _ out: inout Outgoing) {
         task.inFlight = true
         var missing = 0
         for case .ref(let dep, _) in spec.args {
@@ -773,7 +787,7 @@ final class Node: @unchecked Sendable {
         }
         if out.actorCallsRouted { flushActorCalls() }
         for (callback, value) in out.callbacks { callback(value) }
-        out = Outgoing()
+        out.clear()
     }
 
     /// Reports load and backlogged control-store records; called by the cluster's housekeeping.
