@@ -81,7 +81,8 @@ public final class Cluster: Sendable {
         }
     }
 
-    /// Stops every component. Pending `get`s fail with ``CairnError/Code-swift.enum/shutDown``.
+    /// Stops every component. Pending `get`s fail with a cancelled ``RemoteError``; later calls
+    /// throw ``CairnError/Code-swift.enum/shutDown``.
     public func shutdown() {
         guard running.exchange(false, ordering: .relaxed) else { return }
         housekeeper.stop()
@@ -143,14 +144,16 @@ public final class Cluster: Sendable {
     private func collect(_ oids: [ObjectID], count: Int, timeout: Duration?, failOnTimeout: Bool) async throws -> [StoredValue?] {
         guard running.load(ordering: .relaxed) else { throw CairnError(.shutDown, "the cluster was shut down") }
         let gather = Gather(total: oids.count, needed: count)
+        let timer: Task<Void, Never>? = timeout.map { timeout in
+            Task {
+                // Cancelled once the values are in; only a timeout that really passes expires the gather.
+                guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                gather.expire(failOnTimeout ? CairnError(.timeout, "\(oids.count - gather.readyCount) of \(oids.count) objects were not ready within \(timeout)") : nil)
+            }
+        }
+        defer { timer?.cancel() }
         return try await withCheckedThrowingContinuation { continuation in
             gather.start(continuation)
-            if let timeout {
-                Task {
-                    try? await Task.sleep(for: timeout)
-                    gather.expire(failOnTimeout ? CairnError(.timeout, "\(oids.count - gather.readyCount) of \(oids.count) objects were not ready within \(timeout)") : nil)
-                }
-            }
             driverNode.whenAvailable(oids) { i, value in gather.arrived(i, value) }
         }
     }
@@ -223,8 +226,15 @@ final class Gather: @unchecked Sendable {
         lock.lock()
         continuation = c
         let done = ready >= needed
+        let expiredEarly = expired
+        let error = expiryError
         lock.unlock()
-        if done { finish(nil) }
+        if expiredEarly {
+            // The timeout passed before the continuation was installed.
+            finish(error, expired: true)
+        } else if done {
+            finish(nil)
+        }
     }
 
     func arrived(_ index: Int, _ value: StoredValue) {
@@ -238,7 +248,17 @@ final class Gather: @unchecked Sendable {
         if done { finish(nil) }
     }
 
-    func expire(_ error: CairnError?) { finish(error, expired: true) }
+    /// Set once the timeout passed, so that an expiry before `start` is not lost.
+    private var expired = false
+    private var expiryError: CairnError?
+
+    func expire(_ error: CairnError?) {
+        lock.lock()
+        expired = true
+        expiryError = error
+        lock.unlock()
+        finish(error, expired: true)
+    }
 
     private func finish(_ error: CairnError?, expired: Bool = false) {
         lock.lock()

@@ -130,7 +130,6 @@ final class Node: @unchecked Sendable {
     private var nodeTable: [NodeRecord] = []
     /// The node table as the scheduling policy sees it, rebuilt when the table changes.
     private var nodeLoads: [SchedulingPolicy.NodeLoad] = []
-    private var controlBacklog: [ControlRequest] = []
     private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     private var taskBacklog: [TaskRecord] = []
     private var stopped = false
@@ -182,12 +181,6 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         let failure = StoredValue.failed(RemoteError(kind: .cancelled, task: ObjectID(raw: 0), function: "", node: id, message: "the cluster was shut down"))
         all.forEach { $0(failure) }
-    }
-
-    var knowsNodes: Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return !nodeTable.isEmpty
     }
 
     var nodeCount: Int {
@@ -541,12 +534,6 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         flush(&out)
         for (i, v) in now { callback(i, v) }
-    }
-
-    func localValue(_ oid: ObjectID) -> StoredValue? {
-        condition.lock()
-        defer { condition.unlock() }
-        return objects[oid]?.value
     }
 
     /// Objects and bytes held, for tests and status.

@@ -156,6 +156,9 @@ struct RuntimeTests {
             #expect(notReady == [slow])
             let (none, all) = try await cluster.wait([slow], count: 1, timeout: .milliseconds(50))
             #expect(none.isEmpty && all == [slow])
+            // A zero timeout returns at once with whatever is ready.
+            let (readyNow, _) = try await cluster.wait(fast + [slow], count: 4, timeout: .zero)
+            #expect(Set(readyNow) == Set(fast))
             await #expect(throws: CairnError.self) { try await cluster.wait([fast[0], fast[0]], count: 1) }
             await #expect(throws: CairnError.self) { try await cluster.wait(fast, count: 4) }
             await #expect(throws: CairnError.self) { try await cluster.wait(fast, count: 0) }
