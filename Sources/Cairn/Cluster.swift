@@ -144,6 +144,9 @@ public final class Cluster: Sendable {
     private func collect(_ oids: [ObjectID], count: Int, timeout: Duration?, failOnTimeout: Bool) async throws -> [StoredValue?] {
         guard running.load(ordering: .relaxed) else { throw CairnError(.shutDown, "the cluster was shut down") }
         let gather = Gather(total: oids.count, needed: count)
+        // Values already present are recorded before the timer starts, so even a zero
+        // timeout reports everything that is ready at the moment of the call.
+        driverNode.whenAvailable(oids) { i, value in gather.arrived(i, value) }
         let timer: Task<Void, Never>? = timeout.map { timeout in
             Task {
                 // Cancelled once the values are in; only a timeout that really passes expires the gather.
@@ -154,7 +157,6 @@ public final class Cluster: Sendable {
         defer { timer?.cancel() }
         return try await withCheckedThrowingContinuation { continuation in
             gather.start(continuation)
-            driverNode.whenAvailable(oids) { i, value in gather.arrived(i, value) }
         }
     }
 
