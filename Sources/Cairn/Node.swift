@@ -104,6 +104,8 @@ final class Node: @unchecked Sendable {
     private let submissions = SubmissionBuffer()
     /// Workers waiting for work; read without `condition` by submitters to decide whether to wake one.
     private let sleepers = Atomic<Int>(0)
+    /// Counts objects stored here, so that a caller about to wait can see one arrive without the lock.
+    let storedEvents = Atomic<Int>(0)
 
     // Everything below is guarded by `condition`.
     private let condition = NSCondition()
@@ -406,6 +408,7 @@ final class Node: @unchecked Sendable {
         }
         e.value = value
         e.size = size
+        storedEvents.add(1, ordering: .releasing)
         if oid.owner == id && size >= Self.directoryThreshold {
             // Large objects go into the control store's object table (with their lineage), where
             // the scheduler weighs locality; small ones are known to their owner alone.
@@ -534,6 +537,38 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         flush(&out)
         for (i, v) in now { callback(i, v) }
+    }
+
+    /// The value of `oid` if it is here now.
+    func peek(_ oid: ObjectID) -> StoredValue? {
+        condition.lock()
+        defer { condition.unlock() }
+        return objects[oid]?.value
+    }
+
+    /// Waits up to `microseconds` for `oid` without suspending: a round trip to a short task
+    /// usually completes within it, which saves the caller a thread wake-up.
+    func spinGet(_ oid: ObjectID, microseconds: UInt64) -> StoredValue? {
+        var out = Outgoing()
+        condition.lock()
+        drainSubmissionsLocked(&out)
+        let present = objects[oid]?.value
+        condition.unlock()
+        flush(&out)
+        if let present { return present }
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let deadline = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) + microseconds * 1000
+        var seen = storedEvents.load(ordering: .acquiring)
+        while true {
+            let now = storedEvents.load(ordering: .acquiring)
+            if now != seen {
+                seen = now
+                if let v = peek(oid) { return v }
+            }
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            if UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) >= deadline { return nil }
+        }
     }
 
     /// Objects and bytes held, for tests and status.

@@ -185,7 +185,6 @@ struct RuntimeTests {
                 #expect(e.detail.contains("tpu"))
             }
             #expect(try await cluster.get(try needsGPU.remote(7)) == 7)
-            _ = cluster
         }
     }
 
