@@ -1,3 +1,4 @@
+import DequeModule
 import Synchronization
 
 /// A stateful actor: its state is the value of the conforming type, changed only by its
@@ -24,10 +25,17 @@ extension RemoteActor {
 public struct ActorHandle<A: RemoteActor>: Sendable, Codable, Hashable, CustomStringConvertible {
     /// The actor's ID.
     public let id: ActorID
+    /// The actor type's registered name (computed once: the default reflects on the type).
+    public let typeName: String
+
+    init(id: ActorID) {
+        self.id = id
+        self.typeName = A.actorTypeName
+    }
 
     /// Sends `message`; the returned reference resolves to the reply.
     public func send(_ message: A.Message) throws -> ObjectRef<A.Reply> {
-        try Submitter.current().sendToActor(id, typeName: A.actorTypeName, message: .boxed(message))
+        try Submitter.current().sendToActor(id, typeName: typeName, message: .boxed(message))
     }
 
     public var description: String { "ActorHandle<\(A.self)>(\(id))" }
@@ -66,7 +74,8 @@ final class ActorInstance: Sendable {
     let typeName: String
     let box: AnyActorBox
     struct Mailbox {
-        var calls: [ActorCall] = []
+        /// A deque: a drained batch comes off the front in O(batch), whatever the backlog.
+        var calls = Deque<ActorCall>()
         var scheduled = false
     }
     let mailbox = Mutex(Mailbox())
@@ -75,5 +84,15 @@ final class ActorInstance: Sendable {
         self.id = id
         self.typeName = typeName
         self.box = box
+    }
+
+    /// Adds a call to the mailbox; returns true if the mailbox was idle and must now be scheduled.
+    func post(_ call: ActorCall) -> Bool {
+        mailbox.withLock { box in
+            box.calls.append(call)
+            if box.scheduled { return false }
+            box.scheduled = true
+            return true
+        }
     }
 }

@@ -104,6 +104,8 @@ final class Node: @unchecked Sendable {
     private let submissions = SubmissionBuffer()
     /// Workers waiting for work; read without `condition` by submitters to decide whether to wake one.
     private let sleepers = Atomic<Int>(0)
+    /// Actors hosted here. Its own lock, so that sending to a local actor does not take `condition`.
+    private let actors = Mutex<[ActorID: ActorInstance]>([:])
     /// Counts objects stored here, so that a caller about to wait can see one arrive without the lock.
     let storedEvents = Atomic<Int>(0)
 
@@ -121,7 +123,6 @@ final class Node: @unchecked Sendable {
     private var threads = 0
     private var idle = 0
     private var blocked = 0
-    private var actors: [ActorID: ActorInstance] = [:]
     private var actorLocations: [ActorID: NodeID] = [:]
     private var actorQueue: [ActorID: [ActorCall]] = [:]
     /// Calls routed to actors on other nodes, in routing order; sent by `flushActorCalls`.
@@ -367,15 +368,10 @@ final class Node: @unchecked Sendable {
                 e.fetching = true
                 out.messages.append((.fetch([oid], replyTo: id), .node(oid.owner)))
             }
-        } else if e.inFlight || e.pinned {
-            return
-        } else if let spec = e.spec {
-            // Evicted (or lost): run the task that made it again.
+        } else if !e.inFlight, !e.pinned, let spec = e.spec {
+            // Evicted: run the task that made it again. (Owned objects without lineage, such
+            // as actor replies, are never evicted, so for those the value is on its way.)
             acceptLocked(spec, placed: false, &out)
-        } else {
-            let error = RemoteError(kind: .threw, task: oid, function: "", node: id, message: "object \(oid) no longer exists and has no lineage to rebuild it")
-            out.callbacks += e.waiters.map { ($0, .failed(error)) }
-            e.waiters = []
         }
     }
 
@@ -587,8 +583,8 @@ final class Node: @unchecked Sendable {
         if accepts(typeName), configuration.resources.satisfies(resources), let type = FunctionRegistry.process.actorType(typeName) {
             do {
                 let instance = ActorInstance(id: aid, typeName: typeName, box: try type.make(state))
+                actors.withLock { $0[aid] = instance }
                 condition.lock()
-                actors[aid] = instance
                 actorLocations[aid] = id
                 condition.unlock()
                 transport.send(.control(.registerActor(ActorRecord(id: aid, typeName: typeName, node: id))), to: .controlStore)
@@ -623,14 +619,23 @@ final class Node: @unchecked Sendable {
     /// Sends a message to an actor wherever it lives; calls from one thread keep their order.
     func sendToActor<R: RemoteValue>(_ actor: ActorID, typeName: String, message: StoredValue) throws -> ObjectRef<R> {
         let rid = mint.object()
-        condition.lock()
-        let local = actors[actor] != nil
-        condition.unlock()
+        // Calls to a local actor go straight to its mailbox; the node lock is needed only to
+        // schedule the mailbox when it was idle.
+        if let instance = actors.withLock({ $0[actor] }) {
+            let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: message)
+            if instance.post(call) {
+                var out = Outgoing()
+                condition.lock()
+                enqueueLocked(.actor(instance), &out)
+                condition.unlock()
+                flush(&out)
+            }
+            return newRef(rid)
+        }
         // A call that may leave the node is encoded before it is routed.
-        let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: local ? message : try message.portable())
+        let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: try message.portable())
         var out = Outgoing()
         condition.lock()
-        entry(rid).inFlight = true
         routeLocked(call, &out)
         condition.unlock()
         flush(&out)
@@ -638,7 +643,7 @@ final class Node: @unchecked Sendable {
     }
 
     private func routeLocked(_ call: ActorCall, _ out: inout Outgoing) {
-        if let instance = actors[call.actor] {
+        if let instance = actors.withLock({ $0[call.actor] }) {
             deliverLocked(call, to: instance, &out)
         } else if let location = actorLocations[call.actor] {
             actorOutbox[location, default: []].append(call)
@@ -664,13 +669,7 @@ final class Node: @unchecked Sendable {
     }
 
     private func deliverLocked(_ call: ActorCall, to instance: ActorInstance, _ out: inout Outgoing) {
-        let schedule = instance.mailbox.withLock { box -> Bool in
-            box.calls.append(call)
-            if box.scheduled { return false }
-            box.scheduled = true
-            return true
-        }
-        if schedule { enqueueLocked(.actor(instance), &out) }
+        if instance.post(call) { enqueueLocked(.actor(instance), &out) }
     }
 
     // MARK: messages
@@ -731,7 +730,8 @@ final class Node: @unchecked Sendable {
                     failure = "\(id) does not accept actor type \"\(spawn.typeName)\""
                 } else if let type = FunctionRegistry.process.actorType(spawn.typeName) {
                     do {
-                        actors[spawn.id] = ActorInstance(id: spawn.id, typeName: spawn.typeName, box: try type.make(spawn.state))
+                        let instance = ActorInstance(id: spawn.id, typeName: spawn.typeName, box: try type.make(spawn.state))
+                        actors.withLock { $0[spawn.id] = instance }
                         out.messages.append((.control(.registerActor(ActorRecord(id: spawn.id, typeName: spawn.typeName, node: id))), .controlStore))
                     } catch {
                         failure = "cannot decode the initial state of \(spawn.typeName): \(error)"
@@ -747,7 +747,7 @@ final class Node: @unchecked Sendable {
                 }
             case .actorCalls(let calls):
                 for call in calls {
-                    if let instance = actors[call.actor] {
+                    if let instance = actors.withLock({ $0[call.actor] }) {
                         deliverLocked(call, to: instance, &out)
                     } else {
                         let error = RemoteError(kind: .actorUnavailable, task: call.result, function: "\(call.typeName).receive", node: id,
@@ -896,8 +896,9 @@ final class Node: @unchecked Sendable {
 
     private func runActor(_ instance: ActorInstance, into results: inout [(ObjectID, StoredValue)]) {
         let calls = instance.mailbox.withLock { box -> [ActorCall] in
-            let taken = Array(box.calls.prefix(256))
-            box.calls.removeFirst(taken.count)
+            var taken: [ActorCall] = []
+            taken.reserveCapacity(min(256, box.calls.count))
+            while taken.count < 256, let call = box.calls.popFirst() { taken.append(call) }
             return taken
         }
         for call in calls {
