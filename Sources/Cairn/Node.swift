@@ -213,9 +213,7 @@ final class Node: @unchecked Sendable {
         try checkFeasible(function: function, resources: resources)
         let taskID = mint.object()
         let ref: ObjectRef<R> = newRef(taskID)
-        var spec = TaskSpec(id: taskID, function: function, args: args, resources: resources)
-        spec.local = f
-        submissions.append(spec)
+        submissions.append(TaskSpec(id: taskID, function: function, args: args, resources: resources, local: f))
         if sleepers.load(ordering: .acquiring) > 0 {
             condition.lock()
             condition.signal()
@@ -325,7 +323,6 @@ final class Node: @unchecked Sendable {
 
     /// Inputs exist: resolve them, then run here or spill.
     private func dispatchLocked(_ spec: TaskSpec, placed: Bool, _ out: inout Outgoing) {
-        var spec = spec
         for (i, arg) in spec.args.enumerated() {
             guard case .ref(let dep, _) = arg, let value = objects[dep]?.value else { continue }
             if case .failed(let upstream) = value {
@@ -831,6 +828,8 @@ final class Node: @unchecked Sendable {
     private func workerLoop() {
         WorkerContext.enter(WorkerContext(node: self))
         var results: [(ObjectID, StoredValue)] = []
+        var batch: [Work] = []
+        batch.reserveCapacity(Self.batchSize)
         var out = Outgoing()
         condition.lock()
         while true {
@@ -844,7 +843,7 @@ final class Node: @unchecked Sendable {
                 return
             }
             if ready.isEmpty { drainSubmissionsLocked(&out) }
-            guard let work = ready.popFirst() else {
+            guard let first = ready.popFirst() else {
                 condition.unlock()
                 flush(&out)
                 condition.lock()
@@ -860,15 +859,32 @@ final class Node: @unchecked Sendable {
                 sleepers.subtract(1, ordering: .sequentiallyConsistent)
                 continue
             }
+            // Under load (a long queue) take up to 32 items at once and hand their results in
+            // together: one locked section per batch instead of per task. Results still go out
+            // once the batch has run 100 us; with a short queue every result goes out at once.
+            batch.append(first)
+            if ready.count >= Self.batchingQueueLength {
+                while batch.count < Self.batchSize, let next = ready.popFirst() { batch.append(next) }
+            }
             condition.unlock()
             flush(&out)
-            switch work {
-            case .task(let spec): results.append((spec.id, run(spec)))
-            case .actor(let instance): runActor(instance, into: &results)
+            let started = batch.count > 1 ? monotonicNanoseconds() : 0
+            for (i, work) in batch.enumerated() {
+                switch work {
+                case .task(let spec): results.append((spec.id, run(spec)))
+                case .actor(let instance): runActor(instance, into: &results)
+                }
+                if i + 1 < batch.count && monotonicNanoseconds() - started > 100_000 { deliver(&results) }
             }
+            batch.removeAll(keepingCapacity: true)
             condition.lock()
         }
     }
+
+    /// Queue length from which a worker takes work in batches.
+    static let batchingQueueLength = 64
+    /// Most items a worker takes at once.
+    static let batchSize = 32
 
     private func deliver(_ results: inout [(ObjectID, StoredValue)]) {
         guard !results.isEmpty else { return }
@@ -956,6 +972,12 @@ final class ObjectEntry {
     var fetchRequests: [NodeID] = []
     /// Nodes holding a copy (to free them too).
     var copies: [NodeID] = []
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 /// Carries a value from the thread that produces it to the one blocked on a semaphore.

@@ -16,14 +16,14 @@ enum Endpoint: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// A task as it travels: what to run, on what, for whom.
-struct TaskSpec: Sendable {
-    init(id: ObjectID, function: String, args: [TaskArg], resources: Resources) {
-        self.id = id
-        self.function = function
-        self.args = args
-        self.resources = resources
-    }
-
+///
+/// A class, so that handing a task between the intake buffer, the lineage table, the ready
+/// queue and a worker retains one reference instead of copying five reference-counted fields.
+/// Thread safety (why `@unchecked Sendable` is sound): `args` and `local` change only on the
+/// node that owns the spec, under that node's lock, while resolving inputs before the task is
+/// queued or sent; after that every field is only read. A spec sent to another component is
+/// always a fresh copy made by ``portable()``.
+final class TaskSpec: @unchecked Sendable {
     /// The task's result ID (and so the task's ID).
     let id: ObjectID
     let function: String
@@ -35,23 +35,29 @@ struct TaskSpec: Sendable {
     /// The node that submitted the task and receives its result.
     var owner: NodeID { id.owner }
 
+    init(id: ObjectID, function: String, args: [TaskArg], resources: Resources, local: ErasedFunction? = nil) {
+        self.id = id
+        self.function = function
+        self.args = args
+        self.resources = resources
+        self.local = local
+    }
+
     /// Whether every argument is a value (no reference left to resolve).
     var resolved: Bool {
         for a in args { if case .ref = a { return false } }
         return true
     }
 
-    /// A copy that may cross to another node: values encoded, no process-local tokens.
+    /// A copy that may cross to another node: values encoded, no process-local tokens or code.
     func portable() throws -> TaskSpec {
-        var copy = self
-        copy.local = nil
-        copy.args = try args.map { arg in
+        let args = try self.args.map { arg -> TaskArg in
             switch arg {
             case .value(let v): return .value(try v.portable())
             case .ref(let id, _): return .ref(id, nil)
             }
         }
-        return copy
+        return TaskSpec(id: id, function: function, args: args, resources: resources)
     }
 }
 
