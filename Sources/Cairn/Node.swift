@@ -202,18 +202,23 @@ final class Node: @unchecked Sendable {
         ObjectRef(id: id, token: RefToken(id: id, release: releaseObject))
     }
 
-    /// Submits a task owned by this node.
+    /// Submits a task owned by this node, by function name.
     func submit<R: RemoteValue>(function: String, args: [TaskArg], resources: Resources) throws -> ObjectRef<R> {
         guard let f = FunctionRegistry.process.function(function) else {
             throw CairnError(.unknownFunction, "no function is registered as \"\(function)\"; create its RemoteFunction before submitting")
         }
+        return try submit(f, args: args, resources: resources)
+    }
+
+    /// Submits a task owned by this node.
+    func submit<R: RemoteValue>(_ f: ErasedFunction, args: [TaskArg], resources: Resources) throws -> ObjectRef<R> {
         guard f.arity == args.count else {
-            throw CairnError(.invalidArgument, "\"\(function)\" takes \(f.arity) arguments, got \(args.count)")
+            throw CairnError(.invalidArgument, "\"\(f.name)\" takes \(f.arity) arguments, got \(args.count)")
         }
-        try checkFeasible(function: function, resources: resources)
+        try checkFeasible(function: f.name, resources: resources)
         let taskID = mint.object()
         let ref: ObjectRef<R> = newRef(taskID)
-        submissions.append(TaskSpec(id: taskID, function: function, args: args, resources: resources, local: f))
+        submissions.append(TaskSpec(id: taskID, function: f.name, args: args, resources: resources, local: f))
         if sleepers.load(ordering: .acquiring) > 0 {
             condition.lock()
             condition.signal()
@@ -678,8 +683,12 @@ final class Node: @unchecked Sendable {
         for message in batch {
             switch message {
             case .runTasks(let specs):
+                var last: ErasedFunction?
                 for spec in specs {
-                    if !accepts(spec.function) || FunctionRegistry.process.function(spec.function) == nil {
+                    // Resolve the code once, on arrival (a batch is usually one function).
+                    if last?.name != spec.function { last = FunctionRegistry.process.function(spec.function) }
+                    spec.local = last
+                    if !accepts(spec.function) || last == nil {
                         let error = RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
                                                 message: "\(id) has no function \"\(spec.function)\" registered")
                         completeLocked(spec.id, .failed(error), &out)

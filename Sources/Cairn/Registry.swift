@@ -79,34 +79,36 @@ public struct RemoteFunction<A: RemoteValue, R: RemoteValue>: Sendable {
     public let name: String
     /// What one invocation needs from the node that runs it.
     public let resources: Resources
+    /// The registered code, kept so that submitting does not look it up.
+    let code: ErasedFunction
 
     /// Defines and registers the function `name`.
     public init(_ name: String, resources: Resources = .default, _ body: @escaping @Sendable (A) throws -> R) {
         self.name = name
         self.resources = resources
-        FunctionRegistry.process.add(ErasedFunction(name: name, arity: 1) { args in
-            try body(try args[0].value(as: A.self))
-        })
+        code = ErasedFunction(name: name, arity: 1) { args in try body(try args[0].value(as: A.self)) }
+        FunctionRegistry.process.add(code)
     }
 
-    private init(name: String, resources: Resources) {
+    private init(name: String, resources: Resources, code: ErasedFunction) {
         self.name = name
         self.resources = resources
+        self.code = code
     }
 
     /// The same function with other resource requirements.
     public func options(resources: Resources) -> RemoteFunction {
-        RemoteFunction(name: name, resources: resources)
+        RemoteFunction(name: name, resources: resources, code: code)
     }
 
     /// Submits a task on `argument` and returns a reference to its future result.
     public func remote(_ argument: A) throws -> ObjectRef<R> {
-        try Submitter.current().submit(function: name, args: [.value(.boxed(argument))], resources: resources)
+        try Submitter.current().submit(code, args: [.value(.boxed(argument))], resources: resources)
     }
 
     /// Submits a task that runs once `argument` exists, on its value.
     public func remote(_ argument: ObjectRef<A>) throws -> ObjectRef<R> {
-        try Submitter.current().submit(function: name, args: [.ref(argument.id, argument.token)], resources: resources)
+        try Submitter.current().submit(code, args: [.ref(argument.id, argument.token)], resources: resources)
     }
 }
 
@@ -114,13 +116,15 @@ public struct RemoteFunction<A: RemoteValue, R: RemoteValue>: Sendable {
 public struct RemoteFunction2<A: RemoteValue, B: RemoteValue, R: RemoteValue>: Sendable {
     public let name: String
     public let resources: Resources
+    let code: ErasedFunction
 
     public init(_ name: String, resources: Resources = .default, _ body: @escaping @Sendable (A, B) throws -> R) {
         self.name = name
         self.resources = resources
-        FunctionRegistry.process.add(ErasedFunction(name: name, arity: 2) { args in
+        code = ErasedFunction(name: name, arity: 2) { args in
             try body(try args[0].value(as: A.self), try args[1].value(as: B.self))
-        })
+        }
+        FunctionRegistry.process.add(code)
     }
 
     public func remote(_ a: A, _ b: B) throws -> ObjectRef<R> { try submit(.value(.boxed(a)), .value(.boxed(b))) }
@@ -129,7 +133,7 @@ public struct RemoteFunction2<A: RemoteValue, B: RemoteValue, R: RemoteValue>: S
     public func remote(_ a: ObjectRef<A>, _ b: ObjectRef<B>) throws -> ObjectRef<R> { try submit(.ref(a.id, a.token), .ref(b.id, b.token)) }
 
     private func submit(_ a: TaskArg, _ b: TaskArg) throws -> ObjectRef<R> {
-        try Submitter.current().submit(function: name, args: [a, b], resources: resources)
+        try Submitter.current().submit(code, args: [a, b], resources: resources)
     }
 }
 
