@@ -151,7 +151,7 @@ public final class Cluster: Sendable {
         let gather = Gather(total: oids.count, needed: count)
         // Values already present are recorded before the timer starts, so even a zero
         // timeout reports everything that is ready at the moment of the call.
-        driverNode.whenAvailable(oids) { i, value in gather.arrived(i, value) }
+        driverNode.whenAvailable(oids, into: gather)
         let timer: Task<Void, Never>? = timeout.map { timeout in
             Task {
                 // Cancelled once the values are in; only a timeout that really passes expires the gather.

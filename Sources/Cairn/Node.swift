@@ -62,7 +62,7 @@ struct Outgoing {
     var messages: [(Message, Endpoint)] = []
     var objects: [NodeID: [(ObjectID, StoredValue)]] = [:]
     var spilled: [TaskSpec] = []
-    var callbacks: [(@Sendable (StoredValue) -> Void, StoredValue)] = []
+    var callbacks: [(Waiter, StoredValue)] = []
     var spawnWorkers = 0
     /// Set when a call was routed into the actor outbox.
     var actorCallsRouted = false
@@ -166,7 +166,7 @@ final class Node: @unchecked Sendable {
 
     /// Forgets `oid` once nothing refers to its entry any more.
     private func dropIfIdle(_ oid: ObjectID, _ e: ObjectEntry) {
-        if e.value == nil && e.spec == nil && !e.inFlight && e.pendingSpec == nil && e.waiters.isEmpty && e.blockedTasks.isEmpty && e.fetchRequests.isEmpty && !e.freed {
+        if e.value == nil && e.spec == nil && !e.inFlight && e.pendingSpec == nil && e.firstWaiter == nil && e.blockedTasks.isEmpty && e.fetchRequests.isEmpty && !e.freed {
             objects.removeValue(forKey: oid)
         }
     }
@@ -176,14 +176,11 @@ final class Node: @unchecked Sendable {
         condition.lock()
         stopped = true
         condition.broadcast()
-        var all: [@Sendable (StoredValue) -> Void] = []
-        for (_, e) in objects where !e.waiters.isEmpty {
-            all += e.waiters
-            e.waiters = []
-        }
+        var all: [Waiter] = []
+        for (_, e) in objects where e.firstWaiter != nil { all += e.takeWaiters() }
         condition.unlock()
         let failure = StoredValue.failed(RemoteError(kind: .cancelled, task: ObjectID(raw: 0), function: "", node: id, message: "the cluster was shut down"))
-        all.forEach { $0(failure) }
+        all.forEach { $0.fire(failure) }
     }
 
     var nodeCount: Int {
@@ -415,9 +412,11 @@ final class Node: @unchecked Sendable {
                 taskBacklog.append(TaskRecord(id: oid, function: spec.function, argRefs: spec.args.compactMap { if case .ref(let r, _) = $0 { return r } else { return nil } }))
             }
         }
-        if !e.waiters.isEmpty {
-            for c in e.waiters { out.callbacks.append((c, value)) }
-            e.waiters = []
+        if let first = e.firstWaiter {
+            out.callbacks.append((first, value))
+            for w in e.moreWaiters { out.callbacks.append((w, value)) }
+            e.firstWaiter = nil
+            e.moreWaiters = []
         }
         if !e.blockedTasks.isEmpty {
             let tasks = e.blockedTasks
@@ -482,10 +481,10 @@ final class Node: @unchecked Sendable {
         }
         let done = DispatchSemaphore(value: 0)
         let slot = ValueSlot()
-        e.waiters.append { value in
+        e.addWaiter(.call { value in
             slot.value = value
             done.signal()
-        }
+        })
         requestLocked(oid, e, &out)
         let isWorker = WorkerContext.current?.node === self
         if isWorker {
@@ -518,7 +517,8 @@ final class Node: @unchecked Sendable {
     }
 
     /// Calls `callback` with each value as it becomes available (at once for those present).
-    func whenAvailable(_ oids: [ObjectID], _ callback: @escaping @Sendable (Int, StoredValue) -> Void) {
+    /// Hands each value to `gather` as it becomes available (at once for those present).
+    func whenAvailable(_ oids: [ObjectID], into gather: Gather) {
         var out = Outgoing()
         var now: [(Int, StoredValue)] = []
         condition.lock()
@@ -528,13 +528,13 @@ final class Node: @unchecked Sendable {
             if let v = e.value {
                 now.append((i, v))
             } else {
-                e.waiters.append { callback(i, $0) }
+                e.addWaiter(.gather(gather, i))
                 requestLocked(oid, e, &out)
             }
         }
         condition.unlock()
         flush(&out)
-        for (i, v) in now { callback(i, v) }
+        for (i, v) in now { gather.arrived(i, v) }
     }
 
     /// The value of `oid` if it is here now.
@@ -814,7 +814,7 @@ final class Node: @unchecked Sendable {
             transport.send(.schedule(specs), to: .scheduler)
         }
         if out.actorCallsRouted { flushActorCalls() }
-        for (callback, value) in out.callbacks { callback(value) }
+        for (waiter, value) in out.callbacks { waiter.fire(value) }
         out.clear()
     }
 
@@ -954,6 +954,21 @@ final class Node: @unchecked Sendable {
     }
 }
 
+/// Someone waiting for an object's value.
+enum Waiter {
+    /// A blocked thread or another callback.
+    case call(@Sendable (StoredValue) -> Void)
+    /// Slot `index` of a driver's `get` or `wait`: no closure to allocate per ref.
+    case gather(Gather, Int)
+
+    func fire(_ value: StoredValue) {
+        switch self {
+        case .call(let f): f(value)
+        case .gather(let g, let i): g.arrived(i, value)
+        }
+    }
+}
+
 /// What a node knows about one object. Guarded by the node's lock.
 final class ObjectEntry {
     /// The value, once it is here.
@@ -974,7 +989,21 @@ final class ObjectEntry {
     var pendingSpec: TaskSpec?
     var missing = 0
     var placed = false
-    var waiters: [@Sendable (StoredValue) -> Void] = []
+    /// Who waits for the value: the first inline, so that the common single waiter allocates nothing.
+    var firstWaiter: Waiter?
+    var moreWaiters: [Waiter] = []
+
+    func addWaiter(_ w: Waiter) {
+        if firstWaiter == nil { firstWaiter = w } else { moreWaiters.append(w) }
+    }
+
+    func takeWaiters() -> [Waiter] {
+        guard let first = firstWaiter else { return [] }
+        let all = [first] + moreWaiters
+        firstWaiter = nil
+        moreWaiters = []
+        return all
+    }
     /// Tasks waiting for this object.
     var blockedTasks: [ObjectID] = []
     /// Nodes that asked for it before it existed.
