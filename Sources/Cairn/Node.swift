@@ -382,6 +382,11 @@ final class Node: @unchecked Sendable {
             storeLocked(oid, value, &out)
         } else {
             out.objects[oid.owner, default: []].append((oid, value))
+            // The result belongs to its owner: forget the entry that tracked the task here.
+            if let e = objects[oid] {
+                e.inFlight = false
+                dropIfIdle(oid, e)
+            }
         }
     }
 
@@ -567,6 +572,13 @@ final class Node: @unchecked Sendable {
             clock_gettime(CLOCK_MONOTONIC, &ts)
             if UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) >= deadline { return nil }
         }
+    }
+
+    /// Entries in the object table (values or not), for tests.
+    var trackedObjects: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return objects.count
     }
 
     /// Objects and bytes held, for tests and status.
