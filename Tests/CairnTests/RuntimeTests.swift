@@ -200,7 +200,7 @@ struct RuntimeTests {
             for n in try await cluster.get(refs) { #expect(n == 0) }
             #expect(throws: CairnError.self) { try cluster.nodes[1].submit(function: "test.nonexistent", args: [.value(.boxed(1))], resources: .default) as ObjectRef<Int> }
             // A node handed a task it lacks refuses it with a typed error rather than running it.
-            let spec = TaskSpec(id: cluster.nodes[0].mint.object(), function: "test.onlyOnNode0", args: [.value(try StoredValue.boxed(1).portable())], resources: .default)
+            let spec = try TaskSpec(id: cluster.nodes[0].mint.object(), function: "test.onlyOnNode0", args: [.value(.boxed(1))], resources: .default).portable()
             cluster.nodes[0].expectResult(spec.id)
             cluster.transport.send(.runTasks([spec]), to: .node(NodeID(1)))
             let ref: ObjectRef<Int> = cluster.nodes[0].newRef(spec.id)
