@@ -27,7 +27,7 @@ final class GlobalScheduler: @unchecked Sendable {
             case .nodeTable(let table):
                 nodes = Dictionary(uniqueKeysWithValues: table.map { ($0.id, $0) })
                 placedSinceReport = [:]
-            case .schedule(let specs):
+            case .schedule(let specs, let from):
                 let loads = nodes.values.map {
                     SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued + (placedSinceReport[$0.id] ?? 0),
                                               functions: $0.functions, alive: $0.alive)
@@ -39,7 +39,7 @@ final class GlobalScheduler: @unchecked Sendable {
                         for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
                     }
                     let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
-                    if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, random: &random) {
+                    if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
                         placed[target, default: []].append(spec)
                         placedSinceReport[target, default: 0] += 1
                         if let i = view.firstIndex(where: { $0.id == target }) { view[i].queued += 1 }

@@ -823,7 +823,7 @@ final class Node: @unchecked Sendable {
                     transport.send(.objects([(spec.id, .failed(e))]), to: .node(spec.owner))
                 }
             }
-            transport.send(.schedule(specs), to: .scheduler)
+            transport.send(.schedule(specs, from: id), to: .scheduler)
         }
         if out.actorCallsRouted { flushActorCalls() }
         for (waiter, value) in out.callbacks { waiter.fire(value) }

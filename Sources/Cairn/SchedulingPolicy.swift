@@ -58,11 +58,21 @@ public enum SchedulingPolicy {
     /// Picks the node with the shortest estimated wait (queued tasks per CPU), discounted by
     /// the bytes of the task's inputs already there (`bytesPerQueuedTask` bytes of local input
     /// are worth one queued task), breaking ties at random. Nil if no live node can run it.
+    ///
+    /// `handedUpBy` is the node that handed the work up because its own queue was long: it is
+    /// chosen only if no other node can run the work (sending work back where it came from
+    /// costs two hops and gains nothing).
     public static func place<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
-                                                       bytesPerQueuedTask: Double = 65_536, random: inout R) -> NodeID? {
+                                                       bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
+                                                       random: inout R) -> NodeID? {
         var best: [NodeID] = []
         var bestScore = Double.infinity
+        var fallback: NodeID?
         for node in nodes where node.canRun(work.resources, work.function) {
+            if node.id == handedUpBy {
+                fallback = node.id
+                continue
+            }
             let wait = Double(node.queued) / max(node.resources.cpus, 1)
             let score = wait - Double(inputBytes[node.id] ?? 0) / bytesPerQueuedTask
             if score < bestScore - 1e-9 {
@@ -72,7 +82,7 @@ public enum SchedulingPolicy {
                 best.append(node.id)
             }
         }
-        guard !best.isEmpty else { return nil }
+        guard !best.isEmpty else { return fallback }
         return best[Int(random.next() % UInt64(best.count))]
     }
 }

@@ -90,8 +90,8 @@ enum ControlRequest: Sendable {
 enum Message: Sendable {
     /// Tasks placed on the receiving node: run them there.
     case runTasks([TaskSpec])
-    /// Tasks a node hands to the global scheduler.
-    case schedule([TaskSpec])
+    /// Tasks a node hands to the global scheduler (from: the node handing them up).
+    case schedule([TaskSpec], from: NodeID)
     /// Object values, pushed to their owner or sent in answer to a fetch.
     case objects([(ObjectID, StoredValue)])
     /// Please send these objects to `replyTo` once they exist.
@@ -154,7 +154,7 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
             if case .boxed(let b) = v { preconditionFailure("a \(type(of: b)) would cross between components as a shared reference; encode it first") }
         }
         switch message {
-        case .runTasks(let specs), .schedule(let specs):
+        case .runTasks(let specs), .schedule(let specs, _):
             // Only `portable()` makes specs that may cross; checking its stamp is O(1) per spec.
             for s in specs where !s.isPortable {
                 preconditionFailure("task \(s.id) would cross between components without being made portable")

@@ -348,6 +348,15 @@ struct SchedulingPolicyTests {
         #expect(!SchedulingPolicy.feasible(.init(resources: Resources(cpus: 1, custom: ["tpu": 1]), function: nil), nodes: nodes))
     }
 
+    @Test("place: work handed up by a node goes elsewhere, back to it only if no other node can run it")
+    func handedUp() {
+        var rng = SeededGenerator(seed: 7)
+        // Node 1 is the least loaded, but it handed the work up: node 2 (wait 2) beats node 0 (wait 5).
+        #expect(SchedulingPolicy.place(.init(resources: .default, function: nil), nodes: nodes, handedUpBy: NodeID(1), random: &rng) == NodeID(2))
+        // Only node 2 has a GPU: work it handed up comes back to it rather than failing.
+        #expect(SchedulingPolicy.place(.init(resources: Resources(cpus: 1, custom: ["gpu": 1]), function: nil), nodes: nodes, handedUpBy: NodeID(2), random: &rng) == NodeID(2))
+    }
+
     @Test("place: ties are broken by the injected random source, reproducibly per seed")
     func ties() {
         let even = (0..<4).map { SchedulingPolicy.NodeLoad(id: NodeID($0), resources: .default, queued: 0) }
