@@ -28,11 +28,10 @@ final class GlobalScheduler: @unchecked Sendable {
                 nodes = Dictionary(uniqueKeysWithValues: table.map { ($0.id, $0) })
                 placedSinceReport = [:]
             case .schedule(let specs, let from):
-                let loads = nodes.values.map {
+                var view = nodes.values.map {
                     SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued + (placedSinceReport[$0.id] ?? 0),
                                               functions: $0.functions, alive: $0.alive)
                 }
-                var view = loads
                 for spec in specs {
                     var inputs: [NodeID: Int] = [:]
                     if !spec.resolved {

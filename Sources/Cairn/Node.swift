@@ -39,7 +39,7 @@ public struct NodeConfiguration: Sendable {
     /// fetched again or rebuilt from lineage. Objects from `put` are never evicted.
     public var storeLimitBytes: Int
     /// A node runs a task itself while fewer than this many tasks per worker wait in its queue;
-    /// beyond that it hands tasks to the global scheduler.
+    /// beyond that it hands tasks to the global scheduler if another node is less loaded.
     public var spillThreshold: Int
 
     public init(resources: Resources = Resources(cpus: 1), functions: Set<String>? = nil,
@@ -130,8 +130,7 @@ final class Node: @unchecked Sendable {
     /// Held while taking and sending `actorOutbox`, so that calls leave in the order they were routed.
     private let actorSendLock = NSLock()
     private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
-    private var nodeTable: [NodeRecord] = []
-    /// The node table as the scheduling policy sees it, rebuilt when the table changes.
+    /// The control store's node table as the scheduling policy sees it, replaced on every update.
     private var nodeLoads: [SchedulingPolicy.NodeLoad] = []
     private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     private var taskBacklog: [TaskRecord] = []
@@ -186,7 +185,7 @@ final class Node: @unchecked Sendable {
     var nodeCount: Int {
         condition.lock()
         defer { condition.unlock() }
-        return nodeTable.count
+        return nodeLoads.count
     }
 
     // MARK: submission
@@ -230,8 +229,7 @@ final class Node: @unchecked Sendable {
         if known { return }
         condition.lock()
         let stopped = self.stopped
-        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: 0, functions: $0.functions, alive: $0.alive) }
-        let table = nodeTable
+        let loads = nodeLoads
         condition.unlock()
         guard !stopped else { throw CairnError(.shutDown, "the cluster was shut down") }
         if SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) {
@@ -239,7 +237,7 @@ final class Node: @unchecked Sendable {
             return
         }
         if !SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads) {
-            throw CairnError(.infeasible, "no node offers \(resources); nodes offer \(table.map { "\($0.id): \($0.resources)" }.joined(separator: "; "))")
+            throw CairnError(.infeasible, "no node offers \(resources); nodes offer \(loads.map { "\($0.id): \($0.resources)" }.joined(separator: "; "))")
         }
         throw CairnError(.unknownFunction, "no node accepts function \"\(function)\" with \(resources)")
     }
@@ -521,7 +519,6 @@ final class Node: @unchecked Sendable {
         return value
     }
 
-    /// Calls `callback` with each value as it becomes available (at once for those present).
     /// Hands each value to `gather` as it becomes available (at once for those present).
     func whenAvailable(_ oids: [ObjectID], into gather: Gather) {
         var out = Outgoing()
@@ -559,19 +556,16 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         flush(&out)
         if let present { return present }
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let deadline = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) + microseconds * 1000
+        let deadline = monotonicNanoseconds() + microseconds * 1000
         var seen = storedEvents.load(ordering: .acquiring)
-        while true {
+        while monotonicNanoseconds() < deadline {
             let now = storedEvents.load(ordering: .acquiring)
             if now != seen {
                 seen = now
                 if let v = peek(oid) { return v }
             }
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            if UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) >= deadline { return nil }
         }
+        return nil
     }
 
     /// Entries in the object table (values or not), for tests.
@@ -609,7 +603,7 @@ final class Node: @unchecked Sendable {
             return
         }
         condition.lock()
-        let loads = nodeTable.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
+        let loads = nodeLoads
         var random = SeededGenerator(seed: aid.raw)
         guard let target = SchedulingPolicy.place(.init(resources: resources, function: typeName), nodes: loads, random: &random) else {
             condition.unlock()
@@ -786,10 +780,9 @@ final class Node: @unchecked Sendable {
                     }
                 }
             case .nodeTable(let table):
-                if table.map(\.id) != nodeTable.map(\.id) || table.map(\.alive) != nodeTable.map(\.alive) {
+                if table.map(\.id) != nodeLoads.map(\.id) || table.map(\.alive) != nodeLoads.map(\.alive) {
                     feasibility.withLock { $0.known = [:] }
                 }
-                nodeTable = table
                 nodeLoads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
             case .schedule, .control:
                 break
