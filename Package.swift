@@ -48,15 +48,16 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.
-        .target(name: "CairnChaosKit", dependencies: ["CairnCore"], path: "Chaos/CairnChaosKit"),
+        .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore"], path: "Chaos/CairnChaosKit"),
         .executableTarget(name: "CairnChaos", dependencies: [
-            "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
+            "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Chaos/CairnChaos"),
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec"], path: "Tests/CairnTests"),
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit"],
+                    path: "Tests/CairnTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.

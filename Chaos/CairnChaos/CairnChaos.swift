@@ -1,15 +1,16 @@
 import ArgumentParser
+import Cairn
 import CairnChaosKit
 import CairnCore
 import CairnStorage
 import Foundation
 
 @main
-struct CairnChaos: ParsableCommand {
+struct CairnChaos: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-chaos",
         abstract: "Cairn's fault-injection harness.",
-        subcommands: [StorageWriter.self])
+        subcommands: [ActorCrash.self, ActorHost.self, StorageWriter.self])
 }
 
 /// The child of the storage crash test: appends and checkpoints until it is killed,

@@ -1,3 +1,4 @@
+import CairnCodec
 import DequeModule
 import Synchronization
 
@@ -38,12 +39,26 @@ public struct ActorHandle<A: RemoteActor>: Sendable, Codable, Hashable, CustomSt
         try Submitter.current().sendToActor(id, typeName: typeName, message: .boxed(message))
     }
 
+    /// Sends `message` as message number `sequence` of `caller`, for exactly-once retries to a
+    /// durable actor: a caller that got no reply sends again with the same caller and sequence,
+    /// and the message is applied once; the retry gets the original reply.
+    ///
+    /// A caller's sequence numbers must increase. A retry of a message whose reply is no longer
+    /// kept (see ``DurabilityOptions/repliesKeptPerCaller``) fails with
+    /// ``RemoteError/Kind-swift.enum/staleRetry``. On an actor that is not durable, the caller
+    /// and sequence are ignored.
+    public func send(_ message: A.Message, caller: CallerID, sequence: UInt64) throws -> ObjectRef<A.Reply> {
+        try Submitter.current().sendToActor(id, typeName: typeName, message: .boxed(message), caller: caller.raw, sequence: sequence)
+    }
+
     public var description: String { "ActorHandle<\(A.self)>(\(id))" }
 }
 
 /// Type-erased actor state, driven by its hosting node.
 class AnyActorBox: @unchecked Sendable {
     func handle(_ message: StoredValue) throws -> any RemoteValue { preconditionFailure("abstract") }
+    /// A copy of the state taken now (copy-on-write, so O(1) here) and a way to encode it later, on another thread.
+    func snapshot() -> @Sendable () throws -> [UInt8] { preconditionFailure("abstract") }
 }
 
 /// Holds one actor's state. Only the hosting node's actor runner touches `state`, one message
@@ -55,6 +70,11 @@ final class ActorBox<A: RemoteActor>: AnyActorBox, @unchecked Sendable {
     override func handle(_ message: StoredValue) throws -> any RemoteValue {
         try state.receive(try message.value(as: A.Message.self))
     }
+
+    override func snapshot() -> @Sendable () throws -> [UInt8] {
+        let copy = state
+        return { try BinaryEncoder().encode(copy) }
+    }
 }
 
 /// One pending call to an actor.
@@ -62,7 +82,14 @@ struct ActorCall: Sendable {
     let actor: ActorID
     let typeName: String
     let result: ObjectID
-    let message: StoredValue
+    var message: StoredValue
+    /// For exactly-once retries to durable actors: the caller (0 = anonymous) and its sequence number.
+    var caller: UInt64 = 0
+    var callerSequence: UInt64 = 0
+    /// Not a message: a request to checkpoint a durable actor at this point of its mailbox.
+    var isCheckpointRequest = false
+    /// Where a durable actor's log holds this message, once it is durable.
+    var logSequence: UInt64?
 }
 
 /// An actor hosted on a node: its state and its mailbox.
@@ -73,6 +100,8 @@ final class ActorInstance: Sendable {
     let id: ActorID
     let typeName: String
     let box: AnyActorBox
+    /// Set for a durable actor: its log stage, exactly-once table and checkpoints.
+    let durable: DurableActor?
     struct Mailbox {
         /// A deque: a drained batch comes off the front in O(batch), whatever the backlog.
         var calls = Deque<ActorCall>()
@@ -80,10 +109,21 @@ final class ActorInstance: Sendable {
     }
     let mailbox = Mutex(Mailbox())
 
-    init(id: ActorID, typeName: String, box: AnyActorBox) {
+    init(id: ActorID, typeName: String, box: AnyActorBox, durable: DurableActor? = nil) {
         self.id = id
         self.typeName = typeName
         self.box = box
+        self.durable = durable
+    }
+
+    /// Adds calls to the mailbox, in order; returns true if the mailbox was idle and must now be scheduled.
+    func post(_ calls: [ActorCall]) -> Bool {
+        mailbox.withLock { box in
+            box.calls.append(contentsOf: calls)
+            if box.scheduled { return false }
+            box.scheduled = true
+            return true
+        }
     }
 
     /// Adds a call to the mailbox; returns true if the mailbox was idle and must now be scheduled.

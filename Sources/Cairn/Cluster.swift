@@ -10,17 +10,31 @@ public struct ClusterOptions: Sendable {
     public var schedulerSeed: UInt64
     /// How often nodes report their load to the control store, in milliseconds.
     public var housekeepingIntervalMs: Int
+    /// Where durable actors keep their logs and checkpoints. Default: LMDB under `.cairn` in the
+    /// working directory, opened only when the first durable actor is spawned.
+    public var storage: ActorStorageOptions
+    /// Receives the runtime's warnings (a corrupt checkpoint skipped, a torn log record
+    /// discarded, a failed checkpoint). Default: printed to standard error.
+    public var log: @Sendable (String) -> Void
 
-    public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2) {
+    public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
+                storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
         precondition(!nodes.isEmpty, "a cluster needs at least one node")
         self.nodes = nodes
         self.schedulerSeed = schedulerSeed
         self.housekeepingIntervalMs = housekeepingIntervalMs
+        self.storage = storage
+        self.log = log
     }
 
     /// `count` nodes of `cpus` CPUs each.
-    public static func uniform(nodes count: Int, cpus: Double = 1) -> ClusterOptions {
-        ClusterOptions(nodes: Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: count))
+    public static func uniform(nodes count: Int, cpus: Double = 1, storage: ActorStorageOptions = ActorStorageOptions()) -> ClusterOptions {
+        ClusterOptions(nodes: Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: count), storage: storage)
+    }
+
+    /// Writes `cairn: <line>` to standard error.
+    public static let standardErrorLog: @Sendable (String) -> Void = { line in
+        FileHandle.standardError.write(Data("cairn: \(line)\n".utf8))
     }
 }
 
@@ -38,6 +52,7 @@ public final class Cluster: Sendable {
     private let releases = ReleaseQueue()
     private let running = Atomic<Bool>(true)
     private let housekeeper: Housekeeper
+    private let actorStorage: LazyActorStorage
 
     /// The node the driver submits to.
     var driverNode: Node { nodes[0] }
@@ -68,8 +83,10 @@ public final class Cluster: Sendable {
         controlStore = ControlStoreServer(transport: transport)
         scheduler = GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
+        let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
+        self.actorStorage = actorStorage
         nodes = options.nodes.enumerated().map { i, config in
-            Node(id: NodeID(i), configuration: config, transport: transport) { oid in
+            Node(id: NodeID(i), configuration: config, transport: transport, actorStorage: actorStorage) { oid in
                 releases.add(oid)
             }
         }
@@ -82,11 +99,13 @@ public final class Cluster: Sendable {
     }
 
     /// Stops every component. Pending `get`s fail with a cancelled ``RemoteError``; later calls
-    /// throw ``CairnError/Code-swift.enum/shutDown``.
+    /// throw ``CairnError/Code-swift.enum/shutDown``. Durable actors finish their queued
+    /// checkpoints and are recorded as stopped cleanly, so their next start is not a restart.
     public func shutdown() {
         guard running.exchange(false, ordering: .relaxed) else { return }
         housekeeper.stop()
         nodes.forEach { $0.stop() }
+        actorStorage.close()
         transport.shutdown()
         DefaultCluster.clear(self)
     }
@@ -177,6 +196,60 @@ public final class Cluster: Sendable {
         }
         return ActorHandle(id: id)
     }
+
+    /// Spawns a durable actor named `name`, or restores it if its storage already holds it.
+    ///
+    /// A new actor starts from `initial`; an existing one comes back from its newest valid
+    /// checkpoint plus every logged message after it, replayed in order, before this returns
+    /// and before any new message is accepted (`initial` is then ignored). With
+    /// ``MessageLogging/durable`` logging every message is in the fsync'd log before it runs and
+    /// before its reply exists, so the state after any number of crashes is the state reached
+    /// by applying each acknowledged message once, in each caller's order.
+    ///
+    /// Handlers must be deterministic: replay runs them again and must reach the same state.
+    /// Effects outside the state (a file written, a request sent) happen at least once: a
+    /// message applied before a crash but after the last checkpoint runs again during replay.
+    ///
+    /// Spawning a name already hosted in this cluster returns the same actor. Throws
+    /// ``CairnError/Code-swift.enum/actorDead`` after more than `maxRestarts` crashes,
+    /// ``CairnError/Code-swift.enum/invalidArgument`` if `name` is empty, longer than 200 bytes
+    /// or held by another actor type, and ``CairnError/Code-swift.enum/storage`` if the storage
+    /// cannot be opened or holds no usable checkpoint.
+    public func spawn<A: RemoteActor>(_ initial: A, name: String, durability: DurabilityOptions = DurabilityOptions(),
+                                      resources: Resources = Resources(cpus: 0)) async throws -> ActorHandle<A> {
+        guard !name.isEmpty, name.utf8.count <= 200 else {
+            throw CairnError(.invalidArgument, "a durable actor's name must be 1 to 200 bytes of UTF-8; got \(name.utf8.count)")
+        }
+        guard running.load(ordering: .relaxed) else { throw CairnError(.shutDown, "the cluster was shut down") }
+        FunctionRegistry.process.register(A.self)
+        let spawn = DurableSpawn(name: name, options: durability)
+        let id: ActorID = try await withCheckedThrowingContinuation { continuation in
+            driverNode.spawnActor(typeName: A.actorTypeName, state: .boxed(initial), resources: resources, durable: spawn) { result in
+                continuation.resume(with: result.map(\.0))
+            }
+        }
+        return ActorHandle(id: id)
+    }
+
+    /// Checkpoints a durable actor now, after the messages sent to it before this call. The
+    /// reference resolves, once the checkpoint is durable, to the log position it covers.
+    public func checkpoint<A: RemoteActor>(_ actor: ActorHandle<A>) throws -> ObjectRef<UInt64> {
+        try driverNode.sendToActor(actor.id, typeName: actor.typeName, message: .boxed(0), checkpointRequest: true)
+    }
+
+    /// The control store's record of an actor: where it lives, its state, and for a durable
+    /// actor its restarts, newest checkpoint and log position.
+    public func status<A: RemoteActor>(of actor: ActorHandle<A>) async throws -> ActorStatus {
+        let record: ActorRecord? = await withCheckedContinuation { continuation in
+            driverNode.describeActor(actor.id) { continuation.resume(returning: $0) }
+        }
+        guard let r = record else { throw CairnError(.actorUnavailable, "the control store has no record of \(actor.id)") }
+        return ActorStatus(id: r.id, typeName: r.typeName, node: r.node, name: r.name, state: r.state, restarts: r.restarts,
+                           checkpointSequence: r.checkpointSequence, logPosition: r.logPosition)
+    }
+
+    /// Counters of checkpoints, restores and replays since the cluster started.
+    public var metrics: RuntimeMetrics { actorStorage.metrics.snapshot }
 
     // MARK: inspection
 

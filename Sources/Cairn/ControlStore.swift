@@ -22,6 +22,39 @@ struct ActorRecord: Sendable {
     let id: ActorID
     let typeName: String
     let node: NodeID
+    /// A durable actor's name; nil for others.
+    var name: String?
+    var state: ActorStatus.State = .alive
+    var restarts = 0
+    var checkpointSequence: UInt64?
+    var logPosition: UInt64 = 0
+}
+
+/// An actor's entry in the control store's actor table, as ``Cluster/status(of:)`` reports it.
+public struct ActorStatus: Sendable, Equatable {
+    public enum State: String, Sendable, Equatable {
+        /// Taking messages.
+        case alive
+        /// Being restored from its checkpoint and log; messages wait.
+        case restoring
+        /// Restored more than `maxRestarts` times; it takes no more messages.
+        case dead
+        /// Its creation or restore failed (the spawn's error says why).
+        case failed
+    }
+    public let id: ActorID
+    public let typeName: String
+    /// The node hosting it.
+    public let node: NodeID
+    /// A durable actor's name.
+    public let name: String?
+    public let state: State
+    /// Times a durable actor was restored after a crash.
+    public let restarts: Int
+    /// The log position the newest durable checkpoint covers.
+    public let checkpointSequence: UInt64?
+    /// The log position after the last message applied, as last reported.
+    public let logPosition: UInt64
 }
 
 /// The Global Control Store's tables, as one component reached only through messages:
@@ -69,8 +102,13 @@ final class ControlStoreServer: @unchecked Sendable {
                 for r in records { tasks[r.id] = r }
             case .registerActor(let record):
                 actors[record.id] = record
+            case .actorProgress(let id, let checkpoint, let log):
+                if let checkpoint { actors[id]?.checkpointSequence = checkpoint }
+                actors[id]?.logPosition = log
+            case .describeActor(let id, let replyTo):
+                transport.send(.actorDescription(id, actors[id]), to: replyTo)
             case .lookupActor(let id, let replyTo):
-                transport.send(.actorLocation(id, actors[id]?.node), to: replyTo)
+                transport.send(.actorLocation(id, actors[id].flatMap { $0.state == .alive ? $0.node : nil }), to: replyTo)
             case .subscribeNodes(let endpoint):
                 nodeSubscribers.append(endpoint)
                 transport.send(.nodeTable(Array(nodes.values)), to: endpoint)

@@ -22,6 +22,10 @@ public struct CairnError: Error, CustomStringConvertible, Sendable, Equatable {
         case actorUnavailable
         /// A value could not be encoded or decoded to cross between nodes.
         case serialization
+        /// Durable storage could not be opened, read or written; the detail names the store and why.
+        case storage
+        /// A durable actor was restored more than its `maxRestarts` allows and is declared dead.
+        case actorDead
     }
 
     public let code: Code
@@ -53,6 +57,13 @@ public struct RemoteError: Error, CustomStringConvertible, Sendable, Equatable, 
         case serialization
         /// The actor is not available (it failed to start, or was never created).
         case actorUnavailable
+        /// A retried message to a durable actor was applied before and its reply is no longer
+        /// kept; raise ``DurabilityOptions/repliesKeptPerCaller`` or retry sooner.
+        case staleRetry
+        /// The message could not be written to the durable actor's log, so it was not run.
+        case storageFailed
+        /// The request does not apply to its target (a checkpoint asked of an actor that is not durable).
+        case invalidRequest
     }
 
     public let kind: Kind

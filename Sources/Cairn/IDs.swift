@@ -39,7 +39,22 @@ public struct ObjectID: Hashable, Sendable, Codable, CustomStringConvertible {
 public struct ActorID: Hashable, Sendable, Codable, CustomStringConvertible {
     public let raw: UInt64
     public init(raw: UInt64) { self.raw = raw }
-    public var description: String { "actor-\(raw >> 48)-\(raw & 0xFFFF_FFFF_FFFF)" }
+    public var description: String {
+        isDurable ? "actor-durable-\(String(raw & 0xFFFF_FFFF_FFFF, radix: 16))" : "actor-\(raw >> 48)-\(raw & 0xFFFF_FFFF_FFFF)"
+    }
+
+    /// The top 16 bits of a durable actor's ID: no node has this number.
+    static let durableTag: UInt64 = 0xFFFF
+
+    /// A durable actor's ID, the same in every life of the actor: derived from its name
+    /// (FNV-1a, 48 bits), so a handle stays valid across crashes and restarts.
+    static func durable(name: String) -> ActorID {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        return ActorID(raw: durableTag << 48 | (h & 0xFFFF_FFFF_FFFF))
+    }
+
+    var isDurable: Bool { raw >> 48 == Self.durableTag }
 }
 
 /// Mints IDs for one node.

@@ -66,6 +66,8 @@ struct Outgoing {
     var spawnWorkers = 0
     /// Set when a call was routed into the actor outbox.
     var actorCallsRouted = false
+    /// Calls for durable actors hosted here: handed to their log stage after the lock is released.
+    var durableCalls: [(DurableActor, ActorCall)] = []
 
     /// Empties everything, keeping the storage (a worker reuses one `Outgoing` for every task).
     mutating func clear() {
@@ -75,6 +77,7 @@ struct Outgoing {
         if !callbacks.isEmpty { callbacks.removeAll(keepingCapacity: true) }
         spawnWorkers = 0
         actorCallsRouted = false
+        if !durableCalls.isEmpty { durableCalls.removeAll(keepingCapacity: true) }
     }
 }
 
@@ -96,6 +99,10 @@ final class Node: @unchecked Sendable {
     let mint: IDMint
     let workersTarget: Int
     private let releaseObject: @Sendable (ObjectID) -> Void
+    /// The cluster's durable-actor storage, shared by its nodes (opened on the first durable spawn).
+    let actorStorage: LazyActorStorage
+    /// Durable actors hosted here, for time-based checkpoints while they are idle.
+    private let durables = Mutex<[DurableActor]>([])
     /// Objects at least this large are recorded in the control store's object and task tables.
     static let directoryThreshold = 64 << 10
 
@@ -130,14 +137,17 @@ final class Node: @unchecked Sendable {
     /// Held while taking and sending `actorOutbox`, so that calls leave in the order they were routed.
     private let actorSendLock = NSLock()
     private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
+    private var describeWaiters: [ActorID: [@Sendable (ActorRecord?) -> Void]] = [:]
     /// The control store's node table as the scheduling policy sees it, replaced on every update.
     private var nodeLoads: [SchedulingPolicy.NodeLoad] = []
     private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     private var taskBacklog: [TaskRecord] = []
     private var stopped = false
 
-    init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, release: @escaping @Sendable (ObjectID) -> Void) {
+    init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, actorStorage: LazyActorStorage,
+         release: @escaping @Sendable (ObjectID) -> Void) {
         self.id = id
+        self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
         self.mint = IDMint(node: id)
@@ -585,20 +595,14 @@ final class Node: @unchecked Sendable {
     // MARK: actors
 
     /// Creates an actor on a node chosen by the policy; `done` gets the node or the failure.
-    func spawnActor(typeName: String, state: StoredValue, resources: Resources, done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
-        let aid = mint.actor()
+    /// A durable actor is created, or restored from its storage, before `done` runs.
+    func spawnActor(typeName: String, state: StoredValue, resources: Resources, durable: DurableSpawn? = nil,
+                    done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
+        let aid = durable.map { ActorID.durable(name: $0.name) } ?? mint.actor()
         // Bottom-up: host the actor here when this node can.
         if accepts(typeName), configuration.resources.satisfies(resources), let type = FunctionRegistry.process.actorType(typeName) {
-            do {
-                let instance = ActorInstance(id: aid, typeName: typeName, box: try type.make(state))
-                actors.withLock { $0[aid] = instance }
-                condition.lock()
-                actorLocations[aid] = id
-                condition.unlock()
-                transport.send(.control(.registerActor(ActorRecord(id: aid, typeName: typeName, node: id))), to: .controlStore)
-                done(.success((aid, id)))
-            } catch {
-                done(.failure(CairnError(.serialization, "cannot create \(typeName) from its initial state: \(error)")))
+            host(aid, typeName: typeName, type: type, state: state, durable: durable) { result in
+                done(result.map { (aid, $0) })
             }
             return
         }
@@ -615,7 +619,7 @@ final class Node: @unchecked Sendable {
         spawnWaiters[aid] = { result in done(result.map { (aid, $0) }) }
         condition.unlock()
         do {
-            transport.send(.createActor(ActorSpawn(id: aid, typeName: typeName, state: try state.portable(), replyTo: id)), to: .node(target))
+            transport.send(.createActor(ActorSpawn(id: aid, typeName: typeName, state: try state.portable(), replyTo: id, durable: durable)), to: .node(target))
         } catch {
             condition.lock()
             spawnWaiters.removeValue(forKey: aid)
@@ -624,14 +628,127 @@ final class Node: @unchecked Sendable {
         }
     }
 
+    /// Creates the actor here. A durable one is created or restored on its own thread (a
+    /// restore reads and replays its storage), and registered only once it can take messages.
+    private func host(_ aid: ActorID, typeName: String, type: ErasedActorType, state: StoredValue, durable: DurableSpawn?,
+                      done: @escaping @Sendable (Result<NodeID, CairnError>) -> Void) {
+        guard let durable else {
+            do {
+                let instance = ActorInstance(id: aid, typeName: typeName, box: try type.make(state))
+                install(instance, record: ActorRecord(id: aid, typeName: typeName, node: id))
+                done(.success(id))
+            } catch {
+                done(.failure(CairnError(.serialization, "cannot create \(typeName) from its initial state: \(error)")))
+            }
+            return
+        }
+        let storage: ActorStorage
+        do {
+            storage = try actorStorage.get()
+        } catch {
+            done(.failure(error as? CairnError ?? CairnError(.storage, "\(error)")))
+            return
+        }
+        // One host per name in the cluster: spawning a hosted name again returns the same actor.
+        let alreadyHosted = storage.hosted.withLock { table -> Bool in
+            if table[durable.name] != nil { return true }
+            table[durable.name] = aid
+            return false
+        }
+        if alreadyHosted {
+            if actors.withLock({ $0[aid] }) != nil { done(.success(id)) } else {
+                done(.failure(CairnError(.invalidArgument, "durable actor \"\(durable.name)\" is already hosted in this cluster (or being restored); use its existing handle")))
+            }
+            return
+        }
+        var record = ActorRecord(id: aid, typeName: typeName, node: id)
+        record.name = durable.name
+        record.state = .restoring
+        transport.send(.control(.registerActor(record)), to: .controlStore)
+        let restoring = record
+        let thread = Thread { [self] in
+            var record = restoring
+            do {
+                let (box, d, restore) = try DurableActor.open(spawn: durable, typeName: typeName, type: type, initial: state, node: self,
+                                                              storage: storage, metrics: actorStorage.metrics, log: actorStorage.log)
+                let instance = ActorInstance(id: aid, typeName: typeName, box: box, durable: d)
+                d.instance = instance
+                durables.withLock { $0.append(d) }
+                record.state = .alive
+                record.restarts = restore.restarts
+                record.checkpointSequence = d.newestCheckpoint.load(ordering: .relaxed)
+                record.logPosition = d.position
+                install(instance, record: record)
+                done(.success(id))
+            } catch {
+                _ = storage.hosted.withLock { $0.removeValue(forKey: durable.name) }
+                let e = error as? CairnError ?? CairnError(.storage, "\(error)")
+                record.state = e.code == .actorDead ? .dead : .failed
+                transport.send(.control(.registerActor(record)), to: .controlStore)
+                done(.failure(e))
+            }
+        }
+        thread.name = "cairn-\(id)-restore"
+        thread.start()
+    }
+
+    private func install(_ instance: ActorInstance, record: ActorRecord) {
+        actors.withLock { $0[instance.id] = instance }
+        condition.lock()
+        actorLocations[instance.id] = id
+        condition.unlock()
+        transport.send(.control(.registerActor(record)), to: .controlStore)
+    }
+
+    /// Schedules an actor whose mailbox just became non-empty (from outside the node's lock).
+    func schedule(_ instance: ActorInstance) {
+        var out = Outgoing()
+        condition.lock()
+        enqueueLocked(.actor(instance), &out)
+        condition.unlock()
+        flush(&out)
+    }
+
+    /// Completes an object from outside a worker (a durable actor's checkpoint reply, a log failure).
+    func complete(_ oid: ObjectID, _ value: StoredValue) {
+        var out = Outgoing()
+        condition.lock()
+        completeLocked(oid, value, &out)
+        condition.unlock()
+        flush(&out)
+    }
+
+    /// Tells the control store where a durable actor's checkpoint and log stand.
+    func reportActorProgress(_ d: DurableActor) {
+        guard let aid = d.instance?.id else { return }
+        let checkpoint = d.newestCheckpoint.load(ordering: .relaxed)
+        transport.send(.control(.actorProgress(aid, checkpoint: checkpoint == .max ? nil : checkpoint,
+                                               log: d.reportedPosition.load(ordering: .relaxed))), to: .controlStore)
+    }
+
+    /// Asks the control store for an actor's record.
+    func describeActor(_ aid: ActorID, done: @escaping @Sendable (ActorRecord?) -> Void) {
+        condition.lock()
+        let first = describeWaiters[aid] == nil
+        describeWaiters[aid, default: []].append(done)
+        condition.unlock()
+        if first { transport.send(.control(.describeActor(aid, replyTo: .node(id))), to: .controlStore) }
+    }
+
     /// Sends a message to an actor wherever it lives; calls from one thread keep their order.
-    func sendToActor<R: RemoteValue>(_ actor: ActorID, typeName: String, message: StoredValue) throws -> ObjectRef<R> {
+    func sendToActor<R: RemoteValue>(_ actor: ActorID, typeName: String, message: StoredValue, caller: UInt64 = 0, sequence: UInt64 = 0,
+                                     checkpointRequest: Bool = false) throws -> ObjectRef<R> {
         let rid = mint.object()
         // Calls to a local actor go straight to its mailbox; the node lock is needed only to
         // schedule the mailbox when it was idle.
         if let instance = actors.withLock({ $0[actor] }) {
-            let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: message)
-            if instance.post(call) {
+            var call = ActorCall(actor: actor, typeName: typeName, result: rid, message: message, caller: caller, callerSequence: sequence,
+                                 isCheckpointRequest: checkpointRequest)
+            if let durable = instance.durable {
+                // A durable actor's message is logged, so it is encoded here, on the caller's thread.
+                call.message = try message.portable()
+                durable.submit(call)
+            } else if instance.post(call) {
                 var out = Outgoing()
                 condition.lock()
                 enqueueLocked(.actor(instance), &out)
@@ -641,7 +758,8 @@ final class Node: @unchecked Sendable {
             return newRef(rid)
         }
         // A call that may leave the node is encoded before it is routed.
-        let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: try message.portable())
+        let call = ActorCall(actor: actor, typeName: typeName, result: rid, message: try message.portable(), caller: caller,
+                             callerSequence: sequence, isCheckpointRequest: checkpointRequest)
         var out = Outgoing()
         condition.lock()
         routeLocked(call, &out)
@@ -677,7 +795,11 @@ final class Node: @unchecked Sendable {
     }
 
     private func deliverLocked(_ call: ActorCall, to instance: ActorInstance, _ out: inout Outgoing) {
-        if instance.post(call) { enqueueLocked(.actor(instance), &out) }
+        if let durable = instance.durable {
+            out.durableCalls.append((durable, call))
+        } else if instance.post(call) {
+            enqueueLocked(.actor(instance), &out)
+        }
     }
 
     // MARK: messages
@@ -685,6 +807,8 @@ final class Node: @unchecked Sendable {
     private func handle(_ batch: [Message]) {
         var out = Outgoing()
         var created: [(@Sendable (Result<NodeID, CairnError>) -> Void, Result<NodeID, CairnError>)] = []
+        var hostLater: [(ActorSpawn, ErasedActorType)] = []
+        var described: [(@Sendable (ActorRecord?) -> Void, ActorRecord?)] = []
         condition.lock()
         for message in batch {
             switch message {
@@ -737,26 +861,20 @@ final class Node: @unchecked Sendable {
                 }
                 if !recorded.isEmpty { out.messages.append((.control(.forgetObjects(recorded)), .controlStore)) }
             case .createActor(let spawn):
-                var failure: String?
                 if !accepts(spawn.typeName) {
-                    failure = "\(id) does not accept actor type \"\(spawn.typeName)\""
+                    out.messages.append((.actorCreated(spawn.id, on: id, failure: "\(id) does not accept actor type \"\(spawn.typeName)\""), .node(spawn.replyTo)))
                 } else if let type = FunctionRegistry.process.actorType(spawn.typeName) {
-                    do {
-                        let instance = ActorInstance(id: spawn.id, typeName: spawn.typeName, box: try type.make(spawn.state))
-                        actors.withLock { $0[spawn.id] = instance }
-                        out.messages.append((.control(.registerActor(ActorRecord(id: spawn.id, typeName: spawn.typeName, node: id))), .controlStore))
-                    } catch {
-                        failure = "cannot decode the initial state of \(spawn.typeName): \(error)"
-                    }
+                    hostLater.append((spawn, type))
                 } else {
-                    failure = "actor type \"\(spawn.typeName)\" is not registered on \(id)"
+                    out.messages.append((.actorCreated(spawn.id, on: id, failure: "actor type \"\(spawn.typeName)\" is not registered on \(id)"), .node(spawn.replyTo)))
                 }
-                out.messages.append((.actorCreated(spawn.id, on: id, failure: failure), .node(spawn.replyTo)))
             case .actorCreated(let aid, let node, let failure):
                 if failure == nil { actorLocations[aid] = node }
                 if let waiter = spawnWaiters.removeValue(forKey: aid) {
                     created.append((waiter, failure.map { .failure(CairnError(.actorUnavailable, $0)) } ?? .success(node)))
                 }
+            case .actorDescription(let aid, let record):
+                for waiter in describeWaiters.removeValue(forKey: aid) ?? [] { described.append((waiter, record)) }
             case .actorCalls(let calls):
                 for call in calls {
                     if let instance = actors.withLock({ $0[call.actor] }) {
@@ -791,6 +909,14 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         flush(&out)
         for (waiter, result) in created { waiter(result) }
+        for (waiter, record) in described { waiter(record) }
+        for (spawn, type) in hostLater {
+            host(spawn.id, typeName: spawn.typeName, type: type, state: spawn.state, durable: spawn.durable) { [self] result in
+                var failure: String?
+                if case .failure(let e) = result { failure = e.detail }
+                transport.send(.actorCreated(spawn.id, on: id, failure: failure), to: .node(spawn.replyTo))
+            }
+        }
     }
 
     /// Sends what the locked section gathered: encodes values leaving the node (outside the lock).
@@ -819,6 +945,7 @@ final class Node: @unchecked Sendable {
             transport.send(.schedule(specs, from: id), to: .scheduler)
         }
         if out.actorCallsRouted { flushActorCalls() }
+        for (durable, call) in out.durableCalls { durable.submit(call) }
         for (waiter, value) in out.callbacks { waiter.fire(value) }
         out.clear()
     }
@@ -833,6 +960,12 @@ final class Node: @unchecked Sendable {
         taskBacklog = []
         condition.unlock()
         transport.send(.control(.reportLoad(id, queued: queued)), to: .controlStore)
+        for d in durables.withLock({ $0 }) {
+            if d.idleCheckpointDue, let instance = d.instance {
+                d.markIdleCheckpointRequested()
+                _ = try? sendToActor(instance.id, typeName: instance.typeName, message: .boxed(0), checkpointRequest: true) as ObjectRef<UInt64>
+            }
+        }
         if !locations.isEmpty { transport.send(.control(.objectLocations(locations)), to: .controlStore) }
         if !tasks.isEmpty { transport.send(.control(.recordTasks(tasks)), to: .controlStore) }
     }
@@ -931,16 +1064,10 @@ final class Node: @unchecked Sendable {
             while taken.count < 256, let call = box.calls.popFirst() { taken.append(call) }
             return taken
         }
-        for call in calls {
-            let value: StoredValue
-            do {
-                value = .boxed(try instance.box.handle(call.message))
-            } catch let error as RemoteError {
-                value = .failed(RemoteError(kind: .upstreamFailed, task: call.result, function: "\(instance.typeName).receive", node: id, message: error.root.message, cause: error))
-            } catch {
-                value = .failed(RemoteError(kind: .threw, task: call.result, function: "\(instance.typeName).receive", node: id, message: "\(error)"))
-            }
-            results.append((call.result, value))
+        if let durable = instance.durable {
+            durable.run(calls, box: instance.box, typeName: instance.typeName, nodeID: id, into: &results)
+        } else {
+            runCalls(calls, on: instance, into: &results)
         }
         let more = instance.mailbox.withLock { box -> Bool in
             if box.calls.isEmpty {
@@ -955,6 +1082,19 @@ final class Node: @unchecked Sendable {
             enqueueLocked(.actor(instance), &out)
             condition.unlock()
             flush(&out)
+        }
+    }
+
+    private func runCalls(_ calls: [ActorCall], on instance: ActorInstance, into results: inout [(ObjectID, StoredValue)]) {
+        let function = "\(instance.typeName).receive"
+        for call in calls {
+            if call.isCheckpointRequest {
+                let error = RemoteError(kind: .invalidRequest, task: call.result, function: "checkpoint", node: id,
+                                        message: "\(instance.id) is not durable, so it has no checkpoints; spawn it with a name and DurabilityOptions")
+                results.append((call.result, .failed(error)))
+                continue
+            }
+            results.append((call.result, DurableActor.apply(call.message, box: instance.box, task: call.result, function: function, node: id)))
         }
     }
 }

@@ -71,6 +71,8 @@ struct ActorSpawn: Sendable {
     let typeName: String
     let state: StoredValue
     let replyTo: NodeID
+    /// Set for a durable actor: its name and options (the node creates or restores it).
+    var durable: DurableSpawn?
 }
 
 /// The requests the control store answers (the GCS tables of DESIGN.md).
@@ -81,8 +83,13 @@ enum ControlRequest: Sendable {
     /// The objects were freed: drop their locations and lineage.
     case forgetObjects([ObjectID])
     case recordTasks([TaskRecord])
+    /// Creates or replaces an actor's record.
     case registerActor(ActorRecord)
+    /// A durable actor's newest checkpoint and log position.
+    case actorProgress(ActorID, checkpoint: UInt64?, log: UInt64)
     case lookupActor(ActorID, replyTo: Endpoint)
+    /// Answered with ``Message/actorDescription(_:_:)``.
+    case describeActor(ActorID, replyTo: Endpoint)
     case subscribeNodes(Endpoint)
 }
 
@@ -103,6 +110,7 @@ enum Message: Sendable {
     case actorCreated(ActorID, on: NodeID, failure: String?)
     case actorCalls([ActorCall])
     case actorLocation(ActorID, NodeID?)
+    case actorDescription(ActorID, ActorRecord?)
     case control(ControlRequest)
     case nodeTable([NodeRecord])
 }

@@ -1,0 +1,578 @@
+import CairnCodec
+import CairnStorage
+import Foundation
+import Synchronization
+
+/// Counters of the durable-actor machinery, as ``Cluster/metrics`` reports them.
+public struct RuntimeMetrics: Sendable, Equatable {
+    /// Checkpoints written and fsync'd.
+    public var checkpointsWritten = 0
+    /// Checkpoints found corrupt or truncated during a restore and skipped for an older one.
+    public var checkpointsRejected = 0
+    /// Checkpoints that could not be encoded or written.
+    public var checkpointFailures = 0
+    /// Log records found corrupt (a torn write) during a restore, and the records after them, discarded.
+    public var logRecordsDiscarded = 0
+    /// Durable actors restored from storage (after a crash or a clean stop).
+    public var actorsRestored = 0
+    /// Logged messages applied again during restores.
+    public var messagesReplayed = 0
+    /// Retried messages answered from the reply cache instead of being applied again.
+    public var duplicatesAnswered = 0
+}
+
+final class MetricsCounters: Sendable {
+    let checkpointsWritten = Atomic<Int>(0)
+    let checkpointsRejected = Atomic<Int>(0)
+    let checkpointFailures = Atomic<Int>(0)
+    let logRecordsDiscarded = Atomic<Int>(0)
+    let actorsRestored = Atomic<Int>(0)
+    let messagesReplayed = Atomic<Int>(0)
+    let duplicatesAnswered = Atomic<Int>(0)
+
+    var snapshot: RuntimeMetrics {
+        RuntimeMetrics(checkpointsWritten: checkpointsWritten.load(ordering: .relaxed),
+                       checkpointsRejected: checkpointsRejected.load(ordering: .relaxed),
+                       checkpointFailures: checkpointFailures.load(ordering: .relaxed),
+                       logRecordsDiscarded: logRecordsDiscarded.load(ordering: .relaxed),
+                       actorsRestored: actorsRestored.load(ordering: .relaxed),
+                       messagesReplayed: messagesReplayed.load(ordering: .relaxed),
+                       duplicatesAnswered: duplicatesAnswered.load(ordering: .relaxed))
+    }
+}
+
+/// The logs and checkpoints of a cluster's durable actors, opened on the first durable spawn.
+///
+/// Logs and checkpoints live in two LMDB environments, so that writing a large checkpoint
+/// never holds up the group commits that make messages durable.
+final class ActorStorage: Sendable {
+    let logs: DurableStore
+    let checkpoints: DurableStore
+    let writer: BackgroundWriter
+    let location: ActorStorageOptions.Location
+    /// Durable actors hosted in this cluster, by name.
+    let hosted = Mutex<[String: ActorID]>([:])
+
+    init(_ options: ActorStorageOptions) throws {
+        location = options.location
+        let logOptions = StoreOptions(syncMode: .group, checkpointsKept: options.checkpointsKept)
+        let checkpointOptions = StoreOptions(syncMode: .eachCommit, checkpointsKept: options.checkpointsKept)
+        switch options.location {
+        case .inMemory:
+            logs = .inMemory(options: logOptions)
+            checkpoints = .inMemory(options: checkpointOptions)
+        case .directory(let path):
+            do {
+                for sub in ["logs", "checkpoints"] {
+                    try FileManager.default.createDirectory(atPath: path + "/" + sub, withIntermediateDirectories: true)
+                }
+                logs = try .lmdb(directory: path + "/logs", options: logOptions)
+                checkpoints = try .lmdb(directory: path + "/checkpoints", options: checkpointOptions)
+            } catch {
+                throw CairnError(.storage, "cannot open durable actor storage in \(path): \(error); check that the directory is writable, or pass another with ClusterOptions.storage")
+            }
+        }
+        writer = BackgroundWriter()
+    }
+
+    /// Finishes queued checkpoints and commits, then closes both stores.
+    func close() {
+        writer.stop()
+        logs.close()
+        checkpoints.close()
+    }
+
+    static func logName(_ name: String) -> String { "actor/" + name }
+    static func metaKey(_ name: String) -> [UInt8] { Array(("actor-meta/" + name).utf8) }
+
+    func meta(_ name: String) throws -> DurableActorMeta? {
+        try logs.get(Self.metaKey(name)).map { try BinaryDecoder().decode(DurableActorMeta.self, from: $0) }
+    }
+
+    func putMeta(_ name: String, _ meta: DurableActorMeta) throws {
+        try logs.put(Self.metaKey(name), try BinaryEncoder().encode(meta))
+    }
+
+    var locationDescription: String {
+        switch location {
+        case .inMemory: return "memory"
+        case .directory(let d): return d
+        }
+    }
+}
+
+/// Opens the cluster's actor storage on first use, so clusters without durable actors touch no disk.
+final class LazyActorStorage: Sendable {
+    let options: ActorStorageOptions
+    let metrics = MetricsCounters()
+    let log: @Sendable (String) -> Void
+    private let storage = Mutex<ActorStorage?>(nil)
+    private let closed = Atomic<Bool>(false)
+
+    init(options: ActorStorageOptions, log: @escaping @Sendable (String) -> Void) {
+        self.options = options
+        self.log = log
+    }
+
+    func get() throws -> ActorStorage {
+        try storage.withLock { s in
+            if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
+            if let s { return s }
+            let opened = try ActorStorage(options)
+            s = opened
+            return opened
+        }
+    }
+
+    var ifOpen: ActorStorage? { storage.withLock { $0 } }
+
+    /// Marks every hosted actor as stopped cleanly (so the next start is not counted as a restart) and closes.
+    func close() {
+        let s: ActorStorage? = storage.withLock { s in
+            closed.store(true, ordering: .relaxed)
+            let taken = s
+            s = nil
+            return taken
+        }
+        guard let s else { return }
+        s.writer.drain()
+        for name in s.hosted.withLock({ Array($0.keys) }) {
+            if var meta = try? s.meta(name), !meta.dead {
+                meta.running = false
+                try? s.putMeta(name, meta)
+            }
+        }
+        s.close()
+    }
+}
+
+/// One thread that encodes, compresses and writes checkpoints, behind the actors' backs.
+///
+/// It runs at a lower priority (nice 10) than the workers, so that on a busy machine the
+/// scheduler lets a worker preempt it at once: the actor keeps answering while its copy is written.
+final class BackgroundWriter: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var jobs: [() -> Void] = []
+    private var stopping = false
+    private var busy = false
+    private var finished = false
+
+    init() {
+        let thread = Thread { [self] in run() }
+        thread.name = "cairn-checkpoint-writer"
+        thread.start()
+    }
+
+    func enqueue(_ job: @escaping () -> Void) {
+        condition.lock()
+        jobs.append(job)
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Waits until every queued job has run.
+    func drain() {
+        condition.lock()
+        while (!jobs.isEmpty || busy) && !finished { condition.wait() }
+        condition.unlock()
+    }
+
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        while !finished { condition.wait() }
+        condition.unlock()
+    }
+
+    private func run() {
+        // On Linux the nice value is per thread, and `who == 0` means the calling thread.
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+        condition.lock()
+        while true {
+            while jobs.isEmpty && !stopping { condition.wait() }
+            if jobs.isEmpty && stopping { break }
+            let job = jobs.removeFirst()
+            busy = true
+            condition.unlock()
+            job()
+            condition.lock()
+            busy = false
+            condition.broadcast()
+        }
+        finished = true
+        condition.broadcast()
+        condition.unlock()
+    }
+}
+
+/// What a node needs to spawn a durable actor.
+struct DurableSpawn: Sendable {
+    let name: String
+    let options: DurabilityOptions
+}
+
+/// The durable side of one hosted actor: its log stage, its exactly-once table, its checkpoints.
+///
+/// Messages pass through three steps. **Stage**: calls wait in `stage` while the previous
+/// batch is being committed; then everything waiting is appended to the actor's log in one
+/// write, which the store's group committer joins with other writers into one fsync'd commit.
+/// **Run**: once durable, the batch goes to the mailbox, where a worker applies each message
+/// unless the caller table says it was applied before. **Checkpoint**: between two messages the
+/// worker copies the state (copy-on-write, O(1)) and the caller table, and the background
+/// writer encodes, compresses and writes the copy while the actor keeps running.
+///
+/// Thread safety (why `@unchecked Sendable` is sound): `stage` is a mutex; the fields marked
+/// "run side" are touched only by the worker that owns the actor's mailbox (one at a time, the
+/// mailbox's `scheduled` flag guarantees it) or by recovery before the actor is visible.
+final class DurableActor: @unchecked Sendable {
+    let name: String
+    let options: DurabilityOptions
+    let storage: ActorStorage
+    let metrics: MetricsCounters
+    let log: @Sendable (String) -> Void
+    let logName: String
+    unowned let node: Node
+    weak var instance: ActorInstance?
+
+    private struct Stage {
+        var pending: [ActorCall] = []
+        var committing = false
+    }
+    private let stage = Mutex(Stage())
+
+    // Run side.
+    var table: CallerTable
+    /// Messages applied in the actor's whole life.
+    var applied: UInt64 = 0
+    /// The log position after the last message applied: a checkpoint taken now covers the log before it.
+    var position: UInt64 = 0
+    private var sinceCheckpoint = 0
+    /// When the last checkpoint was taken; atomic because housekeeping reads it for time-based checkpoints.
+    private let lastCheckpoint = Atomic<UInt64>(monotonicNanoseconds())
+    private let idleRequested = Atomic<Bool>(false)
+
+    /// Readable from any thread: for status reports.
+    let reportedPosition = Atomic<UInt64>(0)
+    let newestCheckpoint = Atomic<UInt64>(UInt64.max)
+    private let checkpointBusy = Atomic<Bool>(false)
+
+    init(name: String, options: DurabilityOptions, node: Node, storage: ActorStorage, metrics: MetricsCounters, log: @escaping @Sendable (String) -> Void) {
+        self.name = name
+        self.node = node
+        self.options = options
+        self.storage = storage
+        self.metrics = metrics
+        self.log = log
+        self.logName = ActorStorage.logName(name)
+        self.table = CallerTable(keep: options.repliesKeptPerCaller)
+    }
+
+    // MARK: stage
+
+    /// Takes a call for this actor (its message already encoded); it runs once it is durable.
+    func submit(_ call: ActorCall) {
+        guard options.logging == .durable else {
+            post([call])
+            return
+        }
+        let batch: [ActorCall]? = stage.withLock { s in
+            s.pending.append(call)
+            if s.committing { return nil }
+            s.committing = true
+            let all = s.pending
+            s.pending = []
+            return all
+        }
+        if let batch { commit(batch) }
+    }
+
+    private func commit(_ calls: [ActorCall]) {
+        var payloads: [[UInt8]] = []
+        payloads.reserveCapacity(calls.count)
+        var failure: RemoteError?
+        for call in calls where !call.isCheckpointRequest {
+            guard case .encoded(let bytes) = call.message else {
+                failure = RemoteError(kind: .storageFailed, task: call.result, function: "\(call.typeName).receive", node: node.id,
+                                      message: "a message reached the log stage without being encoded")
+                break
+            }
+            payloads.append(LoggedMessage.encode(caller: call.caller, sequence: call.callerSequence, message: bytes))
+        }
+        if let failure {
+            finish(calls, .failure(StorageError(.io, failure.message)))
+            return
+        }
+        if payloads.isEmpty {
+            finish(calls, .success(0))
+            return
+        }
+        var batch = WriteBatch()
+        batch.append(to: logName, payloads)
+        storage.logs.commit(batch) { [self] result in
+            finish(calls, result.map { $0.firstSequences[0] })
+        }
+    }
+
+    /// The batch is durable (or failed): hand it to the mailbox, then commit what gathered meanwhile.
+    private func finish(_ calls: [ActorCall], _ result: Result<UInt64, StorageError>) {
+        switch result {
+        case .success(var seq):
+            var durable = calls
+            for i in durable.indices where !durable[i].isCheckpointRequest {
+                durable[i].logSequence = seq
+                seq += 1
+            }
+            post(durable)
+        case .failure(let error):
+            for call in calls {
+                let e = RemoteError(kind: .storageFailed, task: call.result, function: "\(call.typeName).receive", node: node.id,
+                                    message: "the message to durable actor \"\(name)\" could not be logged, so it did not run: \(error)")
+                node.complete(call.result, .failed(e))
+            }
+        }
+        let next: [ActorCall]? = stage.withLock { s in
+            if s.pending.isEmpty {
+                s.committing = false
+                return nil
+            }
+            let all = s.pending
+            s.pending = []
+            return all
+        }
+        if let next { commit(next) }
+    }
+
+    private func post(_ calls: [ActorCall]) {
+        guard let instance else { return }
+        if instance.post(calls) { node.schedule(instance) }
+    }
+
+    // MARK: run side
+
+    /// Runs a drained batch of the mailbox; called by the worker that owns it.
+    func run(_ calls: [ActorCall], box: AnyActorBox, typeName: String, nodeID: NodeID, into results: inout [(ObjectID, StoredValue)]) {
+        for call in calls {
+            if call.isCheckpointRequest {
+                checkpoint(box: box, reply: call.result)
+                continue
+            }
+            let value: StoredValue
+            switch table.decide(caller: call.caller, sequence: call.callerSequence) {
+            case .apply:
+                value = Self.apply(call.message, box: box, task: call.result, function: "\(typeName).receive", node: nodeID)
+                table.record(caller: call.caller, sequence: call.callerSequence, reply: value)
+                applied += 1
+            case .duplicate(let reply):
+                metrics.duplicatesAnswered.add(1, ordering: .relaxed)
+                value = reply
+            case .stale(let last, let oldest):
+                value = .failed(RemoteError(kind: .staleRetry, task: call.result, function: "\(typeName).receive", node: nodeID,
+                                            message: "message \(call.callerSequence) of caller \(call.caller) was applied before (the caller's last is \(last)) and its reply is no longer kept (oldest kept: \(oldest.map(String.init) ?? "none")); raise repliesKeptPerCaller or retry sooner"))
+            }
+            if let s = call.logSequence { position = s + 1 } else if options.logging == .memoryOnly { position = applied }
+            sinceCheckpoint += 1
+            results.append((call.result, value))
+        }
+        reportedPosition.store(position, ordering: .relaxed)
+        if options.checkpoint.isDue(messagesSince: sinceCheckpoint, nanosecondsSince: monotonicNanoseconds() - lastCheckpoint.load(ordering: .relaxed)),
+           !checkpointBusy.load(ordering: .acquiring) {
+            checkpoint(box: box, reply: nil)
+        }
+    }
+
+    static func apply(_ message: StoredValue, box: AnyActorBox, task: ObjectID, function: String, node: NodeID) -> StoredValue {
+        do {
+            return .boxed(try box.handle(message))
+        } catch let error as RemoteError {
+            return .failed(RemoteError(kind: .upstreamFailed, task: task, function: function, node: node, message: error.root.message, cause: error))
+        } catch {
+            return .failed(RemoteError(kind: .threw, task: task, function: function, node: node, message: "\(error)"))
+        }
+    }
+
+    /// Whether a time-based checkpoint is due while the actor is idle (asked by housekeeping):
+    /// messages ran since the newest checkpoint, and the interval has passed.
+    var idleCheckpointDue: Bool {
+        guard let ms = options.checkpoint.milliseconds, !checkpointBusy.load(ordering: .relaxed), !idleRequested.load(ordering: .relaxed) else { return false }
+        return reportedPosition.load(ordering: .relaxed) != newestCheckpoint.load(ordering: .relaxed)
+            && monotonicNanoseconds() - lastCheckpoint.load(ordering: .relaxed) >= UInt64(ms) * 1_000_000
+    }
+
+    func markIdleCheckpointRequested() { idleRequested.store(true, ordering: .relaxed) }
+
+    /// Copies the state between two messages and has the background writer store it.
+    private func checkpoint(box: AnyActorBox, reply: ObjectID?) {
+        let encodeState = box.snapshot()
+        let tableCopy = table
+        let sequence = position
+        let appliedCopy = applied
+        sinceCheckpoint = 0
+        lastCheckpoint.store(monotonicNanoseconds(), ordering: .relaxed)
+        idleRequested.store(false, ordering: .relaxed)
+        checkpointBusy.store(true, ordering: .releasing)
+        storage.writer.enqueue { [self] in
+            let result = Result<UInt64, Error> {
+                try write(DurableCheckpoint(version: DurableCheckpoint.formatVersion, state: try encodeState(),
+                                            callers: try tableCopy.snapshot(), applied: appliedCopy), at: sequence)
+                return sequence
+            }
+            checkpointBusy.store(false, ordering: .releasing)
+            if case .failure(let error) = result {
+                metrics.checkpointFailures.add(1, ordering: .relaxed)
+                log("durable actor \"\(name)\": checkpoint at \(sequence) failed: \(error); the log is kept, so nothing is lost")
+            }
+            if let reply {
+                node.complete(reply, result.map { .boxed($0) as StoredValue }.mapErrorValue { error in
+                    .failed(RemoteError(kind: .storageFailed, task: reply, function: "checkpoint", node: node.id, message: "\(error)"))
+                })
+            }
+        }
+    }
+
+    /// Writes a checkpoint durably, then truncates the log before the oldest checkpoint kept
+    /// (so that falling back past a corrupt newest checkpoint still finds its log).
+    func write(_ checkpoint: DurableCheckpoint, at sequence: UInt64) throws {
+        try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: try BinaryEncoder().encode(checkpoint))
+        metrics.checkpointsWritten.add(1, ordering: .relaxed)
+        newestCheckpoint.store(sequence, ordering: .relaxed)
+        if options.logging == .durable, let oldest = try storage.checkpoints.checkpointSequences(name).first, oldest > 0 {
+            try storage.logs.truncateLog(logName, before: oldest)
+        }
+        node.reportActorProgress(self)
+    }
+
+    // MARK: recovery
+
+    /// What a restore found, for status and tests.
+    struct Restore {
+        var fromCheckpoint: UInt64
+        var replayed: Int
+        var rejectedCheckpoints: Int
+        var discardedRecords: Int
+        var restarts: Int
+        var created: Bool
+    }
+
+    /// Creates the actor's storage on first spawn, or restores it: newest valid checkpoint, then
+    /// the log after it, in order. Runs before the actor accepts any message.
+    static func open(spawn: DurableSpawn, typeName: String, type: ErasedActorType, initial: StoredValue, node: Node,
+                     storage: ActorStorage, metrics: MetricsCounters, log: @escaping @Sendable (String) -> Void) throws -> (AnyActorBox, DurableActor, Restore) {
+        let name = spawn.name
+        let d = DurableActor(name: name, options: spawn.options, node: node, storage: storage, metrics: metrics, log: log)
+        do {
+            guard var meta = try storage.meta(name) else {
+                // A new actor: its initial state is checkpoint zero, so a log replay always has a base.
+                let box = try type.make(initial)
+                let start = try storage.logs.logBounds(d.logName).next
+                d.position = start
+                try d.write(DurableCheckpoint(version: DurableCheckpoint.formatVersion, state: try box.snapshot()(), callers: [], applied: 0), at: start)
+                try storage.putMeta(name, DurableActorMeta(typeName: typeName, restarts: 0, running: true, dead: false))
+                return (box, d, Restore(fromCheckpoint: start, replayed: 0, rejectedCheckpoints: 0, discardedRecords: 0, restarts: 0, created: true))
+            }
+            guard meta.typeName == typeName else {
+                throw CairnError(.invalidArgument, "durable actor \"\(name)\" in \(storage.locationDescription) is a \(meta.typeName), not a \(typeName); use another name")
+            }
+            if meta.dead {
+                throw CairnError(.actorDead, "durable actor \"\(name)\" was declared dead after \(meta.restarts) restarts; its log and checkpoints are kept in \(storage.locationDescription)")
+            }
+            let restarts = meta.restarts + (meta.running ? 1 : 0)
+            if restarts > spawn.options.maxRestarts {
+                meta.dead = true
+                meta.restarts = restarts
+                try storage.putMeta(name, meta)
+                throw CairnError(.actorDead, "durable actor \"\(name)\" crashed \(restarts) times, more than maxRestarts (\(spawn.options.maxRestarts)); it is now marked dead; its log and checkpoints are kept in \(storage.locationDescription)")
+            }
+            guard let read = try storage.checkpoints.newestCheckpoint(name) else {
+                throw CairnError(.storage, "durable actor \"\(name)\" has a record but no checkpoint in \(storage.locationDescription); the store is damaged")
+            }
+            for (seq, error) in read.rejected {
+                metrics.checkpointsRejected.add(1, ordering: .relaxed)
+                log("durable actor \"\(name)\": checkpoint \(seq) is unusable (\(error)); falling back to checkpoint \(read.sequence) and a longer replay")
+            }
+            let checkpoint = try BinaryDecoder().decode(DurableCheckpoint.self, from: read.payload)
+            guard checkpoint.version == DurableCheckpoint.formatVersion else {
+                throw CairnError(.storage, "durable actor \"\(name)\": checkpoint \(read.sequence) has format version \(checkpoint.version); this build reads \(DurableCheckpoint.formatVersion)")
+            }
+            let box = try type.make(.encoded(checkpoint.state))
+            d.table = try CallerTable(keep: spawn.options.repliesKeptPerCaller, snapshot: checkpoint.callers)
+            d.applied = checkpoint.applied
+            d.position = read.sequence
+            let (replayed, discarded) = try d.replay(box: box, typeName: typeName)
+            metrics.actorsRestored.add(1, ordering: .relaxed)
+            metrics.messagesReplayed.add(replayed, ordering: .relaxed)
+            d.sinceCheckpoint = 0
+            if discarded > 0 || !read.rejected.isEmpty {
+                // Start the next life from a good checkpoint past the damage.
+                try d.write(DurableCheckpoint(version: DurableCheckpoint.formatVersion, state: try box.snapshot()(),
+                                              callers: try d.table.snapshot(), applied: d.applied), at: d.position)
+            } else {
+                d.newestCheckpoint.store(read.sequence, ordering: .relaxed)
+            }
+            meta.running = true
+            meta.restarts = restarts
+            try storage.putMeta(name, meta)
+            d.reportedPosition.store(d.position, ordering: .relaxed)
+            return (box, d, Restore(fromCheckpoint: read.sequence, replayed: replayed, rejectedCheckpoints: read.rejected.count,
+                                    discardedRecords: discarded, restarts: restarts, created: false))
+        } catch let error as CairnError {
+            throw error
+        } catch {
+            throw CairnError(.storage, "durable actor \"\(name)\" could not be restored from \(storage.locationDescription): \(error)")
+        }
+    }
+
+    /// Applies the logged messages after `position`, in pages. A corrupt record (a torn write)
+    /// ends the replay: it and every record after it are discarded and reported.
+    private func replay(box: AnyActorBox, typeName: String) throws -> (replayed: Int, discarded: Int) {
+        let bounds = try storage.logs.logBounds(logName)
+        guard bounds.first <= position || bounds.first == bounds.next else {
+            throw CairnError(.storage, "durable actor \"\(name)\": the log starts at \(bounds.first) but the newest usable checkpoint needs it from \(position); the records between are gone")
+        }
+        var replayed = 0
+        var from = position
+        let function = "\(typeName).receive"
+        while from < bounds.next {
+            var entries: [LogEntry]
+            var corruptAt: UInt64?
+            do {
+                entries = try storage.logs.readLog(logName, from: from, limit: 65_536)
+            } catch let error as StorageError where error.code == .corruptRecord && error.sequence != nil {
+                corruptAt = error.sequence!
+                entries = try storage.logs.readLog(logName, from: from, upTo: error.sequence!, limit: 65_536)
+                if entries.count == 65_536 { corruptAt = nil }
+            }
+            for entry in entries {
+                let (caller, seq, message) = try LoggedMessage.decode(entry.payload)
+                if case .apply = table.decide(caller: caller, sequence: seq) {
+                    let reply = Self.apply(.encoded(message), box: box, task: ObjectID(raw: 0), function: function, node: node.id)
+                    table.record(caller: caller, sequence: seq, reply: reply)
+                    applied += 1
+                }
+                replayed += 1
+                position = entry.sequence + 1
+            }
+            if let corruptAt {
+                let discarded = Int(bounds.next - corruptAt)
+                metrics.logRecordsDiscarded.add(discarded, ordering: .relaxed)
+                log("durable actor \"\(name)\": log record \(corruptAt) is corrupt (a torn write); it and the \(discarded - 1) records after it are discarded, and the actor continues from the \(replayed) records before it")
+                position = bounds.next
+                return (replayed, discarded)
+            }
+            guard let last = entries.last else { break }
+            from = last.sequence + 1
+        }
+        position = max(position, bounds.next)
+        return (replayed, 0)
+    }
+}
+
+extension Result {
+    /// The success value, or the failure mapped to a value.
+    fileprivate func mapErrorValue(_ f: (Failure) -> Success) -> Success {
+        switch self {
+        case .success(let v): return v
+        case .failure(let e): return f(e)
+        }
+    }
+}
