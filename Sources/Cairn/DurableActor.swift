@@ -483,37 +483,57 @@ final class DurableActor: @unchecked Sendable {
                 try storage.putMeta(name, meta)
                 throw CairnError(.actorDead, "durable actor \"\(name)\" crashed \(restarts) times, more than maxRestarts (\(spawn.options.maxRestarts)); it is now marked dead; its log and checkpoints are kept in \(storage.locationDescription)")
             }
-            guard let read = try storage.checkpoints.newestCheckpoint(name) else {
-                throw CairnError(.storage, "durable actor \"\(name)\" has a record but no checkpoint in \(storage.locationDescription); the store is damaged")
+            var box: AnyActorBox
+            var base: UInt64
+            var rejected = 0
+            do {
+                guard let read = try storage.checkpoints.newestCheckpoint(name) else {
+                    throw CairnError(.storage, "durable actor \"\(name)\" has a record but no checkpoint in \(storage.locationDescription); the store is damaged")
+                }
+                for (seq, error) in read.rejected {
+                    log("durable actor \"\(name)\": checkpoint \(seq) is unusable (\(error)); falling back to checkpoint \(read.sequence) and a longer replay")
+                }
+                rejected = read.rejected.count
+                let checkpoint = try BinaryDecoder().decode(DurableCheckpoint.self, from: read.payload)
+                guard checkpoint.version == DurableCheckpoint.formatVersion else {
+                    throw CairnError(.storage, "durable actor \"\(name)\": checkpoint \(read.sequence) has format version \(checkpoint.version); this build reads \(DurableCheckpoint.formatVersion)")
+                }
+                box = try type.make(.encoded(checkpoint.state))
+                d.table = try CallerTable(keep: spawn.options.repliesKeptPerCaller, snapshot: checkpoint.callers)
+                d.applied = checkpoint.applied
+                base = read.sequence
+            } catch let error as StorageError where error.code == .noValidCheckpoint {
+                // Every checkpoint is damaged. If the log still starts at 0 it holds the actor's
+                // whole life, so the initial state given to spawn plus a full replay rebuilds it.
+                let bounds = try storage.logs.logBounds(d.logName)
+                rejected = try storage.checkpoints.checkpointSequences(name).count
+                guard bounds.first == 0, spawn.options.logging == .durable else {
+                    throw CairnError(.storage, "durable actor \"\(name)\": \(error.detail); the log starts at \(bounds.first), so the state before it is gone")
+                }
+                log("durable actor \"\(name)\": no checkpoint verifies (\(error.detail)); rebuilding it from the initial state and the whole log (\(bounds.next) records)")
+                box = try type.make(initial)
+                d.table = CallerTable(keep: spawn.options.repliesKeptPerCaller)
+                d.applied = 0
+                base = 0
             }
-            for (seq, error) in read.rejected {
-                metrics.checkpointsRejected.add(1, ordering: .relaxed)
-                log("durable actor \"\(name)\": checkpoint \(seq) is unusable (\(error)); falling back to checkpoint \(read.sequence) and a longer replay")
-            }
-            let checkpoint = try BinaryDecoder().decode(DurableCheckpoint.self, from: read.payload)
-            guard checkpoint.version == DurableCheckpoint.formatVersion else {
-                throw CairnError(.storage, "durable actor \"\(name)\": checkpoint \(read.sequence) has format version \(checkpoint.version); this build reads \(DurableCheckpoint.formatVersion)")
-            }
-            let box = try type.make(.encoded(checkpoint.state))
-            d.table = try CallerTable(keep: spawn.options.repliesKeptPerCaller, snapshot: checkpoint.callers)
-            d.applied = checkpoint.applied
-            d.position = read.sequence
+            metrics.checkpointsRejected.add(rejected, ordering: .relaxed)
+            d.position = base
             let (replayed, discarded) = try d.replay(box: box, typeName: typeName)
             metrics.actorsRestored.add(1, ordering: .relaxed)
             metrics.messagesReplayed.add(replayed, ordering: .relaxed)
             d.sinceCheckpoint = 0
-            if discarded > 0 || !read.rejected.isEmpty {
+            if discarded > 0 || rejected > 0 {
                 // Start the next life from a good checkpoint past the damage.
                 try d.write(DurableCheckpoint(version: DurableCheckpoint.formatVersion, state: try box.snapshot()(),
                                               callers: try d.table.snapshot(), applied: d.applied), at: d.position)
             } else {
-                d.newestCheckpoint.store(read.sequence, ordering: .relaxed)
+                d.newestCheckpoint.store(base, ordering: .relaxed)
             }
             meta.running = true
             meta.restarts = restarts
             try storage.putMeta(name, meta)
             d.reportedPosition.store(d.position, ordering: .relaxed)
-            return (box, d, Restore(fromCheckpoint: read.sequence, replayed: replayed, rejectedCheckpoints: read.rejected.count,
+            return (box, d, Restore(fromCheckpoint: base, replayed: replayed, rejectedCheckpoints: rejected,
                                     discardedRecords: discarded, restarts: restarts, created: false))
         } catch let error as CairnError {
             throw error

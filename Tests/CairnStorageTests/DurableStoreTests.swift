@@ -1,3 +1,4 @@
+import CairnChaosKit
 @testable import CairnStorage
 import CairnCore
 import Foundation

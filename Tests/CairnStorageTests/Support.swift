@@ -1,3 +1,4 @@
+import CairnChaosKit
 import CairnStorage
 import Foundation
 
@@ -17,20 +18,6 @@ enum Backend: String, CaseIterable, CustomTestStringConvertible, Sendable {
         case .memory:
             return (DurableStore.inMemory(options: options), nil)
         }
-    }
-}
-
-/// A directory under the system temporary directory, removed when released.
-final class TemporaryDirectory: Sendable {
-    let path: String
-
-    init() throws {
-        path = NSTemporaryDirectory() + "cairn-test-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-
-    deinit {
-        try? FileManager.default.removeItem(atPath: path)
     }
 }
 

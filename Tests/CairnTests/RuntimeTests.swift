@@ -57,6 +57,12 @@ let sendInOrder = RemoteFunction2<ActorHandle<Recorder>, Int, Int>("test.sendInO
     return caller
 }
 
+/// Every suite that starts an embedded cluster nests here: the driver's cluster is process-wide
+/// (as `ray.init()` is), so two suites must not run clusters at the same time.
+@Suite("Embedded clusters", .serialized)
+enum ClusterSuites {}
+
+extension ClusterSuites {
 @Suite("Runtime: tasks, objects, actors on an embedded 4-node cluster", .serialized)
 struct RuntimeTests {
     func withCluster(_ options: ClusterOptions = .uniform(nodes: 4), _ body: (Cluster) async throws -> Void) async throws {
@@ -312,6 +318,7 @@ struct RuntimeTests {
             #expect(e.detail.contains("Cluster.local"))
         }
     }
+}
 }
 
 @Suite("Scheduling policy (pure)")
