@@ -44,7 +44,7 @@ let package = Package(
         ], path: "Sources/Cairn"),
 
         .executableTarget(name: "CairnBench", dependencies: [
-            "Cairn", "CairnStorage", "CairnCodec",
+            "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.

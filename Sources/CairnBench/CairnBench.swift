@@ -1,4 +1,5 @@
 import ArgumentParser
+import CairnChaosKit
 import Foundation
 
 @main
@@ -9,7 +10,7 @@ struct CairnBench: AsyncParsableCommand {
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: tasks, actors, storage, codec (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -18,7 +19,10 @@ struct CairnBench: AsyncParsableCommand {
     @Flag(help: "Skip the JSON comparison in the codec suite (for profiling).")
     var noJSON = false
 
-    static let known = ["tasks", "actors", "storage", "codec"]
+    /// Set when the recovery suite re-launches this binary to host the durable actor it kills.
+    @Option(help: .hidden) var actorHost: String?
+
+    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -27,6 +31,10 @@ struct CairnBench: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if let actorHost {
+            try await ActorHostProcess.run(directory: actorHost, checkpointEvery: 100, maxRestarts: .max, nodes: 2)
+            return
+        }
         let report = Report()
         let chosen = suites.isEmpty ? Self.known : suites
         if chosen.contains("tasks") || chosen.contains("actors") {
@@ -47,6 +55,11 @@ struct CairnBench: AsyncParsableCommand {
                 try StorageBenchmark(directory: dir).run(report)
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
+            case "durable", "recovery":
+                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
+                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+                let bench = DurableBenchmark(directory: dir + "/" + suite)
+                if suite == "durable" { try await bench.durable(report) } else { try await bench.recovery(report) }
             default:
                 break  // tasks and actors ran above, on one cluster
             }
