@@ -4,7 +4,9 @@ import Foundation
 
 // A small reinforcement-learning job shaped like the lecture's: simulation tasks produce
 // rollouts, a policy actor trains on them, nested tasks do the work, and `wait` takes the
-// first results.
+// first results. The policy is a durable actor: its messages are logged and its state
+// checkpointed under `.cairn/` in the working directory, so it survives the cluster's restart
+// at the end of the run, and a second run resumes training where the first stopped.
 //
 // The environment: a point on a line must be driven to 0. The policy is linear,
 // action = clamp(w0 * x + w1 * v + w2), and is trained with evolution strategies: each
@@ -106,14 +108,19 @@ func evaluate(_ weights: ObjectRef<[Double]>, on cluster: Cluster) async throws 
 func runReinforcementLearning(seed: UInt64) async throws {
     print("reinforcement learning on an embedded 4-node cluster (seed \(seed))")
     let started = Date()
-    let cluster = try await Cluster.local(nodes: 4)
-    defer { cluster.shutdown() }
-    let policy = try await cluster.spawn(Policy())
+    let options = ClusterOptions.uniform(nodes: 4, storage: ActorStorageOptions(location: .directory(".cairn")))
+    let durability = DurabilityOptions(checkpoint: .every(messages: 10))
+    let cluster = try await Cluster.local(options)
+    // Created on the first run; restored from its checkpoint and log on later ones.
+    let policy = try await cluster.spawn(Policy(), name: "rl-policy", durability: durability)
+    let status = try await cluster.status(of: policy)
+    print("durable policy actor \"rl-policy\" on \(status.node): log position \(status.logPosition)\(status.logPosition > 0 ? " (restored from .cairn/; delete it to start over)" : " (new)")")
     var rng = SeededGenerator(seed: seed)
     let sigma = 0.3
 
     let initial = try await evaluate(try policy.send(.weights), on: cluster)
     print(String(format: "before training: mean return %.3f", initial))
+    var trained = try policy.send(.weights)
     for iteration in 1...15 {
         // The weights are a future: rollouts start as soon as the actor answers.
         let weights = try policy.send(.weights)
@@ -122,7 +129,7 @@ func runReinforcementLearning(seed: UInt64) async throws {
         let (ready, late) = try await cluster.wait(rollouts, count: 16, timeout: .seconds(30))
         for r in late { cluster.cancel(r) }
         let batch = try await cluster.get(ready)
-        let trained = try policy.send(.train(batch))
+        trained = try policy.send(.train(batch))
         if iteration % 5 == 0 {
             let score = try await evaluate(trained, on: cluster)
             let w = try await cluster.get(trained)
@@ -130,6 +137,19 @@ func runReinforcementLearning(seed: UInt64) async throws {
                          w.map { String(format: "%.2f", $0) }.joined(separator: ", ")))
         }
     }
-    let final = try await evaluate(try policy.send(.weights), on: cluster)
+    let final = try await evaluate(trained, on: cluster)
+    let weights = try await cluster.get(trained)
     print(String(format: "after training: mean return %.3f (from %.3f); %.0f ms", final, initial, Date().timeIntervalSince(started) * 1000))
+    cluster.shutdown()
+
+    // A new cluster on the same storage: the policy comes back from its checkpoint plus the log after it.
+    let t0 = Date()
+    let restarted = try await Cluster.local(options)
+    defer { restarted.shutdown() }
+    let restored = try await restarted.spawn(Policy(), name: "rl-policy", durability: durability)
+    let back = try await restarted.get(restored.send(.weights))
+    let m = restarted.metrics
+    print(String(format: "restarted the cluster: policy restored in %.0f ms (%d logged messages replayed), weights %@",
+                 Date().timeIntervalSince(t0) * 1000, m.messagesReplayed, back == weights ? "identical" : "DIFFERENT"))
+    guard back == weights else { throw CairnError(.storage, "the restored policy differs from the trained one") }
 }
