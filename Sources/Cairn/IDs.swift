@@ -5,6 +5,11 @@ public struct NodeID: Hashable, Sendable, Codable, Comparable, CustomStringConve
     public let raw: Int
     public init(_ raw: Int) { self.raw = raw }
     public static func < (a: NodeID, b: NodeID) -> Bool { a.raw < b.raw }
+    public static func == (a: NodeID, b: NodeID) -> Bool { a.raw == b.raw }
+    public func hash(into hasher: inout Hasher) { hasher.combine(raw) }
+    /// Per-flush tables are keyed by node; node numbers are Cairn's own, so a seeded mix is
+    /// enough (see ``ObjectID/_rawHashValue(seed:)``).
+    public func _rawHashValue(seed: Int) -> Int { ObjectID(raw: UInt64(bitPattern: Int64(raw)))._rawHashValue(seed: seed) }
     public var description: String { "node-\(raw)" }
 }
 

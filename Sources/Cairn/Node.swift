@@ -822,6 +822,10 @@ final class Node: @unchecked Sendable {
                         let error = RemoteError(kind: .unknownFunction, task: spec.id, function: spec.function, node: id,
                                                 message: "\(id) has no function \"\(spec.function)\" registered")
                         completeLocked(spec.id, .failed(error), &out)
+                    } else if spec.owner != id && spec.resolved {
+                        // Placed here with every input in hand, for another owner: nothing to
+                        // track here (the result goes straight back to its owner), just run it.
+                        enqueueLocked(.task(spec), &out)
                     } else {
                         acceptLocked(spec, placed: true, &out)
                     }

@@ -65,7 +65,10 @@ public enum SchedulingPolicy {
     public static func place<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
                                                        bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
                                                        random: inout R) -> NodeID? {
-        var best: [NodeID] = []
+        // Ties are broken by reservoir sampling: the k-th tied node replaces the pick with
+        // probability 1/k, so each is equally likely and no array is built per task.
+        var best: NodeID?
+        var ties: UInt64 = 0
         var bestScore = Double.infinity
         var fallback: NodeID?
         for node in nodes where node.canRun(work.resources, work.function) {
@@ -74,15 +77,16 @@ public enum SchedulingPolicy {
                 continue
             }
             let wait = Double(node.queued) / max(node.resources.cpus, 1)
-            let score = wait - Double(inputBytes[node.id] ?? 0) / bytesPerQueuedTask
+            let score = inputBytes.isEmpty ? wait : wait - Double(inputBytes[node.id] ?? 0) / bytesPerQueuedTask
             if score < bestScore - 1e-9 {
                 bestScore = score
-                best = [node.id]
+                best = node.id
+                ties = 1
             } else if abs(score - bestScore) <= 1e-9 {
-                best.append(node.id)
+                ties += 1
+                if random.next() % ties == 0 { best = node.id }
             }
         }
-        guard !best.isEmpty else { return fallback }
-        return best[Int(random.next() % UInt64(best.count))]
+        return best ?? fallback
     }
 }
