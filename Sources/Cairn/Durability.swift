@@ -180,10 +180,10 @@ enum ReplyBytes: Codable {
     case failure(RemoteError)
 
     init(_ v: StoredValue) throws {
-        switch try v.portable() {
-        case .encoded(let b): self = .value(b)
-        case .failed(let e): self = .failure(e)
-        case .boxed: preconditionFailure("portable() never returns a boxed value")
+        if case .failed(let e) = v {
+            self = .failure(e)
+        } else {
+            self = .value(try v.wireBytes()!)
         }
     }
 

@@ -292,7 +292,7 @@ final class DurableActor: @unchecked Sendable {
         payloads.reserveCapacity(calls.count)
         var failure: RemoteError?
         for call in calls where !call.isCheckpointRequest {
-            guard case .encoded(let bytes) = call.message else {
+            guard let bytes = try? call.message.wireBytes() else {
                 failure = RemoteError(kind: .storageFailed, task: call.result, function: "\(call.typeName).receive", node: node.id,
                                       message: "a message reached the log stage without being encoded")
                 break

@@ -8,6 +8,9 @@ public typealias RemoteValue = Codable & Sendable
 enum StoredValue: Sendable {
     case boxed(any RemoteValue)
     case encoded([UInt8])
+    /// An `Int`, the most common value to cross between nodes: it holds no reference, so it
+    /// crosses as it is, without a heap allocation; its wire form is ``FastCodec``'s bytes.
+    case int(Int)
     case failed(RemoteError)
 
     /// Bytes this value accounts for in a node's store.
@@ -20,6 +23,7 @@ enum StoredValue: Sendable {
             if type == SizeProbe.string, let s = v as? String { return s.utf8.count + 16 }
             return 64
         case .encoded(let b): return b.count + 16
+        case .int: return 16
         case .failed: return 128
         }
     }
@@ -34,14 +38,24 @@ enum StoredValue: Sendable {
         switch self {
         case .boxed(let v):
             if ObjectIdentifier(Swift.type(of: v)) == SizeProbe.int, let i = v as? Int {
-                return .encoded(FastCodec.encode(i))
+                return .int(i)
             }
             do {
                 return .encoded(try BinaryEncoder().encode(v))
             } catch {
                 throw CairnError(.serialization, "cannot encode a \(type(of: v)) to send it to another node: \(error)")
             }
-        case .encoded, .failed: return self
+        case .encoded, .int, .failed: return self
+        }
+    }
+
+    /// The bytes a wire or a log carries for a portable value; nil for a failure.
+    func wireBytes() throws -> [UInt8]? {
+        switch try portable() {
+        case .encoded(let b): return b
+        case .int(let i): return FastCodec.encode(i)
+        case .failed: return nil
+        case .boxed: preconditionFailure("portable() never returns a boxed value")
         }
     }
 
@@ -53,6 +67,9 @@ enum StoredValue: Sendable {
                 throw CairnError(.typeMismatch, "the object holds a \(Swift.type(of: v)), not a \(T.self)")
             }
             return t
+        case .int(let i):
+            if let t = i as? T { return t }
+            return try StoredValue.encoded(FastCodec.encode(i)).value(as: T.self)
         case .encoded(let bytes):
             if T.self == Int.self, let i = FastCodec.decodeInt(bytes) { return i as! T }
             do {

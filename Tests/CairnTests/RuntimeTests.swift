@@ -401,6 +401,16 @@ struct ValueTests {
         #expect(try StoredValue.boxed(value).portable().value(as: Int.self) == value)
     }
 
+    @Test("an Int crosses as an immediate value: its wire bytes are the binary encoder's, and it reads as any type those bytes decode to",
+          arguments: [0, -1, 1 << 40, Int.min])
+    func immediateInt(value: Int) throws {
+        let portable = try StoredValue.boxed(value).portable()
+        guard case .int(let i) = portable, i == value else { Issue.record("an Int must cross as .int, got \(portable)"); return }
+        #expect(try portable.wireBytes() == (try BinaryEncoder().encode(value)))
+        #expect(try portable.value(as: Int64.self) == Int64(value))
+        #expect(throws: CairnError.self) { try portable.value(as: String.self) }
+    }
+
     @Test("malformed bytes are left to the general decoder, which reports a typed error")
     func fastIntRejects() {
         #expect(FastCodec.decodeInt([0xCA, 1, 0x03]) == nil)
