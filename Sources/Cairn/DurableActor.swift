@@ -444,20 +444,11 @@ final class DurableActor: @unchecked Sendable {
 
     // MARK: recovery
 
-    /// What a restore found, for status and tests.
-    struct Restore {
-        var fromCheckpoint: UInt64
-        var replayed: Int
-        var rejectedCheckpoints: Int
-        var discardedRecords: Int
-        var restarts: Int
-        var created: Bool
-    }
-
     /// Creates the actor's storage on first spawn, or restores it: newest valid checkpoint, then
-    /// the log after it, in order. Runs before the actor accepts any message.
+    /// the log after it, in order. Runs before the actor accepts any message. Returns the state,
+    /// the durable side, and how many times the actor has been restored after a crash.
     static func open(spawn: DurableSpawn, typeName: String, type: ErasedActorType, initial: StoredValue, node: Node,
-                     storage: ActorStorage, metrics: MetricsCounters, log: @escaping @Sendable (String) -> Void) throws -> (AnyActorBox, DurableActor, Restore) {
+                     storage: ActorStorage, metrics: MetricsCounters, log: @escaping @Sendable (String) -> Void) throws -> (AnyActorBox, DurableActor, restarts: Int) {
         let name = spawn.name
         let d = DurableActor(name: name, options: spawn.options, node: node, storage: storage, metrics: metrics, log: log)
         do {
@@ -468,7 +459,7 @@ final class DurableActor: @unchecked Sendable {
                 d.position = start
                 try d.write(DurableCheckpoint(version: DurableCheckpoint.formatVersion, state: try box.snapshot()(), callers: [], applied: 0), at: start)
                 try storage.putMeta(name, DurableActorMeta(typeName: typeName, restarts: 0, running: true, dead: false))
-                return (box, d, Restore(fromCheckpoint: start, replayed: 0, rejectedCheckpoints: 0, discardedRecords: 0, restarts: 0, created: true))
+                return (box, d, 0)
             }
             guard meta.typeName == typeName else {
                 throw CairnError(.invalidArgument, "durable actor \"\(name)\" in \(storage.locationDescription) is a \(meta.typeName), not a \(typeName); use another name")
@@ -533,8 +524,7 @@ final class DurableActor: @unchecked Sendable {
             meta.restarts = restarts
             try storage.putMeta(name, meta)
             d.reportedPosition.store(d.position, ordering: .relaxed)
-            return (box, d, Restore(fromCheckpoint: base, replayed: replayed, rejectedCheckpoints: rejected,
-                                    discardedRecords: discarded, restarts: restarts, created: false))
+            return (box, d, restarts)
         } catch let error as CairnError {
             throw error
         } catch {

@@ -670,13 +670,13 @@ final class Node: @unchecked Sendable {
         let thread = Thread { [self] in
             var record = restoring
             do {
-                let (box, d, restore) = try DurableActor.open(spawn: durable, typeName: typeName, type: type, initial: state, node: self,
+                let (box, d, restarts) = try DurableActor.open(spawn: durable, typeName: typeName, type: type, initial: state, node: self,
                                                               storage: storage, metrics: actorStorage.metrics, log: actorStorage.log)
                 let instance = ActorInstance(id: aid, typeName: typeName, box: box, durable: d)
                 d.instance = instance
                 durables.withLock { $0.append(d) }
                 record.state = .alive
-                record.restarts = restore.restarts
+                record.restarts = restarts
                 record.checkpointSequence = d.newestCheckpoint.load(ordering: .relaxed)
                 record.logPosition = d.position
                 install(instance, record: record)

@@ -117,6 +117,16 @@ struct DurableActorTests {
         }
     }
 
+    /// A fresh directory holding a Bank that was sent 1,200 seeded messages as caller 1, and the model of it.
+    func filledBank(seed: UInt64, interval: Int) async throws -> (TemporaryDirectory, Bank) {
+        let dir = try TemporaryDirectory()
+        var model = Bank()
+        try await withBank(dir.path, interval: interval) { cluster, bank in
+            try await drive(cluster, bank, randomMessages(1200, seed: seed), first: 1, model: &model)
+        }
+        return (dir, model)
+    }
+
     func randomMessages(_ n: Int, seed: UInt64) -> [Bank.Message] {
         var rng = SeededGenerator(seed: seed)
         return (0..<n).map { _ in Bank.randomMessage(using: &rng) }
@@ -182,12 +192,7 @@ struct DurableActorTests {
     @Test("a corrupt newest checkpoint is reported and an older one used with a longer replay, for intervals 1, 10, 1,000 and never",
           arguments: intervals)
     func corruptCheckpoint(interval: Int) async throws {
-        let dir = try TemporaryDirectory()
-        let messages = randomMessages(1200, seed: 12)
-        var model = Bank()
-        try await withBank(dir.path, interval: interval) { cluster, bank in
-            try await drive(cluster, bank, messages, first: 1, model: &model)
-        }
+        var (dir, model) = try await filledBank(seed: 12, interval: interval)
         // Flip one byte in the middle of the newest checkpoint.
         let checkpoints = try DurableStore.lmdb(directory: dir.path + "/checkpoints")
         let newest = try #require(try checkpoints.checkpointSequences("bank").last)
@@ -213,12 +218,7 @@ struct DurableActorTests {
     @Test("a torn last log record is discarded and reported; the caller's retry of it then applies once, for intervals 1, 10, 1,000 and never",
           arguments: intervals)
     func tornLogRecord(interval: Int) async throws {
-        let dir = try TemporaryDirectory()
-        let messages = randomMessages(1200, seed: 13)
-        var model = Bank()
-        try await withBank(dir.path, interval: interval) { cluster, bank in
-            try await drive(cluster, bank, messages, first: 1, model: &model)
-        }
+        var (dir, model) = try await filledBank(seed: 13, interval: interval)
         // The process crashes while committing message 1201: its record is cut short.
         let last: Bank.Message = .deposit(account: 5, amount: 55)
         let logs = try DurableStore.lmdb(directory: dir.path + "/logs")
