@@ -94,7 +94,8 @@ public struct DurabilityOptions: Sendable {
 /// Where durable actors keep their logs and checkpoints.
 public struct ActorStorageOptions: Sendable {
     public enum Location: Sendable, Equatable {
-        /// LMDB environments under this directory (created if missing): `logs/` and `checkpoints/`.
+        /// Under this directory (created if missing): the message log in `log/` and an LMDB
+        /// environment for checkpoints in `checkpoints/`.
         case directory(String)
         /// In memory: gone when the process exits. For tests.
         case inMemory
@@ -102,11 +103,16 @@ public struct ActorStorageOptions: Sendable {
     public var location: Location
     /// Checkpoints kept per actor (newest first); a corrupt newest one falls back to the next. Default 2.
     public var checkpointsKept: Int
+    /// Size of each message-log segment file, zero-filled ahead of use (so that an fdatasync
+    /// writes data only); segments whose messages are all checkpointed are deleted. Default 16 MiB.
+    public var logSegmentBytes: Int
 
-    public init(location: Location = .directory(".cairn"), checkpointsKept: Int = 2) {
+    public init(location: Location = .directory(".cairn"), checkpointsKept: Int = 2, logSegmentBytes: Int = 16 << 20) {
         precondition(checkpointsKept >= 1, "at least one checkpoint must be kept")
+        precondition(logSegmentBytes >= 1 << 16 && logSegmentBytes <= 1 << 31, "log segments must be 64 KiB to 2 GiB")
         self.location = location
         self.checkpointsKept = checkpointsKept
+        self.logSegmentBytes = logSegmentBytes
     }
 }
 

@@ -41,12 +41,39 @@ final class MetricsCounters: Sendable {
     }
 }
 
+/// Where durable actors' messages are logged: an ``AppendLog`` on disk (one fdatasync per
+/// group commit), or a ``DurableStore`` log (in memory, for tests).
+protocol ActorLog: Sendable {
+    /// Appends durably; `completion` gets the first entry's sequence number, on a thread that must not block.
+    func append(to log: String, _ payloads: [[UInt8]], completion: @escaping @Sendable (Result<UInt64, StorageError>) -> Void)
+    func readLog(_ log: String, from: UInt64, upTo: UInt64, limit: Int) throws -> [LogEntry]
+    func logBounds(_ log: String) throws -> LogBounds
+    func truncateLog(_ log: String, before sequence: UInt64) throws
+    /// Makes the next sequence number at least `next` (the owner's checkpoint knows where the log stood).
+    func reserve(_ log: String, next: UInt64)
+    func close()
+}
+
+extension AppendLog: ActorLog {}
+
+extension DurableStore: ActorLog {
+    func append(to log: String, _ payloads: [[UInt8]], completion: @escaping @Sendable (Result<UInt64, StorageError>) -> Void) {
+        var batch = WriteBatch()
+        batch.append(to: log, payloads)
+        commit(batch) { completion($0.map { $0.firstSequences[0] }) }
+    }
+
+    /// A store keeps each log's next sequence number itself.
+    func reserve(_ log: String, next: UInt64) {}
+}
+
 /// The logs and checkpoints of a cluster's durable actors, opened on the first durable spawn.
 ///
-/// Logs and checkpoints live in two LMDB environments, so that writing a large checkpoint
-/// never holds up the group commits that make messages durable.
+/// On disk, messages go to an ``AppendLog`` under `log/` and checkpoints (and each actor's
+/// record) to an LMDB environment under `checkpoints/`: two sets of files, so that writing a
+/// large checkpoint never holds up the group commits that make messages durable.
 final class ActorStorage: Sendable {
-    let logs: DurableStore
+    let logs: any ActorLog
     let checkpoints: DurableStore
     let writer: BackgroundWriter
     let location: ActorStorageOptions.Location
@@ -55,19 +82,16 @@ final class ActorStorage: Sendable {
 
     init(_ options: ActorStorageOptions) throws {
         location = options.location
-        let logOptions = StoreOptions(syncMode: .group, checkpointsKept: options.checkpointsKept)
         let checkpointOptions = StoreOptions(syncMode: .eachCommit, checkpointsKept: options.checkpointsKept)
         switch options.location {
         case .inMemory:
-            logs = .inMemory(options: logOptions)
+            logs = DurableStore.inMemory(options: StoreOptions(syncMode: .group))
             checkpoints = .inMemory(options: checkpointOptions)
         case .directory(let path):
             do {
-                for sub in ["logs", "checkpoints"] {
-                    try FileManager.default.createDirectory(atPath: path + "/" + sub, withIntermediateDirectories: true)
-                }
-                logs = try .lmdb(directory: path + "/logs", options: logOptions)
+                try FileManager.default.createDirectory(atPath: path + "/checkpoints", withIntermediateDirectories: true)
                 checkpoints = try .lmdb(directory: path + "/checkpoints", options: checkpointOptions)
+                logs = try AppendLog(directory: path + "/log", segmentSize: options.logSegmentBytes)
             } catch {
                 throw CairnError(.storage, "cannot open durable actor storage in \(path): \(error); check that the directory is writable, or pass another with ClusterOptions.storage")
             }
@@ -86,11 +110,11 @@ final class ActorStorage: Sendable {
     static func metaKey(_ name: String) -> [UInt8] { Array(("actor-meta/" + name).utf8) }
 
     func meta(_ name: String) throws -> DurableActorMeta? {
-        try logs.get(Self.metaKey(name)).map { try BinaryDecoder().decode(DurableActorMeta.self, from: $0) }
+        try checkpoints.get(Self.metaKey(name)).map { try BinaryDecoder().decode(DurableActorMeta.self, from: $0) }
     }
 
     func putMeta(_ name: String, _ meta: DurableActorMeta) throws {
-        try logs.put(Self.metaKey(name), try BinaryEncoder().encode(meta))
+        try checkpoints.put(Self.metaKey(name), try BinaryEncoder().encode(meta))
     }
 
     var locationDescription: String {
@@ -119,6 +143,11 @@ final class LazyActorStorage: Sendable {
             if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
             if let s { return s }
             let opened = try ActorStorage(options)
+            if let log = opened.logs as? AppendLog, log.recovery.tornBytes > 0 {
+                // The last write before a crash was cut short: never fsync'd, so never acknowledged.
+                metrics.logRecordsDiscarded.add(1, ordering: .relaxed)
+                self.log("the actor message log's last write was torn by a crash: \(log.recovery.tornBytes) bytes of unacknowledged records were cut")
+            }
             s = opened
             return opened
         }
@@ -307,10 +336,8 @@ final class DurableActor: @unchecked Sendable {
             finish(calls, .success(0))
             return
         }
-        var batch = WriteBatch()
-        batch.append(to: logName, payloads)
-        storage.logs.commit(batch) { [self] result in
-            finish(calls, result.map { $0.firstSequences[0] })
+        storage.logs.append(to: logName, payloads) { [self] result in
+            finish(calls, result)
         }
     }
 
@@ -523,6 +550,7 @@ final class DurableActor: @unchecked Sendable {
             meta.running = true
             meta.restarts = restarts
             try storage.putMeta(name, meta)
+            storage.logs.reserve(d.logName, next: d.position)
             d.reportedPosition.store(d.position, ordering: .relaxed)
             return (box, d, restarts)
         } catch let error as CairnError {
@@ -546,7 +574,7 @@ final class DurableActor: @unchecked Sendable {
             var entries: [LogEntry]
             var corruptAt: UInt64?
             do {
-                entries = try storage.logs.readLog(logName, from: from, limit: 65_536)
+                entries = try storage.logs.readLog(logName, from: from, upTo: .max, limit: 65_536)
             } catch let error as StorageError where error.code == .corruptRecord && error.sequence != nil {
                 corruptAt = error.sequence!
                 entries = try storage.logs.readLog(logName, from: from, upTo: error.sequence!, limit: 65_536)
