@@ -90,6 +90,8 @@ struct ActorCall: Sendable {
     var isCheckpointRequest = false
     /// Where a durable actor's log holds this message, once it is durable.
     var logSequence: UInt64?
+    /// The message as a durable actor's log stores it, encoded on the sender's thread.
+    var logged: [UInt8]?
 }
 
 /// An actor hosted on a node: its state and its mailbox.

@@ -300,10 +300,21 @@ final class DurableActor: @unchecked Sendable {
     // MARK: stage
 
     /// Takes a call for this actor (its message already encoded); it runs once it is durable.
+    /// The log record is built here, on the sender's thread, so that the thread completing
+    /// commits only gathers records.
     func submit(_ call: ActorCall) {
         guard options.logging == .durable else {
             post([call])
             return
+        }
+        var call = call
+        if !call.isCheckpointRequest {
+            guard let bytes = try? call.message.wireBytes() else {
+                node.complete(call.result, .failed(RemoteError(kind: .storageFailed, task: call.result, function: "\(call.typeName).receive", node: node.id,
+                                                               message: "the message to durable actor \"\(name)\" could not be encoded for its log")))
+                return
+            }
+            call.logged = LoggedMessage.encode(caller: call.caller, sequence: call.callerSequence, message: bytes)
         }
         let batch: [ActorCall]? = stage.withLock { s in
             s.pending.append(call)
@@ -319,19 +330,7 @@ final class DurableActor: @unchecked Sendable {
     private func commit(_ calls: [ActorCall]) {
         var payloads: [[UInt8]] = []
         payloads.reserveCapacity(calls.count)
-        var failure: RemoteError?
-        for call in calls where !call.isCheckpointRequest {
-            guard let bytes = try? call.message.wireBytes() else {
-                failure = RemoteError(kind: .storageFailed, task: call.result, function: "\(call.typeName).receive", node: node.id,
-                                      message: "a message reached the log stage without being encoded")
-                break
-            }
-            payloads.append(LoggedMessage.encode(caller: call.caller, sequence: call.callerSequence, message: bytes))
-        }
-        if let failure {
-            finish(calls, .failure(StorageError(.io, failure.message)))
-            return
-        }
+        for call in calls { if let logged = call.logged { payloads.append(logged) } }
         if payloads.isEmpty {
             finish(calls, .success(0))
             return
@@ -348,6 +347,7 @@ final class DurableActor: @unchecked Sendable {
             var durable = calls
             for i in durable.indices where !durable[i].isCheckpointRequest {
                 durable[i].logSequence = seq
+                durable[i].logged = nil
                 seq += 1
             }
             post(durable)

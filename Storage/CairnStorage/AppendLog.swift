@@ -85,6 +85,8 @@ public final class AppendLog: @unchecked Sendable {
     /// The index of a segment being created right now (by the preparer or the committer), so
     /// that the two never create the same one.
     private var preparing: UInt64?
+    /// Dead segments waiting for the preparer thread to unmap and unlink them.
+    private var toDelete: [Segment] = []
     private var failure: StorageError?
     private var stopping = false
     private var threadsRunning = 2
@@ -149,6 +151,11 @@ public final class AppendLog: @unchecked Sendable {
         stopping = true
         condition.broadcast()
         while threadsRunning > 0 { condition.wait() }
+        for s in toDelete {
+            Self.closeSegment(s, size: segmentSize)
+            unlink(Self.path(directory, s.index))
+        }
+        toDelete = []
         for s in segments.values { Self.closeSegment(s, size: segmentSize) }
         segments = [:]
         if let spare { Self.closeSegment(spare, size: segmentSize) }
@@ -354,11 +361,12 @@ public final class AppendLog: @unchecked Sendable {
                 }
                 dead = collectDeadSegmentsLocked()
             }
-            condition.unlock()
-            for s in dead {
-                Self.closeSegment(s, size: segmentSize)
-                unlink(Self.path(directory, s.index))
+            if !dead.isEmpty {
+                // Unlinking a large file takes milliseconds: the preparer does it, not the committer.
+                toDelete.append(contentsOf: dead)
+                condition.broadcast()
             }
+            condition.unlock()
             for p in placed {
                 if let error { p.done(.failure(error)) } else { p.done(.success(p.first)) }
             }
@@ -451,8 +459,20 @@ public final class AppendLog: @unchecked Sendable {
     private func runPreparer() {
         condition.lock()
         while true {
-            while !(wantSpare && spare == nil && preparing == nil) && !stopping { condition.wait() }
+            while !(wantSpare && spare == nil && preparing == nil) && toDelete.isEmpty && !stopping { condition.wait() }
+            if !toDelete.isEmpty {
+                let dead = toDelete
+                toDelete = []
+                condition.unlock()
+                for s in dead {
+                    Self.closeSegment(s, size: segmentSize)
+                    unlink(Self.path(directory, s.index))
+                }
+                condition.lock()
+                continue
+            }
             if stopping { break }
+            guard wantSpare && spare == nil && preparing == nil else { continue }
             wantSpare = false
             let index = (segments.keys.max() ?? 0) + 1
             preparing = index
