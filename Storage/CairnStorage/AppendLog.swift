@@ -62,12 +62,15 @@ public final class AppendLog: @unchecked Sendable {
         let index: UInt64
         let fd: Int32
         let map: UnsafeMutableRawPointer
+        /// Bytes mapped: the file's own size, which may differ from today's segment size.
+        let size: Int
         /// The newest entry of each log in this segment (to know when the segment is dead).
         var newest: [String: UInt64] = [:]
-        init(index: UInt64, fd: Int32, map: UnsafeMutableRawPointer) {
+        init(index: UInt64, fd: Int32, map: UnsafeMutableRawPointer, size: Int) {
             self.index = index
             self.fd = fd
             self.map = map
+            self.size = size
         }
     }
 
@@ -120,7 +123,7 @@ public final class AppendLog: @unchecked Sendable {
         for i in found {
             let segment = try Self.openSegment(directory: directory, index: i, size: segmentSize)
             opened[i] = segment
-            let (end, cut) = Self.scan(segment, size: segmentSize, into: &indexes)
+            let (end, cut) = Self.scan(segment, into: &indexes)
             torn += cut
             lastOffset = end
         }
@@ -152,13 +155,13 @@ public final class AppendLog: @unchecked Sendable {
         condition.broadcast()
         while threadsRunning > 0 { condition.wait() }
         for s in toDelete {
-            Self.closeSegment(s, size: segmentSize)
+            Self.closeSegment(s)
             unlink(Self.path(directory, s.index))
         }
         toDelete = []
-        for s in segments.values { Self.closeSegment(s, size: segmentSize) }
+        for s in segments.values { Self.closeSegment(s) }
         segments = [:]
-        if let spare { Self.closeSegment(spare, size: segmentSize) }
+        if let spare { Self.closeSegment(spare) }
         spare = nil
         condition.unlock()
     }
@@ -234,7 +237,7 @@ public final class AppendLog: @unchecked Sendable {
             guard packed >= 0, let segment else {
                 throw StorageError(.corruptRecord, "entry \(seq) of log \"\(log)\" is missing: the record holding it failed its checksum", sequence: seq)
             }
-            guard let payload = Self.entry(in: segment.map, at: Int(packed & 0xFFFF_FFFF), size: segmentSize, name: name, sequence: seq) else {
+            guard let payload = Self.entry(in: segment.map, at: Int(packed & 0xFFFF_FFFF), size: segment.size, name: name, sequence: seq) else {
                 throw StorageError(.corruptRecord, "entry \(seq) of log \"\(log)\" fails its checksum", sequence: seq)
             }
             out.append(LogEntry(sequence: seq, payload: payload))
@@ -465,7 +468,7 @@ public final class AppendLog: @unchecked Sendable {
                 toDelete = []
                 condition.unlock()
                 for s in dead {
-                    Self.closeSegment(s, size: segmentSize)
+                    Self.closeSegment(s)
                     unlink(Self.path(directory, s.index))
                 }
                 condition.lock()
@@ -482,7 +485,7 @@ public final class AppendLog: @unchecked Sendable {
             preparing = nil
             if let made {
                 if stopping || segments[index] != nil {
-                    Self.closeSegment(made, size: segmentSize)
+                    Self.closeSegment(made)
                 } else {
                     spare = made
                 }
@@ -586,8 +589,9 @@ public final class AppendLog: @unchecked Sendable {
 
     /// Reads a segment's records into the index. Returns the offset after the last good record
     /// and how many bytes of a torn last write were cut (and zeroed).
-    private static func scan(_ segment: Segment, size: Int, into logs: inout [String: Index]) -> (end: Int, cut: Int) {
+    private static func scan(_ segment: Segment, into logs: inout [String: Index]) -> (end: Int, cut: Int) {
         let base = UnsafeRawPointer(segment.map)
+        let size = segment.size
         var offset = 0
         var goodEnd = 0
         while true {
@@ -605,16 +609,22 @@ public final class AppendLog: @unchecked Sendable {
                     offset += 8 + length
                     continue
                 }
-                // Zero what the torn write left, up to the first all-zero 4 KiB block.
+                // What the torn write left: count it up to the first all-zero 4 KiB block, then
+                // zero the whole rest of the segment, so that no complete but never acknowledged
+                // record beyond a lost page can surface after later writes.
                 var end = offset
                 while end < size {
                     let block = min(4096, size - end)
-                    let zero = UnsafeRawBufferPointer(start: base + end, count: block).allSatisfy { $0 == 0 }
-                    if zero { break }
+                    if UnsafeRawBufferPointer(start: base + end, count: block).allSatisfy({ $0 == 0 }) { break }
                     end += block
                 }
-                let zeros = [UInt8](repeating: 0, count: end - offset)
-                _ = zeros.withUnsafeBytes { pwrite(segment.fd, $0.baseAddress, $0.count, off_t(offset)) }
+                let zeros = [UInt8](repeating: 0, count: 1 << 20)
+                var at = offset
+                while at < size {
+                    let n = zeros.withUnsafeBytes { pwrite(segment.fd, $0.baseAddress, min($0.count, size - at), off_t(at)) }
+                    if n <= 0 { break }
+                    at += n
+                }
                 _ = fdatasync(segment.fd)
                 return (offset, end - offset)
             }
@@ -673,15 +683,18 @@ public final class AppendLog: @unchecked Sendable {
         guard fd >= 0 else { throw StorageError(.cannotOpen, "cannot open log segment \(p): errno \(errno)") }
         var st = stat()
         fstat(fd, &st)
-        if Int(st.st_size) < size {
-            // A segment from a run with a smaller segment size, or cut short: extend with zeros.
+        // A segment keeps its own size: one written with a larger segment size is read whole.
+        var mapped = Int(st.st_size)
+        if mapped < size {
+            // Cut short (or made with a smaller size): extend with zeros.
             _ = ftruncate(fd, off_t(size))
+            mapped = size
         }
-        guard let map = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), map != MAP_FAILED else {
+        guard let map = mmap(nil, mapped, PROT_READ, MAP_SHARED, fd, 0), map != MAP_FAILED else {
             Glibc.close(fd)
             throw StorageError(.cannotOpen, "cannot map log segment \(p): errno \(errno)")
         }
-        return Segment(index: index, fd: fd, map: map)
+        return Segment(index: index, fd: fd, map: map, size: mapped)
     }
 
     /// Creates a zero-filled segment under a temporary name, syncs it, then renames it into place.
@@ -718,8 +731,8 @@ public final class AppendLog: @unchecked Sendable {
         return try openSegment(directory: directory, index: index, size: size)
     }
 
-    private static func closeSegment(_ s: Segment, size: Int) {
-        munmap(s.map, size)
+    private static func closeSegment(_ s: Segment) {
+        munmap(s.map, s.size)
         Glibc.close(s.fd)
     }
 }

@@ -159,6 +159,20 @@ struct AppendLogTests {
         #expect(try log.readLog("r").map(\.sequence) == [300])
     }
 
+    @Test("reopening with a smaller segment size still reads every entry of the larger segments")
+    func segmentSizeChange() throws {
+        let dir = try TemporaryDirectory()
+        do {
+            let log = try AppendLog(directory: dir.path, segmentSize: 1 << 20)
+            try log.append(to: "s", (0..<400).map { payload($0, size: 500) })
+            log.close()
+        }
+        let log = try AppendLog(directory: dir.path, segmentSize: 1 << 16)
+        defer { log.close() }
+        #expect(try log.readLog("s").map(\.payload) == (0..<400).map { payload($0, size: 500) })
+        #expect(try log.append(to: "s", [payload(400, size: 500)]) == 400)
+    }
+
     @Test("bad input and a closed log get typed errors")
     func badInput() throws {
         let dir = try TemporaryDirectory()
