@@ -460,7 +460,9 @@ final class DurableActor: @unchecked Sendable {
     /// Writes a checkpoint durably, then truncates the log before the oldest checkpoint kept
     /// (so that falling back past a corrupt newest checkpoint still finds its log).
     func write(_ checkpoint: DurableCheckpoint, at sequence: UInt64) throws {
-        try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: try BinaryEncoder().encode(checkpoint))
+        // In parts, so that the log's fsyncs (and the kernel's work) never queue behind the whole checkpoint.
+        try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: try BinaryEncoder().encode(checkpoint),
+                                                partSize: Self.checkpointPartSize)
         metrics.checkpointsWritten.add(1, ordering: .relaxed)
         newestCheckpoint.store(sequence, ordering: .relaxed)
         if options.logging == .durable, let oldest = try storage.checkpoints.checkpointSequences(name).first, oldest > 0 {
@@ -468,6 +470,9 @@ final class DurableActor: @unchecked Sendable {
         }
         node.reportActorProgress(self)
     }
+
+    /// Large checkpoints are written in parts of this size, each its own durable commit.
+    static let checkpointPartSize = 256 << 10
 
     // MARK: recovery
 

@@ -61,6 +61,7 @@ public struct WriteBatch: Sendable {
         case append(String, [[UInt8]])
         case truncate(String, before: UInt64)
         case checkpoint(String, sequence: UInt64, blob: [UInt8])
+        case checkpointPart(String, sequence: UInt64, part: UInt32, bytes: [UInt8])
     }
 
     var operations: [Operation] = []
@@ -269,13 +270,30 @@ public final class DurableStore: Sendable {
     /// Compresses, checksums and durably stores a checkpoint of `payload` under `name`,
     /// keeping the newest ``StoreOptions/checkpointsKept``. Returns the stored size in bytes.
     ///
-    /// Compression and checksumming run on the caller's thread, outside the commit.
+    /// Compression and checksumming run on the caller's thread, outside the commit. With
+    /// `partSize`, a larger checkpoint is written as parts of that size, each in its own
+    /// durable commit, and then a small manifest under the checkpoint's key: the disk takes it
+    /// in steps, so other writers' fsyncs never wait behind the whole checkpoint. A write cut
+    /// short leaves no manifest, so no checkpoint; its parts are deleted with older checkpoints.
     @discardableResult
-    public func writeCheckpoint(_ name: String, sequence: UInt64, payload: [UInt8]) throws -> Int {
+    public func writeCheckpoint(_ name: String, sequence: UInt64, payload: [UInt8], partSize: Int? = nil) throws -> Int {
         try validate(log: name)
         let blob = try CheckpointFormat.encode(payload: payload, sequence: sequence, level: options.compressionLevel)
+        var stored = blob
+        if let partSize, blob.count > partSize {
+            precondition(partSize >= 4096, "checkpoint parts must be at least 4 KiB")
+            var part: UInt32 = 0
+            for start in stride(from: 0, to: blob.count, by: partSize) {
+                var batch = WriteBatch()
+                batch.operations.append(.checkpointPart(name, sequence: sequence, part: part,
+                                                        bytes: Array(blob[start..<min(start + partSize, blob.count)])))
+                _ = try commit(batch)
+                part += 1
+            }
+            stored = CheckpointManifest.encode(parts: part, length: UInt64(blob.count))
+        }
         var batch = WriteBatch()
-        batch.operations.append(.checkpoint(name, sequence: sequence, blob: blob))
+        batch.operations.append(.checkpoint(name, sequence: sequence, blob: stored))
         _ = try commit(batch)
         return blob.count
     }
@@ -304,8 +322,11 @@ public final class DurableStore: Sendable {
         }
         var rejected: [(UInt64, CheckpointError)] = []
         for seq in sequences {
-            guard let blob = try engine.read({ try $0.get(Keys.checkpoint(name, seq)) }) else { continue }
+            guard var blob = try engine.read({ try $0.get(Keys.checkpoint(name, seq)) }) else { continue }
             do {
+                if let (parts, length) = CheckpointManifest.decode(blob) {
+                    blob = try assemble(name, seq, parts: parts, length: length)
+                }
                 let (stored, payload) = try CheckpointFormat.decode(blob)
                 guard stored == seq else {
                     rejected.append((seq, CheckpointError(.lengthMismatch, "stored under sequence \(seq) but its header says \(stored)")))
@@ -325,6 +346,32 @@ public final class DurableStore: Sendable {
     public func newestCheckpoint<State: Decodable>(_ type: State.Type, _ name: String) throws -> (state: State, read: CheckpointRead)? {
         guard let read = try newestCheckpoint(name) else { return nil }
         return (try BinaryDecoder().decode(State.self, from: read.payload), read)
+    }
+
+    /// The checkpoint written in parts, put back together; a missing part or a wrong total is `truncated`.
+    private func assemble(_ name: String, _ seq: UInt64, parts: UInt32, length: UInt64) throws(CheckpointError) -> [UInt8] {
+        var out: [UInt8] = []
+        do {
+            out = try engine.read { r in
+                var bytes: [UInt8] = []
+                bytes.reserveCapacity(Int(min(length, 1 << 34)))
+                for p in 0..<parts {
+                    guard let part = try r.get(Keys.checkpointPart(name, seq, p)) else {
+                        throw CheckpointError(.truncated, "part \(p) of \(parts) is missing")
+                    }
+                    bytes += part
+                }
+                return bytes
+            }
+        } catch let e as CheckpointError {
+            throw e
+        } catch {
+            throw CheckpointError(.truncated, "its parts could not be read: \(error)")
+        }
+        guard UInt64(out.count) == length else {
+            throw CheckpointError(.truncated, "its \(parts) parts hold \(out.count) bytes; the manifest says \(length)")
+        }
+        return out
     }
 
     /// Sequence numbers of the checkpoints stored under `name`, oldest first (verified or not).
@@ -429,6 +476,13 @@ public final class DurableStore: Sendable {
                         return true
                     }
                     for old in present.dropLast(keep) { try w.delete(Keys.checkpoint(name, old)) }
+                    // The parts of pruned checkpoints, and of any write cut short before them.
+                    if let oldestKept = present.suffix(keep).first {
+                        let parts = Keys.checkpointPartPrefix(name)
+                        try w.deleteRange(from: parts + Keys.be(0), to: parts + Keys.be(oldestKept))
+                    }
+                case .checkpointPart(let name, let sequence, let part, let bytes):
+                    try w.put(Keys.checkpointPart(name, sequence, part), bytes)
                 }
             }
             results.append(CommitResult(firstSequences: firsts))
@@ -467,7 +521,7 @@ public final class DurableStore: Sendable {
         for op in batch.operations {
             switch op {
             case .put(let key, _), .delete(let key): try validate(key: key)
-            case .append(let log, _), .truncate(let log, _), .checkpoint(let log, _, _): try validate(log: log)
+            case .append(let log, _), .truncate(let log, _), .checkpoint(let log, _, _), .checkpointPart(let log, _, _, _): try validate(log: log)
             }
         }
     }
@@ -489,6 +543,10 @@ enum Keys {
     static func logMeta(_ name: String) -> [UInt8] { [0x03] + Array(name.utf8) }
     static func checkpointPrefix(_ name: String) -> [UInt8] { named(0x04, name) }
     static func checkpoint(_ name: String, _ seq: UInt64) -> [UInt8] { checkpointPrefix(name) + be(seq) }
+    static func checkpointPartPrefix(_ name: String) -> [UInt8] { named(0x05, name) }
+    static func checkpointPart(_ name: String, _ seq: UInt64, _ part: UInt32) -> [UInt8] {
+        checkpointPartPrefix(name) + be(seq) + [UInt8(part >> 24), UInt8((part >> 16) & 0xFF), UInt8((part >> 8) & 0xFF), UInt8(part & 0xFF)]
+    }
 
     /// A key greater than every `prefix · seq64` key.
     static func upperBound(_ prefix: [UInt8]) -> [UInt8] { prefix + [UInt8](repeating: 0xFF, count: 9) }
@@ -592,5 +650,21 @@ public enum LogChunk {
         guard seq == last + 1 else {
             throw StorageError(.corruptRecord, "the chunk of log \"\(log)\" should end at entry \(last) but holds entries up to \(Int64(bitPattern: seq) - 1) (a torn write)", sequence: seq)
         }
+    }
+}
+
+/// The record stored under a checkpoint's key when the checkpoint was written in parts:
+/// magic `CRNP` · part count (u32 BE) · total length (u64 BE).
+enum CheckpointManifest {
+    static let magic: [UInt8] = [0x43, 0x52, 0x4E, 0x50]
+
+    static func encode(parts: UInt32, length: UInt64) -> [UInt8] {
+        magic + [UInt8(parts >> 24), UInt8((parts >> 16) & 0xFF), UInt8((parts >> 8) & 0xFF), UInt8(parts & 0xFF)] + Keys.be(length)
+    }
+
+    static func decode(_ bytes: [UInt8]) -> (parts: UInt32, length: UInt64)? {
+        guard bytes.count == 16, Array(bytes[0..<4]) == magic else { return nil }
+        let parts = bytes[4..<8].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        return (parts, Keys.readBE(Array(bytes[8...])))
     }
 }

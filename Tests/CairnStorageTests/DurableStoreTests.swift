@@ -179,6 +179,55 @@ struct DurableStoreTests {
         }
     }
 
+    @Test("checkpoints in parts: read back whole; a corrupt or missing part falls back to the previous one; pruning deletes parts",
+          arguments: Backend.allCases)
+    func checkpointParts(backend: Backend) throws {
+        let (store, dir) = try backend.makeStore()
+        defer { store.close(); _ = dir }
+        var rng = SeededGenerator(seed: 5)
+        let payloads = (0..<4).map { _ in (0..<100_000).map { _ in UInt8(truncatingIfNeeded: rng.next() & 0x0F) } }
+        let countParts = { (seq: UInt64) throws -> Int in
+            try store.engine.read { r in
+                var n = 0
+                let prefix = Keys.checkpointPartPrefix("p") + Keys.be(seq)
+                try r.scan(from: prefix) { k, _ in
+                    guard Keys.hasPrefix(k, prefix) else { return false }
+                    n += 1
+                    return true
+                }
+                return n
+            }
+        }
+        for (i, payload) in payloads.prefix(2).enumerated() {
+            try store.writeCheckpoint("p", sequence: UInt64(i + 1), payload: payload, partSize: 8192)
+        }
+        #expect(try countParts(2) > 1, "written in several parts")
+        var read = try #require(try store.newestCheckpoint("p"))
+        #expect(read.sequence == 2 && read.payload == payloads[1] && read.rejected.isEmpty)
+
+        // A flipped byte in a part fails the checkpoint's checksum: the previous one is used.
+        let key = Keys.checkpointPart("p", 2, 1)
+        var part = try #require(try store.engine.read { try $0.get(key) })
+        part[100] ^= 0x01
+        try store.engine.write { try $0.put(key, part) }
+        read = try #require(try store.newestCheckpoint("p"))
+        #expect(read.sequence == 1 && read.payload == payloads[0])
+        #expect(read.rejected.first?.error.code == .checksumMismatch)
+
+        // A missing part (a write cut short) is reported as truncated.
+        try store.engine.write { _ = try $0.delete(key) }
+        read = try #require(try store.newestCheckpoint("p"))
+        #expect(read.sequence == 1)
+        #expect(read.rejected.first?.error.code == .truncated)
+
+        // Two newer checkpoints: the oldest two go, with their parts.
+        try store.writeCheckpoint("p", sequence: 3, payload: payloads[2], partSize: 8192)
+        try store.writeCheckpoint("p", sequence: 4, payload: payloads[3], partSize: 8192)
+        #expect(try store.checkpointSequences("p") == [3, 4])
+        #expect(try countParts(1) == 0 && countParts(2) == 0)
+        #expect(try store.newestCheckpoint("p")?.payload == payloads[3])
+    }
+
     @Test("logs: a flipped byte or a torn (cut) entry is reported with its sequence number", arguments: Backend.allCases)
     func logCorruption(backend: Backend) throws {
         let (store, dir) = try backend.makeStore()
