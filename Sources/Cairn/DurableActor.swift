@@ -486,6 +486,10 @@ final class DurableActor: @unchecked Sendable {
         do {
             guard var meta = try storage.meta(name) else {
                 // A new actor: its initial state is checkpoint zero, so a log replay always has a base.
+                let stale = try storage.checkpoints.checkpointSequences(name)
+                guard stale.isEmpty else {
+                    throw CairnError(.storage, "\(storage.locationDescription) holds checkpoints \(stale) of durable actor \"\(name)\" but no record of it: the storage is damaged or from an incompatible version; move it aside or use another name")
+                }
                 let box = try type.make(initial)
                 let start = try storage.logs.logBounds(d.logName).next
                 d.position = start

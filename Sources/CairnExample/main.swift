@@ -3,12 +3,17 @@ import Foundation
 // `cairn-example`: the reinforcement-learning job from the lecture, on an embedded cluster.
 // `cairn-example ledger [directory]`: durable storage on its own (log, checkpoints, recovery).
 let arguments = Array(CommandLine.arguments.dropFirst())
-switch arguments.first {
-case "ledger":
-    try runLedger(directory: arguments.dropFirst().first ?? "cairn-data")
-case nil, "rl":
-    try await runReinforcementLearning(seed: arguments.dropFirst().first.flatMap(UInt64.init) ?? 42)
-default:
-    FileHandle.standardError.write(Data("usage: cairn-example [rl [seed] | ledger [directory]]\n".utf8))
-    exit(2)
+do {
+    switch arguments.first {
+    case "ledger":
+        try runLedger(directory: arguments.dropFirst().first ?? "cairn-data")
+    case nil, "rl":
+        try await runReinforcementLearning(seed: arguments.dropFirst().first.flatMap(UInt64.init) ?? 42)
+    default:
+        FileHandle.standardError.write(Data("usage: cairn-example [rl [seed] | ledger [directory]]\n".utf8))
+        exit(2)
+    }
+} catch {
+    FileHandle.standardError.write(Data("cairn-example: \(error)\n".utf8))
+    exit(1)
 }

@@ -332,7 +332,7 @@ struct DurableActorTests {
         }
     }
 
-    @Test("bad input: empty and overlong names, and a name held by another actor type, are refused with clear errors")
+    @Test("bad input: empty and overlong names, a name held by another actor type, and checkpoints with no record are refused with clear errors")
     func badInput() async throws {
         let dir = try TemporaryDirectory()
         try await withBank(dir.path, interval: 10) { cluster, _ in
@@ -340,14 +340,27 @@ struct DurableActorTests {
                 await #expect(throws: CairnError.self) { _ = try await cluster.spawn(Bank(), name: name) }
             }
         }
-        let cluster = try await Cluster.local(ClusterOptions(nodes: [NodeConfiguration()], storage: ActorStorageOptions(location: .directory(dir.path), logSegmentBytes: 1 << 20)))
-        defer { cluster.shutdown() }
         do {
-            _ = try await cluster.spawn(Counter(), name: "bank")
-            Issue.record("the name belongs to a Bank")
+            let cluster = try await Cluster.local(ClusterOptions(nodes: [NodeConfiguration()], storage: ActorStorageOptions(location: .directory(dir.path), logSegmentBytes: 1 << 20)))
+            defer { cluster.shutdown() }
+            do {
+                _ = try await cluster.spawn(Counter(), name: "bank")
+                Issue.record("the name belongs to a Bank")
+            } catch let e as CairnError {
+                #expect(e.code == .invalidArgument)
+                #expect(e.detail.contains("is a") && e.detail.contains("Bank"), "\(e.detail)")
+            }
+        }
+        // Checkpoints without the actor's record: damaged storage is refused, not taken for a new actor.
+        let store = try DurableStore.lmdb(directory: dir.path + "/checkpoints")
+        try store.delete(ActorStorage.metaKey("bank"))
+        store.close()
+        do {
+            try await withBank(dir.path, interval: 10) { _, _ in }
+            Issue.record("checkpoints with no record must be refused")
         } catch let e as CairnError {
-            #expect(e.code == .invalidArgument)
-            #expect(e.detail.contains("is a") && e.detail.contains("Bank"), "\(e.detail)")
+            #expect(e.code == .storage)
+            #expect(e.detail.contains("no record"), "\(e.detail)")
         }
     }
 
