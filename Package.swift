@@ -48,7 +48,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.
-        .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore"], path: "Chaos/CairnChaosKit"),
+        .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore", "CairnGCS"], path: "Chaos/CairnChaosKit"),
+        // The Global Control Store's protocol cores: pure values, no I/O.
+        .target(name: "CairnGCS", path: "Sources/CairnGCS"),
         .executableTarget(name: "CairnChaos", dependencies: [
             "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -56,7 +58,7 @@ let package = Package(
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit"],
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS"],
                     path: "Tests/CairnTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
