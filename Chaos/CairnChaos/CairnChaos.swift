@@ -48,11 +48,11 @@ struct StorageWriter: ParsableCommand {
                     let payload = StorageWorkload.record(writer: writer, n: n)
                     do {
                         let seq = try store.append(to: StorageWorkload.log, [payload])
-                        ack("L \(seq) \(writer) \(n)\n")
+                        writeStandardOutputLine("L \(seq) \(writer) \(n)")
                         n += 1
                         if writer == 0 && n % 8 == 0 {
                             try store.writeCheckpoint(StorageWorkload.checkpoint, sequence: checkpoint, payload: StorageWorkload.state(sequence: checkpoint))
-                            ack("C \(checkpoint)\n")
+                            writeStandardOutputLine("C \(checkpoint)")
                             checkpoint += 1
                         }
                     } catch {
@@ -66,10 +66,4 @@ struct StorageWriter: ParsableCommand {
         }
         group.wait()
     }
-}
-
-/// Writes one acknowledgement line with a single write(2), so a line is never split.
-func ack(_ line: String) {
-    var bytes = Array(line.utf8)
-    _ = bytes.withUnsafeMutableBytes { write(1, $0.baseAddress, $0.count) }
 }

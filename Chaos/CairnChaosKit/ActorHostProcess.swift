@@ -20,12 +20,12 @@ public enum ActorHostProcess {
         do {
             bank = try await cluster.spawn(Bank(), name: "bank", durability: DurabilityOptions(checkpoint: policy, maxRestarts: maxRestarts))
         } catch let error as CairnError {
-            writeLine("X \(error.code.rawValue) \(error.detail)")
+            writeStandardOutputLine("X \(error.code.rawValue) \(error.detail)")
             Foundation.exit(2)
         }
         let status = try await cluster.status(of: bank)
         let m = cluster.metrics
-        writeLine("R \(status.restarts) \(m.messagesReplayed) \(m.checkpointsRejected) \(m.logRecordsDiscarded)")
+        writeStandardOutputLine("R \(status.restarts) \(m.messagesReplayed) \(m.checkpointsRejected) \(m.logRecordsDiscarded)")
 
         // Messages are sent from one thread, in input order; replies are awaited concurrently.
         let (replies, continuation) = AsyncStream<(UInt64, ObjectRef<Bank.Reply>)>.makeStream()
@@ -50,21 +50,15 @@ public enum ActorHostProcess {
                 group.addTask {
                     do {
                         let reply = try await cluster.get(ref)
-                        writeLine("A \(seq) \(reply)")
+                        writeStandardOutputLine("A \(seq) \(reply)")
                     } catch let error as RemoteError {
-                        writeLine("E \(seq) \(error.kind.rawValue)")
+                        writeStandardOutputLine("E \(seq) \(error.kind.rawValue)")
                     } catch {
-                        writeLine("E \(seq) \(error)")
+                        writeStandardOutputLine("E \(seq) \(error)")
                     }
                 }
             }
         }
         cluster.shutdown()
-    }
-
-    /// Writes one line with a single write(2), so concurrent lines never interleave.
-    public static func writeLine(_ line: String) {
-        var bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeMutableBytes { write(1, $0.baseAddress, $0.count) }
     }
 }

@@ -80,11 +80,11 @@ public struct ChainSimulation {
             }
         }
 
-        func perform(_ actions: [ChainAction], at replica: Int?) {
+        func perform(_ actions: [ChainAction], at replica: Int) {
             for a in actions {
                 switch a {
-                case .persist(let u): persisted[replica!].append(u)
-                case .send(let m, let to): post(m, from: replica.map { .replica($0) } ?? .client(-1), to: to)
+                case .persist(let u): persisted[replica].append(u)
+                case .send(let m, let to): post(m, from: .replica(replica), to: to)
                 }
             }
         }
@@ -129,7 +129,7 @@ public struct ChainSimulation {
                     let actions = replicas[r]!.handle(m.message, from: m.from)
                     perform(actions, at: r)
                 case .client(let c):
-                    guard c >= 0, let outcome = clients[c].handle(m.message), let i = open[c] else { continue }
+                    guard let outcome = clients[c].handle(m.message), let i = open[c] else { continue }
                     history[i].returned = now
                     switch outcome {
                     case .written:

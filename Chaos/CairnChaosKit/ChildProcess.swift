@@ -138,6 +138,13 @@ public struct ChildProcessError: Error, CustomStringConvertible {
     public var description: String { detail }
 }
 
+/// Writes `line` and a newline to standard output with one write(2), so that lines written by
+/// concurrent threads never interleave (how chaos children acknowledge to their parent).
+public func writeStandardOutputLine(_ line: String) {
+    var bytes = Array((line + "\n").utf8)
+    _ = bytes.withUnsafeMutableBytes { write(1, $0.baseAddress, $0.count) }
+}
+
 /// Sleeps for `microseconds`.
 public func sleepMicroseconds(_ microseconds: Int) {
     var request = timespec(tv_sec: microseconds / 1_000_000, tv_nsec: (microseconds % 1_000_000) * 1000)

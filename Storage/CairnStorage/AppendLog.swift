@@ -181,13 +181,13 @@ public final class AppendLog: @unchecked Sendable {
     /// Durably appends `payloads` to `log`; returns the sequence number of the first.
     @discardableResult
     public func append(to log: String, _ payloads: [[UInt8]]) throws -> UInt64 {
-        try wait { done in append(to: log, payloads, completion: done) }
+        try blockingWait { done in append(to: log, payloads, completion: done) }
     }
 
     /// Durably deletes the entries of `log` before `sequence`. Sequence numbers are not reused.
     public func truncateLog(_ log: String, before sequence: UInt64) throws {
         if let error = validate(log, []) { throw error }
-        _ = try wait { done in enqueue(.truncate(log, sequence, done)) }
+        _ = try blockingWait { done in enqueue(.truncate(log, sequence, done)) }
     }
 
     /// The present extent of `log`.
@@ -261,17 +261,6 @@ public final class AppendLog: @unchecked Sendable {
         queue.append(r)
         if queue.count == 1 { condition.broadcast() }
         condition.unlock()
-    }
-
-    private func wait(_ start: (@escaping @Sendable (Result<UInt64, StorageError>) -> Void) -> Void) throws -> UInt64 {
-        let done = DispatchSemaphore(value: 0)
-        let box = SequenceBox()
-        start { result in
-            box.result = result
-            done.signal()
-        }
-        done.wait()
-        return try box.result!.get()
     }
 
     private func validate(_ log: String, _ payloads: [[UInt8]]) -> StorageError? {
@@ -737,10 +726,6 @@ public final class AppendLog: @unchecked Sendable {
     }
 }
 
-/// Carries a result from the committer thread to a waiting caller; the semaphore orders the accesses.
-private final class SequenceBox: @unchecked Sendable {
-    var result: Result<UInt64, StorageError>?
-}
 
 extension AppendLog {
     /// The segment file and offset of entry `sequence` of `log` (for tests that damage segments).

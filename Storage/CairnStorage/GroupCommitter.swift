@@ -55,14 +55,7 @@ final class GroupCommitter: @unchecked Sendable {
     }
 
     func submitAndWait(_ batch: WriteBatch) throws -> CommitResult {
-        let done = DispatchSemaphore(value: 0)
-        let box = ResultBox()
-        submit(batch) { result in
-            box.result = result
-            done.signal()
-        }
-        done.wait()
-        return try box.result!.get()
+        try blockingWait { submit(batch, $0) }
     }
 
     /// Commits what is queued, then stops the thread. Idempotent.
@@ -141,7 +134,3 @@ final class GroupCommitter: @unchecked Sendable {
     }
 }
 
-/// Carries a result from the committer thread to a waiting writer; the semaphore orders the accesses.
-private final class ResultBox: @unchecked Sendable {
-    var result: Result<CommitResult, StorageError>?
-}
