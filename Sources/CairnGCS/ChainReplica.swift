@@ -1,109 +1,116 @@
-/// Chain replication (van Renesse and Schneider, OSDI 2004) for one shard of the GCS, as pure
-/// values: events in, actions out. The shell (in-memory, TCP, or the seeded simulation under
-/// `Chaos/`) delivers messages, runs timers, and makes `persist` actions durable before it
-/// sends anything that follows them.
+/// One replica of one shard's chain, as a pure value: messages and ticks in, actions out.
 ///
-/// Writes enter at the head, which gives each a sequence number and forwards it down the
-/// chain; each replica applies updates in sequence order and keeps the ones it forwarded until
-/// the tail acknowledges them; the tail replies to the client and sends the acknowledgement
-/// back up. Reads are served by the tail. Lost, duplicated or reordered messages are repaired
-/// by retransmission (each replica resends its unacknowledged updates on every tick) and by
-/// sequence numbers (a replica applies only the next one). A client's retried write carries
-/// the same request ID and is applied once.
+/// Roles follow the replica's current ``ChainConfig``: head (numbers writes), middle, tail
+/// (replies, serves reads while it holds a lease), learner (joins behind the tail and catches
+/// up) or standby (in no role; it reports to the coordinator and waits to be added).
 ///
-/// Not here yet: reconfiguration by a coordinator (removing a failed replica, adding one at
-/// the tail) and configuration epochs. A crashed replica comes back with its persisted log.
-
-/// Identifies a client's request, for exactly-once writes.
-public struct RequestID: Hashable, Sendable, Codable, CustomStringConvertible {
-    public var client: Int
-    public var number: UInt64
-    public init(client: Int, number: UInt64) {
-        self.client = client
-        self.number = number
-    }
-    public var description: String { "c\(client)#\(number)" }
-}
-
-/// One write, as it flows down the chain and sits in each replica's log.
-public struct ChainUpdate: Hashable, Sendable, Codable {
-    public var sequence: UInt64
-    public var key: String
-    public var value: UInt64
-    public var request: RequestID
-
-    public init(sequence: UInt64, key: String, value: UInt64, request: RequestID) {
-        self.sequence = sequence
-        self.key = key
-        self.value = value
-        self.request = request
-    }
-}
-
-/// Who a chain message is for or from.
-public enum ChainEndpoint: Hashable, Sendable {
-    case replica(Int)
-    case client(Int)
-}
-
-/// The messages of the chain protocol.
-public enum ChainMessage: Hashable, Sendable {
-    /// Client to head.
-    case write(RequestID, key: String, value: UInt64)
-    /// Client to tail.
-    case read(RequestID, key: String)
-    /// Replica to its successor.
-    case forward(ChainUpdate)
-    /// Replica to its predecessor: every update up to this sequence number reached the tail.
-    case ack(UInt64)
-    /// Tail (or head, for a retried write already acknowledged) to client.
-    case written(RequestID)
-    /// Tail to client.
-    case readResult(RequestID, UInt64?)
-    /// The request went to a replica in the wrong position.
-    case notHere(RequestID)
-}
-
-/// What a replica asks its shell to do.
-public enum ChainAction: Hashable, Sendable {
-    /// Make the update durable; the shell does this before any later action.
-    case persist(ChainUpdate)
-    case send(ChainMessage, to: ChainEndpoint)
-}
-
-/// One replica of a chain. `chain` lists replica IDs, head first.
+/// Invariants the protocol keeps:
+/// - Along the chain, each replica's log is a prefix of its predecessor's.
+/// - Every update after `acknowledged` is in `sent` (it may not have reached the tail), so
+///   removing a replica from the middle only needs the predecessor to resend `sent`.
+/// - A tail commits only while it holds an unexpired lease for its epoch: it serves reads,
+///   replies `written`, acknowledges upstream and sends changes to subscribers only then, and
+///   otherwise holds them back. The coordinator grants leases only to the tail of a current
+///   configuration and removes a replica only after every lease it granted it has run out. So
+///   replicas cut out of the chain that still talk to each other in their old epoch (a head
+///   and tail that restarted with an old configuration, say) cannot acknowledge a write the
+///   current chain does not have, or answer a read with a stale value.
+/// - A promoted tail serves reads only after the previous tail's handoff says how far the
+///   previous tail's log went and it has all of that.
 public struct ChainReplica: Sendable {
-    public let id: Int
-    public let chain: [Int]
-    /// Applied updates, in sequence order (what `persist` made durable).
+    public struct Options: Sendable {
+        /// How long a lease runs, in the shell's time units, from the report that earned it.
+        public var leaseDuration: UInt64
+        public init(leaseDuration: UInt64) { self.leaseDuration = leaseDuration }
+    }
+
+    struct Subscription: Sendable {
+        var prefix: String
+        /// Sequence number of the last change queued.
+        var queuedUpTo: UInt64
+        /// Changes not yet acknowledged by the subscriber: (update, previous).
+        var unacked: [(ChainUpdate, UInt64)]
+        /// Sequence number of the last change transmitted at least once.
+        var transmittedUpTo: UInt64
+    }
+
+    public let id: ReplicaID
+    public let shard: Int
+    public let options: Options
+    public private(set) var config: ChainConfig?
+    /// Applied updates; `log[i].sequence == i + 1`.
     public private(set) var log: [ChainUpdate] = []
-    public private(set) var store: [String: UInt64] = [:]
+    public private(set) var store: [String: [UInt8]] = [:]
     /// Per client: its newest request applied here, and that update's sequence number.
     private var applied: [Int: (number: UInt64, sequence: UInt64)] = [:]
-    /// Updates forwarded to the successor and not yet acknowledged by the tail.
+    /// Forwarded downstream (to the successor, or from a tail to its learner), not yet acknowledged.
     private var sent: [ChainUpdate] = []
     /// Every update up to here has reached the tail.
     public private(set) var acknowledged: UInt64 = 0
+    private var lease: (epoch: UInt64, until: UInt64)?
+    /// For a promoted tail: how far the previous tail's log went.
+    private var handoffUpTo: UInt64?
+    /// As learner: the join request outstanding, and whether the tail accepted it.
+    private var joinAttempt: UInt64 = 0
+    private var joined = false
+    /// As tail: the learner's join was accepted, and how far the learner has acknowledged
+    /// (nil until the learner confirms it cut its log to the common prefix).
+    private var learnerJoined = false
+    private var learnerAcked: UInt64?
+    private var subscriptions: [Int: Subscription] = [:]
+    /// As tail: writes applied but not yet answered, waiting for a lease.
+    private var pendingReplies: [RequestID] = []
 
-    public init(id: Int, chain: [Int]) {
-        precondition(chain.contains(id), "replica \(id) is not in the chain \(chain)")
+    /// A new, empty replica; it learns its configuration from the coordinator.
+    public init(id: ReplicaID, shard: Int, options: Options) {
         self.id = id
-        self.chain = chain
+        self.shard = shard
+        self.options = options
     }
 
-    /// A replica restarted after a crash: memory is gone, the persisted log is back. Every
-    /// update is treated as not yet acknowledged and is resent; the successor ignores what it has.
-    public init(id: Int, chain: [Int], recovering persisted: [ChainUpdate]) {
-        self.init(id: id, chain: chain)
-        for u in persisted { apply(u) }
-        if !isTail { sent = persisted }
+    /// A replica restarted after a crash: memory is gone; the persisted log and configuration
+    /// are back. Nothing is known to be acknowledged, so everything is resent downstream and
+    /// the successor ignores what it already has.
+    public init(id: ReplicaID, shard: Int, options: Options, recovering persisted: [ChainUpdate], config: ChainConfig?) {
+        self.init(id: id, shard: shard, options: options)
+        for u in persisted {
+            precondition(u.sequence == lastSequence + 1, "persisted log of replica \(id) has a gap before \(u.sequence)")
+            apply(u)
+        }
+        if let config, config.shard == shard { _ = adopt(config) }
     }
 
-    public var isHead: Bool { chain.first == id }
-    public var isTail: Bool { chain.last == id }
-    var lastSequence: UInt64 { log.last?.sequence ?? 0 }
-    var successor: Int? { chain.firstIndex(of: id).flatMap { $0 + 1 < chain.count ? chain[$0 + 1] : nil } }
-    var predecessor: Int? { chain.firstIndex(of: id).flatMap { $0 > 0 ? chain[$0 - 1] : nil } }
+    // MARK: roles
+
+    public var lastSequence: UInt64 { UInt64(log.count) }
+    public var isHead: Bool { config?.head == id }
+    public var isTail: Bool { config?.tail == id }
+    public var isLearner: Bool { config?.learner == id }
+    /// The tail may serve reads and subscriptions (it still needs a lease for reads).
+    public var serving: Bool {
+        guard let c = config, c.tail == id else { return false }
+        return c.handoffFrom == nil || handoffUpTo.map { lastSequence >= $0 } == true
+    }
+    public func holdsLease(at now: UInt64) -> Bool {
+        guard let c = config, let l = lease else { return false }
+        return l.epoch == c.epoch && now < l.until
+    }
+
+    var successor: ReplicaID? {
+        guard let c = config, let i = c.chain.firstIndex(of: id) else { return nil }
+        return i + 1 < c.chain.count ? c.chain[i + 1] : nil
+    }
+    var predecessor: ReplicaID? {
+        guard let c = config else { return nil }
+        if c.learner == id { return c.tail }
+        guard let i = c.chain.firstIndex(of: id), i > 0 else { return nil }
+        return c.chain[i - 1]
+    }
+    /// Where `sent` goes: the successor, or the learner once it joined.
+    var downstream: ReplicaID? {
+        if let s = successor { return s }
+        return isTail && learnerJoined ? config?.learner : nil
+    }
 
     private mutating func apply(_ u: ChainUpdate) {
         log.append(u)
@@ -111,117 +118,256 @@ public struct ChainReplica: Sendable {
         applied[u.request.client] = (u.request.number, u.sequence)
     }
 
-    /// Handles one message.
-    public mutating func handle(_ message: ChainMessage, from: ChainEndpoint) -> [ChainAction] {
+    /// Rebuilds the store and the client table from the first `keep` updates.
+    private mutating func truncate(keep: UInt64) {
+        let kept = log.prefix(Int(keep))
+        log = []
+        store = [:]
+        applied = [:]
+        for u in kept { apply(u) }
+        acknowledged = min(acknowledged, keep)
+        sent.removeAll { $0.sequence > keep }
+    }
+
+    /// Describes the log by epoch, for a join.
+    func epochRanges() -> [EpochRange] {
+        var out: [EpochRange] = []
+        for u in log {
+            if let last = out.last, last.epoch == u.epoch {
+                out[out.count - 1].last = u.sequence
+            } else {
+                out.append(EpochRange(epoch: u.epoch, first: u.sequence, last: u.sequence))
+            }
+        }
+        return out
+    }
+
+    /// How many of a learner's updates agree with this log: the longest prefix whose every
+    /// entry has the same (epoch, sequence) here.
+    func commonPrefix(with ranges: [EpochRange]) -> UInt64 {
+        var keep: UInt64 = 0
+        for r in ranges {
+            var s = r.first
+            while s <= r.last {
+                guard s <= lastSequence, log[Int(s - 1)].epoch == r.epoch else { return keep }
+                keep = s
+                s += 1
+            }
+        }
+        return keep
+    }
+
+    // MARK: configuration
+
+    /// Switches to a newer configuration and returns what the new role must send at once.
+    private mutating func adopt(_ new: ChainConfig) -> [GCSAction] {
+        let old = config
+        let wasTail = old?.tail == id
+        let oldLearner = old?.learner
+        let oldLearnerAcked = learnerAcked ?? 0
+        config = new
+        lease = nil
+        handoffUpTo = nil
+        joined = false
+        learnerJoined = false
+        learnerAcked = nil
+        var actions: [GCSAction] = []
+        if new.tail == id {
+            // Everything here is now at the tail; it is acknowledged once a lease arrives.
+            sent = []
+        } else if new.chain.contains(id) {
+            subscriptions = [:]
+            pendingReplies = []
+            if wasTail, let l = oldLearner, successor == l {
+                // The learner became the tail: it may lack what it had not acknowledged.
+                acknowledged = min(acknowledged, oldLearnerAcked)
+            }
+            sent = log.filter { $0.sequence > acknowledged }
+            if let s = successor {
+                if new.handoffFrom == id { actions.append(.send(.handoff(epoch: new.epoch, upTo: lastSequence), to: .replica(s))) }
+                actions += sent.map { .send(.forward(epoch: new.epoch, $0), to: .replica(s)) }
+            }
+        } else {
+            subscriptions = [:]
+            pendingReplies = []
+            sent = []
+            if new.learner == id {
+                joinAttempt += 1
+                actions.append(.send(.join(epoch: new.epoch, attempt: joinAttempt, log: epochRanges()), to: .replica(new.tail)))
+            }
+        }
+        return actions
+    }
+
+    // MARK: messages
+
+    /// Handles one message; `now` is the shell's clock (for leases).
+    public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
         switch message {
         case .write(let request, let key, let value):
-            guard isHead, case .client(let client) = from else { return [.send(.notHere(request), to: from)] }
+            guard isHead, case .client(let client) = from, let c = config else { return [.send(.notHere(request), to: from)] }
             if let done = applied[client], done.number >= request.number {
-                // A retry. Answer it only if the first attempt is known to have reached the tail;
-                // otherwise the tail's reply (or a later retry) will.
-                return done.number == request.number && (done.sequence <= acknowledged || isTail) ? [.send(.written(request), to: from)] : []
+                // A retry. Answer it only if the first attempt is known to have reached the
+                // tail; otherwise the tail's reply (or a later retry) will.
+                return done.number == request.number && done.sequence <= acknowledged ? [.send(.written(request), to: from)] : []
             }
-            let u = ChainUpdate(sequence: lastSequence + 1, key: key, value: value, request: request)
+            let u = ChainUpdate(epoch: c.epoch, sequence: lastSequence + 1, key: key, value: value, request: request)
             apply(u)
-            if isTail {
-                acknowledged = u.sequence
-                return [.persist(u), .send(.written(request), to: from)]
-            }
-            sent.append(u)
-            return [.persist(u), .send(.forward(u), to: .replica(successor!))]
+            return [.persist(u)] + passOn(u, now: now)
 
         case .read(let request, let key):
-            guard isTail else { return [.send(.notHere(request), to: from)] }
+            guard serving, holdsLease(at: now) else { return [.send(.notHere(request), to: from)] }
             return [.send(.readResult(request, store[key]), to: from)]
 
-        case .forward(let u):
-            guard !isHead else { return [] }
+        case .forward(let epoch, let u):
+            guard let c = config, epoch == c.epoch, case .replica(let p) = from, p == predecessor else { return [] }
+            if isLearner && !joined { return [] }
             if u.sequence <= lastSequence {
-                // Seen before: the tail acknowledges again, in case its acknowledgement was lost.
-                return isTail ? [.send(.ack(lastSequence), to: .replica(predecessor!))] : []
+                // Seen before: the end of the stream acknowledges again, in case that was lost.
+                if isLearner { return [.send(.ack(epoch: epoch, lastSequence), to: from)] }
+                return isTail && acknowledged > 0 ? [.send(.ack(epoch: epoch, acknowledged), to: from)] : []
             }
             guard u.sequence == lastSequence + 1 else { return [] }  // a gap: retransmission fills it
             apply(u)
+            if isLearner { return [.persist(u), .send(.ack(epoch: epoch, u.sequence), to: from)] }
+            return [.persist(u)] + passOn(u, now: now)
+
+        case .ack(let epoch, let sequence):
+            guard let c = config, epoch == c.epoch, case .replica(let r) = from else { return [] }
             if isTail {
-                acknowledged = u.sequence
-                return [.persist(u), .send(.written(u.request), to: .client(u.request.client)),
-                        .send(.ack(u.sequence), to: .replica(predecessor!))]
+                guard r == c.learner, learnerJoined else { return [] }
+                learnerAcked = max(learnerAcked ?? 0, sequence)
+                sent.removeAll { $0.sequence <= sequence }
+                return []
             }
-            sent.append(u)
-            return [.persist(u), .send(.forward(u), to: .replica(successor!))]
-
-        case .ack(let sequence):
-            guard !isTail, sequence > acknowledged else { return [] }
-            acknowledged = sequence
+            guard r == successor, sequence > acknowledged else { return [] }
+            acknowledged = min(sequence, lastSequence)
             sent.removeAll { $0.sequence <= sequence }
-            return predecessor.map { [.send(.ack(sequence), to: .replica($0))] } ?? []
+            return predecessor.map { [.send(.ack(epoch: epoch, acknowledged), to: .replica($0))] } ?? []
 
-        case .written, .readResult, .notHere:
+        case .join(let epoch, let attempt, let ranges):
+            guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner else { return [] }
+            let keep = commonPrefix(with: ranges)
+            learnerJoined = true
+            learnerAcked = nil
+            sent = Array(log[Int(keep)...])
+            return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: keep), to: from)]
+                + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
+
+        case .joinAccepted(let epoch, let attempt, let keep):
+            guard let c = config, epoch == c.epoch, isLearner, !joined, attempt == joinAttempt, from == .replica(c.tail) else { return [] }
+            joined = true
+            var actions: [GCSAction] = []
+            if lastSequence > keep {
+                // The updates after `keep` were numbered by a head whose history the chain did not keep.
+                truncate(keep: keep)
+                actions.append(.persistTruncation(keep: keep))
+            }
+            // Tells the tail the log is now a prefix of its own, so it may count this learner caught up.
+            return actions + [.send(.ack(epoch: epoch, lastSequence), to: from)]
+
+        case .handoff(let epoch, let upTo):
+            guard let c = config, epoch == c.epoch, isTail, from == c.handoffFrom.map(Endpoint.replica) else { return [] }
+            handoffUpTo = max(handoffUpTo ?? 0, upTo)
+            return []
+
+        case .configure(let new, let leaseFrom):
+            guard new.shard == shard else { return [] }
+            var actions: [GCSAction] = []
+            if config == nil || new.epoch > config!.epoch {
+                actions.append(.persistConfig(new))
+                actions += adopt(new)
+            }
+            if let from = leaseFrom, new.epoch == config?.epoch, serving {
+                let until = from + options.leaseDuration
+                if until > (lease?.until ?? 0) || lease?.epoch != new.epoch { lease = (new.epoch, until) }
+                actions += release(now: now)
+            }
+            return actions
+
+        case .subscribe(let prefix, let after):
+            guard serving, case .client(let subscriber) = from else { return [] }
+            var sub = Subscription(prefix: prefix, queuedUpTo: after, unacked: [], transmittedUpTo: after)
+            for u in log[Int(min(after, lastSequence))...] where u.key.hasPrefix(prefix) {
+                sub.unacked.append((u, sub.queuedUpTo))
+                sub.queuedUpTo = u.sequence
+            }
+            subscriptions[subscriber] = sub
+            return release(now: now)
+
+        case .changeAck(let upTo):
+            guard case .client(let subscriber) = from else { return [] }
+            subscriptions[subscriber]?.unacked.removeAll { $0.0.sequence <= upTo }
+            return []
+
+        case .written, .readResult, .notHere, .change, .report, .configQuery, .configs:
             return []
         }
     }
 
-    /// Resends every update not yet acknowledged (called on a timer).
-    public func tick() -> [ChainAction] {
-        guard let next = successor else { return [] }
-        return sent.map { .send(.forward($0), to: .replica(next)) }
-    }
-}
-
-/// A client of one chain: sends writes to the head and reads to the tail, one request at a
-/// time, and resends the outstanding one (same request ID) until it is answered.
-public struct ChainClient: Sendable {
-    public enum Operation: Hashable, Sendable {
-        case write(key: String, value: UInt64)
-        case read(key: String)
-    }
-
-    public enum Outcome: Hashable, Sendable {
-        case written
-        case read(UInt64?)
-    }
-
-    public let id: Int
-    public let chain: [Int]
-    private var number: UInt64 = 0
-    public private(set) var outstanding: (request: RequestID, operation: Operation)?
-
-    public init(id: Int, chain: [Int]) {
-        self.id = id
-        self.chain = chain
-    }
-
-    /// Starts an operation; there must be none outstanding.
-    public mutating func start(_ operation: Operation) -> [ChainAction] {
-        precondition(outstanding == nil, "a chain client has one request outstanding at a time")
-        number += 1
-        outstanding = (RequestID(client: id, number: number), operation)
-        return send()
-    }
-
-    /// Resends the outstanding request (called on a timer).
-    public func tick() -> [ChainAction] { outstanding == nil ? [] : send() }
-
-    private func send() -> [ChainAction] {
-        guard let (request, operation) = outstanding else { return [] }
-        switch operation {
-        case .write(let key, let value): return [.send(.write(request, key: key, value: value), to: .replica(chain.first!))]
-        case .read(let key): return [.send(.read(request, key: key), to: .replica(chain.last!))]
+    /// After applying `u` as head or middle: forward it; as tail: commit it when the lease allows.
+    private mutating func passOn(_ u: ChainUpdate, now: UInt64) -> [GCSAction] {
+        let c = config!
+        if let s = successor {
+            sent.append(u)
+            return [.send(.forward(epoch: c.epoch, u), to: .replica(s))]
         }
+        var actions: [GCSAction] = []
+        if learnerJoined, let l = c.learner {
+            sent.append(u)
+            actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(l)))
+        }
+        pendingReplies.append(u.request)
+        for (subscriber, var sub) in subscriptions where u.key.hasPrefix(sub.prefix) {
+            sub.unacked.append((u, sub.queuedUpTo))
+            sub.queuedUpTo = u.sequence
+            subscriptions[subscriber] = sub
+        }
+        return actions + release(now: now)
     }
 
-    /// Takes a reply; returns the outcome if it answers the outstanding request.
-    public mutating func handle(_ message: ChainMessage) -> Outcome? {
-        guard let (request, _) = outstanding else { return nil }
-        switch message {
-        case .written(let r) where r == request:
-            outstanding = nil
-            return .written
-        case .readResult(let r, let value) where r == request:
-            outstanding = nil
-            return .read(value)
-        default:
-            return nil
+    /// As a serving tail with a lease: acknowledges what it holds, answers the writes waiting
+    /// for that, and sends subscribers the changes they have not been sent.
+    private mutating func release(now: UInt64) -> [GCSAction] {
+        guard serving, holdsLease(at: now), let c = config else { return [] }
+        var actions: [GCSAction] = []
+        if acknowledged < lastSequence {
+            acknowledged = lastSequence
+            if let p = predecessor { actions.append(.send(.ack(epoch: c.epoch, acknowledged), to: .replica(p))) }
         }
+        actions += pendingReplies.map { .send(.written($0), to: .client($0.client)) }
+        pendingReplies = []
+        for (subscriber, var sub) in subscriptions where sub.transmittedUpTo < sub.queuedUpTo {
+            for (u, previous) in sub.unacked where u.sequence > sub.transmittedUpTo {
+                actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
+            }
+            sub.transmittedUpTo = sub.queuedUpTo
+            subscriptions[subscriber] = sub
+        }
+        return actions
+    }
+
+    // MARK: timer
+
+    /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
+    public func tick(now: UInt64) -> [GCSAction] {
+        var actions: [GCSAction] = [.send(.report(ReplicaReport(
+            replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence,
+            learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
+            serving: serving)), to: .coordinator)]
+        guard let c = config else { return actions }
+        if let d = downstream {
+            if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
+            actions += sent.map { .send(.forward(epoch: c.epoch, $0), to: .replica(d)) }
+        }
+        if isLearner && !joined {
+            actions.append(.send(.join(epoch: c.epoch, attempt: joinAttempt, log: epochRanges()), to: .replica(c.tail)))
+        }
+        if serving && holdsLease(at: now) {
+            for (subscriber, sub) in subscriptions {
+                actions += sub.unacked.map { .send(.change(shard: shard, $0.0, previous: $0.1), to: .client(subscriber)) }
+            }
+        }
+        return actions
     }
 }

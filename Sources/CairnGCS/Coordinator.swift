@@ -1,0 +1,171 @@
+/// The coordinator of every shard's chain, as a pure value (van Renesse and Schneider's
+/// "master"). It learns of replicas from their periodic reports, declares a replica failed
+/// when it has not reported for `failureTimeout`, and changes a chain by issuing a new
+/// ``ChainConfig`` with the next epoch:
+///
+/// - A failed head, middle or tail is removed. The new head is the old second replica; a
+///   middle's predecessor resends what its new successor may lack; the new tail is the old
+///   tail's predecessor, whose log holds everything the old tail had. A replica is removed
+///   only once every read lease granted to it has run out, so a tail that is cut out but still
+///   alive has stopped serving reads before its successor starts.
+/// - When a chain is shorter than the replication factor and a standby replica of the shard is
+///   alive, it is added as a learner behind the tail. Once the tail reports that the learner has
+///   caught up, the learner becomes the tail, after a handoff from the previous tail.
+/// - The last replica of a chain is never removed: the shard waits for it to come back.
+///
+/// The configurations are persisted (`persistConfig`) before they are sent; a restarted
+/// coordinator starts from them and treats every replica as holding a fresh lease, because it
+/// forgot which leases it granted.
+public struct Coordinator: Sendable {
+    public struct Options: Sendable {
+        /// Chain length the coordinator restores when it can.
+        public var replicationFactor: Int
+        /// A replica that has not reported for this long (the shell's time units) has failed.
+        public var failureTimeout: UInt64
+        /// Must equal the replicas' ``ChainReplica/Options/leaseDuration``.
+        public var leaseDuration: UInt64
+
+        public init(replicationFactor: Int = 3, failureTimeout: UInt64, leaseDuration: UInt64) {
+            precondition(replicationFactor >= 1, "a chain needs at least one replica")
+            self.replicationFactor = replicationFactor
+            self.failureTimeout = failureTimeout
+            self.leaseDuration = leaseDuration
+        }
+    }
+
+    public let options: Options
+    /// The current configuration of each shard, by shard.
+    public private(set) var configs: [ChainConfig]
+    /// Every replica the coordinator manages, and its shard.
+    public let replicas: [ReplicaID: Int]
+    private var lastHeard: [ReplicaID: UInt64] = [:]
+    private var lastGrant: [ReplicaID: UInt64] = [:]
+    /// Replicas whose process the shell saw exit, until they report again.
+    private var exited: Set<ReplicaID> = []
+    private var reports: [ReplicaID: ReplicaReport] = [:]
+    /// Per shard: the epoch in which its tail reported serving.
+    private var servingEpoch: [Int: UInt64] = [:]
+
+    /// A coordinator for shards whose first configurations are `configs` (shard i at index i).
+    /// `replicas` maps every replica, in a chain or standing by, to its shard.
+    public init(configs: [ChainConfig], replicas: [ReplicaID: Int], options: Options, now: UInt64) {
+        precondition(configs.enumerated().allSatisfy { $0.offset == $0.element.shard }, "configs[i] must be shard i's")
+        for c in configs {
+            for r in c.chain + (c.learner.map { [$0] } ?? []) {
+                precondition(replicas[r] == c.shard, "replica \(r) of shard \(c.shard) is missing from the replica map")
+            }
+        }
+        self.options = options
+        self.configs = configs
+        self.replicas = replicas
+        for r in replicas.keys {
+            // Heard from "now", so a replica gets a full timeout to report; granted "now", so a
+            // coordinator that restarts waits out any lease its previous life granted.
+            lastHeard[r] = now
+            lastGrant[r] = now
+        }
+    }
+
+    /// The configuration and lease to send to a replica that reported.
+    public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
+        switch message {
+        case .report(let r):
+            guard case .replica(let id) = from, id == r.replica, let shard = replicas[id], shard == r.shard else { return [] }
+            lastHeard[id] = now
+            exited.remove(id)
+            reports[id] = r
+            let c = configs[shard]
+            var leaseFrom: UInt64?
+            if c.tail == id && r.epoch == c.epoch && r.serving {
+                servingEpoch[shard] = c.epoch
+                lastGrant[id] = now
+                leaseFrom = r.sentAt
+            }
+            var actions: [GCSAction] = [.send(.configure(c, leaseFrom: leaseFrom), to: from)]
+            actions += reconfigure(shard, now: now)
+            return actions
+        case .configQuery:
+            return [.send(.configs(configs), to: from)]
+        default:
+            return []
+        }
+    }
+
+    /// Called periodically: detects failures and repairs chains.
+    public mutating func tick(now: UInt64) -> [GCSAction] {
+        var actions: [GCSAction] = []
+        for shard in configs.indices { actions += reconfigure(shard, now: now) }
+        return actions
+    }
+
+    /// The shell knows for certain that a replica's process is gone (its supervisor saw it
+    /// exit, or the kernel closed its connections on exit): it has failed now, without waiting
+    /// for `failureTimeout`, and holds no lease, since a lease lives in the process's memory.
+    public mutating func replicaExited(_ r: ReplicaID, now: UInt64) -> [GCSAction] {
+        guard let shard = replicas[r] else { return [] }
+        exited.insert(r)
+        lastGrant[r] = nil
+        return reconfigure(shard, now: now)
+    }
+
+    func alive(_ r: ReplicaID, now: UInt64) -> Bool {
+        !exited.contains(r) && now <= (lastHeard[r] ?? 0) + options.failureTimeout
+    }
+
+    func leaseExpired(_ r: ReplicaID, now: UInt64) -> Bool {
+        guard let granted = lastGrant[r] else { return true }
+        return now > granted + options.leaseDuration
+    }
+
+    /// Decides the shard's next configuration, if it needs one, and announces it.
+    mutating func reconfigure(_ shard: Int, now: UInt64) -> [GCSAction] {
+        let c = configs[shard]
+        var chain = c.chain
+        var learner = c.learner
+        var handoff = c.handoffFrom
+        if handoff != nil && servingEpoch[shard] == c.epoch { handoff = nil }  // the handoff is done
+
+        if let l = learner, !alive(l, now: now) { learner = nil }
+        let dead = chain.filter { !alive($0, now: now) }
+        if !dead.isEmpty {
+            var removed = Set(dead)
+            if let h = handoff {
+                let newTail = chain[chain.count - 1]
+                if removed.contains(newTail) {
+                    // The previous tail takes the role back; it has everything the new one had.
+                    handoff = nil
+                } else if removed.contains(h) {
+                    // The new tail never got the handoff: it cannot know what it lacks. It goes
+                    // back to learning, behind the replica before the previous tail.
+                    removed.insert(newTail)
+                    if learner == nil { learner = newTail }
+                    handoff = nil
+                }
+                // Otherwise the handoff is still owed, in the next configuration too.
+            }
+            let remaining = chain.filter { !removed.contains($0) }
+            guard !remaining.isEmpty else { return [] }  // never remove the last replica
+            // Wait until no removed replica can still serve a read.
+            guard removed.allSatisfy({ leaseExpired($0, now: now) }) else { return [] }
+            chain = remaining
+            if learner.map(removed.contains) == true { learner = nil }
+        } else if let l = learner, handoff == nil, let r = reports[c.tail], r.epoch == c.epoch, r.learnerCaughtUp,
+                  reports[l]?.epoch == c.epoch {
+            handoff = c.tail
+            chain.append(l)
+            learner = nil
+        } else if learner == nil, chain.count < options.replicationFactor,
+                  let standby = replicas.keys.sorted().first(where: { replicas[$0] == shard && !chain.contains($0) && alive($0, now: now) && reports[$0] != nil }) {
+            learner = standby
+        }
+
+        guard chain != c.chain || learner != c.learner else { return [] }
+        let next = ChainConfig(shard: shard, epoch: c.epoch + 1, chain: chain, learner: learner, handoffFrom: handoff)
+        configs[shard] = next
+        var actions: [GCSAction] = [.persistConfig(next)]
+        for r in next.chain + (next.learner.map { [$0] } ?? []) {
+            actions.append(.send(.configure(next, leaseFrom: nil), to: .replica(r)))
+        }
+        return actions
+    }
+}
