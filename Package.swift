@@ -39,7 +39,7 @@ let package = Package(
 
         // The runtime: tasks, objects, actors, nodes, control store, scheduling, transport.
         .target(name: "Cairn", dependencies: [
-            "CairnCodec", "CairnCore", "CairnStorage",
+            "CairnCodec", "CairnCore", "CairnStorage", "CairnGCS",
             .product(name: "DequeModule", package: "swift-collections"),
         ], path: "Sources/Cairn"),
 

@@ -10,7 +10,7 @@ struct CairnBench: AsyncParsableCommand {
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -22,7 +22,7 @@ struct CairnBench: AsyncParsableCommand {
     /// Set when the recovery suite re-launches this binary to host the durable actor it kills.
     @Option(help: .hidden) var actorHost: String?
 
-    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec"]
+    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -55,6 +55,10 @@ struct CairnBench: AsyncParsableCommand {
                 try StorageBenchmark(directory: dir).run(report)
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
+            case "gcs":
+                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
+                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+                try GCSBenchmark(directory: dir + "/gcs").run(report)
             case "durable", "recovery":
                 let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
                 defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }

@@ -61,6 +61,10 @@ public struct GCSClient: Sendable {
         }
     }
 
+    /// Gives up on the outstanding request (its caller timed out). It may still be applied; the
+    /// next request gets a higher number, so it is never mistaken for a retry of this one.
+    public mutating func abandon() { outstanding = nil }
+
     /// Resends the outstanding request when it has waited long enough, and refreshes the configurations.
     public mutating func tick(now: UInt64) -> [GCSAction] {
         guard outstanding != nil, now >= lastSent + resendInterval else { return [] }

@@ -1,0 +1,602 @@
+import CairnCodec
+import CairnGCS
+import CairnStorage
+import Foundation
+
+/// An error from the GCS.
+public struct GCSError: Error, CustomStringConvertible, Sendable, Equatable {
+    public enum Code: String, Sendable, Equatable {
+        /// The key is empty or longer than ``EmbeddedGCS/maxKeyBytes``.
+        case invalidKey
+        /// The value is larger than ``EmbeddedGCS/maxValueBytes``.
+        case valueTooLarge
+        /// No chain answered within the request timeout (every replica of the shard down, say).
+        case unavailable
+        /// A replica's or the coordinator's storage could not be opened, read or written.
+        case storage
+        /// The GCS was shut down.
+        case shutDown
+        /// A replica ID that this GCS does not have.
+        case unknownReplica
+    }
+
+    public let code: Code
+    public let detail: String
+    public init(_ code: Code, _ detail: String) {
+        self.code = code
+        self.detail = detail
+    }
+    public var description: String { "GCSError.\(code.rawValue): \(detail)" }
+}
+
+/// The tables of the GCS: one key space, split by prefix. Keys hash to shards whole, so a
+/// table's rows spread over every shard.
+public enum GCSTable: String, Sendable, CaseIterable {
+    case objects = "obj/"
+    case tasks = "task/"
+    case functions = "fn/"
+    case actors = "actor/"
+    case nodes = "node/"
+    case keyValue = "kv/"
+
+    public func key(_ name: String) -> String { rawValue + name }
+}
+
+/// The GCS running embedded in one process: every replica, the coordinator and the client
+/// sessions on their own threads, each replica persisting its log and configuration in its own
+/// LMDB environment, the same cores as the simulation (`CairnGCS`) driven by real time.
+///
+/// Each component drains its inbox in batches; everything the batch asked to persist is one
+/// fsync'd LMDB commit, made before any message the batch produced is sent. ``kill(replica:)``
+/// stops a replica as a SIGKILL would (its memory is gone; its LMDB stays), and tells the
+/// coordinator at once, as a supervisor that saw the process exit would; messages to a dead
+/// replica are refused, as a closed connection would be. ``restart(replica:)`` brings it back
+/// from its LMDB; the coordinator adds it back as a learner when its chain is short.
+public final class EmbeddedGCS: @unchecked Sendable {
+    public static let maxKeyBytes = 1_024
+    public static let maxValueBytes = 1 << 20
+
+    public struct Options: Sendable {
+        public var shards = 1
+        public var replicationFactor = 3
+        /// Replicas per shard beyond the chain, ready to replace a failed one.
+        public var standbysPerShard = 1
+        /// Where each replica keeps its LMDB environment; nil: a new temporary directory,
+        /// removed at shutdown.
+        public var directory: String?
+        public var tickIntervalMicroseconds: UInt64 = 1_000
+        /// A replica silent this long has failed (a replica known to have exited fails at once).
+        public var failureTimeoutMicroseconds: UInt64 = 300_000
+        public var leaseMicroseconds: UInt64 = 100_000
+        public var resendIntervalMicroseconds: UInt64 = 10_000
+        /// Client sessions, so the most requests in flight at once.
+        public var sessions = 256
+        /// A request not answered by then fails with ``GCSError/Code-swift.enum/unavailable``.
+        public var requestTimeoutMicroseconds: UInt64 = 10_000_000
+
+        public init(shards: Int = 1) { self.shards = shards }
+    }
+
+    enum Event {
+        case message(GCSMessage, from: CairnGCS.Endpoint)
+        /// The process of this replica is known to be gone.
+        case exited(ReplicaID)
+        /// A new request or subscription is waiting in the client queues.
+        case wake
+        /// To one client session or subscriber.
+        case toClient(GCSMessage, from: CairnGCS.Endpoint, id: Int)
+    }
+
+    /// One thread draining one component's inbox.
+    final class Worker: @unchecked Sendable {
+        let condition = NSCondition()
+        var inbox: [Event] = []
+        /// For a replica: whether it runs (a killed one refuses messages). Under `condition`.
+        var alive = true
+        var tickDue = false
+        var stopped = false
+        /// Held while a batch is handled, so a kill waits for the batch in progress.
+        let processing = NSLock()
+        var thread: Thread?
+
+        func post(_ e: Event) {
+            condition.lock()
+            inbox.append(e)
+            condition.signal()
+            condition.unlock()
+        }
+
+        /// Posts unless the component is dead; says whether it was posted.
+        func postIfAlive(_ e: Event) -> Bool {
+            condition.lock()
+            defer { condition.unlock() }
+            guard alive else { return false }
+            inbox.append(e)
+            condition.signal()
+            return true
+        }
+
+        func tick() {
+            condition.lock()
+            tickDue = true
+            condition.signal()
+            condition.unlock()
+        }
+
+        func start(name: String, handle: @escaping @Sendable ([Event], Bool) -> Void) {
+            let t = Thread { [self] in
+                while true {
+                    condition.lock()
+                    while inbox.isEmpty && !tickDue && !stopped { condition.wait() }
+                    if stopped { condition.unlock(); return }
+                    let batch = inbox
+                    inbox = []
+                    let tick = tickDue
+                    tickDue = false
+                    condition.unlock()
+                    processing.lock()
+                    condition.lock()
+                    let stopping = stopped
+                    condition.unlock()
+                    if !stopping { handle(batch, tick) }
+                    processing.unlock()
+                }
+            }
+            t.name = name
+            thread = t
+            t.start()
+        }
+
+        func stop() {
+            condition.lock()
+            stopped = true
+            condition.signal()
+            condition.unlock()
+        }
+    }
+
+    final class ReplicaHost: @unchecked Sendable {
+        let id: ReplicaID
+        let shard: Int
+        let directory: String
+        let worker = Worker()
+        // Touched by the worker's thread, or under `worker.processing`; nil while killed.
+        var core: ChainReplica?
+        var store: DurableStore?
+        init(id: ReplicaID, shard: Int, directory: String) {
+            self.id = id
+            self.shard = shard
+            self.directory = directory
+        }
+    }
+
+    struct Pending {
+        var operation: GCSClient.Operation
+        var deadline: UInt64
+        var completion: @Sendable (Result<GCSClient.Outcome, GCSError>) -> Void
+    }
+
+    public let options: Options
+    let directory: String
+    let removeDirectory: Bool
+    let start = monotonicNanoseconds()
+    let replicaHosts: [ReplicaID: ReplicaHost]
+    let coordinatorWorker = Worker()
+    var coordinator: Coordinator
+    let coordinatorStore: DurableStore
+    let clientWorker = Worker()
+    // Client state: touched on the client worker's thread only (requests arrive as messages).
+    var sessions: [GCSClient]
+    var free: [Int]
+    var inFlight: [Int: Pending] = [:]
+    var queued: [Pending] = []
+    var subscribers: [Int: (core: GCSSubscriber, handler: @Sendable (ChainUpdate) -> Void)] = [:]
+    let requests = NSLock()
+    var newRequests: [Pending] = []
+    var newSubscribers: [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)] = []
+    var ticker: Thread?
+    let stopped = ManagedAtomicFlag()
+    /// Client IDs of this incarnation: a random base, so that request numbers never repeat
+    /// under an ID a chain's heads have seen before (they would be taken for retries).
+    let clientBase = Int.random(in: 1..<(1 << 40)) << 16
+    var subscriberCount = 0
+
+    var now: UInt64 { (monotonicNanoseconds() - start) / 1_000 }
+
+    public static func start(_ options: Options = Options()) throws -> EmbeddedGCS {
+        try EmbeddedGCS(options)
+    }
+
+    init(_ options: Options) throws {
+        precondition(options.shards >= 1 && options.replicationFactor >= 1 && options.standbysPerShard >= 0 && options.sessions >= 1,
+                     "an embedded GCS needs at least one shard, one replica per chain and one session")
+        self.options = options
+        if let d = options.directory {
+            directory = d
+            removeDirectory = false
+        } else {
+            directory = NSTemporaryDirectory() + "cairn-gcs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+            removeDirectory = true
+        }
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            coordinatorStore = try DurableStore.lmdb(directory: directory + "/coordinator", options: StoreOptions(syncMode: .eachCommit))
+        } catch {
+            throw GCSError(.storage, "cannot open the coordinator's store under \(directory): \(error)")
+        }
+        let perShard = options.replicationFactor + options.standbysPerShard
+        var hosts: [ReplicaID: ReplicaHost] = [:]
+        var shardOf: [ReplicaID: Int] = [:]
+        var initial: [ChainConfig] = []
+        for s in 0..<options.shards {
+            let ids = (0..<perShard).map { s * perShard + $0 }
+            for r in ids {
+                shardOf[r] = s
+                hosts[r] = ReplicaHost(id: r, shard: s, directory: directory + "/replica-\(r)")
+            }
+            initial.append(ChainConfig(shard: s, epoch: 1, chain: Array(ids.prefix(options.replicationFactor))))
+        }
+        replicaHosts = hosts
+        // A coordinator that persisted configurations before resumes them.
+        var configs = initial
+        for s in 0..<options.shards {
+            if let bytes = try? coordinatorStore.get(Array("config/\(s)".utf8)),
+               let c = try? BinaryDecoder().decode(ChainConfig.self, from: bytes) { configs[s] = c }
+        }
+        let coordinatorOptions = Coordinator.Options(replicationFactor: options.replicationFactor,
+                                                     failureTimeout: options.failureTimeoutMicroseconds,
+                                                     leaseDuration: options.leaseMicroseconds)
+        coordinator = Coordinator(configs: configs, replicas: shardOf, options: coordinatorOptions, now: 0)
+        precondition(options.sessions < 1 << 15, "at most 32,767 sessions")
+        let base = clientBase
+        sessions = (0..<options.sessions).map {
+            GCSClient(id: base + $0, shardCount: options.shards, resendInterval: options.resendIntervalMicroseconds, configs: configs)
+        }
+        free = Array((0..<options.sessions).reversed())
+        for (r, host) in hosts {
+            let persisted = try Self.openStore(host)
+            let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
+            host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
+                                     recovering: persisted.log, config: config)
+            startReplica(host)
+        }
+        coordinatorWorker.start(name: "cairn-gcs-coordinator") { [self] batch, tick in
+            var actions: [GCSAction] = []
+            let t = now
+            for e in batch {
+                switch e {
+                case .message(let m, let from): actions += coordinator.handle(m, from: from, now: t)
+                case .exited(let r): actions += coordinator.replicaExited(r, now: t)
+                case .wake, .toClient: break
+                }
+            }
+            if tick { actions += coordinator.tick(now: t) }
+            perform(actions, from: .coordinator)
+        }
+        clientWorker.start(name: "cairn-gcs-clients") { [self] batch, tick in clientStep(batch, tick: tick) }
+        let interval = options.tickIntervalMicroseconds
+        let t = Thread { [self] in
+            while !stopped.isSet {
+                usleep(UInt32(interval))
+                for h in replicaHosts.values { h.worker.tick() }
+                coordinatorWorker.tick()
+                clientWorker.tick()
+            }
+        }
+        t.name = "cairn-gcs-ticker"
+        ticker = t
+        t.start()
+    }
+
+    // MARK: replicas
+
+    static func updateKey(_ sequence: UInt64) -> [UInt8] { [UInt8(ascii: "u")] + withUnsafeBytes(of: sequence.bigEndian) { Array($0) } }
+    static let configKey = Array("config".utf8)
+
+    /// Opens a replica's LMDB and reads back its log and configuration.
+    static func openStore(_ host: ReplicaHost) throws -> (log: [ChainUpdate], config: ChainConfig?) {
+        do {
+            let store = try DurableStore.lmdb(directory: host.directory, options: StoreOptions(syncMode: .eachCommit))
+            host.store = store
+            let decoder = BinaryDecoder()
+            let log = try store.scan(prefix: [UInt8(ascii: "u")]).map { try decoder.decode(ChainUpdate.self, from: $0.value) }
+            let config = try store.get(configKey).map { try decoder.decode(ChainConfig.self, from: $0) }
+            return (log, config)
+        } catch {
+            throw GCSError(.storage, "replica \(host.id) cannot read its store at \(host.directory): \(error)")
+        }
+    }
+
+    func startReplica(_ host: ReplicaHost) {
+        host.worker.start(name: "cairn-gcs-replica-\(host.id)") { [self, host] batch, tick in
+            guard host.core != nil else { return }
+            let t = now
+            var actions: [GCSAction] = []
+            for case .message(let m, let from) in batch { actions += host.core!.handle(m, from: from, now: t) }
+            if tick { actions += host.core!.tick(now: t) }
+            perform(actions, from: .replica(host.id), store: host.store)
+        }
+    }
+
+    /// Persists what the actions ask, in one fsync'd commit, then sends the messages.
+    func perform(_ actions: [GCSAction], from: CairnGCS.Endpoint, store: DurableStore? = nil) {
+        var batch = WriteBatch()
+        let encoder = BinaryEncoder()
+        for a in actions {
+            switch a {
+            case .persist(let u):
+                batch.put(Self.updateKey(u.sequence), try! encoder.encode(u))
+            case .persistTruncation(let keep):
+                if let store, let records = try? store.scan(prefix: [UInt8(ascii: "u")]) {
+                    for r in records where r.key.count == 9 && r.key.withUnsafeBytes({ UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 1, as: UInt64.self)) }) > keep {
+                        batch.delete(r.key)
+                    }
+                }
+            case .persistConfig(let c):
+                if case .coordinator = from {
+                    batch.put(Array("config/\(c.shard)".utf8), try! encoder.encode(c))
+                } else {
+                    batch.put(Self.configKey, try! encoder.encode(c))
+                }
+            case .send:
+                break
+            }
+        }
+        if !batch.isEmpty {
+            let target = from == .coordinator ? coordinatorStore : store
+            do {
+                _ = try target?.commit(batch)
+            } catch {
+                // A replica that cannot persist must not send what depends on it: it stops, as a
+                // crashed process would, and the coordinator replaces it.
+                FileHandle.standardError.write(Data("cairn gcs: \(from) failed to persist, stopping it: \(error)\n".utf8))
+                if case .replica(let r) = from { killAsync(r) }
+                return
+            }
+        }
+        for case .send(let m, let to) in actions { route(m, from: from, to: to) }
+    }
+
+    func route(_ m: GCSMessage, from: CairnGCS.Endpoint, to: CairnGCS.Endpoint) {
+        switch to {
+        case .replica(let r):
+            guard let host = replicaHosts[r] else { return }
+            if !host.worker.postIfAlive(.message(m, from: from)) {
+                // Refused, as by a closed connection: a client hears at once.
+                switch m {
+                case .write(let request, _, _), .read(let request, _):
+                    if case .client(let id) = from { clientWorker.post(.toClient(.notHere(request), from: to, id: id)) }
+                default: break
+                }
+            }
+        case .coordinator:
+            coordinatorWorker.post(.message(m, from: from))
+        case .client(let id):
+            clientWorker.post(.toClient(m, from: from, id: id))
+        }
+    }
+
+    /// Stops a replica as a SIGKILL would: its memory is gone, its LMDB stays. The coordinator
+    /// hears of the exit at once, as from a supervisor that saw the process end.
+    public func kill(replica r: ReplicaID) throws {
+        guard let host = replicaHosts[r] else { throw GCSError(.unknownReplica, "no replica \(r); replicas are 0..<\(replicaHosts.count)") }
+        host.worker.processing.lock()
+        host.worker.condition.lock()
+        let wasAlive = host.worker.alive
+        host.worker.alive = false
+        let lost = host.worker.inbox
+        host.worker.inbox = []
+        host.worker.condition.unlock()
+        // The requests it had not handled are lost with it; their clients hear so at once, as
+        // they would when the kernel resets the connections of a dead process.
+        for case .message(let m, let from) in lost {
+            switch (m, from) {
+            case (.write(let request, _, _), .client(let id)), (.read(let request, _), .client(let id)):
+                clientWorker.post(.toClient(.notHere(request), from: .replica(r), id: id))
+            default: break
+            }
+        }
+        host.core = nil
+        host.store?.close()
+        host.store = nil
+        host.worker.processing.unlock()
+        if wasAlive { coordinatorWorker.post(.exited(r)) }
+    }
+
+    func killAsync(_ r: ReplicaID) {
+        DispatchQueue.global().async { try? self.kill(replica: r) }
+    }
+
+    /// Restarts a killed replica from its LMDB.
+    public func restart(replica r: ReplicaID) throws {
+        guard let host = replicaHosts[r] else { throw GCSError(.unknownReplica, "no replica \(r); replicas are 0..<\(replicaHosts.count)") }
+        host.worker.processing.lock()
+        defer { host.worker.processing.unlock() }
+        guard host.core == nil else { return }
+        let persisted = try Self.openStore(host)
+        host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
+                                 recovering: persisted.log, config: persisted.config)
+        host.worker.condition.lock()
+        host.worker.alive = true
+        host.worker.condition.unlock()
+    }
+
+    /// Stops every thread, fails what is still waiting with ``GCSError/Code-swift.enum/shutDown``,
+    /// and closes the stores (a temporary directory is removed). The GCS cannot be used after.
+    public func shutdown() {
+        guard !stopped.isSet else { return }
+        stopped.set()
+        for w in [coordinatorWorker, clientWorker] + replicaHosts.values.map(\.worker) {
+            w.stop()
+            w.processing.lock()  // waits for a batch in progress
+            w.processing.unlock()
+        }
+        let waiting = Array(inFlight.values) + queued + requests.withLock { newRequests }
+        for p in waiting { p.completion(.failure(GCSError(.shutDown, "the GCS was shut down"))) }
+        for h in replicaHosts.values {
+            h.store?.close()
+            h.store = nil
+        }
+        coordinatorStore.close()
+        if removeDirectory { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.
+    public var replicaIDs: [ReplicaID] { replicaHosts.keys.sorted() }
+
+    public func configurations() -> [ChainConfig] {
+        coordinatorWorker.processing.lock()
+        defer { coordinatorWorker.processing.unlock() }
+        return coordinator.configs
+    }
+
+    // MARK: clients
+
+    /// Writes `value` under `key` (nil deletes it) and calls `completion` once the write is
+    /// durable on every replica of the key's chain. `completion` runs on the GCS's client thread.
+    public func write(_ key: String, _ value: [UInt8]?, completion: @escaping @Sendable (Result<Void, GCSError>) -> Void) {
+        if let e = validate(key, value) { return completion(.failure(e)) }
+        submit(.write(key: key, value: value)) { r in completion(r.map { _ in () }) }
+    }
+
+    /// Reads `key` at its chain's tail.
+    public func read(_ key: String, completion: @escaping @Sendable (Result<[UInt8]?, GCSError>) -> Void) {
+        if let e = validate(key, nil) { return completion(.failure(e)) }
+        submit(.read(key: key)) { r in
+            completion(r.map { if case .read(let v) = $0 { return v } else { return nil } })
+        }
+    }
+
+    /// Blocking forms of ``write(_:_:completion:)`` and ``read(_:completion:)``.
+    public func put(_ key: String, _ value: [UInt8]) throws { try wait { self.write(key, value, completion: $0) } }
+    public func delete(_ key: String) throws { try wait { self.write(key, nil, completion: $0) } }
+    public func get(_ key: String) throws -> [UInt8]? { try wait { self.read(key, completion: $0) } }
+    public func put(_ table: GCSTable, _ name: String, _ value: [UInt8]) throws { try put(table.key(name), value) }
+    public func get(_ table: GCSTable, _ name: String) throws -> [UInt8]? { try get(table.key(name)) }
+
+    /// Calls `handler`, on the GCS's client thread, with every committed change to a key that
+    /// starts with `prefix`, from now on: each once, in each shard's order.
+    public func subscribe(prefix: String, handler: @escaping @Sendable (ChainUpdate) -> Void) {
+        requests.withLock { newSubscribers.append((prefix, handler)) }
+        clientWorker.post(.wake)
+    }
+
+    func validate(_ key: String, _ value: [UInt8]?) -> GCSError? {
+        if key.isEmpty || key.utf8.count > Self.maxKeyBytes {
+            return GCSError(.invalidKey, "a GCS key has 1 to \(Self.maxKeyBytes) bytes of UTF-8; got \(key.utf8.count)")
+        }
+        if let v = value, v.count > Self.maxValueBytes {
+            return GCSError(.valueTooLarge, "a GCS value has at most \(Self.maxValueBytes) bytes; got \(v.count) for key \(key.prefix(64))")
+        }
+        return nil
+    }
+
+    func wait<T: Sendable>(_ start: (@escaping @Sendable (Result<T, GCSError>) -> Void) -> Void) throws -> T {
+        let box = ResultBox<T>()
+        start { box.set($0) }
+        return try box.wait().get()
+    }
+
+    func submit(_ operation: GCSClient.Operation, completion: @escaping @Sendable (Result<GCSClient.Outcome, GCSError>) -> Void) {
+        guard !stopped.isSet else { return completion(.failure(GCSError(.shutDown, "the GCS was shut down"))) }
+        let pending = Pending(operation: operation, deadline: now + options.requestTimeoutMicroseconds, completion: completion)
+        requests.withLock { newRequests.append(pending) }
+        clientWorker.post(.wake)
+    }
+
+    /// One batch on the client thread: new requests, replies, resends, timeouts.
+    func clientStep(_ batch: [Event], tick: Bool) {
+        let t = now
+        var actions: [(GCSAction, CairnGCS.Endpoint)] = []
+        let (incoming, incomingSubscribers) = requests.withLock { () -> ([Pending], [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)]) in
+            defer { newRequests = []; newSubscribers = [] }
+            return (newRequests, newSubscribers)
+        }
+        queued += incoming
+        for (prefix, handler) in incomingSubscribers {
+            let id = clientBase + (1 << 15) + subscriberCount
+            subscriberCount += 1
+            var core = GCSSubscriber(id: id, prefix: prefix, shardCount: options.shards, resubscribeInterval: options.resendIntervalMicroseconds)
+            _ = core.handle(.configs(sessions[0].configs.values.sorted { $0.shard < $1.shard }), from: .coordinator, now: t)
+            for s in 0..<options.shards {
+                if let c = core.configs[s] { actions.append((.send(.subscribe(prefix: prefix, after: 0), to: .replica(c.tail)), .client(id))) }
+            }
+            subscribers[id] = (core, handler)
+        }
+        for case .toClient(let m, let from, let id) in batch {
+            if case .configs = m {
+                // Every session learns the new configurations (one query answers them all).
+                for (i, _) in inFlight { for a in sessions[i].handle(m, now: t).actions { actions.append((a, .client(clientBase + i))) } }
+                for i in free { _ = sessions[i].handle(m, now: t) }
+                for (sid, var sub) in subscribers {
+                    for a in sub.core.handle(m, from: from, now: t).actions { actions.append((a, .client(sid))) }
+                    subscribers[sid] = sub
+                }
+                continue
+            }
+            if var sub = subscribers[id] {
+                let (changes, acts) = sub.core.handle(m, from: from, now: t)
+                subscribers[id] = sub
+                for u in changes { sub.handler(u) }
+                for a in acts { actions.append((a, .client(id))) }
+                continue
+            }
+            let i = id - clientBase
+            guard i >= 0, i < sessions.count, inFlight[i] != nil else { continue }
+            let (outcome, acts) = sessions[i].handle(m, now: t)
+            for a in acts { actions.append((a, .client(id))) }
+            if let outcome {
+                let p = inFlight.removeValue(forKey: i)!
+                free.append(i)
+                p.completion(.success(outcome))
+            }
+        }
+        if tick {
+            for (i, p) in inFlight {
+                if t > p.deadline {
+                    inFlight[i] = nil
+                    free.append(i)
+                    sessions[i].abandon()
+                    p.completion(.failure(GCSError(.unavailable, "no chain answered for key \(p.operation.key.prefix(64)) within \(options.requestTimeoutMicroseconds / 1_000) ms; is every replica of its shard down?")))
+                    continue
+                }
+                for a in sessions[i].tick(now: t) { actions.append((a, .client(clientBase + i))) }
+            }
+            for (id, var sub) in subscribers {
+                for a in sub.core.tick(now: t) { actions.append((a, .client(id))) }
+                subscribers[id] = sub
+            }
+        }
+        while !queued.isEmpty, let i = free.popLast() {
+            let p = queued.removeFirst()
+            inFlight[i] = p
+            for a in sessions[i].start(p.operation, now: t) { actions.append((a, .client(clientBase + i))) }
+        }
+        for (a, from) in actions { if case .send(let m, let to) = a { route(m, from: from, to: to) } }
+    }
+}
+/// One result, waited for by one thread.
+final class ResultBox<T: Sendable>: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var result: Result<T, GCSError>?
+    func set(_ r: Result<T, GCSError>) {
+        condition.lock()
+        result = r
+        condition.signal()
+        condition.unlock()
+    }
+    func wait() -> Result<T, GCSError> {
+        condition.lock()
+        defer { condition.unlock() }
+        while result == nil { condition.wait() }
+        return result!
+    }
+}
+
+/// A flag set once, read from any thread.
+final class ManagedAtomicFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
+}

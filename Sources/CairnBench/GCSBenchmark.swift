@@ -1,0 +1,131 @@
+import Cairn
+import CairnGCS
+import Foundation
+
+/// `cairn-bench gcs`: the embedded GCS (chains of 3, each replica in its own LMDB, fsync'd)
+/// with one shard and with four: pipelined writes and reads, one-at-a-time write latency, and
+/// the longest request latency while a head, a middle and a tail are killed and replaced.
+struct GCSBenchmark {
+    let directory: String
+
+    func run(_ report: Report) throws {
+        for shards in [1, 4] {
+            var options = EmbeddedGCS.Options(shards: shards)
+            options.directory = directory + "/shards-\(shards)"
+            let gcs = try EmbeddedGCS.start(options)
+            defer { gcs.shutdown() }
+            try gcs.put("warm-up", [1])
+            let label = shards == 1 ? "gcs.1shard" : "gcs.4shards"
+            report.add("\(label).write_per_s", try pipelined(gcs, count: 20_000, write: true), "writes/s")
+            report.add("\(label).read_per_s", try pipelined(gcs, count: 100_000, write: false), "reads/s")
+            var latencies: [Double] = []
+            for i in 0..<1_000 {
+                let t0 = now()
+                try gcs.put(GCSTable.keyValue.key("rtt-\(i % 64)"), [UInt8(truncatingIfNeeded: i)])
+                latencies.append((now() - t0) * 1e6)
+            }
+            report.add("\(label).write_p50_us", median(latencies), "us")
+            report.add("\(label).write_p99_us", percentile(latencies, 0.99), "us")
+        }
+        try failover(report)
+    }
+
+    /// Requests with up to 256 in flight; returns requests per second.
+    func pipelined(_ gcs: EmbeddedGCS, count: Int, write: Bool) throws -> Double {
+        let window = DispatchSemaphore(value: 256)
+        let done = DispatchGroup()
+        let failures = Counter()
+        let value = [UInt8](repeating: 7, count: 64)
+        let t0 = now()
+        for i in 0..<count {
+            window.wait()
+            done.enter()
+            let key = GCSTable.objects.key("o\(i % 4_096)")
+            if write {
+                gcs.write(key, value) { r in
+                    if case .failure = r { failures.increment() }
+                    window.signal()
+                    done.leave()
+                }
+            } else {
+                gcs.read(key) { r in
+                    if case .failure = r { failures.increment() }
+                    window.signal()
+                    done.leave()
+                }
+            }
+        }
+        done.wait()
+        let elapsed = now() - t0
+        precondition(failures.value == 0, "\(failures.value) GCS requests failed")
+        return Double(count) / elapsed
+    }
+
+    /// One request in flight at a time, alternating writes and reads of one key; kills the head,
+    /// then the middle, then the tail, each time waiting until a standby has taken its place.
+    func failover(_ report: Report) throws {
+        var options = EmbeddedGCS.Options(shards: 1)
+        options.directory = directory + "/failover"
+        let gcs = try EmbeddedGCS.start(options)
+        defer { gcs.shutdown() }
+        try gcs.put("warm-up", [1])
+        let stop = Counter()
+        let worst = Locked<Double>(0)
+        let wrong = Counter()
+        let driver = Thread {
+            var i: UInt64 = 0
+            while stop.value == 0 {
+                i += 1
+                let v = withUnsafeBytes(of: i) { Array($0) }
+                var t0 = now()
+                do { try gcs.put("failover", v) } catch { wrong.increment() }
+                worst.update { $0 = max($0, now() - t0) }
+                t0 = now()
+                if (try? gcs.get("failover")) != v { wrong.increment() }
+                worst.update { $0 = max($0, now() - t0) }
+            }
+            stop.increment()
+        }
+        driver.start()
+        usleep(200_000)
+        var overall = 0.0
+        for role in ["head", "middle", "tail"] {
+            worst.update { $0 = 0 }
+            let config = gcs.configurations()[0]
+            let victim = role == "head" ? config.head : role == "tail" ? config.tail : config.chain[1]
+            try gcs.kill(replica: victim)
+            // Replaced: three replicas again, the standby caught up and serving.
+            let deadline = now() + 10
+            while now() < deadline {
+                let c = gcs.configurations()[0]
+                if c.chain.count == 3 && c.learner == nil && !c.chain.contains(victim) { break }
+                usleep(1_000)
+            }
+            usleep(100_000)
+            let w = worst.value * 1e3
+            report.add("gcs.failover_\(role)_max_ms", w, "ms")
+            overall = max(overall, w)
+            try gcs.restart(replica: victim)  // back as the standby
+            usleep(100_000)
+        }
+        stop.increment()
+        while stop.value < 2 { usleep(1_000) }
+        precondition(wrong.value == 0, "\(wrong.value) requests failed or read a wrong value during failover")
+        report.add("gcs.failover_max_ms", overall, "ms", goal: "<= 10")
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func increment() { lock.withLock { n += 1 } }
+    var value: Int { lock.withLock { n } }
+}
+
+final class Locked<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var v: T
+    init(_ v: T) { self.v = v }
+    func update(_ f: (inout T) -> Void) { lock.withLock { f(&v) } }
+    var value: T { lock.withLock { v } }
+}
