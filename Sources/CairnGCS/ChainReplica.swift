@@ -166,14 +166,18 @@ public struct ChainReplica: Sendable {
         let oldLearner = old?.learner
         let oldLearnerAcked = learnerAcked ?? 0
         config = new
-        lease = nil
+        // A tail that stays the tail keeps its lease: the coordinator counts leases per replica
+        // and removes none before its lease runs out, whatever the epoch.
+        lease = wasTail && new.tail == id ? lease.map { (new.epoch, $0.until) } : nil
         handoffUpTo = nil
         joined = false
         learnerJoined = false
         learnerAcked = nil
         var actions: [GCSAction] = []
         if new.tail == id {
-            // Everything here is now at the tail; it is acknowledged once a lease arrives.
+            // Everything here is now at the tail; it is acknowledged once a lease arrives, and
+            // the writes the old tail had not answered are answered then.
+            if !wasTail { pendingReplies += log[Int(acknowledged)...].map(\.request) }
             sent = []
         } else if new.chain.contains(id) {
             subscriptions = [:]

@@ -24,16 +24,21 @@ public struct GCSClient: Sendable {
     public let shardCount: Int
     /// Time units to wait for an answer before resending.
     public let resendInterval: UInt64
+    /// Time units to wait before resending a request a replica turned away (it may be a new
+    /// tail waiting for its lease, for example).
+    public let turnedAwayInterval: UInt64
+    private var turnedAway = false
     /// The newest configuration known for each shard.
     public private(set) var configs: [Int: ChainConfig] = [:]
     private var number: UInt64 = 0
     public private(set) var outstanding: (request: RequestID, operation: Operation)?
     private var lastSent: UInt64 = 0
 
-    public init(id: Int, shardCount: Int, resendInterval: UInt64, configs: [ChainConfig] = []) {
+    public init(id: Int, shardCount: Int, resendInterval: UInt64, turnedAwayInterval: UInt64? = nil, configs: [ChainConfig] = []) {
         self.id = id
         self.shardCount = shardCount
         self.resendInterval = resendInterval
+        self.turnedAwayInterval = turnedAwayInterval ?? max(1, resendInterval / 10)
         learn(configs)
     }
 
@@ -52,6 +57,7 @@ public struct GCSClient: Sendable {
     private mutating func send(now: UInt64) -> [GCSAction] {
         guard let (request, operation) = outstanding else { return [] }
         lastSent = now
+        turnedAway = false
         guard let c = configs[shard(of: operation.key, shards: shardCount)] else {
             return [.send(.configQuery, to: .coordinator)]
         }
@@ -67,7 +73,7 @@ public struct GCSClient: Sendable {
 
     /// Resends the outstanding request when it has waited long enough, and refreshes the configurations.
     public mutating func tick(now: UInt64) -> [GCSAction] {
-        guard outstanding != nil, now >= lastSent + resendInterval else { return [] }
+        guard outstanding != nil, now >= lastSent + (turnedAway ? turnedAwayInterval : resendInterval) else { return [] }
         return [.send(.configQuery, to: .coordinator)] + send(now: now)
     }
 
@@ -81,6 +87,7 @@ public struct GCSClient: Sendable {
             // A newer configuration for the shard in question: try it at once.
             return (nil, before != after ? send(now: now) : [])
         case .notHere(let r) where r == outstanding?.request:
+            turnedAway = true
             return (nil, [.send(.configQuery, to: .coordinator)])
         case .written(let r) where r == outstanding?.request:
             outstanding = nil

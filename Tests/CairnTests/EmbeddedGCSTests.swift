@@ -1,0 +1,152 @@
+import Cairn
+import CairnChaosKit
+import CairnGCS
+import Foundation
+import Testing
+
+/// The GCS cores on real threads, each replica in its own LMDB environment.
+@Suite("Embedded GCS: chains on threads over LMDB", .serialized)
+struct EmbeddedGCSTests {
+    static func start(_ dir: TemporaryDirectory, shards: Int = 1, timeoutMicroseconds: UInt64 = 20_000_000) throws -> EmbeddedGCS {
+        var o = EmbeddedGCS.Options(shards: shards)
+        o.directory = dir.path
+        o.requestTimeoutMicroseconds = timeoutMicroseconds
+        // A loaded test machine: generous failure detection (kills are reported at once anyway).
+        o.failureTimeoutMicroseconds = 2_000_000
+        o.leaseMicroseconds = 500_000
+        return try EmbeddedGCS.start(o)
+    }
+
+    static func bytes(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
+
+    @Test("put, get and delete across four shards and every table; bad keys and oversized values get typed errors")
+    func roundTrip() throws {
+        let dir = try TemporaryDirectory()
+        let gcs = try Self.start(dir, shards: 4)
+        defer { gcs.shutdown() }
+        for table in GCSTable.allCases {
+            for i in 0..<20 { try gcs.put(table, "row-\(i)", Array("\(table)-\(i)".utf8)) }
+        }
+        for table in GCSTable.allCases {
+            for i in 0..<20 { #expect(try gcs.get(table, "row-\(i)") == Array("\(table)-\(i)".utf8)) }
+        }
+        try gcs.delete(GCSTable.nodes.key("row-3"))
+        #expect(try gcs.get(.nodes, "row-3") == nil)
+        #expect(try gcs.get(.nodes, "never-written") == nil)
+        #expect(throws: GCSError.self) { try gcs.put("", [1]) }
+        do {
+            try gcs.put(String(repeating: "k", count: EmbeddedGCS.maxKeyBytes + 1), [1])
+            Issue.record("an oversized key was accepted")
+        } catch let e as GCSError {
+            #expect(e.code == .invalidKey)
+        }
+        do {
+            try gcs.put("big", [UInt8](repeating: 0, count: EmbeddedGCS.maxValueBytes + 1))
+            Issue.record("an oversized value was accepted")
+        } catch let e as GCSError {
+            #expect(e.code == .valueTooLarge)
+        }
+    }
+
+    @Test("killing the head, then the middle, then the tail while a client writes and reads loses no acknowledged write, and a standby takes each place")
+    func killEachPosition() throws {
+        let dir = try TemporaryDirectory()
+        let gcs = try Self.start(dir)
+        defer { gcs.shutdown() }
+        var acknowledged: UInt64 = 0
+        var n: UInt64 = 0
+        func step() throws {
+            n += 1
+            try gcs.put("counter", Self.bytes(n))
+            acknowledged = n
+            #expect(try gcs.get("counter") == Self.bytes(acknowledged), "a read after an acknowledged write sees it")
+        }
+        for _ in 0..<20 { try step() }
+        for position in ["head", "middle", "tail"] {
+            let c = gcs.configurations()[0]
+            let victim = position == "head" ? c.head : position == "tail" ? c.tail : c.chain[1]
+            try gcs.kill(replica: victim)
+            for _ in 0..<20 { try step() }
+            // The chain gets back to three with the standby in it.
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline {
+                let now = gcs.configurations()[0]
+                if now.chain.count == 3 && now.learner == nil && !now.chain.contains(victim) { break }
+                try step()
+            }
+            let after = gcs.configurations()[0]
+            #expect(after.chain.count == 3 && !after.chain.contains(victim), "the \(position) was replaced: \(after)")
+            try gcs.restart(replica: victim)
+        }
+        #expect(try gcs.get("counter") == Self.bytes(acknowledged))
+    }
+
+    @Test("a GCS restarted on its directory has every acknowledged write, and its new writes are not taken for retries of old ones")
+    func restartFromDisk() throws {
+        let dir = try TemporaryDirectory()
+        do {
+            let gcs = try Self.start(dir, shards: 2)
+            for i in 0..<50 { try gcs.put(GCSTable.actors.key("a\(i)"), Self.bytes(UInt64(i))) }
+            gcs.shutdown()
+        }
+        let gcs = try Self.start(dir, shards: 2)
+        defer { gcs.shutdown() }
+        for i in 0..<50 { #expect(try gcs.get(.actors, "a\(i)") == Self.bytes(UInt64(i))) }
+        try gcs.put(GCSTable.actors.key("a7"), Self.bytes(700))
+        #expect(try gcs.get(.actors, "a7") == Self.bytes(700), "a new write with a fresh client ID is applied")
+    }
+
+    @Test("a subscriber to a prefix receives every committed change of its keys, once, in order, and nothing else")
+    func subscription() throws {
+        let dir = try TemporaryDirectory()
+        let gcs = try Self.start(dir)
+        defer { gcs.shutdown() }
+        let seen = Locked<[ChainUpdate]>([])
+        gcs.subscribe(prefix: GCSTable.objects.rawValue) { u in seen.update { $0.append(u) } }
+        try gcs.put("warm", [0])
+        // Give the subscription time to reach the tail before the changes start.
+        usleep(200_000)
+        for i in 0..<60 {
+            try gcs.put(GCSTable.objects.key("o\(i % 7)"), [UInt8(i)])
+            try gcs.put(GCSTable.tasks.key("t\(i)"), [UInt8(i)])
+            if i == 30 { try gcs.kill(replica: gcs.configurations()[0].tail) }
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while seen.value.count < 60 && Date() < deadline { usleep(10_000) }
+        let got = seen.value
+        #expect(got.count == 60, "every object change arrived once (\(got.count))")
+        #expect(got.allSatisfy { $0.key.hasPrefix("obj/") })
+        #expect(got.map(\.value) == (0..<60).map { [UInt8($0)] }, "in commit order")
+        #expect(zip(got, got.dropFirst()).allSatisfy { $0.sequence < $1.sequence })
+    }
+
+    @Test("with every replica of the shard down, a request fails with a typed unavailable error, and works again after a restart")
+    func unavailable() throws {
+        let dir = try TemporaryDirectory()
+        let gcs = try Self.start(dir, timeoutMicroseconds: 300_000)
+        defer { gcs.shutdown() }
+        try gcs.put("k", [1])
+        for r in gcs.replicaIDs { try gcs.kill(replica: r) }
+        do {
+            try gcs.put("k", [2])
+            Issue.record("a write succeeded with every replica down")
+        } catch let e as GCSError {
+            #expect(e.code == .unavailable)
+        }
+        for r in gcs.replicaIDs { try gcs.restart(replica: r) }
+        let deadline = Date().addingTimeInterval(30)
+        var value: [UInt8]?
+        while Date() < deadline {
+            if let v = try? gcs.get("k") { value = v; break }
+        }
+        #expect(value == [1] || value == [2], "the acknowledged write is back (the timed-out one may or may not have applied)")
+    }
+}
+
+final class Locked<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var v: T
+    init(_ v: T) { self.v = v }
+    func update(_ f: (inout T) -> Void) { lock.withLock { f(&v) } }
+    var value: T { lock.withLock { v } }
+}
