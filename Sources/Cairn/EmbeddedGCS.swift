@@ -1,4 +1,5 @@
 import CairnCodec
+import CairnCore
 import CairnGCS
 import CairnStorage
 import Foundation
@@ -195,7 +196,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     var newRequests: [Pending] = []
     var newSubscribers: [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)] = []
     var ticker: Thread?
-    let stopped = ManagedAtomicFlag()
+    let stopped = Locked(false)
     /// Client IDs of this incarnation: a random base, so that request numbers never repeat
     /// under an ID a chain's heads have seen before (they would be taken for retries).
     let clientBase = Int.random(in: 1..<(1 << 40)) << 16
@@ -239,9 +240,30 @@ public final class EmbeddedGCS: @unchecked Sendable {
         replicaHosts = hosts
         // A coordinator that persisted configurations before resumes them.
         var configs = initial
-        for s in 0..<options.shards {
-            if let bytes = try? coordinatorStore.get(Array("config/\(s)".utf8)),
-               let c = try? BinaryDecoder().decode(ChainConfig.self, from: bytes) { configs[s] = c }
+        do {
+            let stored = try coordinatorStore.scan(prefix: Array("config/".utf8))
+            if !stored.isEmpty && stored.count != options.shards {
+                throw GCSError(.storage, "the GCS under \(directory) was created with \(stored.count) shards, not \(options.shards); start it with shards: \(stored.count), or use a new directory")
+            }
+            for record in stored {
+                let c = try BinaryDecoder().decode(ChainConfig.self, from: record.value)
+                guard c.shard >= 0 && c.shard < options.shards && c.chain.allSatisfy({ shardOf[$0] == c.shard }) else {
+                    throw GCSError(.storage, "the coordinator's stored configuration \(c) does not fit \(options.shards) shards of \(perShard) replicas; use the options the directory was created with")
+                }
+                configs[c.shard] = c
+            }
+            if stored.isEmpty {
+                // A new GCS: its first configurations are recorded, and with them its shape.
+                var batch = WriteBatch()
+                for c in initial { batch.put(Array("config/\(c.shard)".utf8), try BinaryEncoder().encode(c)) }
+                _ = try coordinatorStore.commit(batch)
+            }
+        } catch let e as GCSError {
+            coordinatorStore.close()
+            throw e
+        } catch {
+            coordinatorStore.close()
+            throw GCSError(.storage, "cannot read the coordinator's configurations under \(directory): \(error)")
         }
         let coordinatorOptions = Coordinator.Options(replicationFactor: options.replicationFactor,
                                                      failureTimeout: options.failureTimeoutMicroseconds,
@@ -253,13 +275,19 @@ public final class EmbeddedGCS: @unchecked Sendable {
             GCSClient(id: base + $0, shardCount: options.shards, resendInterval: options.resendIntervalMicroseconds, configs: configs)
         }
         free = Array((0..<options.sessions).reversed())
-        for (r, host) in hosts {
-            let persisted = try Self.openStore(host)
-            let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
-            host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
-                                     recovering: persisted.log, config: config)
-            startReplica(host)
+        do {
+            for (r, host) in hosts {
+                let persisted = try Self.openStore(host)
+                let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
+                host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
+                                         recovering: persisted.log, config: config)
+            }
+        } catch {
+            for host in hosts.values { host.store?.close() }
+            coordinatorStore.close()
+            throw error
         }
+        for host in hosts.values { startReplica(host) }
         coordinatorWorker.start(name: "cairn-gcs-coordinator") { [self] batch, tick in
             var actions: [GCSAction] = []
             let t = now
@@ -276,7 +304,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         clientWorker.start(name: "cairn-gcs-clients") { [self] batch, tick in clientStep(batch, tick: tick) }
         let interval = options.tickIntervalMicroseconds
         let t = Thread { [self] in
-            while !stopped.isSet {
+            while !stopped.value {
                 usleep(UInt32(interval))
                 for h in replicaHosts.values { h.worker.tick() }
                 coordinatorWorker.tick()
@@ -301,7 +329,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
             let decoder = BinaryDecoder()
             let log = try store.scan(prefix: [UInt8(ascii: "u")]).map { try decoder.decode(ChainUpdate.self, from: $0.value) }
             let config = try store.get(configKey).map { try decoder.decode(ChainConfig.self, from: $0) }
+            for (i, u) in log.enumerated() where u.sequence != UInt64(i + 1) {
+                throw GCSError(.storage, "replica \(host.id)'s log at \(host.directory) jumps from \(i) to \(u.sequence): its store is damaged; delete the directory so it rejoins as a new replica")
+            }
             return (log, config)
+        } catch let e as GCSError {
+            throw e
         } catch {
             throw GCSError(.storage, "replica \(host.id) cannot read its store at \(host.directory): \(error)")
         }
@@ -424,8 +457,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Stops every thread, fails what is still waiting with ``GCSError/Code-swift.enum/shutDown``,
     /// and closes the stores (a temporary directory is removed). The GCS cannot be used after.
     public func shutdown() {
-        guard !stopped.isSet else { return }
-        stopped.set()
+        guard !stopped.value else { return }
+        stopped.update { $0 = true }
         for w in [coordinatorWorker, clientWorker] + replicaHosts.values.map(\.worker) {
             w.stop()
             w.processing.lock()  // waits for a batch in progress
@@ -498,7 +531,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     }
 
     func submit(_ operation: GCSClient.Operation, completion: @escaping @Sendable (Result<GCSClient.Outcome, GCSError>) -> Void) {
-        guard !stopped.isSet else { return completion(.failure(GCSError(.shutDown, "the GCS was shut down"))) }
+        guard !stopped.value else { return completion(.failure(GCSError(.shutDown, "the GCS was shut down"))) }
         let pending = Pending(operation: operation, deadline: now + options.requestTimeoutMicroseconds, completion: completion)
         requests.withLock { newRequests.append(pending) }
         clientWorker.post(.wake)
@@ -591,12 +624,4 @@ final class ResultBox<T: Sendable>: @unchecked Sendable {
         while result == nil { condition.wait() }
         return result!
     }
-}
-
-/// A flag set once, read from any thread.
-final class ManagedAtomicFlag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = false
-    var isSet: Bool { lock.withLock { value } }
-    func set() { lock.withLock { value = true } }
 }

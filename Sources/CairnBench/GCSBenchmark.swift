@@ -1,4 +1,5 @@
 import Cairn
+import CairnCore
 import CairnGCS
 import Foundation
 
@@ -34,7 +35,7 @@ struct GCSBenchmark {
     func pipelined(_ gcs: EmbeddedGCS, count: Int, write: Bool) throws -> Double {
         let window = DispatchSemaphore(value: 256)
         let done = DispatchGroup()
-        let failures = Counter()
+        let failures = Locked(0)
         let value = [UInt8](repeating: 7, count: 64)
         let t0 = now()
         for i in 0..<count {
@@ -43,13 +44,13 @@ struct GCSBenchmark {
             let key = GCSTable.objects.key("o\(i % 4_096)")
             if write {
                 gcs.write(key, value) { r in
-                    if case .failure = r { failures.increment() }
+                    if case .failure = r { failures.update { $0 += 1 } }
                     window.signal()
                     done.leave()
                 }
             } else {
                 gcs.read(key) { r in
-                    if case .failure = r { failures.increment() }
+                    if case .failure = r { failures.update { $0 += 1 } }
                     window.signal()
                     done.leave()
                 }
@@ -69,22 +70,22 @@ struct GCSBenchmark {
         let gcs = try EmbeddedGCS.start(options)
         defer { gcs.shutdown() }
         try gcs.put("warm-up", [1])
-        let stop = Counter()
+        let stop = Locked(0)
         let worst = Locked<Double>(0)
-        let wrong = Counter()
+        let wrong = Locked(0)
         let driver = Thread {
             var i: UInt64 = 0
             while stop.value == 0 {
                 i += 1
                 let v = withUnsafeBytes(of: i) { Array($0) }
                 var t0 = now()
-                do { try gcs.put("failover", v) } catch { wrong.increment() }
+                do { try gcs.put("failover", v) } catch { wrong.update { $0 += 1 } }
                 worst.update { $0 = max($0, now() - t0) }
                 t0 = now()
-                if (try? gcs.get("failover")) != v { wrong.increment() }
+                if (try? gcs.get("failover")) != v { wrong.update { $0 += 1 } }
                 worst.update { $0 = max($0, now() - t0) }
             }
-            stop.increment()
+            stop.update { $0 += 1 }
         }
         driver.start()
         usleep(200_000)
@@ -108,24 +109,9 @@ struct GCSBenchmark {
             try gcs.restart(replica: victim)  // back as the standby
             usleep(100_000)
         }
-        stop.increment()
+        stop.update { $0 += 1 }
         while stop.value < 2 { usleep(1_000) }
         precondition(wrong.value == 0, "\(wrong.value) requests failed or read a wrong value during failover")
         report.add("gcs.failover_max_ms", overall, "ms", goal: "<= 10")
     }
-}
-
-final class Counter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var n = 0
-    func increment() { lock.withLock { n += 1 } }
-    var value: Int { lock.withLock { n } }
-}
-
-final class Locked<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var v: T
-    init(_ v: T) { self.v = v }
-    func update(_ f: (inout T) -> Void) { lock.withLock { f(&v) } }
-    var value: T { lock.withLock { v } }
 }

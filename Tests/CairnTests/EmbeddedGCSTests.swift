@@ -1,5 +1,6 @@
 import Cairn
 import CairnChaosKit
+import CairnCore
 import CairnGCS
 import Foundation
 import Testing
@@ -96,6 +97,18 @@ struct EmbeddedGCSTests {
         #expect(try gcs.get(.actors, "a7") == Self.bytes(700), "a new write with a fresh client ID is applied")
     }
 
+    @Test("starting on a directory made with another shard count is a typed storage error, not a silent re-sharding")
+    func shardCountMismatch() throws {
+        let dir = try TemporaryDirectory()
+        try Self.start(dir, shards: 2).shutdown()
+        do {
+            try Self.start(dir, shards: 3).shutdown()
+            Issue.record("a GCS of 2 shards was opened as 3")
+        } catch let e as GCSError {
+            #expect(e.code == .storage && e.detail.contains("2 shards"))
+        }
+    }
+
     @Test("a subscriber to a prefix receives every committed change of its keys, once, in order, and nothing else")
     func subscription() throws {
         let dir = try TemporaryDirectory()
@@ -141,12 +154,4 @@ struct EmbeddedGCSTests {
         }
         #expect(value == [1] || value == [2], "the acknowledged write is back (the timed-out one may or may not have applied)")
     }
-}
-
-final class Locked<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var v: T
-    init(_ v: T) { self.v = v }
-    func update(_ f: (inout T) -> Void) { lock.withLock { f(&v) } }
-    var value: T { lock.withLock { v } }
 }
