@@ -474,6 +474,27 @@ public final class EmbeddedGCS: @unchecked Sendable {
         if removeDirectory { try? FileManager.default.removeItem(atPath: directory) }
     }
 
+    /// Restarts the coordinator as after a crash: its memory (who reported when, which leases it
+    /// granted, messages in its inbox) is gone; it starts again from its persisted
+    /// configurations and waits out any lease its previous life may have granted.
+    public func restartCoordinator() throws {
+        coordinatorWorker.processing.lock()
+        defer { coordinatorWorker.processing.unlock() }
+        coordinatorWorker.condition.lock()
+        coordinatorWorker.inbox = []
+        coordinatorWorker.condition.unlock()
+        var configs = coordinator.configs
+        do {
+            for record in try coordinatorStore.scan(prefix: Array("config/".utf8)) {
+                let c = try BinaryDecoder().decode(ChainConfig.self, from: record.value)
+                configs[c.shard] = c
+            }
+        } catch {
+            throw GCSError(.storage, "the coordinator cannot read its configurations under \(directory): \(error)")
+        }
+        coordinator = Coordinator(configs: configs, replicas: coordinator.replicas, options: coordinator.options, now: now)
+    }
+
     /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.
     public var replicaIDs: [ReplicaID] { replicaHosts.keys.sorted() }
 

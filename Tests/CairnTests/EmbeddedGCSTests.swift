@@ -82,6 +82,25 @@ struct EmbeddedGCSTests {
         #expect(try gcs.get("counter") == Self.bytes(acknowledged))
     }
 
+    @Test("a restarted coordinator resumes from its persisted configurations and still repairs a chain")
+    func coordinatorRestart() throws {
+        let dir = try TemporaryDirectory()
+        let gcs = try Self.start(dir)
+        defer { gcs.shutdown() }
+        try gcs.put("k", [1])
+        try gcs.kill(replica: gcs.configurations()[0].head)  // epoch 2 and later, persisted
+        try gcs.put("k", [2])
+        let before = gcs.configurations()[0]
+        try gcs.restartCoordinator()
+        #expect(gcs.configurations()[0] == before, "the configuration survived the restart")
+        try gcs.put("k", [3])
+        let tail = gcs.configurations()[0].tail
+        try gcs.kill(replica: tail)
+        try gcs.put("k", [4])
+        #expect(try gcs.get("k") == [4])
+        #expect(!gcs.configurations()[0].chain.contains(tail), "the restarted coordinator removed the killed tail")
+    }
+
     @Test("a GCS restarted on its directory has every acknowledged write, and its new writes are not taken for retries of old ones")
     func restartFromDisk() throws {
         let dir = try TemporaryDirectory()
