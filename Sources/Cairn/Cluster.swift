@@ -2,6 +2,14 @@ import CairnCore
 import Foundation
 import Synchronization
 
+/// Where the control store keeps its tables.
+public enum ControlStoreBacking: Sendable {
+    /// In the control store's memory only.
+    case inMemory
+    /// Also written through to a chain-replicated GCS started with these options.
+    case chainReplicated(EmbeddedGCS.Options)
+}
+
 /// Settings of an embedded cluster.
 public struct ClusterOptions: Sendable {
     /// One configuration per node; node 0 hosts the driver (the program that started the cluster).
@@ -16,6 +24,11 @@ public struct ClusterOptions: Sendable {
     /// Receives the runtime's warnings (a corrupt checkpoint skipped, a torn log record
     /// discarded, a failed checkpoint). Default: printed to standard error.
     public var log: @Sendable (String) -> Void
+    /// Where the control store's tables are also kept. Default: only in the control store's
+    /// memory. With `.chainReplicated`, every change to the node, object, task and actor tables
+    /// is written through to an ``EmbeddedGCS`` (chain-replicated, each replica in LMDB), which
+    /// ``Cluster/gcs`` exposes for reading and subscribing.
+    public var controlStore: ControlStoreBacking = .inMemory
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -48,6 +61,10 @@ public final class Cluster: Sendable {
     let nodes: [Node]
     let transport: InMemoryTransport
     private let controlStore: ControlStoreServer
+    /// The chain-replicated GCS holding the control store's tables, with
+    /// `ClusterOptions.controlStore = .chainReplicated(…)`: rows under `node/`, `obj/`, `task/`
+    /// and `actor/`, keyed by ID, each a ``BinaryEncoder`` document (see ``ControlTables``).
+    public let gcs: EmbeddedGCS?
     private let scheduler: GlobalScheduler
     private let releases = ReleaseQueue()
     private let running = Atomic<Bool>(true)
@@ -64,7 +81,15 @@ public final class Cluster: Sendable {
 
     /// Starts an embedded cluster with the given options.
     public static func local(_ options: ClusterOptions) async throws -> Cluster {
-        let cluster = Cluster(options)
+        var gcs: EmbeddedGCS?
+        if case .chainReplicated(let gcsOptions) = options.controlStore {
+            do {
+                gcs = try EmbeddedGCS.start(gcsOptions)
+            } catch {
+                throw CairnError(.storage, "the chain-replicated control store could not start: \(error)")
+            }
+        }
+        let cluster = Cluster(options, gcs: gcs)
         let deadline = ContinuousClock.now + .seconds(10)
         while cluster.nodes.contains(where: { $0.nodeCount < options.nodes.count }) {
             guard ContinuousClock.now < deadline else {
@@ -77,10 +102,11 @@ public final class Cluster: Sendable {
         return cluster
     }
 
-    private init(_ options: ClusterOptions) {
+    private init(_ options: ClusterOptions, gcs: EmbeddedGCS?) {
         let transport = InMemoryTransport()
         self.transport = transport
-        controlStore = ControlStoreServer(transport: transport)
+        self.gcs = gcs
+        controlStore = ControlStoreServer(transport: transport, writeThrough: gcs.map { GCSWriteThrough($0, log: options.log) })
         scheduler = GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
         let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
@@ -107,6 +133,7 @@ public final class Cluster: Sendable {
         nodes.forEach { $0.stop() }
         actorStorage.close()
         transport.shutdown()
+        gcs?.shutdown()
         DefaultCluster.clear(self)
     }
 
