@@ -70,6 +70,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
         public var failureTimeoutMicroseconds: UInt64 = 300_000
         public var leaseMicroseconds: UInt64 = 100_000
         public var resendIntervalMicroseconds: UInt64 = 10_000
+        /// How often a replica resends updates its successor has not acknowledged.
+        public var retransmitIntervalMicroseconds: UInt64 = 5_000
         /// Client sessions, so the most requests in flight at once.
         public var sessions = 256
         /// A request not answered by then fails with ``GCSError/Code-swift.enum/unavailable``.
@@ -279,7 +281,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
             for (r, host) in hosts {
                 let persisted = try Self.openStore(host)
                 let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
-                host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
+                host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds, retransmitInterval: options.retransmitIntervalMicroseconds),
                                          recovering: persisted.log, config: config)
             }
         } catch {
@@ -447,7 +449,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         defer { host.worker.processing.unlock() }
         guard host.core == nil else { return }
         let persisted = try Self.openStore(host)
-        host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds),
+        host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds, retransmitInterval: options.retransmitIntervalMicroseconds),
                                  recovering: persisted.log, config: persisted.config)
         host.worker.condition.lock()
         host.worker.alive = true

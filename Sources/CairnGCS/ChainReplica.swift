@@ -21,7 +21,14 @@ public struct ChainReplica: Sendable {
     public struct Options: Sendable {
         /// How long a lease runs, in the shell's time units, from the report that earned it.
         public var leaseDuration: UInt64
-        public init(leaseDuration: UInt64) { self.leaseDuration = leaseDuration }
+        /// How often unacknowledged updates are resent downstream; only updates already
+        /// outstanding at the previous resend go again, so a busy pipeline is not flooded with
+        /// copies of what is still on its way. 0: at every tick.
+        public var retransmitInterval: UInt64
+        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0) {
+            self.leaseDuration = leaseDuration
+            self.retransmitInterval = retransmitInterval
+        }
     }
 
     struct Subscription: Sendable {
@@ -45,6 +52,8 @@ public struct ChainReplica: Sendable {
     private var applied: [Int: (number: UInt64, sequence: UInt64)] = [:]
     /// Forwarded downstream (to the successor, or from a tail to its learner), not yet acknowledged.
     private var sent: [ChainUpdate] = []
+    /// When updates were last resent, and the last sequence number then: what was outstanding.
+    private var retransmitted: (at: UInt64, upTo: UInt64) = (0, 0)
     /// Every update up to here has reached the tail.
     public private(set) var acknowledged: UInt64 = 0
     private var lease: (epoch: UInt64, until: UInt64)?
@@ -354,7 +363,7 @@ public struct ChainReplica: Sendable {
     // MARK: timer
 
     /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
-    public func tick(now: UInt64) -> [GCSAction] {
+    public mutating func tick(now: UInt64) -> [GCSAction] {
         var actions: [GCSAction] = [.send(.report(ReplicaReport(
             replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence,
             learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
@@ -362,7 +371,11 @@ public struct ChainReplica: Sendable {
         guard let c = config else { return actions }
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
-            actions += sent.map { .send(.forward(epoch: c.epoch, $0), to: .replica(d)) }
+            if now >= retransmitted.at + options.retransmitInterval {
+                let due = retransmitted.upTo
+                actions += sent.lazy.filter { $0.sequence <= due }.map { .send(.forward(epoch: c.epoch, $0), to: .replica(d)) }
+                retransmitted = (now, lastSequence)
+            }
         }
         if isLearner && !joined {
             actions.append(.send(.join(epoch: c.epoch, attempt: joinAttempt, log: epochRanges()), to: .replica(c.tail)))
