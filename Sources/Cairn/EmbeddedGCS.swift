@@ -193,6 +193,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     var free: [Int]
     var inFlight: [Int: Pending] = [:]
     var queued: [Pending] = []
+    /// The newest epoch the sessions know, per shard.
+    var knownEpochs: [Int: UInt64] = [:]
     var subscribers: [Int: (core: GCSSubscriber, handler: @Sendable (ChainUpdate) -> Void)] = [:]
     let requests = NSLock()
     var newRequests: [Pending] = []
@@ -580,7 +582,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
             subscribers[id] = (core, handler)
         }
         for case .toClient(let m, let from, let id) in batch {
-            if case .configs = m {
+            if case .configs(let list) = m {
+                // Only news matters: an answer with nothing newer changes no session.
+                guard list.contains(where: { $0.epoch > (knownEpochs[$0.shard] ?? 0) }) else { continue }
+                for c in list where c.epoch > (knownEpochs[c.shard] ?? 0) { knownEpochs[c.shard] = c.epoch }
                 // Every session learns the new configurations (one query answers them all).
                 for (i, _) in inFlight { for a in sessions[i].handle(m, now: t).actions { actions.append((a, .client(clientBase + i))) } }
                 for i in free { _ = sessions[i].handle(m, now: t) }
@@ -628,7 +633,17 @@ public final class EmbeddedGCS: @unchecked Sendable {
             inFlight[i] = p
             for a in sessions[i].start(p.operation, now: t) { actions.append((a, .client(clientBase + i))) }
         }
-        for (a, from) in actions { if case .send(let m, let to) = a { route(m, from: from, to: to) } }
+        // However many sessions ask, one configuration query per step is enough: its answer
+        // reaches them all.
+        var queried = false
+        for (a, from) in actions {
+            guard case .send(let m, let to) = a else { continue }
+            if case .configQuery = m {
+                if queried { continue }
+                queried = true
+            }
+            route(m, from: from, to: to)
+        }
     }
 }
 /// One result, waited for by one thread.
