@@ -100,7 +100,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
         var stopped = false
         /// Held while a batch is handled, so a kill waits for the batch in progress.
         let processing = NSLock()
-        var thread: Thread?
 
         func post(_ e: Event) {
             condition.lock()
@@ -146,7 +145,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
                 }
             }
             t.name = name
-            thread = t
             t.start()
         }
 
@@ -199,7 +197,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
     let requests = NSLock()
     var newRequests: [Pending] = []
     var newSubscribers: [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)] = []
-    var ticker: Thread?
     let stopped = Locked(false)
     /// Client IDs of this incarnation: a random base, so that request numbers never repeat
     /// under an ID a chain's heads have seen before (they would be taken for retries).
@@ -245,12 +242,11 @@ public final class EmbeddedGCS: @unchecked Sendable {
         // A coordinator that persisted configurations before resumes them.
         var configs = initial
         do {
-            let stored = try coordinatorStore.scan(prefix: Array("config/".utf8))
+            let stored = try Self.storedConfigs(coordinatorStore)
             if !stored.isEmpty && stored.count != options.shards {
                 throw GCSError(.storage, "the GCS under \(directory) was created with \(stored.count) shards, not \(options.shards); start it with shards: \(stored.count), or use a new directory")
             }
-            for record in stored {
-                let c = try BinaryDecoder().decode(ChainConfig.self, from: record.value)
+            for c in stored {
                 guard c.shard >= 0 && c.shard < options.shards && c.chain.allSatisfy({ shardOf[$0] == c.shard }) else {
                     throw GCSError(.storage, "the coordinator's stored configuration \(c) does not fit \(options.shards) shards of \(perShard) replicas; use the options the directory was created with")
                 }
@@ -259,7 +255,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
             if stored.isEmpty {
                 // A new GCS: its first configurations are recorded, and with them its shape.
                 var batch = WriteBatch()
-                for c in initial { batch.put(Array("config/\(c.shard)".utf8), try BinaryEncoder().encode(c)) }
+                for c in initial { batch.put(Self.coordinatorConfigKey(c.shard), try BinaryEncoder().encode(c)) }
                 _ = try coordinatorStore.commit(batch)
             }
         } catch let e as GCSError {
@@ -316,7 +312,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
             }
         }
         t.name = "cairn-gcs-ticker"
-        ticker = t
         t.start()
     }
 
@@ -324,6 +319,13 @@ public final class EmbeddedGCS: @unchecked Sendable {
 
     static func updateKey(_ sequence: UInt64) -> [UInt8] { [UInt8(ascii: "u")] + withUnsafeBytes(of: sequence.bigEndian) { Array($0) } }
     static let configKey = Array("config".utf8)
+    static let coordinatorConfigPrefix = Array("config/".utf8)
+    static func coordinatorConfigKey(_ shard: Int) -> [UInt8] { coordinatorConfigPrefix + Array(String(shard).utf8) }
+
+    /// The configurations the coordinator persisted, in no particular order.
+    static func storedConfigs(_ store: DurableStore) throws -> [ChainConfig] {
+        try store.scan(prefix: coordinatorConfigPrefix).map { try BinaryDecoder().decode(ChainConfig.self, from: $0.value) }
+    }
 
     /// Opens a replica's LMDB and reads back its log and configuration.
     static func openStore(_ host: ReplicaHost) throws -> (log: [ChainUpdate], config: ChainConfig?) {
@@ -364,14 +366,14 @@ public final class EmbeddedGCS: @unchecked Sendable {
             case .persist(let u):
                 batch.put(Self.updateKey(u.sequence), try! encoder.encode(u))
             case .persistTruncation(let keep):
+                // Update keys are big-endian, so byte order is sequence order.
+                let last = Self.updateKey(keep)
                 if let store, let records = try? store.scan(prefix: [UInt8(ascii: "u")]) {
-                    for r in records where r.key.count == 9 && r.key.withUnsafeBytes({ UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 1, as: UInt64.self)) }) > keep {
-                        batch.delete(r.key)
-                    }
+                    for r in records where last.lexicographicallyPrecedes(r.key) { batch.delete(r.key) }
                 }
             case .persistConfig(let c):
                 if case .coordinator = from {
-                    batch.put(Array("config/\(c.shard)".utf8), try! encoder.encode(c))
+                    batch.put(Self.coordinatorConfigKey(c.shard), try! encoder.encode(c))
                 } else {
                     batch.put(Self.configKey, try! encoder.encode(c))
                 }
@@ -489,10 +491,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         coordinatorWorker.condition.unlock()
         var configs = coordinator.configs
         do {
-            for record in try coordinatorStore.scan(prefix: Array("config/".utf8)) {
-                let c = try BinaryDecoder().decode(ChainConfig.self, from: record.value)
-                configs[c.shard] = c
-            }
+            for c in try Self.storedConfigs(coordinatorStore) { configs[c.shard] = c }
         } catch {
             throw GCSError(.storage, "the coordinator cannot read its configurations under \(directory): \(error)")
         }
@@ -575,10 +574,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             let id = clientBase + (1 << 15) + subscriberCount
             subscriberCount += 1
             var core = GCSSubscriber(id: id, prefix: prefix, shardCount: options.shards, resubscribeInterval: options.resendIntervalMicroseconds)
-            _ = core.handle(.configs(sessions[0].configs.values.sorted { $0.shard < $1.shard }), from: .coordinator, now: t)
-            for s in 0..<options.shards {
-                if let c = core.configs[s] { actions.append((.send(.subscribe(prefix: prefix, after: 0), to: .replica(c.tail)), .client(id))) }
-            }
+            // Learning the configurations, the subscriber subscribes at each shard's tail.
+            for a in core.handle(.configs(Array(sessions[0].configs.values)), from: .coordinator, now: t).actions { actions.append((a, .client(id))) }
             subscribers[id] = (core, handler)
         }
         for case .toClient(let m, let from, let id) in batch {
