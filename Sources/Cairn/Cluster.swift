@@ -4,9 +4,10 @@ import Synchronization
 
 /// Where the control store keeps its tables.
 public enum ControlStoreBacking: Sendable {
-    /// In the control store's memory only.
+    /// In the control store's memory only: lost with it.
     case inMemory
-    /// Also written through to a chain-replicated GCS started with these options.
+    /// In a chain-replicated GCS started with these options (the default: one shard, chains
+    /// of 3 and a standby, in a temporary directory removed at shutdown).
     case chainReplicated(EmbeddedGCS.Options)
 }
 
@@ -24,11 +25,13 @@ public struct ClusterOptions: Sendable {
     /// Receives the runtime's warnings (a corrupt checkpoint skipped, a torn log record
     /// discarded, a failed checkpoint). Default: printed to standard error.
     public var log: @Sendable (String) -> Void
-    /// Where the control store's tables are also kept. Default: only in the control store's
-    /// memory. With `.chainReplicated`, every change to the node, object, task and actor tables
-    /// is written through to an ``EmbeddedGCS`` (chain-replicated, each replica in LMDB), which
-    /// ``Cluster/gcs`` exposes for reading and subscribing.
-    public var controlStore: ControlStoreBacking = .inMemory
+    /// Where the control store's tables live. Default: `.chainReplicated`, an ``EmbeddedGCS``
+    /// (chain-replicated, each replica in LMDB): every change to the node, object, task and
+    /// actor tables is a GCS write, and the control store answers from what the GCS's
+    /// subscriptions bring back, so a restarted control store rebuilds its tables from the GCS.
+    /// ``Cluster/gcs`` exposes it for reading and subscribing. `.inMemory` keeps the tables in
+    /// the control store's memory only.
+    public var controlStore: ControlStoreBacking = .chainReplicated(EmbeddedGCS.Options())
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -60,10 +63,11 @@ public struct ClusterOptions: Sendable {
 public final class Cluster: Sendable {
     let nodes: [Node]
     let transport: InMemoryTransport
-    private let controlStore: ControlStoreServer
-    /// The chain-replicated GCS holding the control store's tables, with
-    /// `ClusterOptions.controlStore = .chainReplicated(…)`: rows under `node/`, `obj/`, `task/`
-    /// and `actor/`, keyed by ID, each a ``BinaryEncoder`` document (see ``ControlTables``).
+    private let controlStore: Locked<ControlStoreServer>
+    private let log: @Sendable (String) -> Void
+    /// The chain-replicated GCS holding the control store's tables (nil with
+    /// `ClusterOptions.controlStore = .inMemory`): rows under `node/`, `obj/`, `task/` and
+    /// `actor/`, keyed by ID, each a ``BinaryEncoder`` document (see ``ControlTables``).
     public let gcs: EmbeddedGCS?
     private let scheduler: GlobalScheduler
     private let releases = ReleaseQueue()
@@ -106,7 +110,8 @@ public final class Cluster: Sendable {
         let transport = InMemoryTransport()
         self.transport = transport
         self.gcs = gcs
-        controlStore = ControlStoreServer(transport: transport, writeThrough: gcs.map { GCSWriteThrough($0, log: options.log) })
+        log = options.log
+        controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, log: options.log))
         scheduler = GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
         let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
@@ -273,6 +278,24 @@ public final class Cluster: Sendable {
         guard let r = record else { throw CairnError(.actorUnavailable, "the control store has no record of \(actor.id)") }
         return ActorStatus(id: r.id, typeName: r.typeName, node: r.node, name: r.name, state: r.state, restarts: r.restarts,
                            checkpointSequence: r.checkpointSequence, logPosition: r.logPosition)
+    }
+
+    /// Where the control store's object table says the object behind `ref` lives: the node
+    /// and its size (as Ray's `get_object_locations`). Objects of 64 KiB or more are recorded,
+    /// shortly after they are stored; nil for smaller ones, and for freed or unknown ones.
+    public func location<T>(of ref: ObjectRef<T>) async -> ObjectLocation? {
+        await withCheckedContinuation { continuation in
+            driverNode.locateObject(ref.id) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Replaces the control store with a new, empty incarnation, as after a crash of its
+    /// process: with a chain-replicated backing it rebuilds every table from the GCS before it
+    /// answers; in memory, the tables are gone. Nodes and the scheduler subscribe again.
+    func restartControlStore() {
+        controlStore.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, log: log) }
+        transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
+        for n in nodes { n.resubscribe() }
     }
 
     /// Counters of checkpoints, restores and replays since the cluster started.

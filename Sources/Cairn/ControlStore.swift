@@ -59,78 +59,290 @@ public struct ActorStatus: Sendable, Equatable {
     public let logPosition: UInt64
 }
 
-/// The Global Control Store's tables, as one component reached only through messages:
-/// nodes (resources, load, liveness), objects (locations and sizes), tasks (lineage),
-/// actors (where each lives). Functions are recorded per node in the node table.
+/// The control store's logic as a pure value (../shared/STYLE.md): requests and committed
+/// rows in, actions out. The tables it answers from are the *committed* view: rows as the GCS
+/// holds them, learned through its subscriptions (in memory, rows as written). A change the
+/// runtime asks for becomes a row write; it shows in answers only once it comes back committed.
 ///
-/// The tables live in this component's memory, and with a chain-replicated backing every
-/// change is also written through to the GCS (one write in flight per row, the newest value
-/// last). Reads are answered from memory.
+/// - A read of a row this store wrote and has not yet seen committed waits for it, so whoever
+///   caused a write (an actor registered, then its handle passed on) reads it back.
+/// - A lookup of an actor that is being restored waits for the row to leave `restoring`: the
+///   caller's messages are delivered to the restored actor instead of failing.
+/// - Until the view has caught up with the GCS (a marker written on every shard came back
+///   through the subscriptions), requests wait, so a restarted control store never answers
+///   from a partial table.
+struct ControlStoreCore {
+    enum Action {
+        /// Write a row (nil deletes it).
+        case write(key: String, value: [UInt8]?)
+        case send(Message, to: Endpoint)
+        case log(String)
+    }
+
+    /// Committed rows by key, decoded where the runtime reads them by ID.
+    private(set) var nodes: [NodeID: NodeRecord] = [:]
+    private(set) var actors: [ActorID: ActorRecord] = [:]
+    private(set) var locations: [ObjectID: ObjectLocation] = [:]
+    private(set) var tasks: [ObjectID: TaskRecord] = [:]
+    /// Queue lengths, as nodes last reported them: soft state, never written to the GCS.
+    private var loads: [NodeID: Int] = [:]
+    /// Rows written whose newest value has not come back committed.
+    private var unconfirmed: [String: Written] = [:]
+    struct Written: Equatable { var value: [UInt8]? }
+    /// The newest record written for each actor: what a progress report updates.
+    private var newestActors: [ActorID: ActorRecord] = [:]
+    /// Reads waiting on a row.
+    private var parked: [String: [ControlRequest]] = [:]
+    private var nodeSubscribers: [Endpoint] = []
+    private var nodeTableChanged = false
+    /// Whether the view has caught up; requests before that wait in `early`.
+    private(set) var ready: Bool
+    private var early: [ControlRequest] = []
+    /// Catch-up markers still to come back: key and the value written.
+    private var markers: [String: [UInt8]]
+
+    /// A store whose view is complete from the start (`markers` empty), or one that waits for
+    /// each marker row to come back with the value it wrote.
+    init(markers: [String: [UInt8]] = [:]) {
+        self.markers = markers
+        ready = markers.isEmpty
+    }
+
+    /// The writes that start catching up.
+    var markerWrites: [Action] { markers.map { .write(key: $0.key, value: $0.value) } }
+
+    mutating func handle(_ request: ControlRequest) -> [Action] {
+        guard ready else {
+            early.append(request)
+            return []
+        }
+        var actions: [Action] = []
+        switch request {
+        case .registerNode(let record):
+            write(ControlTables.node(record.id), record, &actions)
+        case .reportLoad(let id, let queued):
+            if loads[id] != queued {
+                loads[id] = queued
+                if nodes[id] != nil { nodeTableChanged = true }
+            }
+        case .objectLocations(let entries):
+            for (id, node, size) in entries { write(ControlTables.object(id), ObjectLocation(node: node, size: size), &actions) }
+        case .forgetObjects(let oids):
+            for oid in oids {
+                for (key, present) in [(ControlTables.object(oid), locations[oid] != nil), (ControlTables.task(oid), tasks[oid] != nil)] {
+                    // A row exists when its newest write, or else its committed value, says so.
+                    guard unconfirmed[key].map({ $0.value != nil }) ?? present else { continue }
+                    unconfirmed[key] = Written(value: nil)
+                    actions.append(.write(key: key, value: nil))
+                }
+            }
+        case .recordTasks(let records):
+            for r in records { write(ControlTables.task(r.id), r, &actions) }
+        case .registerActor(let record):
+            newestActors[record.id] = record
+            write(ControlTables.actor(record.id), record, &actions)
+        case .actorProgress(let id, let checkpoint, let log):
+            guard var record = newestActors[id] ?? actors[id] else { break }
+            if let checkpoint { record.checkpointSequence = checkpoint }
+            record.logPosition = log
+            newestActors[id] = record
+            write(ControlTables.actor(id), record, &actions)
+        case .describeActor(let id, let replyTo):
+            let key = ControlTables.actor(id)
+            if unconfirmed[key] != nil { parked[key, default: []].append(request) } else {
+                actions.append(.send(.actorDescription(id, actors[id]), to: replyTo))
+            }
+        case .lookupActor(let id, let replyTo):
+            let key = ControlTables.actor(id)
+            if unconfirmed[key] != nil || actors[id]?.state == .restoring { parked[key, default: []].append(request) } else {
+                actions.append(.send(.actorLocation(id, actors[id].flatMap { $0.state == .alive ? $0.node : nil }), to: replyTo))
+            }
+        case .locateObject(let id, let replyTo):
+            let key = ControlTables.object(id)
+            if unconfirmed[key] != nil { parked[key, default: []].append(request) } else {
+                actions.append(.send(.objectLocation(id, locations[id]), to: replyTo))
+            }
+        case .subscribeNodes(let endpoint):
+            if !nodeSubscribers.contains(endpoint) { nodeSubscribers.append(endpoint) }
+            actions.append(.send(.nodeTable(nodeTable), to: endpoint))
+        case .committed, .writeFailed:
+            break
+        }
+        return actions
+    }
+
+    /// A row as the GCS committed it (nil: deleted).
+    mutating func committed(key: String, value: [UInt8]?) -> [Action] {
+        var actions: [Action] = []
+        if let expected = markers[key] {
+            if value == expected {
+                markers[key] = nil
+                if markers.isEmpty {
+                    ready = true
+                    let waiting = early
+                    early = []
+                    for r in waiting { actions += handle(r) }
+                }
+            }
+            return actions
+        }
+        let ours = unconfirmed[key]
+        if ours == Written(value: value) { unconfirmed[key] = nil }
+        do {
+            try apply(key: key, value: value, updateNewest: ours == nil)
+        } catch {
+            actions.append(.log("control store: the GCS row \(key) does not decode (\(error)); it is left out of the tables"))
+        }
+        actions += release(key)
+        return actions
+    }
+
+    /// The GCS gave up on a write: reads waiting for it are answered from what is committed.
+    mutating func writeFailed(key: String, value: [UInt8]?) -> [Action] {
+        guard unconfirmed[key] == Written(value: value) else { return [] }
+        unconfirmed[key] = nil
+        return release(key)
+    }
+
+    /// The node table for subscribers, if it changed since the last call.
+    mutating func flush() -> [Action] {
+        guard nodeTableChanged else { return [] }
+        nodeTableChanged = false
+        let table = nodeTable
+        return nodeSubscribers.map { .send(.nodeTable(table), to: $0) }
+    }
+
+    /// Committed node rows with their latest load, in node order.
+    var nodeTable: [NodeRecord] {
+        nodes.values.sorted { $0.id < $1.id }.map { record in
+            var r = record
+            if let q = loads[r.id] { r.queued = q }
+            return r
+        }
+    }
+
+    private mutating func write<T: Encodable>(_ key: String, _ row: T, _ actions: inout [Action]) {
+        do {
+            let bytes = try BinaryEncoder().encode(row)
+            unconfirmed[key] = Written(value: bytes)
+            actions.append(.write(key: key, value: bytes))
+        } catch {
+            actions.append(.log("control store: cannot encode the row \(key): \(error)"))
+        }
+    }
+
+    private mutating func apply(key: String, value: [UInt8]?, updateNewest: Bool) throws {
+        let decoder = BinaryDecoder()
+        if let name = key.dropPrefix(GCSTable.nodes.rawValue) {
+            guard let value else { nodes = nodes.filter { $0.key.description != name }; nodeTableChanged = true; return }
+            let r = try decoder.decode(NodeRecord.self, from: value)
+            nodes[r.id] = r
+            nodeTableChanged = true
+        } else if let name = key.dropPrefix(GCSTable.actors.rawValue) {
+            guard let value else {
+                if let id = actors.keys.first(where: { $0.description == name }) { actors[id] = nil; newestActors[id] = nil }
+                return
+            }
+            let r = try decoder.decode(ActorRecord.self, from: value)
+            actors[r.id] = r
+            if updateNewest { newestActors[r.id] = r }
+        } else if let name = key.dropPrefix(GCSTable.objects.rawValue) {
+            guard let id = ObjectID(String(name)) else { throw CairnError(.invalidArgument, "\(name) is not an object ID") }
+            locations[id] = try value.map { try decoder.decode(ObjectLocation.self, from: $0) }
+        } else if let name = key.dropPrefix(GCSTable.tasks.rawValue) {
+            guard let id = ObjectID(String(name)) else { throw CairnError(.invalidArgument, "\(name) is not an object ID") }
+            tasks[id] = try value.map { try decoder.decode(TaskRecord.self, from: $0) }
+        }
+    }
+
+    /// Answers the reads parked on `key` (those that must still wait park again).
+    private mutating func release(_ key: String) -> [Action] {
+        guard let reads = parked.removeValue(forKey: key) else { return [] }
+        var actions: [Action] = []
+        for r in reads { actions += handle(r) }
+        return actions
+    }
+}
+
+/// The control store as one component reached only through messages: the pure core on the
+/// control store's inbox thread, with its rows kept either in memory (each write committed at
+/// once) or in the chain-replicated GCS (written through, and learned back from the GCS's
+/// subscriptions to the node, object, task and actor tables).
 final class ControlStoreServer: @unchecked Sendable {
     // Touched only on the control store's inbox thread.
-    private var nodes: [NodeID: NodeRecord] = [:]
-    private var locations: [ObjectID: (node: NodeID, size: Int)] = [:]
-    private var tasks: [ObjectID: TaskRecord] = [:]
-    private var actors: [ActorID: ActorRecord] = [:]
-    private var nodeSubscribers: [Endpoint] = []
+    private var core: ControlStoreCore
     private let transport: any Transport
-    private var loadChanged = false
+    private let gcs: EmbeddedGCS?
     private let writeThrough: GCSWriteThrough?
+    private let log: @Sendable (String) -> Void
+    /// Tells this incarnation's subscription deliveries from those of an earlier one.
+    private let generation: UInt64
 
-    init(transport: any Transport, writeThrough: GCSWriteThrough? = nil) {
+    init(transport: any Transport, gcs: EmbeddedGCS?, log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
+        self.gcs = gcs
+        self.log = log
+        let generation = UInt64.random(in: 1...UInt64.max)
+        self.generation = generation
+        guard let gcs else {
+            core = ControlStoreCore()
+            writeThrough = nil
+            transport.register(.controlStore) { [self] batch in handle(batch) }
+            return
+        }
+        // One catch-up marker per shard, each holding this incarnation's number.
+        var markers: [String: [UInt8]] = [:]
+        var covered = Set<Int>()
+        var n = 0
+        while covered.count < gcs.options.shards {
+            let key = ControlTables.marker(n)
+            if covered.insert(shard(of: key, shards: gcs.options.shards)).inserted { markers[key] = withUnsafeBytes(of: generation.bigEndian, Array.init) }
+            n += 1
+        }
+        core = ControlStoreCore(markers: markers)
+        let writeThrough = GCSWriteThrough(gcs, log: log) { key, value in
+            transport.send(.control(.writeFailed(generation: generation, key: key, value: value)), to: .controlStore)
+        }
         self.writeThrough = writeThrough
         transport.register(.controlStore) { [self] batch in handle(batch) }
+        for prefix in ControlTables.subscribed {
+            gcs.subscribe(prefix: prefix) { change in
+                transport.send(.control(.committed(generation: generation, key: change.key, value: change.value)), to: .controlStore)
+            }
+        }
+        for case .write(let key, let value) in core.markerWrites { writeThrough.submit(key, value) }
     }
 
     private func handle(_ batch: [Message]) {
-        var tableChanged = false
+        var actions: [ControlStoreCore.Action] = []
         for message in batch {
             guard case .control(let request) = message else { continue }
             switch request {
-            case .registerNode(let record):
-                nodes[record.id] = record
-                writeThrough?.set(ControlTables.node(record.id), record)
-                tableChanged = true
-            case .reportLoad(let id, let queued):
-                if nodes[id]?.queued != queued {
-                    nodes[id]?.queued = queued
-                    tableChanged = true
-                }
-            case .objectLocations(let entries):
-                for (id, node, size) in entries {
-                    locations[id] = (node, size)
-                    writeThrough?.set(ControlTables.object(id), ObjectLocation(node: node, size: size))
-                }
-            case .forgetObjects(let oids):
-                for oid in oids {
-                    if locations.removeValue(forKey: oid) != nil { writeThrough?.delete(ControlTables.object(oid)) }
-                    if tasks.removeValue(forKey: oid) != nil { writeThrough?.delete(ControlTables.task(oid)) }
-                }
-            case .recordTasks(let records):
-                for r in records {
-                    tasks[r.id] = r
-                    writeThrough?.set(ControlTables.task(r.id), r)
-                }
-            case .registerActor(let record):
-                actors[record.id] = record
-                writeThrough?.set(ControlTables.actor(record.id), record)
-            case .actorProgress(let id, let checkpoint, let log):
-                if let checkpoint { actors[id]?.checkpointSequence = checkpoint }
-                actors[id]?.logPosition = log
-                if let record = actors[id] { writeThrough?.set(ControlTables.actor(id), record) }
-            case .describeActor(let id, let replyTo):
-                transport.send(.actorDescription(id, actors[id]), to: replyTo)
-            case .lookupActor(let id, let replyTo):
-                transport.send(.actorLocation(id, actors[id].flatMap { $0.state == .alive ? $0.node : nil }), to: replyTo)
-            case .subscribeNodes(let endpoint):
-                nodeSubscribers.append(endpoint)
-                transport.send(.nodeTable(Array(nodes.values)), to: endpoint)
+            case .committed(let g, let key, let value):
+                if g == generation { actions += core.committed(key: key, value: value) }
+            case .writeFailed(let g, let key, let value):
+                if g == generation { actions += core.writeFailed(key: key, value: value) }
+            default:
+                actions += core.handle(request)
             }
         }
-        if tableChanged {
-            let table = Array(nodes.values)
-            for s in nodeSubscribers { transport.send(.nodeTable(table), to: s) }
+        actions += core.flush()
+        var i = 0
+        while i < actions.count {
+            switch actions[i] {
+            case .write(let key, let value):
+                if let writeThrough {
+                    writeThrough.submit(key, value)
+                } else {
+                    actions += core.committed(key: key, value: value)
+                    actions += core.flush()
+                }
+            case .send(let message, let endpoint):
+                transport.send(message, to: endpoint)
+            case .log(let line):
+                log(line)
+            }
+            i += 1
         }
     }
 }
@@ -151,12 +363,25 @@ public enum ControlTables {
 
     /// The key of an actor's row.
     public static func actorKey(_ id: ActorID) -> String { actor(id) }
+
+    /// The tables the control store learns back through subscriptions.
+    static let subscribed = [GCSTable.nodes, .objects, .tasks, .actors, .controlStore].map(\.rawValue)
+
+    /// The `n`th catch-up marker row.
+    static func marker(_ n: Int) -> String { GCSTable.controlStore.key("caught-up-\(n)") }
+}
+
+extension String {
+    /// The rest of the string after `prefix`, or nil when it does not start with it.
+    func dropPrefix(_ prefix: String) -> Substring? { hasPrefix(prefix) ? dropFirst(prefix.count) : nil }
 }
 
 /// An `obj/` row: where an object lives and how big it is.
-struct ObjectLocation: Codable {
-    var node: NodeID
-    var size: Int
+public struct ObjectLocation: Sendable, Codable, Equatable {
+    /// The node holding the object.
+    public var node: NodeID
+    /// Its encoded size in bytes.
+    public var size: Int
 }
 
 /// Writes rows through to the GCS with at most one write in flight per row, so a retried
@@ -165,6 +390,8 @@ struct ObjectLocation: Codable {
 final class GCSWriteThrough: @unchecked Sendable {
     private let gcs: EmbeddedGCS
     private let log: @Sendable (String) -> Void
+    /// Told of a write the GCS did not take (the row and the value that failed).
+    private let failed: @Sendable (String, [UInt8]?) -> Void
     private let lock = NSLock()
     /// A row with a write in flight, and the newest value waiting behind it, if any.
     private struct Row {
@@ -174,22 +401,14 @@ final class GCSWriteThrough: @unchecked Sendable {
     }
     private var inFlight: [String: Row] = [:]
 
-    init(_ gcs: EmbeddedGCS, log: @escaping @Sendable (String) -> Void) {
+    init(_ gcs: EmbeddedGCS, log: @escaping @Sendable (String) -> Void, failed: @escaping @Sendable (String, [UInt8]?) -> Void) {
         self.gcs = gcs
         self.log = log
+        self.failed = failed
     }
 
-    func set<T: Encodable>(_ key: String, _ value: T) {
-        do {
-            submit(key, try BinaryEncoder().encode(value))
-        } catch {
-            log("control store: cannot encode the row \(key) for the GCS: \(error)")
-        }
-    }
-
-    func delete(_ key: String) { submit(key, nil) }
-
-    private func submit(_ key: String, _ value: [UInt8]?) {
+    /// Writes `value` to `key` (nil deletes it) after any write of the row in flight.
+    func submit(_ key: String, _ value: [UInt8]?) {
         let start: Bool = lock.withLock {
             if inFlight[key] != nil {
                 inFlight[key] = Row(waiting: true, value: value)
@@ -203,7 +422,10 @@ final class GCSWriteThrough: @unchecked Sendable {
 
     private func write(_ key: String, _ value: [UInt8]?) {
         gcs.write(key, value) { [self] result in
-            if case .failure(let e) = result, e.code != .shutDown { log("control store: the GCS did not take the row \(key): \(e)") }
+            if case .failure(let e) = result {
+                if e.code != .shutDown { log("control store: the GCS did not take the row \(key): \(e)") }
+                failed(key, value)
+            }
             let next: Row? = lock.withLock {
                 guard let row = inFlight[key], row.waiting else {
                     inFlight[key] = nil

@@ -39,6 +39,8 @@ public enum GCSTable: String, Sendable, CaseIterable {
     case actors = "actor/"
     case nodes = "node/"
     case keyValue = "kv/"
+    /// The runtime control store's own bookkeeping (its catch-up markers).
+    case controlStore = "ctl/"
 
     public func key(_ name: String) -> String { rawValue + name }
 }
@@ -532,7 +534,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     public func get(_ table: GCSTable, _ name: String) throws -> [UInt8]? { try get(table.key(name)) }
 
     /// Calls `handler`, on the GCS's client thread, with every committed change to a key that
-    /// starts with `prefix`, from now on: each once, in each shard's order.
+    /// starts with `prefix`, from the start of each shard's log (so a new subscriber replays
+    /// the table's history, then follows it): each once, in each shard's order.
     public func subscribe(prefix: String, handler: @escaping @Sendable (ChainUpdate) -> Void) {
         requests.withLock { newSubscribers.append((prefix, handler)) }
         clientWorker.post(.wake)

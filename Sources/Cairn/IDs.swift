@@ -38,6 +38,14 @@ public struct ObjectID: Hashable, Sendable, Codable, CustomStringConvertible {
     /// The node that created this ID and receives the value when it is computed.
     public var owner: NodeID { NodeID(Int(raw >> 48)) }
     public var description: String { "obj-\(raw >> 48)-\(raw & 0xFFFF_FFFF_FFFF)" }
+
+    /// Parses a ``description`` (`obj-<owner>-<counter>`); nil for anything else.
+    public init?(_ description: String) {
+        let parts = description.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[0] == "obj", let owner = UInt64(parts[1]), owner <= 0xFFFF,
+              let counter = UInt64(parts[2]), counter <= 0xFFFF_FFFF_FFFF else { return nil }
+        raw = owner << 48 | counter
+    }
 }
 
 /// Identifies an actor.

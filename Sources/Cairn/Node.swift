@@ -139,6 +139,7 @@ final class Node: @unchecked Sendable {
     private let actorSendLock = NSLock()
     @exclusivity(unchecked) private var spawnWaiters: [ActorID: @Sendable (Result<NodeID, CairnError>) -> Void] = [:]
     @exclusivity(unchecked) private var describeWaiters: [ActorID: [@Sendable (ActorRecord?) -> Void]] = [:]
+    @exclusivity(unchecked) private var locateWaiters: [ObjectID: [@Sendable (ObjectLocation?) -> Void]] = [:]
     /// The control store's node table as the scheduling policy sees it, replaced on every update.
     @exclusivity(unchecked) private var nodeLoads: [SchedulingPolicy.NodeLoad] = []
     @exclusivity(unchecked) private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
@@ -736,6 +737,20 @@ final class Node: @unchecked Sendable {
         if first { transport.send(.control(.describeActor(aid, replyTo: .node(id))), to: .controlStore) }
     }
 
+    /// Subscribes to the node table again (a new control store incarnation).
+    func resubscribe() {
+        transport.send(.control(.subscribeNodes(.node(id))), to: .controlStore)
+    }
+
+    /// Asks the control store's object table where an object lives.
+    func locateObject(_ oid: ObjectID, done: @escaping @Sendable (ObjectLocation?) -> Void) {
+        condition.lock()
+        let first = locateWaiters[oid] == nil
+        locateWaiters[oid, default: []].append(done)
+        condition.unlock()
+        if first { transport.send(.control(.locateObject(oid, replyTo: .node(id))), to: .controlStore) }
+    }
+
     /// Sends a message to an actor wherever it lives; calls from one thread keep their order.
     func sendToActor<R: RemoteValue>(_ actor: ActorID, typeName: String, message: StoredValue, caller: UInt64 = 0, sequence: UInt64 = 0,
                                      checkpointRequest: Bool = false) throws -> ObjectRef<R> {
@@ -810,6 +825,7 @@ final class Node: @unchecked Sendable {
         var created: [(@Sendable (Result<NodeID, CairnError>) -> Void, Result<NodeID, CairnError>)] = []
         var hostLater: [(ActorSpawn, ErasedActorType)] = []
         var described: [(@Sendable (ActorRecord?) -> Void, ActorRecord?)] = []
+        var located: [(@Sendable (ObjectLocation?) -> Void, ObjectLocation?)] = []
         condition.lock()
         for message in batch {
             switch message {
@@ -880,6 +896,8 @@ final class Node: @unchecked Sendable {
                 }
             case .actorDescription(let aid, let record):
                 for waiter in describeWaiters.removeValue(forKey: aid) ?? [] { described.append((waiter, record)) }
+            case .objectLocation(let oid, let location):
+                for waiter in locateWaiters.removeValue(forKey: oid) ?? [] { located.append((waiter, location)) }
             case .actorCalls(let calls):
                 for call in calls {
                     if let instance = actors.withLock({ $0[call.actor] }) {
@@ -915,6 +933,7 @@ final class Node: @unchecked Sendable {
         flush(&out)
         for (waiter, result) in created { waiter(result) }
         for (waiter, record) in described { waiter(record) }
+        for (waiter, location) in located { waiter(location) }
         for (spawn, type) in hostLater {
             host(spawn.id, typeName: spawn.typeName, type: type, state: spawn.state, durable: spawn.durable) { [self] result in
                 var failure: String?

@@ -91,6 +91,13 @@ enum ControlRequest: Sendable {
     /// Answered with ``Message/actorDescription(_:_:)``.
     case describeActor(ActorID, replyTo: Endpoint)
     case subscribeNodes(Endpoint)
+    /// Answered with ``Message/objectLocation(_:_:)``.
+    case locateObject(ObjectID, replyTo: Endpoint)
+    /// A row as the GCS committed it, from the control store's own subscriptions
+    /// (`generation` names the control store incarnation that subscribed).
+    case committed(generation: UInt64, key: String, value: [UInt8]?)
+    /// The GCS gave up on the control store's write of a row.
+    case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
 }
 
 /// Everything that crosses between components.
@@ -111,6 +118,8 @@ enum Message: Sendable {
     case actorCalls([ActorCall])
     case actorLocation(ActorID, NodeID?)
     case actorDescription(ActorID, ActorRecord?)
+    /// Where the control store's object table says a (large) object lives.
+    case objectLocation(ObjectID, ObjectLocation?)
     case control(ControlRequest)
     case nodeTable([NodeRecord])
 }
@@ -134,11 +143,14 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
     private let lock = NSLock()
     private var inboxes: [Endpoint: Inbox] = [:]
 
+    /// Registers `endpoint`'s handler; one registered before is stopped, with whatever was
+    /// still queued for it (as when the process behind an endpoint is replaced).
     func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
         let inbox = Inbox(name: endpoint.description, handler: handler)
         lock.lock()
-        inboxes[endpoint] = inbox
+        let previous = inboxes.updateValue(inbox, forKey: endpoint)
         lock.unlock()
+        previous?.stop()
     }
 
     func send(_ message: Message, to endpoint: Endpoint) {

@@ -174,39 +174,3 @@ struct EmbeddedGCSTests {
         #expect(value == [1] || value == [2], "the acknowledged write is back (the timed-out one may or may not have applied)")
     }
 }
-
-extension ClusterSuites {
-    @Suite("Runtime control store written through to the chain-replicated GCS", .serialized)
-    struct ControlStoreGCSTests {
-        @Test("with a chain-replicated backing, the node and actor tables land in the GCS, and an actor's row follows its progress")
-        func tablesInGCS() async throws {
-            let dir = try TemporaryDirectory()
-            var gcsOptions = EmbeddedGCS.Options(shards: 2)
-            gcsOptions.directory = dir.path + "/gcs"
-            var options = ClusterOptions(nodes: Array(repeating: NodeConfiguration(resources: Resources(cpus: 1)), count: 2),
-                                         storage: ActorStorageOptions(location: .inMemory))
-            options.controlStore = .chainReplicated(gcsOptions)
-            let cluster = try await Cluster.local(options)
-            defer { cluster.shutdown() }
-            let gcs = try #require(cluster.gcs)
-            let counter = try await cluster.spawn(Counter(), name: "counter", durability: DurabilityOptions(checkpoint: .every(messages: 5)))
-            for i in 1...20 { #expect(try await cluster.get(counter.send(1)) == i) }
-            // The write-through is asynchronous, and the actor reports its progress as it goes:
-            // wait until the row and the control store agree on a position past the start.
-            let deadline = Date().addingTimeInterval(30)
-            var row: ActorStatus?
-            var expected = try await cluster.status(of: counter)
-            while Date() < deadline {
-                expected = try await cluster.status(of: counter)
-                if let bytes = try gcs.get(ControlTables.actorKey(counter.id)) {
-                    row = try ControlTables.actorStatus(from: bytes)
-                    if row == expected && expected.logPosition > 0 { break }
-                }
-                try await Task.sleep(for: .milliseconds(5))
-            }
-            #expect(row == expected, "the GCS's actor row equals the control store's")
-            #expect(row?.state == .alive && row?.name == "counter" && (row?.logPosition ?? 0) > 0)
-            for n in 0..<2 { #expect(try gcs.get(.nodes, NodeID(n).description) != nil, "node \(n) is in the node table") }
-        }
-    }
-}

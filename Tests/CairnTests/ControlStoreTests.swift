@@ -1,0 +1,270 @@
+@testable import Cairn
+import CairnChaosKit
+import CairnCodec
+import Foundation
+import Testing
+
+/// The control store's core, driven by hand: requests and committed rows in, actions out.
+@Suite("Control store (pure): answers from committed rows")
+struct ControlStoreCoreTests {
+    let driver = Endpoint.node(NodeID(0))
+    let aid = ActorID(raw: 42)
+
+    func record(_ state: ActorStatus.State, node: Int = 2) -> ActorRecord {
+        var r = ActorRecord(id: aid, typeName: "Counter", node: NodeID(node))
+        r.state = state
+        return r
+    }
+
+    /// Commits every write among `actions` (as the GCS would, in order) and returns what followed.
+    func commitWrites(_ actions: [ControlStoreCore.Action], _ core: inout ControlStoreCore) -> [ControlStoreCore.Action] {
+        var out: [ControlStoreCore.Action] = []
+        for case .write(let key, let value) in actions { out += core.committed(key: key, value: value) }
+        return out
+    }
+
+    func sends(_ actions: [ControlStoreCore.Action]) -> [(Message, Endpoint)] {
+        actions.compactMap { if case .send(let m, let e) = $0 { return (m, e) } else { return nil } }
+    }
+
+    func location(_ actions: [ControlStoreCore.Action]) -> NodeID?? {
+        for (m, _) in sends(actions) { if case .actorLocation(_, let node) = m { return .some(node) } }
+        return nil
+    }
+
+    @Test("a read of a row written but not yet committed waits for the commit, then sees the write")
+    func readYourWrites() {
+        var core = ControlStoreCore()
+        let writes = core.handle(.registerActor(record(.alive)))
+        #expect(writes.count == 1, "registering an actor is one row write")
+        #expect(sends(core.handle(.describeActor(aid, replyTo: driver))).isEmpty, "the row is not committed yet")
+        #expect(location(core.handle(.lookupActor(aid, replyTo: driver))) == nil, "neither is a lookup answered")
+        let answers = commitWrites(writes, &core)
+        #expect(sends(answers).count == 2, "both parked reads are answered once the row is committed")
+        #expect(location(answers) == .some(NodeID(2)))
+        let described = sends(answers).contains { if case .actorDescription(_, let r) = $0.0 { return r?.node == NodeID(2) } else { return false } }
+        #expect(described)
+    }
+
+    @Test("a lookup of an actor being restored waits until its row says alive (then its node) or dead (then none)")
+    func restoringActorLookup() {
+        for final in [ActorStatus.State.alive, .dead] {
+            var core = ControlStoreCore()
+            _ = commitWrites(core.handle(.registerActor(record(.restoring))), &core)
+            #expect(location(core.handle(.lookupActor(aid, replyTo: driver))) == nil, "a restoring actor is not reported missing")
+            // Describing a restoring actor is answered at once: the state is what is asked.
+            #expect(sends(core.handle(.describeActor(aid, replyTo: driver))).count == 1)
+            let answers = commitWrites(core.handle(.registerActor(record(final, node: 3))), &core)
+            #expect(location(answers) == .some(final == .alive ? NodeID(3) : nil), "restored \(final)")
+        }
+    }
+
+    @Test("an actor the tables have never had is answered at once with no node")
+    func unknownActor() {
+        var core = ControlStoreCore()
+        #expect(location(core.handle(.lookupActor(aid, replyTo: driver))) == .some(nil))
+    }
+
+    @Test("progress reports update the newest written record, not a stale committed one")
+    func progressOnNewest() throws {
+        var core = ControlStoreCore()
+        _ = core.handle(.registerActor(record(.alive)))
+        // The registration is still in flight when the first progress report arrives.
+        let progress = core.handle(.actorProgress(aid, checkpoint: 7, log: 9))
+        guard case .write(_, let value)? = progress.first, let bytes = value else {
+            Issue.record("a progress report writes the actor's row")
+            return
+        }
+        let row = try BinaryDecoder().decode(ActorRecord.self, from: bytes)
+        #expect(row.state == .alive && row.checkpointSequence == 7 && row.logPosition == 9 && row.typeName == "Counter")
+    }
+
+    @Test("a restarted store answers nothing until its catch-up markers come back, then answers from the replayed rows")
+    func catchUp() throws {
+        // A first incarnation writes an actor and an object's location.
+        var first = ControlStoreCore()
+        var history: [(String, [UInt8]?)] = []
+        for case .write(let k, let v) in first.handle(.registerActor(record(.alive))) + first.handle(.objectLocations([(ObjectID(raw: 5), NodeID(1), size: 1 << 20)])) {
+            history.append((k, v))
+        }
+        // The second starts with one marker, and requests arrive before the replay.
+        var second = ControlStoreCore(markers: [ControlTables.marker(0): [9]])
+        #expect(!second.ready)
+        #expect(second.markerWrites.count == 1)
+        #expect(second.handle(.lookupActor(aid, replyTo: driver)).isEmpty)
+        #expect(second.handle(.locateObject(ObjectID(raw: 5), replyTo: driver)).isEmpty)
+        for (k, v) in history { #expect(second.committed(key: k, value: v).isEmpty, "replayed rows answer nothing yet") }
+        // An older incarnation's marker value is not this one's.
+        #expect(second.committed(key: ControlTables.marker(0), value: [8]).isEmpty && !second.ready)
+        let answers = second.committed(key: ControlTables.marker(0), value: [9])
+        #expect(second.ready)
+        #expect(location(answers) == .some(NodeID(2)), "the actor's node, from the replayed row")
+        let located = sends(answers).contains { if case .objectLocation(_, let l) = $0.0 { return l == ObjectLocation(node: NodeID(1), size: 1 << 20) } else { return false } }
+        #expect(located, "the object's location, from the replayed row")
+    }
+
+    @Test("node table: only committed nodes are pushed, in node order, with their latest load; load alone writes nothing")
+    func nodeTable() {
+        var core = ControlStoreCore()
+        let sched = Endpoint.scheduler
+        let initial = sends(core.handle(.subscribeNodes(sched)))
+        guard case .nodeTable(let empty)? = initial.first?.0 else { Issue.record("a subscriber gets the table at once"); return }
+        #expect(empty.isEmpty)
+        var writes: [ControlStoreCore.Action] = []
+        for n in [2, 0, 1] { writes += core.handle(.registerNode(NodeRecord(id: NodeID(n), resources: Resources(cpus: 1), functions: nil, queued: 0, alive: true))) }
+        #expect(core.flush().isEmpty, "nothing committed, nothing pushed")
+        _ = commitWrites(writes, &core)
+        guard case .nodeTable(let table)? = sends(core.flush()).first?.0 else { Issue.record("the committed nodes are pushed"); return }
+        #expect(table.map(\.id) == [NodeID(0), NodeID(1), NodeID(2)])
+        let load = core.handle(.reportLoad(NodeID(1), queued: 17))
+        #expect(load.isEmpty, "a load report is soft state: no row write")
+        guard case .nodeTable(let loaded)? = sends(core.flush()).first?.0 else { Issue.record("a load change is pushed"); return }
+        #expect(loaded[1].queued == 17)
+        #expect(core.flush().isEmpty, "pushed once per change")
+    }
+
+    @Test("freeing objects deletes only rows that exist; a failed write releases its readers with the committed row")
+    func forgetAndFailure() {
+        var core = ControlStoreCore()
+        let big = ObjectID(raw: 77)
+        _ = commitWrites(core.handle(.objectLocations([(big, NodeID(0), size: 100_000)])), &core)
+        let deletes = core.handle(.forgetObjects([big, ObjectID(raw: 78)]))
+        #expect(deletes.count == 1, "one delete: the object row (no task row, no row for the unknown object)")
+        #expect(core.handle(.locateObject(big, replyTo: driver)).isEmpty, "the delete is in flight")
+        guard case .write(let key, let value)? = deletes.first else { return }
+        let answers = core.writeFailed(key: key, value: value)
+        let located = sends(answers).contains { if case .objectLocation(_, let l) = $0.0 { return l?.node == NodeID(0) } else { return false } }
+        #expect(located, "the GCS never took the delete, so the committed row still stands")
+    }
+
+    @Test("object IDs parse back from their descriptions, and nothing else parses")
+    func objectIDs() {
+        for raw: UInt64 in [0, 1, 5 << 48 | 12345, 0xFFFF_FFFF_FFFF_FFFF] { #expect(ObjectID(ObjectID(raw: raw).description) == ObjectID(raw: raw)) }
+        for bad in ["", "obj-1", "obj-x-2", "obj-65536-1", "obj-1-281474976710656", "task-1-2", "obj-1-2-3"] { #expect(ObjectID(bad) == nil, "\(bad)") }
+    }
+}
+
+let addFromTask = RemoteFunction2<ActorHandle<Counter>, Int, Int>("test.addFromTask") { counter, n in
+    try counter.send(n).get()
+}
+
+extension ClusterSuites {
+    @Suite("Runtime control store on the chain-replicated GCS", .serialized)
+    struct ControlStoreGCSTests {
+        static func options(nodes: Int = 2, gcsDirectory: String? = nil, shards: Int = 2) -> ClusterOptions {
+            var gcsOptions = EmbeddedGCS.Options(shards: shards)
+            gcsOptions.directory = gcsDirectory
+            // A loaded test machine: generous failure detection (kills are reported at once anyway).
+            gcsOptions.failureTimeoutMicroseconds = 2_000_000
+            gcsOptions.leaseMicroseconds = 500_000
+            var options = ClusterOptions(nodes: Array(repeating: NodeConfiguration(resources: Resources(cpus: 1)), count: nodes),
+                                         storage: ActorStorageOptions(location: .inMemory))
+            options.controlStore = .chainReplicated(gcsOptions)
+            return options
+        }
+
+        @Test("the node and actor tables land in the GCS, and an actor's row follows its progress")
+        func tablesInGCS() async throws {
+            let dir = try TemporaryDirectory()
+            let cluster = try await Cluster.local(Self.options(gcsDirectory: dir.path + "/gcs"))
+            defer { cluster.shutdown() }
+            let gcs = try #require(cluster.gcs)
+            let counter = try await cluster.spawn(Counter(), name: "counter", durability: DurabilityOptions(checkpoint: .every(messages: 5)))
+            for i in 1...20 { #expect(try await cluster.get(counter.send(1)) == i) }
+            // Progress reports are asynchronous: wait until the control store reports a position
+            // past the start; the store answers only from committed rows, so the GCS has it too.
+            let deadline = Date().addingTimeInterval(30)
+            var expected = try await cluster.status(of: counter)
+            while expected.logPosition == 0 && Date() < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+                expected = try await cluster.status(of: counter)
+            }
+            let row = try gcs.get(ControlTables.actorKey(counter.id)).map(ControlTables.actorStatus(from:))
+            #expect(row?.state == .alive && row?.name == "counter" && (row?.logPosition ?? 0) >= expected.logPosition && expected.logPosition > 0,
+                    "the GCS row is at least as new as what the control store reported")
+            for n in 0..<2 { #expect(try gcs.get(.nodes, NodeID(n).description) != nil, "node \(n) is in the node table") }
+        }
+
+        @Test("location(of:) reports where a large object lives and its size; a small one is not recorded")
+        func objectLocations() async throws {
+            let cluster = try await Cluster.local(Self.options())
+            defer { cluster.shutdown() }
+            let big = cluster.put([UInt8](repeating: 7, count: 256 << 10))
+            let small = cluster.put(5)
+            let deadline = Date().addingTimeInterval(30)
+            var found = await cluster.location(of: big)
+            while found == nil && Date() < deadline {
+                try await Task.sleep(for: .milliseconds(2))
+                found = await cluster.location(of: big)
+            }
+            #expect(found?.node == NodeID(0))
+            #expect((found?.size ?? 0) >= 256 << 10)
+            let smallLocation = await cluster.location(of: small)
+            #expect(smallLocation == nil)
+        }
+
+        @Test("a restarted control store rebuilds its tables from the GCS: actor records, object locations, nodes and routing survive")
+        func restartRebuildsFromGCS() async throws {
+            let cluster = try await Cluster.local(Self.options(nodes: 3))
+            defer { cluster.shutdown() }
+            let durable = try await cluster.spawn(Counter(), name: "kept")
+            let plain = try await cluster.spawn(Counter())
+            #expect(try await cluster.get(durable.send(5)) == 5)
+            #expect(try await cluster.get(plain.send(6)) == 6)
+            let big = cluster.put([UInt8](repeating: 1, count: 128 << 10))
+            var before = await cluster.location(of: big)
+            let deadline = Date().addingTimeInterval(30)
+            while before == nil && Date() < deadline {
+                try await Task.sleep(for: .milliseconds(2))
+                before = await cluster.location(of: big)
+            }
+            let durableBefore = try await cluster.status(of: durable)
+            let plainBefore = try await cluster.status(of: plain)
+
+            cluster.restartControlStore()
+
+            #expect(try await cluster.status(of: plain) == plainBefore)
+            let durableAfter = try await cluster.status(of: durable)
+            #expect(durableAfter.state == .alive && durableAfter.node == durableBefore.node && durableAfter.name == "kept")
+            #expect(durableAfter.logPosition >= durableBefore.logPosition)
+            let after = await cluster.location(of: big)
+            #expect(before != nil && after == before)
+            // Routing: tasks on every node (which look the actor up) still reach it, and the
+            // scheduler, subscribed again, still places work.
+            let adds = try (0..<30).map { _ in try addFromTask.remote(plain, 1) }
+            let sums = try await cluster.get(adds)
+            #expect(Set(sums).count == 30 && sums.max() == 36, "30 increments applied once each on top of 6")
+            // A new actor, registered with the new incarnation, is found as well.
+            let fresh = try await cluster.spawn(Counter())
+            #expect(try await cluster.get(try addFromTask.remote(fresh, 3)) == 3)
+        }
+
+        @Test("in memory, a restarted control store has lost its tables (the contrast the GCS removes)")
+        func restartInMemoryLoses() async throws {
+            var options = Self.options()
+            options.controlStore = .inMemory
+            let cluster = try await Cluster.local(options)
+            defer { cluster.shutdown() }
+            let plain = try await cluster.spawn(Counter())
+            _ = try await cluster.status(of: plain)
+            cluster.restartControlStore()
+            await #expect(throws: CairnError.self) { try await cluster.status(of: plain) }
+        }
+
+        @Test("killing a GCS replica under a running cluster, tail first then head, loses no row and stalls nothing for good")
+        func replicaKillUnderRuntime() async throws {
+            let cluster = try await Cluster.local(Self.options(nodes: 2, shards: 1))
+            defer { cluster.shutdown() }
+            let gcs = try #require(cluster.gcs)
+            let counter = try await cluster.spawn(Counter())
+            for round in 0..<2 {
+                let chain = try #require(gcs.configurations().first?.chain)
+                try gcs.kill(replica: round == 0 ? chain.last! : chain.first!)
+                let another = try await cluster.spawn(Counter())
+                #expect(try await cluster.get(try addFromTask.remote(another, 2)) == 2)
+                #expect(try await cluster.get(try addFromTask.remote(counter, 1)) == round + 1)
+                #expect(try await cluster.status(of: another).state == .alive)
+            }
+        }
+    }
+}
