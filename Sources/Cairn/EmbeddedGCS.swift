@@ -211,6 +211,20 @@ public final class EmbeddedGCS: @unchecked Sendable {
         try EmbeddedGCS(options)
     }
 
+    static let temporaryPrefix = "cairn-gcs-"
+
+    /// Removes the temporary directories of GCSs whose process is gone (killed before its
+    /// shutdown could remove them): `cairn-gcs-<pid>-<random>` with no process `<pid>`.
+    static func removeOrphanedTemporaryDirectories() {
+        let base = NSTemporaryDirectory()
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: base) else { return }
+        for name in names where name.hasPrefix(temporaryPrefix) {
+            guard let pid = Int32(name.dropFirst(temporaryPrefix.count).prefix { $0 != "-" }), pid > 0 else { continue }
+            // No signal is sent: the process table in /proc says whether the pid is running.
+            if !FileManager.default.fileExists(atPath: "/proc/\(pid)") { try? FileManager.default.removeItem(atPath: base + name) }
+        }
+    }
+
     init(_ options: Options) throws {
         precondition(options.shards >= 1 && options.replicationFactor >= 1 && options.standbysPerShard >= 0 && options.sessions >= 1,
                      "an embedded GCS needs at least one shard, one replica per chain and one session")
@@ -219,7 +233,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             directory = d
             removeDirectory = false
         } else {
-            directory = NSTemporaryDirectory() + "cairn-gcs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+            Self.removeOrphanedTemporaryDirectories()
+            directory = NSTemporaryDirectory() + "\(Self.temporaryPrefix)\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
             removeDirectory = true
         }
         do {

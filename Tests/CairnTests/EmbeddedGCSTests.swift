@@ -173,4 +173,23 @@ struct EmbeddedGCSTests {
         }
         #expect(value == [1] || value == [2], "the acknowledged write is back (the timed-out one may or may not have applied)")
     }
+
+    @Test("a GCS started without a directory removes temporary directories left by killed processes, and no other")
+    func orphanedTemporaryDirectories() throws {
+        // A process that has exited: its pid names no process any more.
+        let child = try ChildProcess(executable: "/bin/true", arguments: [])
+        let deadPID = child.pid
+        _ = child.wait()
+        let base = NSTemporaryDirectory()
+        let orphan = base + "cairn-gcs-\(deadPID)-1"
+        let live = base + "cairn-gcs-\(getpid())-1"
+        let unrelated = base + "cairn-gcs-notapid"
+        for d in [orphan, live, unrelated] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        defer { for d in [orphan, live, unrelated] { try? FileManager.default.removeItem(atPath: d) } }
+        let gcs = try EmbeddedGCS.start(EmbeddedGCS.Options())
+        gcs.shutdown()
+        #expect(!FileManager.default.fileExists(atPath: orphan), "the dead process's directory is removed")
+        #expect(FileManager.default.fileExists(atPath: live), "a live process's directory is kept")
+        #expect(FileManager.default.fileExists(atPath: unrelated), "a name without a pid is not touched")
+    }
 }
