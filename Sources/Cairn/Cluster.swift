@@ -291,7 +291,9 @@ public final class Cluster: Sendable {
 
     /// Replaces the control store with a new, empty incarnation, as after a crash of its
     /// process: with a chain-replicated backing it rebuilds every table from the GCS before it
-    /// answers; in memory, the tables are gone. Nodes and the scheduler subscribe again.
+    /// answers; in memory, the tables are gone. Nodes and the scheduler subscribe again. (The
+    /// previous incarnation's GCS subscriptions stay open, their deliveries ignored by
+    /// generation: fine for tests, which is what this is for.)
     func restartControlStore() {
         controlStore.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, log: log) }
         transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
