@@ -272,7 +272,6 @@ final class ControlStoreServer: @unchecked Sendable {
     // Touched only on the control store's inbox thread.
     private var core: ControlStoreCore
     private let transport: any Transport
-    private let gcs: EmbeddedGCS?
     private let writeThrough: GCSWriteThrough?
     private let log: @Sendable (String) -> Void
     /// Tells this incarnation's subscription deliveries from those of an earlier one.
@@ -280,7 +279,6 @@ final class ControlStoreServer: @unchecked Sendable {
 
     init(transport: any Transport, gcs: EmbeddedGCS?, log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
-        self.gcs = gcs
         self.log = log
         let generation = UInt64.random(in: 1...UInt64.max)
         self.generation = generation
@@ -290,16 +288,7 @@ final class ControlStoreServer: @unchecked Sendable {
             transport.register(.controlStore) { [self] batch in handle(batch) }
             return
         }
-        // One catch-up marker per shard, each holding this incarnation's number.
-        var markers: [String: [UInt8]] = [:]
-        var covered = Set<Int>()
-        var n = 0
-        while covered.count < gcs.options.shards {
-            let key = ControlTables.marker(n)
-            if covered.insert(shard(of: key, shards: gcs.options.shards)).inserted { markers[key] = withUnsafeBytes(of: generation.bigEndian, Array.init) }
-            n += 1
-        }
-        core = ControlStoreCore(markers: markers)
+        core = ControlStoreCore(markers: ControlTables.markers(shards: gcs.options.shards, generation: generation))
         let writeThrough = GCSWriteThrough(gcs, log: log) { key, value in
             transport.send(.control(.writeFailed(generation: generation, key: key, value: value)), to: .controlStore)
         }
@@ -369,6 +358,20 @@ public enum ControlTables {
 
     /// The `n`th catch-up marker row.
     static func marker(_ n: Int) -> String { GCSTable.controlStore.key("caught-up-\(n)") }
+
+    /// One catch-up marker row per shard (the first marker keys that cover every shard), each
+    /// holding the control store incarnation's `generation`.
+    static func markers(shards: Int, generation: UInt64) -> [String: [UInt8]] {
+        var markers: [String: [UInt8]] = [:]
+        var covered = Set<Int>()
+        var n = 0
+        while covered.count < shards {
+            let key = marker(n)
+            if covered.insert(shard(of: key, shards: shards)).inserted { markers[key] = withUnsafeBytes(of: generation.bigEndian, Array.init) }
+            n += 1
+        }
+        return markers
+    }
 }
 
 extension String {
@@ -437,7 +440,4 @@ final class GCSWriteThrough: @unchecked Sendable {
             if let row = next { write(key, row.value) }
         }
     }
-
-    /// Whether every write has completed (for tests).
-    var idle: Bool { lock.withLock { inFlight.isEmpty } }
 }

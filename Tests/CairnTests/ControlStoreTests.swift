@@ -1,6 +1,7 @@
 @testable import Cairn
 import CairnChaosKit
 import CairnCodec
+import func CairnGCS.shard
 import Foundation
 import Testing
 
@@ -101,6 +102,10 @@ struct ControlStoreCoreTests {
         #expect(location(answers) == .some(NodeID(2)), "the actor's node, from the replayed row")
         let located = sends(answers).contains { if case .objectLocation(_, let l) = $0.0 { return l == ObjectLocation(node: NodeID(1), size: 1 << 20) } else { return false } }
         #expect(located, "the object's location, from the replayed row")
+        // The shell's markers: one per shard, every shard covered, each holding the generation.
+        let markers = ControlTables.markers(shards: 4, generation: 7)
+        #expect(Set(markers.keys.map { shard(of: $0, shards: 4) }) == [0, 1, 2, 3] && markers.count == 4)
+        #expect(markers.values.allSatisfy { $0 == [0, 0, 0, 0, 0, 0, 0, 7] })
     }
 
     @Test("node table: only committed nodes are pushed, in node order, with their latest load; load alone writes nothing")
