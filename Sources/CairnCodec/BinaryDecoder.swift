@@ -30,6 +30,8 @@ public struct BinaryDecoder: Sendable {
     /// Decodes a complete document from raw memory that stays valid for the duration of the call.
     public func decode<T: Decodable>(_ type: T.Type, from bytes: UnsafeRawBufferPointer) throws -> T {
         let impl = DecoderImpl(bytes: bytes, maxDepth: maxDepth)
+        impl.state.pointee.reuse = DecoderImpl.reusesContainers
+        defer { impl.state.pointee.frames.removeAll() }
         guard bytes.count >= 2 else {
             throw impl.error(.truncated, at: 0, "a document is at least 2 bytes (magic and version); got \(bytes.count)")
         }
@@ -53,12 +55,28 @@ struct Cursor {
     var at: Int
 }
 
+/// An open keyed container: identity, cursor slot, first entry, end, entry count.
+struct KeyedFrame {
+    var id = 0
+    var slot = 0
+    var first = 0
+    var end = 0
+    var count = 0
+}
+
 struct DecoderState {
     var pos = 0
     var depth = 0
     var codingPath: [any CodingKey] = []
-    var cursors: [Cursor] = []
+    /// Sequential-read cursors of open keyed containers, by depth: `cursorCapacity` of them.
+    var cursors: UnsafeMutablePointer<Cursor>
+    var cursorCapacity: Int
     var nextID = 1
+    /// The keyed container of the value being decoded by the current `init(from:)`, which
+    /// reused containers read (see ``FrameContainers``), and whether reuse is on.
+    var frame = KeyedFrame()
+    var frames = FrameContainers()
+    var reuse = false
 }
 
 final class DecoderImpl: Decoder {
@@ -81,10 +99,15 @@ final class DecoderImpl: Decoder {
         _read { yield state.pointee.codingPath }
         _modify { yield &state.pointee.codingPath }
     }
-    /// Sequential-read cursors of open keyed containers, by depth: (identity, next entry offset).
-    var cursors: [Cursor] {
-        _read { yield state.pointee.cursors }
-        _modify { yield &state.pointee.cursors }
+    /// The sequential-read cursor of the keyed container at `slot` (its depth), if it has one.
+    @inline(__always) func cursor(_ slot: Int, _ id: Int) -> Int? {
+        guard slot < state.pointee.cursorCapacity, state.pointee.cursors[slot].id == id else { return nil }
+        return state.pointee.cursors[slot].at
+    }
+
+    @inline(__always) func setCursor(_ slot: Int, _ id: Int, _ at: Int) {
+        guard slot < state.pointee.cursorCapacity, state.pointee.cursors[slot].id == id else { return }
+        state.pointee.cursors[slot].at = at
     }
     var nextID: Int {
         get { state.pointee.nextID }
@@ -97,10 +120,13 @@ final class DecoderImpl: Decoder {
         end = bytes.count
         self.maxDepth = maxDepth
         state = .allocate(capacity: 1)
-        state.initialize(to: DecoderState())
+        let cursors = UnsafeMutablePointer<Cursor>.allocate(capacity: 16)
+        cursors.initialize(repeating: Cursor(id: 0, at: 0), count: 16)
+        state.initialize(to: DecoderState(cursors: cursors, cursorCapacity: 16))
     }
 
     deinit {
+        state.pointee.cursors.deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
     }
@@ -154,7 +180,7 @@ final class DecoderImpl: Decoder {
         return error(.typeMismatch, at: at, "expected \(type), found \(Tag.name(tag))")
     }
 
-    func readSigned(_ at: inout Int, _ type: String) throws -> Int64 {
+    func readSigned(_ at: inout Int, _ type: Any.Type) throws -> Int64 {
         let start = at
         let tag = try byte(at)
         at += 1
@@ -167,10 +193,10 @@ final class DecoderImpl: Decoder {
             guard u <= UInt64(Int64.max) else { throw error(.valueOutOfRange, at: start, "\(u) does not fit in \(type)") }
             return Int64(u)
         }
-        throw mismatch(tag, start, type)
+        throw mismatch(tag, start, "\(type)")
     }
 
-    func readUnsigned(_ at: inout Int, _ type: String) throws -> UInt64 {
+    func readUnsigned(_ at: inout Int, _ type: Any.Type) throws -> UInt64 {
         let start = at
         let tag = try byte(at)
         at += 1
@@ -181,17 +207,17 @@ final class DecoderImpl: Decoder {
             guard v >= 0 else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(type)") }
             return UInt64(v)
         }
-        throw mismatch(tag, start, type)
+        throw mismatch(tag, start, "\(type)")
     }
 
     func readInt<I: FixedWidthInteger>(_ at: inout Int, _ type: I.Type) throws -> I {
         let start = at
         if I.isSigned {
-            let v = try readSigned(&at, "\(I.self)")
+            let v = try readSigned(&at, I.self)
             guard let r = I(exactly: v) else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(I.self)") }
             return r
         } else {
-            let v = try readUnsigned(&at, "\(I.self)")
+            let v = try readUnsigned(&at, I.self)
             guard let r = I(exactly: v) else { throw error(.valueOutOfRange, at: start, "\(v) does not fit in \(I.self)") }
             return r
         }
@@ -243,8 +269,20 @@ final class DecoderImpl: Decoder {
         at += 1
         let n = try length(&at)
         let bytes = UnsafeRawBufferPointer(rebasing: base[at..<(at + n)])
-        guard let s = String(validating: bytes.bindMemory(to: UInt8.self), as: UTF8.self) else {
-            throw error(.invalidUTF8, at: at, "string of \(n) bytes is not valid UTF-8")
+        var ascii = true
+        for b in bytes where b >= 0x80 {
+            ascii = false
+            break
+        }
+        let s: String
+        if ascii {
+            // ASCII is valid UTF-8; the generic validating initializer costs more than the copy.
+            s = String(decoding: bytes, as: UTF8.self)
+        } else {
+            guard let valid = String(validating: bytes.bindMemory(to: UInt8.self), as: UTF8.self) else {
+                throw error(.invalidUTF8, at: at, "string of \(n) bytes is not valid UTF-8")
+            }
+            s = valid
         }
         at += n
         return s
@@ -300,25 +338,25 @@ final class DecoderImpl: Decoder {
     /// Decodes the value at `at`; returns it and the offset just past it.
     func decodeValue<T: Decodable>(_ type: T.Type, at: Int) throws -> (T, Int) {
         var p = at
-        let type = ObjectIdentifier(T.self)
-        if type == FastPath.bytes {
+        if T.self == [UInt8].self {
             let raw = try readBytes(&p)
             return ([UInt8](raw) as! T, p)
         }
-        if type == FastPath.data {
+        if T.self == Data.self {
             let raw = try readBytes(&p)
             return (Data(raw) as! T, p)
         }
-        if type == FastPath.string { return (try readString(&p) as! T, p) }
-        if type == FastPath.int { return (try readInt(&p, Int.self) as! T, p) }
-        if type == FastPath.double { return (try readDouble(&p) as! T, p) }
-        if type == FastPath.bool { return (try readBool(&p) as! T, p) }
+        if T.self == String.self { return (try readString(&p) as! T, p) }
+        if T.self == Int.self { return (try readInt(&p, Int.self) as! T, p) }
+        if T.self == Double.self { return (try readDouble(&p) as! T, p) }
+        if T.self == Bool.self { return (try readBool(&p) as! T, p) }
         guard depth < maxDepth else {
             throw error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(maxDepth)")
         }
         depth += 1
         defer { depth -= 1 }
         let savedPos = pos
+        let savedFrame = state.pointee.frame
         pos = at
         let value: T
         do {
@@ -329,18 +367,69 @@ final class DecoderImpl: Decoder {
             throw self.error(.rejectedByType, at: at, "\(T.self) refused the value: \(error)")
         }
         pos = savedPos
+        state.pointee.frame = savedFrame
         return (value, try skip(at))
     }
 
+    /// The keyed container of the value being decoded (only the value's own `init(from:)` calls
+    /// this; nested and super containers go through ``keyedContainer(_:path:)``). It becomes the
+    /// frame, and the container handed out reads its position from there, so one container
+    /// per key type serves every value of that type.
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
+        state.pointee.frame = try openKeyed()
+        if state.pointee.reuse, let box = state.pointee.frames.box(for: ObjectIdentifier(Key.self)) {
+            return unsafeBitCast(box, to: KeyedDecodingContainer<Key>.self)
+        }
+        return makeFrameContainer(Key.self)
+    }
+
+    @inline(never)
+    func makeFrameContainer<Key: CodingKey>(_ type: Key.Type) -> KeyedDecodingContainer<Key> {
+        guard state.pointee.reuse, !state.pointee.frames.isFull else {
+            return KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, frame: nil, storedPath: nil))
+        }
+        let names = KeyNames.applies(to: Key.self) ? KeyNames.allocate() : nil
+        let made = KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, frame: nil, storedPath: nil, names: names))
+        state.pointee.frames.add(ObjectIdentifier(Key.self), unsafeBitCast(made, to: AnyObject.self), memory: names.map { UnsafeMutableRawPointer($0) })
+        return made
+    }
+
+    /// A keyed container over the map at `pos` that holds its own position.
+    func keyedContainer<Key: CodingKey>(_ type: Key.Type, path: [any CodingKey]?) throws -> KeyedDecodingContainer<Key> {
+        KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, frame: try openKeyed(), storedPath: path))
+    }
+
+    /// Opens the map at `pos` and starts its sequential-read cursor.
+    func openKeyed() throws -> KeyedFrame {
         let (first, bodyEnd, count) = try openContainer(Tag.map, at: pos, "a keyed container (struct, class or enum)")
         let id = nextID
         nextID &+= 1
         let slot = depth
-        while cursors.count <= slot { cursors.append(Cursor(id: 0, at: 0)) }
-        cursors[slot] = Cursor(id: id, at: first)
-        return KeyedDecodingContainer(KeyedDecoder<Key>(impl: self, id: id, slot: slot, first: first, end: bodyEnd, count: count, storedPath: nil))
+        if slot >= state.pointee.cursorCapacity {
+            let capacity = Swift.max(slot + 1, state.pointee.cursorCapacity * 2)
+            let bigger = UnsafeMutablePointer<Cursor>.allocate(capacity: capacity)
+            bigger.initialize(repeating: Cursor(id: 0, at: 0), count: capacity)
+            bigger.update(from: state.pointee.cursors, count: state.pointee.cursorCapacity)
+            state.pointee.cursors.deallocate()
+            state.pointee.cursors = bigger
+            state.pointee.cursorCapacity = capacity
+        }
+        state.pointee.cursors[slot] = Cursor(id: id, at: first)
+        return KeyedFrame(id: id, slot: slot, first: first, end: bodyEnd, count: count)
     }
+
+    /// Whether `KeyedDecodingContainer` is a single reference to its box (see ``FrameContainers``).
+    static let reusesContainers: Bool = {
+        guard MemoryLayout<KeyedDecodingContainer<NamedKey>>.size == MemoryLayout<AnyObject>.size,
+              MemoryLayout<KeyedDecodingContainer<NamedKey>>.alignment == MemoryLayout<AnyObject>.alignment else { return false }
+        let document: [UInt8] = [Tag.map, 4, 1, 1, UInt8(ascii: "k"), Tag.trueValue]
+        return document.withUnsafeBytes { bytes in
+            let impl = DecoderImpl(bytes: bytes, maxDepth: 2)
+            guard let made = try? impl.keyedContainer(NamedKey.self, path: nil) else { return false }
+            let back = unsafeBitCast(unsafeBitCast(made, to: AnyObject.self), to: KeyedDecodingContainer<NamedKey>.self)
+            return (try? back.decode(Bool.self, forKey: NamedKey("k"))) == true
+        }
+    }()
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
         let (first, bodyEnd, count) = try openContainer(Tag.array, at: pos, "an unkeyed container (array)")
@@ -354,11 +443,24 @@ final class DecoderImpl: Decoder {
 
 struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     let impl: DecoderImpl
-    let id: Int
-    let slot: Int
-    let first: Int
-    let end: Int
-    let count: Int
+    /// The container's position, or nil for a reused container, which reads the coder's frame.
+    let own: KeyedFrame?
+    @inline(__always) var frame: KeyedFrame { own ?? impl.state.pointee.frame }
+    var id: Int { frame.id }
+    var slot: Int { frame.slot }
+    var first: Int { frame.first }
+    var end: Int { frame.end }
+    var count: Int { frame.count }
+
+    /// Encoded names by key value (see ``KeyNames``), for reused containers of plain-value keys.
+    let names: UnsafeMutablePointer<UInt8>?
+
+    init(impl: DecoderImpl, frame: KeyedFrame?, storedPath: [any CodingKey]?, names: UnsafeMutablePointer<UInt8>? = nil) {
+        self.impl = impl
+        self.own = frame
+        self.storedPath = storedPath
+        self.names = names
+    }
     /// Set only for containers whose path differs from the coder's current one (nested by key).
     /// Others read the coder's path, so that no container holds a copy of it and extending
     /// the path never copies the array.
@@ -374,24 +476,61 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     }
 
     @inline(__always) func matches(_ key: Key, _ start: Int, _ n: Int) -> Bool {
-        var name = key.stringValue
+        matches(name: key.stringValue, start, n)
+    }
+
+    @inline(__always) func matches(name: String, _ start: Int, _ n: Int) -> Bool {
+        var name = name
         return name.withUTF8 { utf8 in
             utf8.count == n && (n == 0 || memcmp(utf8.baseAddress!, impl.base.baseAddress! + start, n) == 0)
         }
     }
 
-    /// Finds the value offset for `key`: first at the sequential cursor, then by scanning.
-    func find(_ key: Key) throws -> Int? {
-        if slot < impl.cursors.count, impl.cursors[slot].id == id {
-            let at = impl.cursors[slot].at
-            if at < end {
-                let k = try keyAt(at)
-                if matches(key, k.start, k.count) { return k.value }
+    /// The key's name as written (varint length and UTF-8), from the name table, if it has one.
+    @inline(__always) func writtenName(_ key: Key) -> UnsafeMutablePointer<UInt8>? {
+        guard let names, let entry = KeyNames.entry(for: key, in: names) else { return nil }
+        if entry[0] == 0 {
+            var name = key.stringValue
+            name.withUTF8 { utf8 in
+                let header = varintSize(UInt64(utf8.count))
+                guard header + utf8.count < KeyNames.entrySize else { return }
+                var v = UInt64(utf8.count)
+                var i = 1
+                while v >= 0x80 {
+                    entry[i] = UInt8(truncatingIfNeeded: v) | 0x80
+                    v >>= 7
+                    i += 1
+                }
+                entry[i] = UInt8(v)
+                (entry + i + 1).update(from: utf8.baseAddress!, count: utf8.count)
+                entry[0] = UInt8(header + utf8.count)
             }
         }
-        var p = first
-        for _ in 0..<count {
-            guard p < end else { break }
+        return entry[0] == 0 ? nil : entry
+    }
+
+    /// Finds the value offset for `key`: first at the sequential cursor, then by scanning.
+    func find(_ key: Key) throws -> Int? {
+        let f = frame
+        if let at = impl.cursor(f.slot, f.id) {
+            if at < f.end {
+                if let name = writtenName(key) {
+                    // Compare the written name, length included, with the bytes at the cursor.
+                    let n = Int(name[0])
+                    if n <= f.end - at {
+                        var i = 0
+                        while i < n && impl.base[at &+ i] == name[1 &+ i] { i &+= 1 }
+                        if i == n { return at + n }
+                    }
+                } else {
+                    let k = try keyAt(at)
+                    if matches(key, k.start, k.count) { return k.value }
+                }
+            }
+        }
+        var p = f.first
+        for _ in 0..<f.count {
+            guard p < f.end else { break }
             let k = try keyAt(p)
             if matches(key, k.start, k.count) { return k.value }
             p = try impl.skip(k.value)
@@ -407,7 +546,8 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     }
 
     @inline(__always) func advance(_ next: Int) {
-        if slot < impl.cursors.count, impl.cursors[slot].id == id { impl.cursors[slot].at = next }
+        let f = frame
+        impl.setCursor(f.slot, f.id, next)
     }
 
     var allKeys: [Key] {
@@ -474,10 +614,7 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
         impl.depth += 1
         defer { impl.depth -= 1 }
         guard impl.depth < impl.maxDepth else { throw impl.error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(impl.maxDepth)") }
-        let saveCoding = impl.codingPath
-        impl.codingPath = codingPath + [key]
-        defer { impl.codingPath = saveCoding }
-        return try impl.container(keyedBy: NestedKey.self)
+        return try impl.keyedContainer(NestedKey.self, path: codingPath + [key])
     }
 
     func nestedUnkeyedContainer(forKey key: Key) throws -> any UnkeyedDecodingContainer {
@@ -487,7 +624,21 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
         return UnkeyedDecoder(impl: impl, cursor: firstAt, end: bodyEnd, count: n, storedPath: codingPath + [key])
     }
 
-    func superDecoder() throws -> any Decoder { try superDecoder(forKey: Key(stringValue: "super")!) }
+    /// The value under the key "super", which the key type need not have (as with `JSONDecoder`).
+    func superDecoder() throws -> any Decoder {
+        let f = frame
+        var p = f.first
+        for _ in 0..<f.count {
+            guard p < f.end else { break }
+            let k = try keyAt(p)
+            if matches(name: "super", k.start, k.count) {
+                advance(try impl.skip(k.value))
+                return ValueDecoder(impl: impl, at: k.value, storedPath: codingPath + [NamedKey("super")])
+            }
+            p = try impl.skip(k.value)
+        }
+        throw impl.error(.keyNotFound, at: f.first, "no entry for key \"super\"", path: codingPath + [NamedKey("super")])
+    }
 
     func superDecoder(forKey key: Key) throws -> any Decoder {
         let at = try require(key)
@@ -581,7 +732,7 @@ struct UnkeyedDecoder: UnkeyedDecodingContainer {
         impl.depth += 1
         defer { impl.depth -= 1 }
         guard impl.depth < impl.maxDepth else { throw impl.error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(impl.maxDepth)") }
-        return try impl.container(keyedBy: NestedKey.self)
+        return try impl.keyedContainer(NestedKey.self, path: codingPath + [IndexKey(currentIndex - 1)])
     }
 
     mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
@@ -652,7 +803,7 @@ struct ValueDecoder: Decoder {
         let saved = impl.pos
         impl.pos = at
         defer { impl.pos = saved }
-        return try impl.container(keyedBy: Key.self)
+        return try impl.keyedContainer(Key.self, path: storedPath)
     }
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {

@@ -153,3 +153,89 @@ struct NamedKey: CodingKey {
     init?(stringValue: String) { self.stringValue = stringValue }
     init?(intValue: Int) { return nil }
 }
+
+/// Keyed containers kept for reuse within one encode or decode call, one per coding-key type.
+///
+/// `KeyedEncodingContainer` and `KeyedDecodingContainer` wrap the concrete container in a
+/// class box that the standard library allocates on every `container(keyedBy:)` call,
+/// after two generic-metadata lookups; for a small struct that is about a quarter of its
+/// coding time. A container that finds its position through the coder's current frame
+/// rather than holding it can be made once per key type and handed out again.
+///
+/// Both wrappers are a single reference to their box. That is what lets a box be kept as an
+/// `AnyObject` and turned back into the wrapper; it is checked once at run time (see
+/// `EncoderImpl.reusesContainers`), and where it does not hold nothing is reused.
+///
+/// The boxes refer back to their coder, so the coder calls ``removeAll()`` when its call ends.
+struct FrameContainers {
+    private var keys: [ObjectIdentifier] = []
+    private var boxes: [AnyObject] = []
+    /// Memory the kept containers use (encoded field names), freed with them.
+    private var memory: [UnsafeMutableRawPointer] = []
+    private var last = 0
+    /// Beyond this many key types in one document, containers are made fresh each time.
+    static let limit = 64
+
+    @inline(__always) mutating func box(for key: ObjectIdentifier) -> AnyObject? {
+        if last < keys.count && keys[last] == key { return boxes[last] }
+        for i in keys.indices where keys[i] == key {
+            last = i
+            return boxes[i]
+        }
+        return nil
+    }
+
+    var isFull: Bool { keys.count >= Self.limit }
+
+    /// Keeps `box` for `key`; `memory`, if any, is deallocated by ``removeAll()``.
+    mutating func add(_ key: ObjectIdentifier, _ box: AnyObject, memory: UnsafeMutableRawPointer? = nil) {
+        precondition(!isFull, "FrameContainers.add called when full")
+        keys.append(key)
+        boxes.append(box)
+        if let memory { self.memory.append(memory) }
+        last = keys.count - 1
+    }
+
+    mutating func removeAll() {
+        keys = []
+        boxes = []
+        for m in memory { m.deallocate() }
+        memory = []
+        last = 0
+    }
+}
+
+/// A reused container's table of encoded field names, so that each name is produced (encoding)
+/// or compared (decoding) from its `stringValue` once per document rather than once per value.
+///
+/// It applies to key types that are plain values of at most 8 bytes, which includes the enums
+/// synthesized for `CodingKeys`. A key's bytes, read as a little-endian integer, index the
+/// table; each of the `entries` entries is a count byte (0 while unknown) and the name as it is
+/// written (varint length and UTF-8). Eight scratch bytes follow the table. It assumes what
+/// every `CodingKey` in practice does: equal key values have equal names.
+enum KeyNames {
+    static let entries = 64
+    static let entrySize = 32
+    static let tableSize = entries * entrySize
+
+    static func applies<Key: CodingKey>(to type: Key.Type) -> Bool {
+        _isPOD(Key.self) && MemoryLayout<Key>.size <= 8
+    }
+
+    /// A zeroed table; the caller owns it (``FrameContainers`` frees it).
+    static func allocate() -> UnsafeMutablePointer<UInt8> {
+        let table = UnsafeMutablePointer<UInt8>.allocate(capacity: tableSize + 8)
+        table.initialize(repeating: 0, count: tableSize + 8)
+        return table
+    }
+
+    /// The entry for `key`, or nil if its value is beyond the table.
+    @inline(__always) static func entry<Key: CodingKey>(for key: Key, in table: UnsafeMutablePointer<UInt8>) -> UnsafeMutablePointer<UInt8>? {
+        let scratch = UnsafeMutableRawPointer(table + tableSize)
+        scratch.storeBytes(of: 0, as: UInt64.self)
+        scratch.initializeMemory(as: Key.self, repeating: key, count: 1)
+        let value = UInt64(littleEndian: scratch.load(as: UInt64.self))
+        guard value < UInt64(entries) else { return nil }
+        return table + Int(value) &* entrySize
+    }
+}

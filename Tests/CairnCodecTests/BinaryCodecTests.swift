@@ -194,6 +194,40 @@ struct BinaryCodecTests {
 
     /// 100,000 seeded inputs: mutations of valid documents and pure noise. Each either decodes
     /// or throws a `CodecError`; a crash or hang fails the run, any other error type is recorded.
+    @Test("reused containers: a recursive type, the same key type at several depths, decodes whole")
+    func recursiveTreeRoundTrips() throws {
+        func tree(_ depth: Int, _ label: String) -> Tree {
+            Tree(label: label, weight: depth, children: depth == 0 ? [] : (0..<3).map { tree(depth - 1, label + "." + String($0)) })
+        }
+        try roundTrip(tree(4, "root"))
+    }
+
+    @Test("reused containers: fields in another order than the reader declares are found by name")
+    func fieldOrderDiffers() throws {
+        let rows = (0..<50).map { Row(id: $0, timestamp: Int64($0) * -3, name: "r\($0)", score: Double($0) / 4, active: $0 % 2 == 0) }
+        let reordered = try decoder.decode([RowReordered].self, from: try encoder.encode(rows))
+        #expect(reordered.map { Row(id: $0.id, timestamp: $0.timestamp, name: $0.name, score: $0.score, active: $0.active) } == rows)
+        let back = try decoder.decode([Row].self, from: try encoder.encode(reordered))
+        #expect(back == rows)
+    }
+
+    @Test("reused containers: a type with more coding keys than the name table holds round trips")
+    func manyKeysRoundTrip() throws {
+        var wide = Wide()
+        wide.f69 = 69
+        wide.f0 = -1
+        wide.f64 = 64
+        try roundTrip([wide, Wide()])
+    }
+
+    @Test("reused containers: a class hierarchy through superEncoder and superDecoder round trips")
+    func classHierarchyRoundTrips() throws {
+        let values = [Derived(base: 1, extra: "a"), Derived(base: -7, extra: "bb")]
+        let back = try decoder.decode([Derived].self, from: try encoder.encode(values))
+        #expect(back.map(\.base) == [1, -7])
+        #expect(back.map(\.extra) == ["a", "bb"])
+    }
+
     @Test("fuzz: 100,000 random and mutated inputs end in a value or a CodecError")
     func fuzzDecoder() throws {
         let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_FUZZ_SEED")
@@ -240,4 +274,117 @@ struct BinaryCodecTests {
         #expect(rejected > 200_000)
         #expect(decoded + rejected == 300_000)
     }
+}
+
+struct Tree: Codable, Equatable {
+    var label: String
+    var weight: Int
+    var children: [Tree]
+}
+
+/// `Row`'s fields, declared (and so written and read) in another order.
+struct RowReordered: Codable, Equatable {
+    var active: Bool
+    var score: Double
+    var name: String
+    var timestamp: Int64
+    var id: Int
+}
+
+class Base: Codable {
+    var base: Int
+    init(base: Int) { self.base = base }
+}
+
+final class Derived: Base {
+    var extra: String
+    enum CodingKeys: String, CodingKey { case extra }
+    init(base: Int, extra: String) {
+        self.extra = extra
+        super.init(base: base)
+    }
+    required init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        extra = try container.decode(String.self, forKey: .extra)
+        try super.init(from: container.superDecoder())
+    }
+    override func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(extra, forKey: .extra)
+        try super.encode(to: container.superEncoder())
+    }
+}
+
+/// More coding keys (70) than a reused container's name table has entries (64).
+struct Wide: Codable, Equatable {
+    var f0 = 0
+    var f1 = 3
+    var f2 = 6
+    var f3 = 9
+    var f4 = 12
+    var f5 = 15
+    var f6 = 18
+    var f7 = 21
+    var f8 = 24
+    var f9 = 27
+    var f10 = 30
+    var f11 = 33
+    var f12 = 36
+    var f13 = 39
+    var f14 = 42
+    var f15 = 45
+    var f16 = 48
+    var f17 = 51
+    var f18 = 54
+    var f19 = 57
+    var f20 = 60
+    var f21 = 63
+    var f22 = 66
+    var f23 = 69
+    var f24 = 72
+    var f25 = 75
+    var f26 = 78
+    var f27 = 81
+    var f28 = 84
+    var f29 = 87
+    var f30 = 90
+    var f31 = 93
+    var f32 = 96
+    var f33 = 99
+    var f34 = 102
+    var f35 = 105
+    var f36 = 108
+    var f37 = 111
+    var f38 = 114
+    var f39 = 117
+    var f40 = 120
+    var f41 = 123
+    var f42 = 126
+    var f43 = 129
+    var f44 = 132
+    var f45 = 135
+    var f46 = 138
+    var f47 = 141
+    var f48 = 144
+    var f49 = 147
+    var f50 = 150
+    var f51 = 153
+    var f52 = 156
+    var f53 = 159
+    var f54 = 162
+    var f55 = 165
+    var f56 = 168
+    var f57 = 171
+    var f58 = 174
+    var f59 = 177
+    var f60 = 180
+    var f61 = 183
+    var f62 = 186
+    var f63 = 189
+    var f64 = 192
+    var f65 = 195
+    var f66 = 198
+    var f67 = 201
+    var f68 = 204
+    var f69 = 207
 }
