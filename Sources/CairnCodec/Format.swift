@@ -232,9 +232,17 @@ enum KeyNames {
     /// The entry for `key`, or nil if its value is beyond the table.
     @inline(__always) static func entry<Key: CodingKey>(for key: Key, in table: UnsafeMutablePointer<UInt8>) -> UnsafeMutablePointer<UInt8>? {
         let scratch = UnsafeMutableRawPointer(table + tableSize)
-        scratch.storeBytes(of: 0, as: UInt64.self)
         scratch.initializeMemory(as: Key.self, repeating: key, count: 1)
-        let value = UInt64(littleEndian: scratch.load(as: UInt64.self))
+        // Loads of the size just stored: a wider load than the store would stall the CPU.
+        let value: UInt64
+        switch MemoryLayout<Key>.size {
+        case 0: value = 0
+        case 1: value = UInt64(scratch.load(as: UInt8.self))
+        case 2: value = UInt64(UInt16(littleEndian: scratch.load(as: UInt16.self)))
+        case 4: value = UInt64(UInt32(littleEndian: scratch.load(as: UInt32.self)))
+        case 8: value = UInt64(littleEndian: scratch.load(as: UInt64.self))
+        default: return nil
+        }
         guard value < UInt64(entries) else { return nil }
         return table + Int(value) &* entrySize
     }
