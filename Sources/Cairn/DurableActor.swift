@@ -461,8 +461,9 @@ final class DurableActor: @unchecked Sendable {
     /// (so that falling back past a corrupt newest checkpoint still finds its log).
     func write(_ checkpoint: DurableCheckpoint, at sequence: UInt64) throws {
         // In parts, so that the log's fsyncs (and the kernel's work) never queue behind the whole checkpoint.
-        try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: try BinaryEncoder().encode(checkpoint),
-                                                partSize: Self.checkpointPartSize)
+        try BinaryEncoder().withEncoded(checkpoint) {
+            try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: $0, partSize: Self.checkpointPartSize)
+        }
         metrics.checkpointsWritten.add(1, ordering: .relaxed)
         newestCheckpoint.store(sequence, ordering: .relaxed)
         if options.logging == .durable, let oldest = try storage.checkpoints.checkpointSequences(name).first, oldest > 0 {

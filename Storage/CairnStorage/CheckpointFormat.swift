@@ -1,3 +1,4 @@
+import CZstd
 /// The on-disk format of a checkpoint: a fixed 36-byte header and a payload.
 ///
 /// ```
@@ -31,32 +32,48 @@ public enum CheckpointFormat {
         case zstd = 1
     }
 
-    /// Builds a checkpoint from the raw (encoded, uncompressed) state.
-    public static func encode(payload raw: UnsafeRawBufferPointer, sequence: UInt64, codec: Codec = .zstd, level: Int32 = 1) throws -> [UInt8] {
-        let stored: [UInt8]
-        switch codec {
-        case .zstd: stored = try Zstd.compress(raw, level: level)
-        case .stored: stored = [UInt8](raw)
+    /// Builds a checkpoint from the raw (encoded, uncompressed) state. The payload is compressed
+    /// straight into the checkpoint's buffer, after room left for the header. `workers` is the
+    /// number of zstd threads for large payloads (0: compress on the calling thread).
+    public static func encode(payload raw: UnsafeRawBufferPointer, sequence: UInt64, codec: Codec = .zstd, level: Int32 = 1, workers: Int32 = 0) throws -> [UInt8] {
+        let capacity = headerSize + (codec == .zstd ? ZSTD_compressBound(raw.count) : raw.count)
+        var failure: (any Error)?
+        let out = [UInt8](unsafeUninitializedCapacity: capacity) { buffer, initialized in
+            initialized = 0
+            let whole = UnsafeMutableRawBufferPointer(buffer)
+            let payload = UnsafeMutableRawBufferPointer(rebasing: whole[headerSize...])
+            let storedCount: Int
+            switch codec {
+            case .zstd:
+                do {
+                    storedCount = try Zstd.compress(raw, into: payload, level: level, workers: workers)
+                } catch {
+                    failure = error
+                    return
+                }
+            case .stored:
+                if raw.count > 0 { payload.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: raw.count) }
+                storedCount = raw.count
+            }
+            for i in 0..<4 { whole[i] = magic[i] }
+            storeLE(whole, 4, UInt64(version), 2)
+            whole[6] = codec.rawValue
+            whole[7] = 0
+            storeLE(whole, 8, sequence, 8)
+            storeLE(whole, 16, UInt64(raw.count), 8)
+            storeLE(whole, 24, UInt64(storedCount), 8)
+            let headerCRC = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: whole[0..<32]))
+            let crc = CRC32C.update(headerCRC, UnsafeRawBufferPointer(rebasing: payload[0..<storedCount]))
+            storeLE(whole, 32, UInt64(crc), 4)
+            initialized = headerSize + storedCount
         }
-        var out = [UInt8]()
-        out.reserveCapacity(headerSize + stored.count)
-        out += magic
-        appendLE(&out, UInt64(version), 2)
-        out.append(codec.rawValue)
-        out.append(0)
-        appendLE(&out, sequence, 8)
-        appendLE(&out, UInt64(raw.count), 8)
-        appendLE(&out, UInt64(stored.count), 8)
-        let headerCRC = out.withUnsafeBytes { CRC32C.checksum($0) }
-        let crc = stored.withUnsafeBytes { CRC32C.update(headerCRC, $0) }
-        appendLE(&out, UInt64(crc), 4)
-        out += stored
+        if let failure { throw failure }
         return out
     }
 
     /// Builds a checkpoint from raw bytes.
-    public static func encode(payload raw: [UInt8], sequence: UInt64, codec: Codec = .zstd, level: Int32 = 1) throws -> [UInt8] {
-        try raw.withUnsafeBytes { try encode(payload: $0, sequence: sequence, codec: codec, level: level) }
+    public static func encode(payload raw: [UInt8], sequence: UInt64, codec: Codec = .zstd, level: Int32 = 1, workers: Int32 = 0) throws -> [UInt8] {
+        try raw.withUnsafeBytes { try encode(payload: $0, sequence: sequence, codec: codec, level: level, workers: workers) }
     }
 
     /// Verifies and opens a checkpoint, returning its sequence number and raw payload.
@@ -118,8 +135,8 @@ public enum CheckpointFormat {
         return try result.get()
     }
 
-    static func appendLE(_ out: inout [UInt8], _ value: UInt64, _ size: Int) {
-        for i in 0..<size { out.append(UInt8(truncatingIfNeeded: value >> (8 * UInt64(i)))) }
+    static func storeLE(_ out: UnsafeMutableRawBufferPointer, _ at: Int, _ value: UInt64, _ size: Int) {
+        for i in 0..<size { out[at + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))) }
     }
 
     static func readLE(_ bytes: UnsafeRawBufferPointer, _ at: Int, _ size: Int) -> UInt64 {

@@ -2,23 +2,24 @@ import CZstd
 
 /// zstd compression of checkpoint payloads.
 enum Zstd {
-    /// Compresses `input` at `level` (1 is fastest; 3 is zstd's default).
-    static func compress(_ input: UnsafeRawBufferPointer, level: Int32) throws -> [UInt8] {
-        let bound = ZSTD_compressBound(input.count)
-        var failure: String?
-        let out = [UInt8](unsafeUninitializedCapacity: bound) { buffer, initialized in
-            let n = ZSTD_compress(buffer.baseAddress, bound, input.baseAddress, input.count, level)
-            if ZSTD_isError(n) != 0 {
-                failure = String(cString: ZSTD_getErrorName(n))
-                initialized = 0
-            } else {
-                initialized = n
-            }
+    /// Compresses `input` at `level` into `output` (at least `ZSTD_compressBound(input.count)`
+    /// bytes) and returns the compressed size. With `workers` above 0, zstd splits large inputs
+    /// into jobs compressed by that many threads of its own; the frame is the same format.
+    static func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, level: Int32, workers: Int32) throws -> Int {
+        guard let context = ZSTD_createCCtx() else {
+            throw StorageError(.io, "zstd could not allocate a compression context")
         }
-        if let failure {
-            throw StorageError(.io, "zstd compression of \(input.count) bytes failed: \(failure)")
+        defer { ZSTD_freeCCtx(context) }
+        var status = ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, level)
+        if ZSTD_isError(status) == 0, workers > 0 {
+            // A libzstd built without threads refuses this; then it compresses on this thread.
+            _ = ZSTD_CCtx_setParameter(context, ZSTD_c_nbWorkers, workers)
         }
-        return out
+        status = ZSTD_compress2(context, output.baseAddress, output.count, input.baseAddress, input.count)
+        if ZSTD_isError(status) != 0 {
+            throw StorageError(.io, "zstd compression of \(input.count) bytes failed: \(String(cString: ZSTD_getErrorName(status)))")
+        }
+        return status
     }
 
     /// Decompresses one frame that must expand to exactly `rawLength` bytes.
