@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "CairnStorage", targets: ["CairnStorage"]),
         .library(name: "CairnCodec", targets: ["CairnCodec"]),
         .library(name: "CairnCore", targets: ["CairnCore"]),
+        .library(name: "CairnWire", targets: ["CairnWire"]),
         .executable(name: "cairn-bench", targets: ["CairnBench"]),
         .executable(name: "cairn-chaos", targets: ["CairnChaos"]),
         .executable(name: "cairn-example", targets: ["CairnExample"]),
@@ -24,8 +25,8 @@ let package = Package(
         .systemLibrary(name: "CZstd", path: "Storage/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
 
-        // Shared value types with no dependencies: seeded randomness.
-        .target(name: "CairnCore", path: "Sources/CairnCore"),
+        // Shared value types: seeded randomness, a lock, CRC-32C.
+        .target(name: "CairnCore", dependencies: ["CCairnCRC"], path: "Sources/CairnCore"),
 
         // CRC-32C with the SSE4.2 instruction where the CPU has it.
         .target(name: "CCairnCRC", path: "Storage/CCairnCRC"),
@@ -36,6 +37,9 @@ let package = Package(
         // Durable keyed records, append-only logs and checkpoints; LMDB and in-memory engines.
         .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CCairnCRC", "CairnCodec", "CairnCore"],
                 path: "Storage/CairnStorage"),
+
+        // The wire protocol between processes: frames, the token handshake (pure, no I/O).
+        .target(name: "CairnWire", dependencies: ["CairnCore"], path: "Sources/CairnWire"),
 
         // The runtime: tasks, objects, actors, nodes, control store, scheduling, transport.
         .target(name: "Cairn", dependencies: [
@@ -62,6 +66,8 @@ let package = Package(
 
         .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS"],
                     path: "Tests/CairnTests"),
+        .testTarget(name: "CairnWireTests", dependencies: ["CairnWire", "CairnCore"],
+                    path: "Tests/CairnWireTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.
