@@ -332,3 +332,106 @@ struct HandshakeTests {
         #expect(error.code == .malformedPayload)
     }
 }
+
+@Suite("Wire: connection core")
+struct ConnectionCoreTests {
+    static func pair(_ token: ClusterToken = .generate(), serverToken: ClusterToken? = nil, options: ConnectionCore.Options = .init())
+        -> (ConnectionCore, ConnectionCore) {
+        let client = ConnectionCore.client(ClientHandshake(token: token, name: "node-1", epoch: 5, nonce: HandshakeTests.nonce(1), serverName: "head"), options: options)
+        let server = ConnectionCore.server(ServerHandshake(token: serverToken ?? token, epoch: 9, nonce: HandshakeTests.nonce(2)), options: options)
+        return (client, server)
+    }
+
+    /// Delivers every write to the other side until both are quiet; returns the other actions seen.
+    static func pump(_ client: inout ConnectionCore, _ server: inout ConnectionCore, _ first: [ConnectionAction])
+        -> (client: [ConnectionAction], server: [ConnectionAction]) {
+        var seenByClient: [ConnectionAction] = []
+        var seenByServer: [ConnectionAction] = []
+        var toServer: [[UInt8]] = []
+        var toClient: [[UInt8]] = []
+        func split(_ actions: [ConnectionAction], _ writes: inout [[UInt8]], _ seen: inout [ConnectionAction]) {
+            for a in actions {
+                if case .write(let bytes) = a { writes.append(bytes) } else { seen.append(a) }
+            }
+        }
+        split(first, &toServer, &seenByClient)
+        while !(toServer.isEmpty && toClient.isEmpty) {
+            for bytes in toServer { split(server.received(bytes), &toClient, &seenByServer) }
+            toServer = []
+            for bytes in toClient { split(client.received(bytes), &toServer, &seenByClient) }
+            toClient = []
+        }
+        return (seenByClient, seenByServer)
+    }
+
+    @Test("after the handshake, messages flow both ways; before it, send is refused")
+    func messagesFlow() {
+        var (client, server) = Self.pair()
+        #expect(client.send([1]) == nil)
+        let (c, s) = Self.pump(&client, &server, client.connected())
+        #expect(c == [.established(PeerIdentity(name: "head", epoch: 9))])
+        #expect(s == [.established(PeerIdentity(name: "node-1", epoch: 5))])
+        let ping = client.send(Array("ping".utf8))!
+        #expect(server.received(ping) == [.deliver(Array("ping".utf8))])
+        let pong = server.send(Array("pong".utf8))!
+        #expect(client.received(pong) == [.deliver(Array("pong".utf8))])
+    }
+
+    @Test("an idle open connection sends heartbeats, and a silent peer is declared dead after the timeout")
+    func heartbeatsAndTimeout() {
+        let options = ConnectionCore.Options(heartbeatTicks: 2, timeoutTicks: 6)
+        var (client, server) = Self.pair(options: options)
+        _ = Self.pump(&client, &server, client.connected())
+        var heartbeats = 0
+        for _ in 0..<5 {
+            for action in client.tick() {
+                if case .write(let bytes) = action {
+                    heartbeats += 1
+                    #expect(server.received(bytes).isEmpty)
+                }
+            }
+        }
+        #expect(heartbeats == 2)
+        // The server heard the heartbeats, so it is not timing out; the client heard nothing.
+        #expect(server.tick().allSatisfy { if case .closed = $0 { false } else { true } })
+        let last = client.tick()
+        guard case .closed(.timedOut(let why)) = last.last else {
+            Issue.record("client did not time out: \(last)")
+            return
+        }
+        #expect(why.contains("head"))
+        #expect(client.isClosed)
+        #expect(client.send([1]) == nil)
+    }
+
+    @Test("garbage, or a wrong token, closes the connection with a typed reason and nothing delivered")
+    func badPeersClosed() {
+        var (_, server) = Self.pair()
+        let actions = server.received(Array("GET / HTTP/1.1\r\n\r\n".utf8))
+        guard case .closed(.refused(let error)) = actions.last else {
+            Issue.record("garbage accepted: \(actions)")
+            return
+        }
+        #expect(error.code == .badMagic)
+        #expect(!actions.contains { if case .deliver = $0 { true } else { false } })
+
+        var (client, other) = Self.pair(.generate(), serverToken: .generate())
+        let (c, s) = Self.pump(&client, &other, client.connected())
+        guard case .closed(.refused(let clientError)) = c.last, case .closed(.refused(let serverError)) = s.last else {
+            Issue.record("wrong token not refused: \(c) / \(s)")
+            return
+        }
+        #expect(clientError.code == .authenticationFailed)
+        #expect(serverError.code == .authenticationFailed)
+        #expect(other.peer == nil)
+    }
+
+    @Test("a socket closing is reported once, naming the peer")
+    func disconnectReported() {
+        var (client, server) = Self.pair()
+        _ = Self.pump(&client, &server, client.connected())
+        #expect(server.disconnected() == [.closed(.connectionLost("connection to node-1 (epoch 5) lost"))])
+        #expect(server.disconnected().isEmpty)
+        #expect(server.received(client.send([1])!).isEmpty)
+    }
+}
