@@ -17,6 +17,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // C libraries, found through pkg-config (liblmdb-dev, libzstd-dev).
@@ -40,6 +41,13 @@ let package = Package(
 
         // The wire protocol between processes: frames, the token handshake (pure, no I/O).
         .target(name: "CairnWire", dependencies: ["CairnCore"], path: "Sources/CairnWire"),
+
+        // The wire protocol over TCP (SwiftNIO): listeners and connections running ConnectionCore.
+        .target(name: "CairnNet", dependencies: [
+            "CairnWire", "CairnCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], path: "Sources/CairnNet"),
 
         // The runtime: tasks, objects, actors, nodes, control store, scheduling, transport.
         .target(name: "Cairn", dependencies: [
@@ -66,6 +74,8 @@ let package = Package(
 
         .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS"],
                     path: "Tests/CairnTests"),
+        .testTarget(name: "CairnNetTests", dependencies: ["CairnNet", "CairnWire", "CairnCore"],
+                    path: "Tests/CairnNetTests"),
         .testTarget(name: "CairnWireTests", dependencies: ["CairnWire", "CairnCore"],
                     path: "Tests/CairnWireTests"),
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],

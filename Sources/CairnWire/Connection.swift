@@ -35,6 +35,7 @@ public struct ConnectionCore: Sendable {
     private let options: Options
     private var ticksSinceSent = 0
     private var ticksSinceReceived = 0
+    private var started = false
 
     public static func client(_ handshake: ClientHandshake, options: Options = Options()) -> ConnectionCore {
         ConnectionCore(role: .client(handshake), options: options)
@@ -61,9 +62,10 @@ public struct ConnectionCore: Sendable {
         return false
     }
 
-    /// Call once the socket is connected: the client sends its hello.
+    /// Call once the socket is connected: the client sends its hello. Later calls do nothing.
     public mutating func connected() -> [ConnectionAction] {
-        guard case .client(var handshake) = role else { return [] }
+        guard !started, case .client(var handshake) = role else { return [] }
+        started = true
         let actions = handshake.start()
         role = .client(handshake)
         return translate(actions)

@@ -1,0 +1,125 @@
+import CairnCore
+import CairnNet
+import CairnWire
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+
+/// What a side of a connection saw, filled from the event loop threads.
+final class Inbox: Sendable {
+    let messages = Locked<[[UInt8]]>([])
+    let closes = Locked<[CloseReason]>([])
+    let logs = Locked<[String]>([])
+    let established = Locked<[PeerIdentity]>([])
+
+    func handlers(echo: Bool = false) -> WireHandlers {
+        WireHandlers(established: { c in self.established.update { $0.append(c.peer!) } },
+                     message: { c, m in
+                         self.messages.update { $0.append(m) }
+                         if echo { try? c.send(Array("echo:".utf8) + m) }
+                     },
+                     closed: { _, r in self.closes.update { $0.append(r) } },
+                     log: { line in self.logs.update { $0.append(line) } })
+    }
+}
+
+/// Polls `condition` every 5 ms for up to 20 s (generous, for a loaded 2-core machine).
+func eventually(_ what: String, _ condition: () -> Bool) async throws {
+    for _ in 0..<4_000 {
+        if condition() { return }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+    Issue.record("timed out waiting for \(what)")
+}
+
+@Suite("Net: the wire protocol over TCP on loopback")
+struct WireNetTests {
+    @Test("a client with the token is accepted; 1,000 messages each way arrive in order")
+    func authenticatedExchange() async throws {
+        let token = ClusterToken.generate()
+        let server = Inbox()
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 3, handlers: server.handlers(echo: true))
+        let client = Inbox()
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-7", epoch: 11,
+                                                serverName: "head", handlers: client.handlers())
+        #expect(connection.peer == PeerIdentity(name: "head", epoch: 3))
+        for i in 0..<1_000 { try connection.send(Array("m\(i)".utf8)) }
+        try await eventually("1,000 echoes") { client.messages.value.count == 1_000 }
+        #expect(server.messages.value == (0..<1_000).map { Array("m\($0)".utf8) })
+        #expect(client.messages.value == (0..<1_000).map { Array("echo:m\($0)".utf8) })
+        #expect(server.established.value == [PeerIdentity(name: "node-7", epoch: 11)])
+        connection.close()
+        try await eventually("the server to see the close") { !server.closes.value.isEmpty }
+        guard case .connectionLost(let why) = server.closes.value.first else {
+            Issue.record("unexpected close reason \(server.closes.value)")
+            return
+        }
+        #expect(why.contains("node-7"))
+        try await listener.close()
+    }
+
+    @Test("a client with another token is refused and logged; nothing it sends is delivered")
+    func wrongTokenRefused() async throws {
+        let server = Inbox()
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: .generate(), epoch: 1, handlers: server.handlers())
+        do {
+            _ = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: .generate(), name: "intruder", epoch: 1,
+                                       handlers: Inbox().handlers())
+            Issue.record("a client with the wrong token was accepted")
+        } catch let refused as WireRefused {
+            guard case .refused(let error) = refused.reason else {
+                Issue.record("unexpected reason \(refused)")
+                return
+            }
+            #expect(error.code == .authenticationFailed)
+        }
+        try await eventually("the server's log line") { !server.logs.value.isEmpty }
+        #expect(server.logs.value.contains { $0.contains("authenticationFailed") && $0.contains("intruder") })
+        #expect(server.messages.value.isEmpty)
+        #expect(server.established.value.isEmpty)
+        try await listener.close()
+    }
+
+    @Test("garbage and a silent connection are closed with logged reasons; the server keeps serving")
+    func garbageAndSilenceClosed() async throws {
+        let token = ClusterToken.generate()
+        let server = Inbox()
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers())
+        // Raw TCP peers, no Cairn handler: one sends an HTTP request, one sends nothing.
+        let raw = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        let garbage = try await raw.connect(host: "127.0.0.1", port: listener.port).get()
+        try await garbage.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        let silent = try await raw.connect(host: "127.0.0.1", port: listener.port).get()
+        try await eventually("both raw connections closed by the server") { server.closes.value.count == 2 }
+        let reasons = server.closes.value.map(\.description)
+        #expect(reasons.contains { $0.contains("badMagic") })
+        #expect(server.closes.value.contains { if case .timedOut = $0 { true } else { false } })
+        try await garbage.closeFuture.get()
+        try await silent.closeFuture.get()
+        #expect(server.logs.value.filter { $0.contains("closing") }.count == 2)
+        // A proper client is still served.
+        let client = Inbox()
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1, handlers: client.handlers())
+        try connection.send([42])
+        try await eventually("the message") { server.messages.value == [[42]] }
+        connection.close()
+        try await listener.close()
+    }
+
+    @Test("sends are refused with typed errors: too large, over the pending limit, after close")
+    func sendRefusals() async throws {
+        let token = ClusterToken.generate()
+        let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 25), maxPendingBytes: 500)
+        let server = Inbox()
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers(), options: options)
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
+                                                handlers: Inbox().handlers(), options: options)
+        #expect(throws: WireSendError.tooLarge(bytes: 1_001, limit: 1_000)) { try connection.send([UInt8](repeating: 0, count: 1_001)) }
+        #expect(throws: WireSendError.backpressure(pendingBytes: 0)) { try connection.send([UInt8](repeating: 0, count: 600)) }
+        connection.close()
+        try await eventually("the close") { connection.isClosed }
+        #expect(throws: WireSendError.closed) { try connection.send([1]) }
+        try await listener.close()
+    }
+}
