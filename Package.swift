@@ -56,7 +56,7 @@ let package = Package(
         ], path: "Sources/Cairn"),
 
         .executableTarget(name: "CairnBench", dependencies: [
-            "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
+            "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore", "CairnNet", "CairnWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.

@@ -10,7 +10,7 @@ struct CairnBench: AsyncParsableCommand {
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs, wire (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -22,7 +22,7 @@ struct CairnBench: AsyncParsableCommand {
     /// Set when the recovery suite re-launches this binary to host the durable actor it kills.
     @Option(help: .hidden) var actorHost: String?
 
-    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs"]
+    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -55,6 +55,8 @@ struct CairnBench: AsyncParsableCommand {
                 try StorageBenchmark(directory: dir).run(report)
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
+            case "wire":
+                try await WireBenchmark().run(report)
             case "gcs":
                 let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
                 defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }

@@ -16,7 +16,7 @@ public struct WireOptions: Sendable {
     public var maxPendingBytes: Int
 
     public init(tick: TimeAmount = .milliseconds(10), connection: ConnectionCore.Options = .init(heartbeatTicks: 5, timeoutTicks: 25),
-                maxPendingBytes: Int = 64 << 20) {
+                maxPendingBytes: Int = 4 << 20) {
         self.tick = tick
         self.connection = connection
         self.maxPendingBytes = maxPendingBytes
@@ -65,6 +65,10 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
         var closed = false
         var pendingBytes = 0
         var handler: NIOLoopBound<WireHandler>?
+        /// Messages queued by `send`, written by the next flush on the event loop: one write
+        /// and one flush for everything queued since the last, not one per message.
+        var outbox: [[UInt8]] = []
+        var flushScheduled = false
     }
 
     let channel: any Channel
@@ -99,12 +103,20 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
             if s.peer == nil { return .notEstablished }
             if s.pendingBytes + size > options.maxPendingBytes { return .backpressure(pendingBytes: s.pendingBytes) }
             s.pendingBytes += size
+            s.outbox.append(payload)
             return nil
         }
         if let refusal { throw refusal }
-        guard let handler = status.value.handler else { throw .closed }
-        channel.eventLoop.execute {
-            handler.value.send(payload, size: size)
+        let handler: NIOLoopBound<WireHandler>? = status.update { s in
+            guard !s.flushScheduled else { return nil }
+            s.flushScheduled = true
+            return s.handler
+        }
+        guard let handler else { return }
+        if channel.eventLoop.inEventLoop {
+            handler.value.flush()
+        } else {
+            channel.eventLoop.execute { handler.value.flush() }
         }
     }
 
@@ -163,15 +175,28 @@ final class WireHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 
-    func send(_ payload: [UInt8], size: Int) {
-        guard let context, let bytes = core.send(payload) else {
+    /// Writes everything queued by ``WireConnection/send(_:)`` as one write.
+    func flush() {
+        let queued: [[UInt8]] = connection.status.update { s in
+            s.flushScheduled = false
+            defer { s.outbox = [] }
+            return s.outbox
+        }
+        guard !queued.isEmpty else { return }
+        let size = queued.reduce(0) { $0 + $1.count + WireFormat.headerSize }
+        guard let context else {
             connection.status.update { $0.pendingBytes -= size }
             return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: size)
+        for payload in queued {
+            guard let bytes = core.send(payload) else { break }
+            buffer.writeBytes(bytes)
         }
         let promise = context.eventLoop.makePromise(of: Void.self)
         let connection = self.connection
         promise.futureResult.whenComplete { _ in connection.status.update { $0.pendingBytes -= size } }
-        context.writeAndFlush(Self.wrapOutboundOut(context.channel.allocator.buffer(bytes: bytes)), promise: promise)
+        context.writeAndFlush(Self.wrapOutboundOut(buffer), promise: promise)
     }
 
     private func perform(_ actions: [ConnectionAction]) {

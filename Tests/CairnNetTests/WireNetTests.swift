@@ -24,6 +24,10 @@ final class Inbox: Sendable {
     }
 }
 
+/// Options for tests about something other than liveness: a silence timeout of 10 s, so that
+/// a loaded machine starving an event loop does not end their connections.
+let patient = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000))
+
 /// Polls `condition` every 5 ms for up to 20 s (generous, for a loaded 2-core machine).
 func eventually(_ what: String, _ condition: () -> Bool) async throws {
     for _ in 0..<4_000 {
@@ -39,10 +43,10 @@ struct WireNetTests {
     func authenticatedExchange() async throws {
         let token = ClusterToken.generate()
         let server = Inbox()
-        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 3, handlers: server.handlers(echo: true))
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 3, handlers: server.handlers(echo: true), options: patient)
         let client = Inbox()
         let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-7", epoch: 11,
-                                                serverName: "head", handlers: client.handlers())
+                                                serverName: "head", handlers: client.handlers(), options: patient)
         #expect(connection.peer == PeerIdentity(name: "head", epoch: 3))
         for i in 0..<1_000 { try connection.send(Array("m\(i)".utf8)) }
         try await eventually("1,000 echoes") { client.messages.value.count == 1_000 }
@@ -62,10 +66,10 @@ struct WireNetTests {
     @Test("a client with another token is refused and logged; nothing it sends is delivered")
     func wrongTokenRefused() async throws {
         let server = Inbox()
-        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: .generate(), epoch: 1, handlers: server.handlers())
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: .generate(), epoch: 1, handlers: server.handlers(), options: patient)
         do {
             _ = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: .generate(), name: "intruder", epoch: 1,
-                                       handlers: Inbox().handlers())
+                                       handlers: Inbox().handlers(), options: patient)
             Issue.record("a client with the wrong token was accepted")
         } catch let refused as WireRefused {
             guard case .refused(let error) = refused.reason else {
@@ -85,7 +89,10 @@ struct WireNetTests {
     func garbageAndSilenceClosed() async throws {
         let token = ClusterToken.generate()
         let server = Inbox()
-        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers())
+        // A 2 s silence timeout: long enough that the raw peer below gets its garbage written on
+        // a loaded machine, short enough to wait for.
+        let options = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 200))
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers(), options: options)
         // Raw TCP peers, no Cairn handler: one sends an HTTP request, one sends nothing.
         let raw = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
         let garbage = try await raw.connect(host: "127.0.0.1", port: listener.port).get()
@@ -100,7 +107,8 @@ struct WireNetTests {
         #expect(server.logs.value.filter { $0.contains("closing") }.count == 2)
         // A proper client is still served.
         let client = Inbox()
-        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1, handlers: client.handlers())
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
+                                                handlers: client.handlers(), options: options)
         try connection.send([42])
         try await eventually("the message") { server.messages.value == [[42]] }
         connection.close()
@@ -110,7 +118,7 @@ struct WireNetTests {
     @Test("sends are refused with typed errors: too large, over the pending limit, after close")
     func sendRefusals() async throws {
         let token = ClusterToken.generate()
-        let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 25), maxPendingBytes: 500)
+        let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 1_000), maxPendingBytes: 500)
         let server = Inbox()
         let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers(), options: options)
         let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
@@ -120,6 +128,47 @@ struct WireNetTests {
         connection.close()
         try await eventually("the close") { connection.isClosed }
         #expect(throws: WireSendError.closed) { try connection.send([1]) }
+        try await listener.close()
+    }
+
+    @Test("a flood sent from two threads under a small pending limit arrives whole and, per thread, in order")
+    func floodUnderBackpressure() async throws {
+        let token = ClusterToken.generate()
+        var options = patient
+        options.maxPendingBytes = 64 << 10
+        let server = Inbox()
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers(), options: options)
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
+                                                handlers: Inbox().handlers(), options: options)
+        let perThread = 50_000
+        let pushedBack = Locked(0)
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            var i = 0
+            while i < perThread {
+                do {
+                    try connection.send([UInt8(thread)] + withUnsafeBytes(of: UInt32(i).littleEndian, Array.init))
+                    i += 1
+                } catch WireSendError.backpressure {
+                    pushedBack.update { $0 += 1 }
+                    usleep(100)
+                } catch {
+                    Issue.record("send failed: \(error)")
+                    return
+                }
+            }
+        }
+        try await eventually("every message") { server.messages.value.count == 2 * perThread }
+        for thread in 0..<2 {
+            let sequence = server.messages.value.filter { $0[0] == UInt8(thread) }.map { m in
+                m[1...].reversed().reduce(0) { $0 << 8 | Int($1) }
+            }
+            let firstOutOfPlace = zip(sequence, 0...).first { $0.0 != $0.1 }?.1
+            #expect(sequence.count == perThread && firstOutOfPlace == nil,
+                    "thread \(thread): \(sequence.count) messages, first out of place at \(String(describing: firstOutOfPlace))")
+        }
+        #expect(pushedBack.value > 0, "the pending limit never pushed back; the test did not exercise it")
+        #expect(server.closes.value.isEmpty)
+        connection.close()
         try await listener.close()
     }
 }
