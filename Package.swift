@@ -51,7 +51,7 @@ let package = Package(
 
         // The runtime: tasks, objects, actors, nodes, control store, scheduling, transport.
         .target(name: "Cairn", dependencies: [
-            "CairnCodec", "CairnCore", "CairnStorage", "CairnGCS",
+            "CairnCodec", "CairnCore", "CairnStorage", "CairnGCS", "CairnWire", "CairnNet",
             .product(name: "DequeModule", package: "swift-collections"),
         ], path: "Sources/Cairn"),
 

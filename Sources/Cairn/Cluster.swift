@@ -1,4 +1,5 @@
 import CairnCore
+import CairnNet
 import Foundation
 import Synchronization
 
@@ -9,6 +10,16 @@ public enum ControlStoreBacking: Sendable {
     /// In a chain-replicated GCS started with these options (the default: one shard, chains
     /// of 3 and a standby, in a temporary directory removed at shutdown).
     case chainReplicated(EmbeddedGCS.Options)
+}
+
+/// How the cluster's components send each other messages.
+public enum TransportKind: Sendable {
+    /// In memory, each value encoded as it would be on a wire (the default).
+    case inMemory
+    /// Over TCP on `host`, with the Cairn wire protocol: each component listens on its own port
+    /// and every message is encoded, framed, checksummed and sent over a connection that proved
+    /// the cluster token. All components still run in this process.
+    case tcp(host: String)
 }
 
 /// Settings of an embedded cluster.
@@ -32,6 +43,8 @@ public struct ClusterOptions: Sendable {
     /// ``Cluster/gcs`` exposes it for reading and subscribing. `.inMemory` keeps the tables in
     /// the control store's memory only.
     public var controlStore: ControlStoreBacking = .chainReplicated(EmbeddedGCS.Options())
+    /// How components exchange messages. Default: ``TransportKind/inMemory``.
+    public var transport: TransportKind = .inMemory
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -62,7 +75,7 @@ public struct ClusterOptions: Sendable {
 /// one `f.remote(…)` submits to from the driver; inside a task, work goes to the task's node.
 public final class Cluster: Sendable {
     let nodes: [Node]
-    let transport: InMemoryTransport
+    let transport: any Transport
     private let controlStore: Locked<ControlStoreServer>
     private let log: @Sendable (String) -> Void
     /// The chain-replicated GCS holding the control store's tables (nil with
@@ -107,7 +120,15 @@ public final class Cluster: Sendable {
     }
 
     private init(_ options: ClusterOptions, gcs: EmbeddedGCS?) {
-        let transport = InMemoryTransport()
+        let transport: any Transport
+        switch options.transport {
+        case .inMemory:
+            transport = InMemoryTransport()
+        case .tcp(let host):
+            // A 10 s silence timeout: within one process a silent connection means a starved
+            // event loop, not a dead peer, and a closed connection would lose what it carried.
+            transport = TCPTransport(host: host, wire: WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000)), log: options.log)
+        }
         self.transport = transport
         self.gcs = gcs
         log = options.log

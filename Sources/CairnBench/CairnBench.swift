@@ -10,7 +10,7 @@ struct CairnBench: AsyncParsableCommand {
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs, wire (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs, wire, tcp (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -22,7 +22,7 @@ struct CairnBench: AsyncParsableCommand {
     /// Set when the recovery suite re-launches this binary to host the durable actor it kills.
     @Option(help: .hidden) var actorHost: String?
 
-    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire"]
+    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire", "tcp"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -57,6 +57,8 @@ struct CairnBench: AsyncParsableCommand {
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
             case "wire":
                 try await WireBenchmark().run(report)
+            case "tcp":
+                try await TCPBenchmark().run(report)
             case "gcs":
                 let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
                 defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }

@@ -12,7 +12,8 @@ public struct WireOptions: Sendable {
     /// 300 ms; a peer whose socket closes is noticed at once.
     public var connection: ConnectionCore.Options
     /// Bytes that may wait to be written on one connection; beyond it `send` throws
-    /// ``WireSendError/backpressure(pendingBytes:)`` until the peer reads.
+    /// ``WireSendError/backpressure(pendingBytes:)`` until the peer reads. A single larger
+    /// message is accepted when nothing is waiting.
     public var maxPendingBytes: Int
 
     public init(tick: TimeAmount = .milliseconds(10), connection: ConnectionCore.Options = .init(heartbeatTicks: 5, timeoutTicks: 25),
@@ -101,7 +102,8 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
         let refusal: WireSendError? = status.update { s in
             if s.closed { return .closed }
             if s.peer == nil { return .notEstablished }
-            if s.pendingBytes + size > options.maxPendingBytes { return .backpressure(pendingBytes: s.pendingBytes) }
+            // A message larger than the limit still goes when nothing is pending, or it never could.
+            if s.pendingBytes > 0 && s.pendingBytes + size > options.maxPendingBytes { return .backpressure(pendingBytes: s.pendingBytes) }
             s.pendingBytes += size
             s.outbox.append(payload)
             return nil

@@ -1,0 +1,304 @@
+import CairnCodec
+
+/// The runtime's messages as they cross between processes: ``Message`` and ``Endpoint`` mapped
+/// to `Codable` forms and encoded with ``BinaryEncoder``.
+///
+/// Only portable messages cross (every value encoded, no process-local reference or code): a
+/// task's function travels by name and the receiving process finds it in its registry; a
+/// reference's process-local token is dropped. Decoding checks shapes, never trusts a length,
+/// and ends in a ``CairnError`` naming what was wrong.
+enum WireMessages {
+    /// Encodes `message` for `endpoint`. Traps on a message that is not portable, as the
+    /// in-memory transport does: that is a bug in the sender, not bad input.
+    static func encode(_ message: Message, to endpoint: Endpoint) throws -> [UInt8] {
+        do {
+            return try BinaryEncoder().encode(Envelope(to: WireEndpoint(endpoint), message: try WireMessage(message)))
+        } catch let error as CairnError {
+            throw error
+        } catch {
+            throw CairnError(.serialization, "cannot encode a message for \(endpoint): \(error)")
+        }
+    }
+
+    static func decode(_ bytes: [UInt8]) throws -> (Endpoint, Message) {
+        do {
+            let envelope = try BinaryDecoder().decode(Envelope.self, from: bytes)
+            return (envelope.to.endpoint, try envelope.message.message())
+        } catch let error as CairnError {
+            throw error
+        } catch {
+            throw CairnError(.serialization, "a message from another process does not decode: \(error)")
+        }
+    }
+
+    struct Envelope: Codable {
+        var to: WireEndpoint
+        var message: WireMessage
+    }
+}
+
+enum WireEndpoint: Codable, Equatable {
+    case node(NodeID)
+    case scheduler
+    case controlStore
+
+    init(_ e: Endpoint) {
+        switch e {
+        case .node(let n): self = .node(n)
+        case .scheduler: self = .scheduler
+        case .controlStore: self = .controlStore
+        }
+    }
+
+    var endpoint: Endpoint {
+        switch self {
+        case .node(let n): return .node(n)
+        case .scheduler: return .scheduler
+        case .controlStore: return .controlStore
+        }
+    }
+}
+
+enum WireValue: Codable {
+    case encoded([UInt8])
+    case int(Int)
+    case failed(RemoteError)
+
+    init(_ v: StoredValue) {
+        switch v {
+        case .encoded(let b): self = .encoded(b)
+        case .int(let i): self = .int(i)
+        case .failed(let e): self = .failed(e)
+        case .boxed(let b): preconditionFailure("a \(type(of: b)) would cross between processes as a shared reference; encode it first")
+        }
+    }
+
+    var stored: StoredValue {
+        switch self {
+        case .encoded(let b): return .encoded(b)
+        case .int(let i): return .int(i)
+        case .failed(let e): return .failed(e)
+        }
+    }
+}
+
+enum WireArg: Codable {
+    case value(WireValue)
+    case ref(ObjectID)
+}
+
+struct WireTask: Codable {
+    var id: ObjectID
+    var function: String
+    var args: [WireArg]
+    var resources: Resources
+
+    init(_ spec: TaskSpec) {
+        precondition(spec.isPortable, "task \(spec.id) would cross between processes without being made portable")
+        id = spec.id
+        function = spec.function
+        resources = spec.resources
+        args = spec.args.map { arg in
+            switch arg {
+            case .value(let v): return .value(WireValue(v))
+            case .ref(let id, _): return .ref(id)
+            }
+        }
+    }
+
+    func spec() throws -> TaskSpec {
+        let args: [TaskArg] = self.args.map { arg in
+            switch arg {
+            case .value(let v): return .value(v.stored)
+            case .ref(let id): return .ref(id, nil)
+            }
+        }
+        return try TaskSpec(id: id, function: function, args: args, resources: resources).portable()
+    }
+}
+
+struct WireCall: Codable {
+    var actor: ActorID
+    var typeName: String
+    var result: ObjectID
+    var message: WireValue
+    var caller: UInt64
+    var callerSequence: UInt64
+    var isCheckpointRequest: Bool
+    var logSequence: UInt64?
+    var logged: [UInt8]?
+
+    init(_ c: ActorCall) {
+        actor = c.actor
+        typeName = c.typeName
+        result = c.result
+        message = WireValue(c.message)
+        caller = c.caller
+        callerSequence = c.callerSequence
+        isCheckpointRequest = c.isCheckpointRequest
+        logSequence = c.logSequence
+        logged = c.logged
+    }
+
+    var call: ActorCall {
+        ActorCall(actor: actor, typeName: typeName, result: result, message: message.stored, caller: caller,
+                  callerSequence: callerSequence, isCheckpointRequest: isCheckpointRequest, logSequence: logSequence, logged: logged)
+    }
+}
+
+struct WireSpawn: Codable {
+    var id: ActorID
+    var typeName: String
+    var state: WireValue
+    var replyTo: NodeID
+    var durableName: String?
+    var durableLogging: Bool
+    var checkpointMessages: Int?
+    var checkpointMilliseconds: Int?
+    var maxRestarts: Int
+    var repliesKeptPerCaller: Int
+
+    init(_ s: ActorSpawn) {
+        id = s.id
+        typeName = s.typeName
+        state = WireValue(s.state)
+        replyTo = s.replyTo
+        durableName = s.durable?.name
+        let options = s.durable?.options ?? DurabilityOptions()
+        durableLogging = options.logging == .durable
+        checkpointMessages = options.checkpoint.messages
+        checkpointMilliseconds = options.checkpoint.milliseconds
+        maxRestarts = options.maxRestarts
+        repliesKeptPerCaller = options.repliesKeptPerCaller
+    }
+
+    func spawn() throws -> ActorSpawn {
+        var durable: DurableSpawn?
+        if let durableName {
+            guard checkpointMessages.map({ $0 >= 1 }) ?? true, checkpointMilliseconds.map({ $0 >= 1 }) ?? true,
+                  maxRestarts >= 0, repliesKeptPerCaller >= 1 else {
+                throw CairnError(.serialization, "actor \(id): durability options out of range in a message from another process")
+            }
+            durable = DurableSpawn(name: durableName, options: DurabilityOptions(
+                logging: durableLogging ? .durable : .memoryOnly,
+                checkpoint: CheckpointPolicy(messages: checkpointMessages, milliseconds: checkpointMilliseconds),
+                maxRestarts: maxRestarts, repliesKeptPerCaller: repliesKeptPerCaller))
+        }
+        return ActorSpawn(id: id, typeName: typeName, state: state.stored, replyTo: replyTo, durable: durable)
+    }
+}
+
+struct WireObject: Codable {
+    var id: ObjectID
+    var value: WireValue
+}
+
+struct WireLocation: Codable {
+    var object: ObjectID
+    var node: NodeID
+    var size: Int
+}
+
+enum WireControl: Codable {
+    case registerNode(NodeRecord)
+    case reportLoad(NodeID, queued: Int)
+    case objectLocations([WireLocation])
+    case forgetObjects([ObjectID])
+    case recordTasks([TaskRecord])
+    case registerActor(ActorRecord)
+    case actorProgress(ActorID, checkpoint: UInt64?, log: UInt64)
+    case lookupActor(ActorID, replyTo: WireEndpoint)
+    case describeActor(ActorID, replyTo: WireEndpoint)
+    case subscribeNodes(WireEndpoint)
+    case locateObject(ObjectID, replyTo: WireEndpoint)
+    case committed(generation: UInt64, key: String, value: [UInt8]?)
+    case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
+
+    init(_ r: ControlRequest) {
+        switch r {
+        case .registerNode(let n): self = .registerNode(n)
+        case .reportLoad(let n, let q): self = .reportLoad(n, queued: q)
+        case .objectLocations(let l): self = .objectLocations(l.map { WireLocation(object: $0.0, node: $0.1, size: $0.size) })
+        case .forgetObjects(let o): self = .forgetObjects(o)
+        case .recordTasks(let t): self = .recordTasks(t)
+        case .registerActor(let a): self = .registerActor(a)
+        case .actorProgress(let a, let c, let l): self = .actorProgress(a, checkpoint: c, log: l)
+        case .lookupActor(let a, let e): self = .lookupActor(a, replyTo: WireEndpoint(e))
+        case .describeActor(let a, let e): self = .describeActor(a, replyTo: WireEndpoint(e))
+        case .subscribeNodes(let e): self = .subscribeNodes(WireEndpoint(e))
+        case .locateObject(let o, let e): self = .locateObject(o, replyTo: WireEndpoint(e))
+        case .committed(let g, let k, let v): self = .committed(generation: g, key: k, value: v)
+        case .writeFailed(let g, let k, let v): self = .writeFailed(generation: g, key: k, value: v)
+        }
+    }
+
+    var request: ControlRequest {
+        switch self {
+        case .registerNode(let n): return .registerNode(n)
+        case .reportLoad(let n, let q): return .reportLoad(n, queued: q)
+        case .objectLocations(let l): return .objectLocations(l.map { ($0.object, $0.node, size: $0.size) })
+        case .forgetObjects(let o): return .forgetObjects(o)
+        case .recordTasks(let t): return .recordTasks(t)
+        case .registerActor(let a): return .registerActor(a)
+        case .actorProgress(let a, let c, let l): return .actorProgress(a, checkpoint: c, log: l)
+        case .lookupActor(let a, let e): return .lookupActor(a, replyTo: e.endpoint)
+        case .describeActor(let a, let e): return .describeActor(a, replyTo: e.endpoint)
+        case .subscribeNodes(let e): return .subscribeNodes(e.endpoint)
+        case .locateObject(let o, let e): return .locateObject(o, replyTo: e.endpoint)
+        case .committed(let g, let k, let v): return .committed(generation: g, key: k, value: v)
+        case .writeFailed(let g, let k, let v): return .writeFailed(generation: g, key: k, value: v)
+        }
+    }
+}
+
+enum WireMessage: Codable {
+    case runTasks([WireTask])
+    case schedule([WireTask], from: NodeID)
+    case objects([WireObject])
+    case fetch([ObjectID], replyTo: NodeID)
+    case free([ObjectID])
+    case createActor(WireSpawn)
+    case actorCreated(ActorID, on: NodeID, failure: String?)
+    case actorCalls([WireCall])
+    case actorLocation(ActorID, NodeID?)
+    case actorDescription(ActorID, ActorRecord?)
+    case objectLocation(ObjectID, ObjectLocation?)
+    case control(WireControl)
+    case nodeTable([NodeRecord])
+
+    init(_ m: Message) throws {
+        switch m {
+        case .runTasks(let s): self = .runTasks(s.map(WireTask.init))
+        case .schedule(let s, let from): self = .schedule(s.map(WireTask.init), from: from)
+        case .objects(let o): self = .objects(o.map { WireObject(id: $0.0, value: WireValue($0.1)) })
+        case .fetch(let o, let r): self = .fetch(o, replyTo: r)
+        case .free(let o): self = .free(o)
+        case .createActor(let s): self = .createActor(WireSpawn(s))
+        case .actorCreated(let a, let n, let f): self = .actorCreated(a, on: n, failure: f)
+        case .actorCalls(let c): self = .actorCalls(c.map(WireCall.init))
+        case .actorLocation(let a, let n): self = .actorLocation(a, n)
+        case .actorDescription(let a, let r): self = .actorDescription(a, r)
+        case .objectLocation(let o, let l): self = .objectLocation(o, l)
+        case .control(let r): self = .control(WireControl(r))
+        case .nodeTable(let t): self = .nodeTable(t)
+        }
+    }
+
+    func message() throws -> Message {
+        switch self {
+        case .runTasks(let s): return .runTasks(try s.map { try $0.spec() })
+        case .schedule(let s, let from): return .schedule(try s.map { try $0.spec() }, from: from)
+        case .objects(let o): return .objects(o.map { ($0.id, $0.value.stored) })
+        case .fetch(let o, let r): return .fetch(o, replyTo: r)
+        case .free(let o): return .free(o)
+        case .createActor(let s): return .createActor(try s.spawn())
+        case .actorCreated(let a, let n, let f): return .actorCreated(a, on: n, failure: f)
+        case .actorCalls(let c): return .actorCalls(c.map(\.call))
+        case .actorLocation(let a, let n): return .actorLocation(a, n)
+        case .actorDescription(let a, let r): return .actorDescription(a, r)
+        case .objectLocation(let o, let l): return .objectLocation(o, l)
+        case .control(let r): return .control(r.request)
+        case .nodeTable(let t): return .nodeTable(t)
+        }
+    }
+}
