@@ -23,7 +23,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
     private let log: @Sendable (String) -> Void
     private let lock = NSLock()
     private var ports: [Endpoint: Int] = [:]
-    private var inboxes: [Endpoint: Inbox] = [:]
+    private var inboxes: [Endpoint: BatchQueue<(WireConnection, [UInt8])>] = [:]
     private var listeners: [Endpoint: WireListener] = [:]
     private var outbound: [Endpoint: Outbound] = [:]
     private var stopped = false
@@ -38,22 +38,30 @@ final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
-        let inbox = Inbox(name: endpoint.description, handler: handler)
         let log = self.log
-        let handlers = WireHandlers(message: { connection, bytes in
-            do {
-                let (to, message) = try WireMessages.decode(bytes)
-                guard to == endpoint else {
-                    log("transport: \(connection) sent a message for \(to) to \(endpoint)'s port; closing")
+        // Messages are decoded on the endpoint's own thread, not on the event loop, which
+        // serves every connection of its share.
+        let inbox = BatchQueue<(WireConnection, [UInt8])>(name: endpoint.description) { batch in
+            var messages: [Message] = []
+            messages.reserveCapacity(batch.count)
+            for (connection, bytes) in batch {
+                do {
+                    let (to, message) = try WireMessages.decode(bytes)
+                    guard to == endpoint else {
+                        log("transport: \(connection) sent a message for \(to) to \(endpoint)'s port; closing")
+                        connection.close()
+                        continue
+                    }
+                    messages.append(message)
+                } catch {
+                    log("transport: \(connection): \(error); closing")
                     connection.close()
-                    return
                 }
-                inbox.post(message)
-            } catch {
-                log("transport: \(connection): \(error); closing")
-                connection.close()
             }
-        }, log: { log("transport: \($0)") })
+            if !messages.isEmpty { handler(messages) }
+        }
+        let handlers = WireHandlers(message: { connection, bytes in inbox.post((connection, bytes)) },
+                                    log: { log("transport: \($0)") })
         let listener = Self.blocking {
             try await Wire.listen(host: self.host, port: 0, token: self.token, epoch: self.epoch, handlers: handlers, options: self.wire)
         }

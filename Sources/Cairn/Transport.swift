@@ -188,22 +188,26 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 }
 
 /// A batched queue drained by one thread.
-final class Inbox: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var pending: [Message] = []
-    private var stopped = false
-    private let handler: @Sendable ([Message]) -> Void
+typealias Inbox = BatchQueue<Message>
 
-    init(name: String, handler: @escaping @Sendable ([Message]) -> Void) {
+/// A batched queue drained by one thread: items posted from any thread are handed to the
+/// handler in batches, in the order posted.
+final class BatchQueue<Item>: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var pending: [Item] = []
+    private var stopped = false
+    private let handler: @Sendable ([Item]) -> Void
+
+    init(name: String, handler: @escaping @Sendable ([Item]) -> Void) {
         self.handler = handler
         let thread = Thread { [self] in run() }
         thread.name = "cairn-inbox-\(name)"
         thread.start()
     }
 
-    func post(_ message: Message) {
+    func post(_ item: Item) {
         condition.lock()
-        pending.append(message)
+        pending.append(item)
         if pending.count == 1 { condition.signal() }
         condition.unlock()
     }
@@ -216,7 +220,7 @@ final class Inbox: @unchecked Sendable {
     }
 
     private func run() {
-        var batch: [Message] = []
+        var batch: [Item] = []
         while true {
             condition.lock()
             while pending.isEmpty && !stopped { condition.wait() }
