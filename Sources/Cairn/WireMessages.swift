@@ -59,10 +59,38 @@ enum WireEndpoint: Codable, Equatable {
     }
 }
 
+/// The hot types (a value, an argument, a task) are coded by hand as a tag and fields in an
+/// unkeyed container: synthesized `Codable` for an enum with payloads opens a keyed container
+/// per case and lists its keys, which made them most of a message's coding time.
 enum WireValue: Codable {
     case encoded([UInt8])
     case int(Int)
     case failed(RemoteError)
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.unkeyedContainer()
+        switch self {
+        case .encoded(let b):
+            try c.encode(UInt8(0))
+            try c.encode(b)
+        case .int(let i):
+            try c.encode(UInt8(1))
+            try c.encode(i)
+        case .failed(let e):
+            try c.encode(UInt8(2))
+            try c.encode(e)
+        }
+    }
+
+    init(from decoder: any Decoder) throws {
+        var c = try decoder.unkeyedContainer()
+        switch try c.decode(UInt8.self) {
+        case 0: self = .encoded(try c.decode([UInt8].self))
+        case 1: self = .int(try c.decode(Int.self))
+        case 2: self = .failed(try c.decode(RemoteError.self))
+        case let tag: throw DecodingError.dataCorruptedError(in: c, debugDescription: "value tag \(tag) is not 0, 1 or 2")
+        }
+    }
 
     init(_ v: StoredValue) {
         switch v {
@@ -85,6 +113,27 @@ enum WireValue: Codable {
 enum WireArg: Codable {
     case value(WireValue)
     case ref(ObjectID)
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.unkeyedContainer()
+        switch self {
+        case .value(let v):
+            try c.encode(UInt8(0))
+            try c.encode(v)
+        case .ref(let id):
+            try c.encode(UInt8(1))
+            try c.encode(id.raw)
+        }
+    }
+
+    init(from decoder: any Decoder) throws {
+        var c = try decoder.unkeyedContainer()
+        switch try c.decode(UInt8.self) {
+        case 0: self = .value(try c.decode(WireValue.self))
+        case 1: self = .ref(ObjectID(raw: try c.decode(UInt64.self)))
+        case let tag: throw DecodingError.dataCorruptedError(in: c, debugDescription: "argument tag \(tag) is not 0 or 1")
+        }
+    }
 }
 
 struct WireTask: Codable {
@@ -92,6 +141,22 @@ struct WireTask: Codable {
     var function: String
     var args: [WireArg]
     var resources: Resources
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.unkeyedContainer()
+        try c.encode(id.raw)
+        try c.encode(function)
+        try c.encode(args)
+        try c.encode(resources)
+    }
+
+    init(from decoder: any Decoder) throws {
+        var c = try decoder.unkeyedContainer()
+        id = ObjectID(raw: try c.decode(UInt64.self))
+        function = try c.decode(String.self)
+        args = try c.decode([WireArg].self)
+        resources = try c.decode(Resources.self)
+    }
 
     init(_ spec: TaskSpec) {
         precondition(spec.isPortable, "task \(spec.id) would cross between processes without being made portable")
