@@ -1,5 +1,6 @@
 import CairnCore
 import CairnNet
+import CairnWire
 import Foundation
 import Synchronization
 
@@ -98,6 +99,16 @@ public final class Cluster: Sendable {
 
     /// Starts an embedded cluster with the given options.
     public static func local(_ options: ClusterOptions) async throws -> Cluster {
+        if case .tcp(let host) = options.transport {
+            // Every component will listen on `host`: check that it can, before starting any.
+            do {
+                let probe = try await Wire.listen(host: host, port: 0, token: .generate(), epoch: 0,
+                                                  handlers: WireHandlers(message: { _, _ in }))
+                try await probe.close()
+            } catch {
+                throw CairnError(.invalidArgument, "transport .tcp(host: \"\(host)\"): cannot listen there (\(error)); give an address of this machine, such as 127.0.0.1")
+            }
+        }
         var gcs: EmbeddedGCS?
         if case .chainReplicated(let gcsOptions) = options.controlStore {
             do {

@@ -65,5 +65,19 @@ struct TCPTransportTests {
         let seen = try await cluster.get(try recorder.send(.read))
         for caller in 0..<4 { #expect(seen[caller] == Array(0..<200)) }
     }
+
+    @Test("a TCP host this machine cannot listen on is refused with a typed error before anything starts")
+    func badHostRefused() async throws {
+        var options = Self.tcpOptions()
+        options.transport = .tcp(host: "192.0.2.1")  // TEST-NET-1: never an address of this machine
+        do {
+            let cluster = try await Cluster.local(options)
+            cluster.shutdown()
+            Issue.record("a cluster started on an address that is not this machine's")
+        } catch let error as CairnError {
+            #expect(error.code == .invalidArgument)
+            #expect(error.detail.contains("192.0.2.1"))
+        }
+    }
 }
 }
