@@ -62,11 +62,13 @@ final class TCPTransport: Transport, @unchecked Sendable {
         }
         let handlers = WireHandlers(message: { connection, bytes in inbox.post((connection, bytes)) },
                                     log: { log("transport: \($0)") })
-        let listener = Self.blocking {
-            try await Wire.listen(host: self.host, port: 0, token: self.token, epoch: self.epoch, handlers: handlers, options: self.wire)
-        }
-        guard case .success(let listener) = listener else {
-            preconditionFailure("cannot listen on \(host) for \(endpoint): \(listener)")
+        let listener: WireListener
+        do {
+            listener = try Wire.listenBlocking(host: host, port: 0, token: token, epoch: epoch, handlers: handlers, options: wire)
+        } catch {
+            // `Cluster.local` checked that this host can be listened on; failing now means the
+            // machine ran out of ports or descriptors.
+            preconditionFailure("cannot listen on \(host) for \(endpoint): \(error)")
         }
         lock.lock()
         let previousInbox = inboxes.updateValue(inbox, forKey: endpoint)
@@ -77,7 +79,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         lock.unlock()
         previousInbox?.stop()
         previousOutbound?.stop()
-        if let previousListener { _ = Self.blocking { try await previousListener.close() } }
+        previousListener?.closeBlocking()
     }
 
     func send(_ message: Message, to endpoint: Endpoint) {
@@ -117,28 +119,10 @@ final class TCPTransport: Transport, @unchecked Sendable {
         lock.unlock()
         outs.forEach { $0.stop() }
         all.forEach { $0.stop() }
-        for l in ls { _ = Self.blocking { try await l.close() } }
+        ls.forEach { $0.closeBlocking() }
     }
 
     fileprivate func report(_ line: String) { log("transport: \(line)") }
-
-    /// Runs `body` to completion from synchronous code (registration and shutdown only, never on
-    /// an event loop).
-    static func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) -> Result<T, any Error> {
-        let done = DispatchSemaphore(value: 0)
-        let result = Locked<Result<T, any Error>?>(nil)
-        Task {
-            do {
-                let value = try await body()
-                result.update { $0 = .success(value) }
-            } catch {
-                result.update { $0 = .failure(error) }
-            }
-            done.signal()
-        }
-        done.wait()
-        return result.value!
-    }
 }
 
 /// The queue and connection to one endpoint. Messages wait here while the connection is being

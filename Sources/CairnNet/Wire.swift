@@ -253,6 +253,11 @@ public final class WireListener: Sendable {
     public func close() async throws {
         try await channel.close()
     }
+
+    /// ``close()`` for synchronous callers, which it blocks. Never call it on an event loop.
+    public func closeBlocking() {
+        try? channel.close().wait()
+    }
 }
 
 /// Entry points of the TCP shell.
@@ -268,7 +273,24 @@ public enum Wire {
                               acceptEpoch: @escaping @Sendable (PeerIdentity) -> Bool = { _ in true },
                               handlers: WireHandlers, options: WireOptions = WireOptions(),
                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> WireListener {
-        let channel = try await ServerBootstrap(group: group)
+        WireListener(channel: try await bind(host: host, port: port, token: token, epoch: epoch, acceptEpoch: acceptEpoch,
+                                             handlers: handlers, options: options, group: group).get())
+    }
+
+    /// ``listen(host:port:token:epoch:acceptEpoch:handlers:options:group:)`` for synchronous
+    /// callers, which it blocks until the socket is bound. Never call it on an event loop.
+    public static func listenBlocking(host: String, port: Int, token: ClusterToken, epoch: UInt64,
+                                      acceptEpoch: @escaping @Sendable (PeerIdentity) -> Bool = { _ in true },
+                                      handlers: WireHandlers, options: WireOptions = WireOptions(),
+                                      group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> WireListener {
+        WireListener(channel: try bind(host: host, port: port, token: token, epoch: epoch, acceptEpoch: acceptEpoch,
+                                       handlers: handlers, options: options, group: group).wait())
+    }
+
+    private static func bind(host: String, port: Int, token: ClusterToken, epoch: UInt64,
+                             acceptEpoch: @escaping @Sendable (PeerIdentity) -> Bool,
+                             handlers: WireHandlers, options: WireOptions, group: any EventLoopGroup) -> EventLoopFuture<any Channel> {
+        ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -282,8 +304,7 @@ public enum Wire {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-            .bind(host: host, port: port).get()
-        return WireListener(channel: channel)
+            .bind(host: host, port: port)
     }
 
     /// Connects to `host:port`, runs the handshake as `name` at `epoch`, and returns once the
