@@ -2,6 +2,11 @@ import CairnCore
 import CairnWire
 import NIOCore
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Settings of the TCP shell around ``ConnectionCore``.
 public struct WireOptions: Sendable {
@@ -35,7 +40,7 @@ public struct WireHandlers: Sendable {
     public init(established: @escaping @Sendable (WireConnection) -> Void = { _ in },
                 message: @escaping @Sendable (WireConnection, [UInt8]) -> Void,
                 closed: @escaping @Sendable (WireConnection, CloseReason) -> Void = { _, _ in },
-                log: @escaping @Sendable (String) -> Void = { print($0) }) {
+                log: @escaping @Sendable (String) -> Void = { fputs($0 + "\n", stderr) }) {
         self.established = established
         self.message = message
         self.closed = closed
