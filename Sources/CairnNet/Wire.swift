@@ -31,6 +31,12 @@ public struct WireOptions: Sendable {
 
 /// What a listener or a connection reports, on its event loop thread; keep these quick.
 public struct WireHandlers: Sendable {
+    /// Writes a log line to standard error.
+    public static let standardError: @Sendable (String) -> Void = { line in
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+    }
+
     public var established: @Sendable (WireConnection) -> Void
     public var message: @Sendable (WireConnection, [UInt8]) -> Void
     public var closed: @Sendable (WireConnection, CloseReason) -> Void
@@ -40,7 +46,7 @@ public struct WireHandlers: Sendable {
     public init(established: @escaping @Sendable (WireConnection) -> Void = { _ in },
                 message: @escaping @Sendable (WireConnection, [UInt8]) -> Void,
                 closed: @escaping @Sendable (WireConnection, CloseReason) -> Void = { _, _ in },
-                log: @escaping @Sendable (String) -> Void = { fputs($0 + "\n", stderr) }) {
+                log: @escaping @Sendable (String) -> Void = WireHandlers.standardError) {
         self.established = established
         self.message = message
         self.closed = closed
