@@ -22,6 +22,9 @@ struct CairnBench: AsyncParsableCommand {
     /// Set when the recovery suite re-launches this binary to host the durable actor it kills.
     @Option(help: .hidden) var actorHost: String?
 
+    /// Set when the wire suite re-launches this binary as the peer it kills.
+    @Option(help: .hidden) var wirePeer: Int?
+
     static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire", "tcp"]
 
     func validate() throws {
@@ -31,6 +34,10 @@ struct CairnBench: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if let wirePeer {
+            try await WireBenchmark.peer(port: wirePeer)
+            return
+        }
         if let actorHost {
             try await ActorHostProcess.run(directory: actorHost, checkpointEvery: 100, maxRestarts: .max, nodes: 2)
             return

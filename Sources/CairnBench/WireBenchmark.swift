@@ -1,3 +1,4 @@
+import CairnChaosKit
 import CairnCore
 import CairnNet
 import CairnWire
@@ -53,6 +54,60 @@ struct WireBenchmark {
         report.add("wire.messages_per_s", Double(total) / (now() - t0), "messages/s")
         stream.close()
         try await sink.close()
+
+        try await killDetection(report, token: token)
         connection.close()
     }
+
+    /// A peer process connected over the wire is SIGKILLed; time until this side reports the
+    /// connection lost. The kernel closes a killed process's sockets, so this is the detection
+    /// a node's death gets on one machine (the silence timeout covers a peer that stops
+    /// answering without its sockets closing).
+    func killDetection(_ report: Report, token: ClusterToken) async throws {
+        let lost = Locked<Double?>(nil)
+        let established = Locked(0)
+        let handlers = WireHandlers(established: { _ in established.update { $0 += 1 } },
+                                    message: { _, _ in },
+                                    closed: { _, reason in
+                                        if case .connectionLost = reason { lost.update { $0 = $0 ?? now() } }
+                                    })
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: handlers)
+        defer { Task { try? await listener.close() } }
+        setenv("CAIRN_BENCH_TOKEN", token.hex, 1)
+        let exe = executableDirectory() + "/cairn-bench"
+        var samples: [Double] = []
+        for round in 0..<10 {
+            lost.update { $0 = nil }
+            let child = try ChildProcess(executable: exe, arguments: ["--wire-peer", String(listener.port)])
+            guard child.readLine(timeoutMilliseconds: 10_000) == "ready" else {
+                child.kill()
+                throw CairnBenchError("the wire peer process did not connect")
+            }
+            while established.value <= round { usleep(100) }
+            let t0 = now()
+            child.kill()
+            while lost.value == nil { usleep(50) }
+            samples.append((lost.value! - t0) * 1000)
+            _ = child.wait()
+        }
+        report.add("wire.kill_detect_ms", median(samples), "ms", goal: "<= 300 (recovery.detect_ms)")
+        report.add("wire.kill_detect_max_ms", samples.max()!, "ms")
+    }
+
+    /// The peer process for ``killDetection(_:token:)``: connects, says "ready", then idles
+    /// (its event loop sends heartbeats) until it is killed.
+    static func peer(port: Int) async throws {
+        guard let hex = getenv("CAIRN_BENCH_TOKEN"), let token = try? ClusterToken(hex: String(cString: hex)) else {
+            throw CairnBenchError("--wire-peer needs CAIRN_BENCH_TOKEN")
+        }
+        _ = try await Wire.connect(host: "127.0.0.1", port: port, token: token, name: "peer", epoch: 1,
+                                   handlers: WireHandlers(message: { _, _ in }))
+        writeStandardOutputLine("ready")
+        while true { try await Task.sleep(for: .seconds(60)) }
+    }
+}
+
+struct CairnBenchError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
