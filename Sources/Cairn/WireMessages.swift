@@ -12,9 +12,7 @@ enum WireMessages {
     /// in-memory transport does: that is a bug in the sender, not bad input.
     static func encode(_ message: Message, to endpoint: Endpoint) throws -> [UInt8] {
         do {
-            return try BinaryEncoder().encode(Envelope(to: WireEndpoint(endpoint), message: try WireMessage(message)))
-        } catch let error as CairnError {
-            throw error
+            return try BinaryEncoder().encode(Envelope(to: WireEndpoint(endpoint), message: WireMessage(message)))
         } catch {
             throw CairnError(.serialization, "cannot encode a message for \(endpoint): \(error)")
         }
@@ -331,7 +329,7 @@ enum WireMessage: Codable {
     case control(WireControl)
     case nodeTable([NodeRecord])
 
-    init(_ m: Message) throws {
+    init(_ m: Message) {
         switch m {
         case .runTasks(let s): self = .runTasks(s.map(WireTask.init))
         case .schedule(let s, let from): self = .schedule(s.map(WireTask.init), from: from)

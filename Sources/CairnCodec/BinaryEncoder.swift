@@ -28,26 +28,26 @@ public struct BinaryEncoder: Sendable {
 
     /// Appends the document for `value` to `buffer`; on error `buffer` is left as it was.
     public func encode<T: Encodable>(_ value: T, into buffer: inout [UInt8]) throws {
-        let impl = EncoderImpl()
-        impl.state.pointee.reuse = EncoderImpl.reusesContainers
-        defer { impl.state.pointee.frames.removeAll() }
-        impl.byte(BinaryFormat.magic)
-        impl.byte(BinaryFormat.version)
-        try impl.encodeValue(value)
-        impl.withBytes { buffer.append(contentsOf: $0) }
+        try document(value).withBytes { buffer.append(contentsOf: $0) }
     }
 
     /// Encodes `value` and calls `body` with the document's bytes, which are valid only
     /// during the call. This saves the copy into an array, for callers that compress or
     /// store the bytes at once.
     public func withEncoded<T: Encodable, R>(_ value: T, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        try document(value).withBytes { try body(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// An encoder holding the complete document for `value`.
+    private func document<T: Encodable>(_ value: T) throws -> EncoderImpl {
         let impl = EncoderImpl()
         impl.state.pointee.reuse = EncoderImpl.reusesContainers
+        // The kept containers refer back to the encoder: let them go once the value is written.
         defer { impl.state.pointee.frames.removeAll() }
         impl.byte(BinaryFormat.magic)
         impl.byte(BinaryFormat.version)
         try impl.encodeValue(value)
-        return try impl.withBytes { try body(UnsafeRawBufferPointer($0)) }
+        return impl
     }
 }
 

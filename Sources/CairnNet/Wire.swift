@@ -110,22 +110,19 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
         let limit = options.connection.maxPayload
         guard payload.count <= limit else { throw .tooLarge(bytes: payload.count, limit: limit) }
         let size = payload.count + WireFormat.headerSize
-        let refusal: WireSendError? = status.update { s in
-            if s.closed { return .closed }
-            if s.peer == nil { return .notEstablished }
+        // Queued, and a flush scheduled unless one already is (it will take this message too).
+        let queued: Result<NIOLoopBound<WireHandler>?, WireSendError> = status.update { s in
+            if s.closed { return .failure(.closed) }
+            if s.peer == nil { return .failure(.notEstablished) }
             // A message larger than the limit still goes when nothing is pending, or it never could.
-            if s.pendingBytes > 0 && s.pendingBytes + size > options.maxPendingBytes { return .backpressure(pendingBytes: s.pendingBytes) }
+            if s.pendingBytes > 0 && s.pendingBytes + size > options.maxPendingBytes { return .failure(.backpressure(pendingBytes: s.pendingBytes)) }
             s.pendingBytes += size
             s.outbox.append(payload)
-            return nil
-        }
-        if let refusal { throw refusal }
-        let handler: NIOLoopBound<WireHandler>? = status.update { s in
-            guard !s.flushScheduled else { return nil }
+            guard !s.flushScheduled else { return .success(nil) }
             s.flushScheduled = true
-            return s.handler
+            return .success(s.handler)
         }
-        guard let handler else { return }
+        guard let handler = try queued.get() else { return }
         if channel.eventLoop.inEventLoop {
             handler.value.flush()
         } else {
@@ -230,8 +227,7 @@ final class WireHandler: ChannelInboundHandler {
                     s.closed = true
                     s.handler = nil  // the handler and the connection refer to each other
                 }
-                if case .refused = reason { handlers.log("cairn wire: closing \(connection): \(reason)") }
-                if case .timedOut = reason { handlers.log("cairn wire: closing \(connection): \(reason)") }
+                if case .connectionLost = reason {} else { handlers.log("cairn wire: closing \(connection): \(reason)") }
                 handlers.closed(connection, reason)
                 established?.fail(WireRefused(reason: reason))
                 established = nil

@@ -1,24 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-// The methods below are named `read` and `write`, which hide the C functions of those names.
-private func systemWrite(_ fd: Int32, _ buffer: UnsafeRawPointer?, _ count: Int) -> Int { write(fd, buffer, count) }
-private func systemRead(_ fd: Int32, _ buffer: UnsafeMutableRawPointer?, _ count: Int) -> Int { read(fd, buffer, count) }
-
 /// The secret every connection into a cluster proves it knows before any message is accepted.
 ///
-/// 32 random bytes, written as 64 lowercase hex digits. `cairn start --head` generates one and
-/// writes it to a file only its owner can read (mode 0600); joining processes read the file or
-/// are given the token. The token itself never crosses the wire: the handshake proves it with
-/// HMAC-SHA256 over fresh nonces (see ``Handshake``).
+/// 32 random bytes, written as 64 lowercase hex digits, kept in a file only its owner can read
+/// (`write(to:)` and `read(from:)`, in `CairnNet`). The token itself never crosses the wire:
+/// the handshake proves it with HMAC-SHA256 over fresh nonces (see ``Handshake``).
 public struct ClusterToken: Sendable, Equatable, CustomStringConvertible {
     public static let byteCount = 32
     public let bytes: [UInt8]
 
-    /// A new random token.
+    /// A new random token, from the system's generator: a secret must not come from a seed.
+    /// (The handshake cores take their nonces as arguments.)
     public static func generate() -> ClusterToken {
         var rng = SystemRandomNumberGenerator()
         return ClusterToken(unchecked: (0..<byteCount).map { _ in UInt8.random(in: 0...255, using: &rng) })
@@ -66,54 +56,6 @@ public struct ClusterToken: Sendable, Equatable, CustomStringConvertible {
         case UInt8(ascii: "a")...UInt8(ascii: "f"): return c - UInt8(ascii: "a") + 10
         case UInt8(ascii: "A")...UInt8(ascii: "F"): return c - UInt8(ascii: "A") + 10
         default: return nil
-        }
-    }
-
-    /// Writes the token to a new file at `path` with mode 0600. An existing file is not
-    /// overwritten: that would lock out the processes that read it.
-    public func write(to path: String) throws(TokenError) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            let reason = String(cString: strerror(errno))
-            throw TokenError(.io, "cannot create token file \(path): \(reason) (an existing token file is never overwritten; remove it to start a new cluster)")
-        }
-        defer { close(fd) }
-        // The mode given to open() is masked by the umask; set it exactly.
-        guard fchmod(fd, 0o600) == 0 else {
-            throw TokenError(.io, "cannot set mode 0600 on token file \(path): \(String(cString: strerror(errno)))")
-        }
-        let text = Array((hex + "\n").utf8)
-        let written = text.withUnsafeBytes { systemWrite(fd, $0.baseAddress, $0.count) }
-        guard written == text.count, fsync(fd) == 0 else {
-            throw TokenError(.io, "cannot write token file \(path): \(String(cString: strerror(errno)))")
-        }
-    }
-
-    /// Reads a token file. A file that others can read or write is refused: anyone who can
-    /// read it can join the cluster.
-    public static func read(from path: String) throws(TokenError) -> ClusterToken {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw TokenError(.io, "cannot open token file \(path): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else {
-            throw TokenError(.io, "cannot stat token file \(path): \(String(cString: strerror(errno)))")
-        }
-        let mode = info.st_mode & 0o777
-        guard mode & 0o077 == 0 else {
-            throw TokenError(.insecureFile, "token file \(path) has mode 0\(String(mode, radix: 8)), so others can read or change it; run chmod 600 \(path)")
-        }
-        var buffer = [UInt8](repeating: 0, count: 256)
-        let n = buffer.withUnsafeMutableBytes { systemRead(fd, $0.baseAddress, $0.count) }
-        guard n >= 0 else {
-            throw TokenError(.io, "cannot read token file \(path): \(String(cString: strerror(errno)))")
-        }
-        do {
-            return try ClusterToken(hex: String(decoding: buffer[0..<n], as: UTF8.self))
-        } catch {
-            throw TokenError(.malformed, "token file \(path): \(error.detail)")
         }
     }
 }

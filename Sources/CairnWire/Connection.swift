@@ -83,7 +83,7 @@ public struct ConnectionCore: Sendable {
                 guard let next = try decoder.next() else { break }
                 frame = next
             } catch {
-                out += close(error, notifyPeer: true)
+                out += close(error)
                 break
             }
             out += handle(frame)
@@ -108,7 +108,8 @@ public struct ConnectionCore: Sendable {
         ticksSinceSent += 1
         if ticksSinceReceived >= options.timeoutTicks {
             let what = peer.map { "\($0.name) (epoch \($0.epoch))" } ?? "the peer"
-            return close(WireError(.protocolViolation, "nothing received from \(what) for \(ticksSinceReceived) ticks: declared dead"), notifyPeer: false, timedOut: true)
+            role = .closed
+            return [.closed(.timedOut("nothing received from \(what) for \(ticksSinceReceived) ticks: declared dead"))]
         }
         if case .open = role, ticksSinceSent >= options.heartbeatTicks {
             ticksSinceSent = 0
@@ -143,7 +144,7 @@ public struct ConnectionCore: Sendable {
                 role = .closed
                 return [.closed(.refused(WireError(.protocolViolation, "\(peer.name) closed the connection: \(String(decoding: frame.payload, as: UTF8.self))")))]
             default:
-                return close(WireError(.protocolViolation, "\(frame.kind) frame from \(peer.name) after the handshake"), notifyPeer: true)
+                return close(WireError(.protocolViolation, "\(frame.kind) frame from \(peer.name) after the handshake"))
             }
         case .closed:
             return []
@@ -168,12 +169,10 @@ public struct ConnectionCore: Sendable {
         return out
     }
 
-    private mutating func close(_ error: WireError, notifyPeer: Bool, timedOut: Bool = false) -> [ConnectionAction] {
+    /// Tells the peer why, then closes.
+    private mutating func close(_ error: WireError) -> [ConnectionAction] {
         role = .closed
-        var out: [ConnectionAction] = []
-        if notifyPeer { out.append(.write(Frame(.refused, Array(error.description.utf8)).encoded)) }
-        out.append(.closed(timedOut ? .timedOut(error.detail) : .refused(error)))
-        return out
+        return [.write(Frame(.refused, Array(error.description.utf8)).encoded), .closed(.refused(error))]
     }
 }
 

@@ -67,15 +67,11 @@ public struct Frame: Sendable, Equatable {
         out.append(WireFormat.magic.1)
         out.append(WireFormat.version)
         out.append(kind.rawValue)
-        appendLE(UInt32(payload.count), to: &out)
+        out += le(UInt64(payload.count), size: 4)
         let headerCRC = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<(start + 8)])) }
         let crc = payload.withUnsafeBytes { CRC32C.update(headerCRC, $0) }
-        appendLE(crc, to: &out)
+        out += le(UInt64(crc), size: 4)
         out += payload
-    }
-
-    static func appendLE(_ v: UInt32, to out: inout [UInt8]) {
-        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) }
     }
 }
 
@@ -161,12 +157,12 @@ public struct FrameDecoder: Sendable {
             throw WireError(.unknownKind, "frame kind \(buffer[start + 3]) is not one this process knows")
         }
         guard available >= WireFormat.headerSize else { return nil }
-        let length = Int(readLE(start + 4))
+        let length = Int(readLE(buffer, start + 4, size: 4))
         guard length <= maxPayload else {
             throw WireError(.tooLarge, "frame declares \(length) payload bytes; the limit is \(maxPayload)")
         }
         guard available >= WireFormat.headerSize + length else { return nil }
-        let expected = readLE(start + 8)
+        let expected = UInt32(readLE(buffer, start + 8, size: 4))
         let payloadStart = start + WireFormat.headerSize
         let actual = buffer.withUnsafeBytes { raw in
             CRC32C.update(CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[start..<(start + 8)])),
@@ -186,11 +182,5 @@ public struct FrameDecoder: Sendable {
 
     private func badMagic() -> WireError {
         WireError(.badMagic, "bytes 0x\(String(buffer[start], radix: 16))… do not start a Cairn frame (not a Cairn peer, or a desynchronized stream)")
-    }
-
-    private func readLE(_ at: Int) -> UInt32 {
-        var v: UInt32 = 0
-        for i in 0..<4 { v |= UInt32(buffer[at + i]) << (8 * UInt32(i)) }
-        return v
     }
 }

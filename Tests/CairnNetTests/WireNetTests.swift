@@ -198,3 +198,44 @@ struct WireNetTests {
         try await listener.close()
     }
 }
+
+@Suite("Net: token files")
+struct TokenFileTests {
+    @Test("a token round trips through a new 0600 file, which is never overwritten")
+    func tokenFile() throws {
+        let token = ClusterToken.generate()
+        let dir = NSTemporaryDirectory() + "cairn-token-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/token"
+        try token.write(to: path)
+        let mode = try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+        #expect(try ClusterToken.read(from: path) == token)
+        #expect(throws: TokenError.self) { try ClusterToken.generate().write(to: path) }
+        #expect(try ClusterToken.read(from: path) == token)
+    }
+
+    @Test("a token file others can read, or a missing one, is refused with a reason")
+    func badTokenFiles() throws {
+        let dir = NSTemporaryDirectory() + "cairn-token-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/token"
+        try ClusterToken.generate().write(to: path)
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: path)
+        do {
+            _ = try ClusterToken.read(from: path)
+            Issue.record("read a token file of mode 0644")
+        } catch {
+            #expect(error.code == .insecureFile)
+            #expect(error.detail.contains("chmod 600"))
+        }
+        do {
+            _ = try ClusterToken.read(from: dir + "/missing")
+            Issue.record("read a missing token file")
+        } catch {
+            #expect(error.code == .io)
+        }
+    }
+}

@@ -34,7 +34,7 @@ struct DigestTests {
 
 @Suite("Wire: cluster token")
 struct ClusterTokenTests {
-    @Test("a token round trips through its hex form and a 0600 file; its description hides it")
+    @Test("a token round trips through its hex form; its description hides it")
     func tokenRoundTrip() throws {
         let token = ClusterToken.generate()
         #expect(token.bytes.count == 32)
@@ -42,22 +42,10 @@ struct ClusterTokenTests {
         #expect(try ClusterToken(hex: "  " + token.hex.uppercased() + "\n") == token)
         #expect(!token.description.contains(token.hex))
         #expect(ClusterToken.generate() != token)
-
-        let dir = NSTemporaryDirectory() + "cairn-token-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let path = dir + "/token"
-        try token.write(to: path)
-        let mode = try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int
-        #expect(mode == 0o600)
-        #expect(try ClusterToken.read(from: path) == token)
-        // An existing token file is never overwritten.
-        #expect(throws: TokenError.self) { try ClusterToken.generate().write(to: path) }
-        #expect(try ClusterToken.read(from: path) == token)
     }
 
-    @Test("malformed tokens and token files readable by others are refused with a reason")
-    func badTokens() throws {
+    @Test("malformed tokens are refused with a reason")
+    func badTokens() {
         for bad in ["", "abc", String(repeating: "g", count: 64), String(repeating: "a", count: 66)] {
             do {
                 _ = try ClusterToken(hex: bad)
@@ -65,25 +53,6 @@ struct ClusterTokenTests {
             } catch {
                 #expect(error.code == .malformed)
             }
-        }
-        let dir = NSTemporaryDirectory() + "cairn-token-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let path = dir + "/token"
-        try ClusterToken.generate().write(to: path)
-        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: path)
-        do {
-            _ = try ClusterToken.read(from: path)
-            Issue.record("read a token file of mode 0644")
-        } catch {
-            #expect(error.code == .insecureFile)
-            #expect(error.detail.contains("chmod 600"))
-        }
-        do {
-            _ = try ClusterToken.read(from: dir + "/missing")
-            Issue.record("read a missing token file")
-        } catch {
-            #expect(error.code == .io)
         }
     }
 }
