@@ -67,10 +67,10 @@ public struct Frame: Sendable, Equatable {
         out.append(WireFormat.magic.1)
         out.append(WireFormat.version)
         out.append(kind.rawValue)
-        out += le(UInt64(payload.count), size: 4)
+        appendLE(UInt64(payload.count), size: 4, to: &out)
         let headerCRC = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<(start + 8)])) }
         let crc = payload.withUnsafeBytes { CRC32C.update(headerCRC, $0) }
-        out += le(UInt64(crc), size: 4)
+        appendLE(UInt64(crc), size: 4, to: &out)
         out += payload
     }
 }

@@ -95,7 +95,8 @@ public struct ServerHandshake: Sendable {
                 return refuse(.staleEpoch, "\(peer.name) epoch \(peer.epoch) is older than one already seen: a replaced incarnation")
             }
             state = .established(peer)
-            var welcome = le(epoch)
+            var welcome: [UInt8] = []
+            appendLE(epoch, to: &welcome)
             welcome += HMACSHA256.authenticate(Handshake.serverLabel + clientNonce + nonce, key: token.bytes)
             return [.send(Frame(.welcome, welcome)), .established(peer)]
         case .established:
@@ -216,9 +217,13 @@ struct Hello: Equatable {
     }
 
     var encoded: [UInt8] {
-        var out = le(UInt64(version), size: 2) + le(epoch) + nonce
+        var out: [UInt8] = []
+        appendLE(UInt64(version), size: 2, to: &out)
+        appendLE(epoch, to: &out)
+        out += nonce
         let utf8 = Array(name.utf8)
-        out += le(UInt64(utf8.count), size: 2) + utf8
+        appendLE(UInt64(utf8.count), size: 2, to: &out)
+        out += utf8
         return out
     }
 }
