@@ -6,6 +6,14 @@ import CairnStorage
 import Foundation
 
 @main
+enum Main {
+    static func main() async {
+        // A cluster of processes started from this binary (the tests use it) runs its nodes here.
+        Cluster.runNodeIfLaunched(prepare: ClusterWorkload.register)
+        await CairnChaos.main()
+    }
+}
+
 struct CairnChaos: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-chaos",

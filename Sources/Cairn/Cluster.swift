@@ -46,6 +46,22 @@ public struct ClusterOptions: Sendable {
     public var controlStore: ControlStoreBacking = .chainReplicated(EmbeddedGCS.Options())
     /// How components exchange messages. Default: ``TransportKind/inMemory``.
     public var transport: TransportKind = .inMemory
+    /// Run nodes 1 and up as separate processes (node 0, with the driver, the control store and
+    /// the global scheduler, stays in this process: the head). Each node process is this
+    /// executable started again (or ``nodeExecutable``), which must call
+    /// ``Cluster/runNodeIfLaunched(prepare:)`` first thing in `main`. Implies a TCP transport
+    /// (on 127.0.0.1 unless ``transport`` names a host). Default: false.
+    public var processes = false
+    /// The program node processes run; nil: this one.
+    public var nodeExecutable: String?
+    /// A node process whose connections stay silent this long is declared dead (one whose
+    /// connections close, as when it is killed, at once). Default 250.
+    public var failureTimeoutMs = 250
+    /// Times a task is run again because the node running it died, before its `get` fails
+    /// with ``RemoteError/Kind-swift.enum/nodeDied``. Default 3.
+    public var maxTaskRetries = 3
+    /// Start a replacement node process (with a new node ID) for each one that dies. Default true.
+    public var replaceDeadNodes = true
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -88,6 +104,12 @@ public final class Cluster: Sendable {
     private let running = Atomic<Bool>(true)
     private let housekeeper: Housekeeper
     private let actorStorage: LazyActorStorage
+    /// Starts and watches the node processes of a cluster with ``ClusterOptions/processes``.
+    let supervisor: NodeSupervisor?
+    private let lostNodes: LostNodeReporter
+
+    /// The name the head process gives in its connections.
+    static let headName = "head"
 
     /// The node the driver submits to.
     var driverNode: Node { nodes[0] }
@@ -99,6 +121,17 @@ public final class Cluster: Sendable {
 
     /// Starts an embedded cluster with the given options.
     public static func local(_ options: ClusterOptions) async throws -> Cluster {
+        var options = options
+        if options.processes, case .inMemory = options.transport { options.transport = .tcp(host: "127.0.0.1") }
+        guard options.failureTimeoutMs >= 100 else {
+            throw CairnError(.invalidArgument, "failureTimeoutMs must be at least 100 (heartbeats go every 50 ms); got \(options.failureTimeoutMs)")
+        }
+        guard options.maxTaskRetries >= 0 else {
+            throw CairnError(.invalidArgument, "maxTaskRetries must not be negative; got \(options.maxTaskRetries)")
+        }
+        if let path = options.nodeExecutable, access(path, X_OK) != 0 {
+            throw CairnError(.invalidArgument, "nodeExecutable \(path) is not an executable file")
+        }
         if case .tcp(let host) = options.transport {
             // Every component will listen on `host`: check that it can, before starting any.
             do {
@@ -118,8 +151,16 @@ public final class Cluster: Sendable {
             }
         }
         let cluster = Cluster(options, gcs: gcs)
+        if let supervisor = cluster.supervisor {
+            do {
+                try supervisor.startAll()
+            } catch {
+                cluster.shutdown()
+                throw error
+            }
+        }
         let deadline = ContinuousClock.now + .seconds(10)
-        while cluster.nodes.contains(where: { $0.nodeCount < options.nodes.count }) {
+        while cluster.nodes.contains(where: { $0.aliveNodes.count < options.nodes.count }) {
             guard ContinuousClock.now < deadline else {
                 cluster.shutdown()
                 throw CairnError(.shutDown, "the cluster's nodes did not all register with the control store within 10 s")
@@ -132,9 +173,18 @@ public final class Cluster: Sendable {
 
     private init(_ options: ClusterOptions, gcs: EmbeddedGCS?) {
         let transport: any Transport
+        let lost = LostNodeReporter()
+        lostNodes = lost
         switch options.transport {
         case .inMemory:
             transport = InMemoryTransport()
+        case .tcp(let host) where options.processes:
+            // Components of this process talk in memory; node processes over TCP, with
+            // connections that declare a silent peer dead after `failureTimeoutMs`.
+            transport = TCPTransport(host: host, name: Self.headName, shortcutLocal: true,
+                                     wire: .failureDetecting(milliseconds: options.failureTimeoutMs), log: options.log) { peer, reason in
+                lost.report(peer: peer, reason: "its connection closed (\(reason))")
+            }
         case .tcp(let host):
             // A 10 s silence timeout: within one process a silent connection means a starved
             // event loop, not a dead peer, and a closed connection would lose what it carried.
@@ -148,10 +198,32 @@ public final class Cluster: Sendable {
         let releases = self.releases
         let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
         self.actorStorage = actorStorage
-        nodes = options.nodes.enumerated().map { i, config in
-            Node(id: NodeID(i), configuration: config, transport: transport, actorStorage: actorStorage) { oid in
+        let hereHosted = options.processes ? Array(options.nodes.prefix(1)) : options.nodes
+        nodes = hereHosted.enumerated().map { i, config in
+            Node(id: NodeID(i), configuration: config, transport: transport, actorStorage: actorStorage,
+                 maxTaskRetries: options.maxTaskRetries) { oid in
                 releases.add(oid)
             }
+        }
+        if options.processes, case .tcp(let host) = options.transport, let tcp = transport as? TCPTransport {
+            lost.connect(transport, local: Set(nodes.map(\.id)))
+            let template = NodeLaunch(node: NodeID(0), resources: Resources(), functions: nil, storeLimitBytes: 0, spillThreshold: 0, host: host,
+                                      controlStore: tcp.localAddress(.controlStore) ?? "", scheduler: tcp.localAddress(.scheduler) ?? "",
+                                      tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
+                                      housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid())
+            do {
+                let s = try NodeSupervisor(executable: options.nodeExecutable ?? currentExecutable(), token: tcp.token, template: template,
+                                           configurations: Array(options.nodes.dropFirst()), firstID: 1,
+                                           restart: options.replaceDeadNodes, log: options.log) { node, reason in
+                    lost.report(peer: node.description, reason: reason)
+                }
+                supervisor = s
+            } catch {
+                // Only a temporary directory for the token is made here; without one nothing can start.
+                preconditionFailure("cannot prepare the node processes: \(error)")
+            }
+        } else {
+            supervisor = nil
         }
         let nodes = self.nodes
         housekeeper = Housekeeper(intervalMs: options.housekeepingIntervalMs) {
@@ -167,6 +239,9 @@ public final class Cluster: Sendable {
     public func shutdown() {
         guard running.exchange(false, ordering: .relaxed) else { return }
         housekeeper.stop()
+        // Node processes stopped on purpose are not declared dead.
+        lostNodes.disconnect()
+        supervisor?.stop()
         nodes.forEach { $0.stop() }
         actorStorage.close()
         transport.shutdown()
@@ -337,9 +412,41 @@ public final class Cluster: Sendable {
 
     // MARK: inspection
 
-    /// Objects and bytes held by each node's store.
+    /// The node processes running now (with ``ClusterOptions/processes``), by node, with pids;
+    /// empty for an embedded cluster.
+    public var nodeProcesses: [(node: NodeID, pid: Int32)] {
+        supervisor?.running.map { ($0.node, $0.pid) } ?? []
+    }
+
+    /// The nodes the control store lists as alive, as the driver's node last heard.
+    public var aliveNodes: [NodeID] { driverNode.aliveNodes }
+
+    /// Objects and bytes held by each node's store (of this process).
     public var storeStatus: [(node: NodeID, objects: Int, bytes: Int)] {
         nodes.map { ($0.id, $0.storeStatus.objects, $0.storeStatus.bytes) }
+    }
+}
+
+/// Tells the control store of node processes that are gone, as the transport (a connection
+/// closed or fell silent) and the supervisor (the process exited) see it.
+final class LostNodeReporter: Sendable {
+    private let state = Mutex<(transport: (any Transport)?, local: Set<NodeID>)>((nil, []))
+
+    func connect(_ transport: any Transport, local: Set<NodeID>) {
+        state.withLock { $0 = (transport, local) }
+    }
+
+    func disconnect() {
+        state.withLock { $0 = (nil, []) }
+    }
+
+    /// `peer` is a connection's peer name; only node processes (`node-N`, not hosted here) count.
+    func report(peer: String, reason: String) {
+        guard peer.hasPrefix("node-"), let raw = Int(peer.dropFirst(5)) else { return }
+        let node = NodeID(raw)
+        let (transport, local) = state.withLock { $0 }
+        guard let transport, !local.contains(node) else { return }
+        transport.send(.control(.nodeLost(node, reason: reason)), to: .controlStore)
     }
 }
 

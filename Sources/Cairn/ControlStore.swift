@@ -10,6 +10,8 @@ struct NodeRecord: Sendable, Codable {
     let functions: Set<String>?
     var queued: Int
     var alive: Bool
+    /// `host:port` of the node's listener when it runs in its own process; nil in process.
+    var address: String? = nil
 }
 
 /// The lineage of one task: enough to run it again.
@@ -94,6 +96,8 @@ struct ControlStoreCore {
     /// Reads waiting on a row.
     private var parked: [String: [ControlRequest]] = [:]
     private var nodeSubscribers: [Endpoint] = []
+    /// Nodes reported lost, with the reason: declared dead, and never alive again.
+    private var lostNodes: [NodeID: String] = [:]
     private var nodeTableChanged = false
     /// Whether the view has caught up; requests before that wait in `early`.
     private(set) var ready: Bool
@@ -165,6 +169,11 @@ struct ControlStoreCore {
         case .subscribeNodes(let endpoint):
             if !nodeSubscribers.contains(endpoint) { nodeSubscribers.append(endpoint) }
             actions.append(.send(.nodeTable(nodeTable), to: endpoint))
+        case .nodeLost(let id, let reason):
+            // Declared once; a node declared dead never comes back (a replacement gets a new ID).
+            guard lostNodes[id] == nil else { break }
+            lostNodes[id] = reason
+            declareDead(id, &actions)
         case .committed, .writeFailed:
             break
         }
@@ -193,6 +202,11 @@ struct ControlStoreCore {
         } catch {
             actions.append(.log("control store: the GCS row \(key) does not decode (\(error)); it is left out of the tables"))
         }
+        if !lostNodes.isEmpty, unconfirmed[key] == nil, let name = key.dropPrefix(GCSTable.nodes.rawValue),
+           let id = lostNodes.keys.first(where: { $0.description == name }) {
+            // Lost while its registration was being written.
+            declareDead(id, &actions)
+        }
         actions += release(key)
         return actions
     }
@@ -202,6 +216,23 @@ struct ControlStoreCore {
         guard unconfirmed[key] == Written(value: value) else { return [] }
         unconfirmed[key] = nil
         return release(key)
+    }
+
+    /// Marks a lost node dead once its row is committed, and fails the actors it hosted.
+    private mutating func declareDead(_ id: NodeID, _ actions: inout [Action]) {
+        guard var record = nodes[id], record.alive, let reason = lostNodes[id] else { return }
+        record.alive = false
+        record.queued = 0
+        actions.append(.log("\(id) declared dead: \(reason)"))
+        nodeSubscribers.removeAll { $0 == .node(id) }
+        write(ControlTables.node(id), record, &actions)
+        var hosted = newestActors
+        for (aid, r) in actors where hosted[aid] == nil { hosted[aid] = r }
+        for var actor in hosted.values where actor.node == id && (actor.state == .alive || actor.state == .restoring) {
+            actor.state = .failed
+            newestActors[actor.id] = actor
+            write(ControlTables.actor(actor.id), actor, &actions)
+        }
     }
 
     /// The node table for subscribers, if it changed since the last call.

@@ -133,14 +133,19 @@ final class LazyActorStorage: Sendable {
     private let storage = Mutex<ActorStorage?>(nil)
     private let closed = Atomic<Bool>(false)
 
-    init(options: ActorStorageOptions, log: @escaping @Sendable (String) -> Void) {
+    /// Why this process may not open actor storage, if it may not.
+    let unavailable: String?
+
+    init(options: ActorStorageOptions, unavailable: String? = nil, log: @escaping @Sendable (String) -> Void) {
         self.options = options
+        self.unavailable = unavailable
         self.log = log
     }
 
     func get() throws -> ActorStorage {
         try storage.withLock { s in
             if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
+            if let unavailable { throw CairnError(.storage, unavailable) }
             if let s { return s }
             let opened = try ActorStorage(options)
             if let log = opened.logs as? AppendLog, log.recovery.tornBytes > 0 {

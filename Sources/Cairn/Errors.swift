@@ -64,6 +64,12 @@ public struct RemoteError: Error, CustomStringConvertible, Sendable, Equatable, 
         case storageFailed
         /// The request does not apply to its target (a checkpoint asked of an actor that is not durable).
         case invalidRequest
+        /// The node running the task died more times than the cluster's `maxTaskRetries`, or
+        /// the node hosting the actor died with the call in flight.
+        case nodeDied
+        /// The object's owner died, and its value and lineage with it (a `put`, or a result
+        /// owned by a task that ran on that node).
+        case objectLost
     }
 
     public let kind: Kind

@@ -22,6 +22,7 @@ final class GlobalScheduler: @unchecked Sendable {
     private func handle(_ batch: [Message]) {
         var placed: [NodeID: [TaskSpec]] = [:]
         var failed: [NodeID: [(ObjectID, StoredValue)]] = [:]
+        var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
         for message in batch {
             switch message {
             case .nodeTable(let table):
@@ -40,6 +41,7 @@ final class GlobalScheduler: @unchecked Sendable {
                     let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
                     if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
                         placed[target, default: []].append(spec)
+                        if spec.owner != target { notices[spec.owner, default: []].append((spec.id, target)) }
                         placedSinceReport[target, default: 0] += 1
                         if let i = view.firstIndex(where: { $0.id == target }) { view[i].queued += 1 }
                     } else {
@@ -53,6 +55,8 @@ final class GlobalScheduler: @unchecked Sendable {
             }
         }
         for (node, specs) in placed { transport.send(.runTasks(specs), to: .node(node)) }
+        // Owners learn where their tasks went, so they can run them again if that node dies.
+        for (owner, list) in notices { transport.send(.placed(list), to: .node(owner)) }
         for (node, objects) in failed { transport.send(.objects(objects), to: .node(node)) }
     }
 }

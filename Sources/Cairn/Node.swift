@@ -145,10 +145,15 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     @exclusivity(unchecked) private var taskBacklog: [TaskRecord] = []
     @exclusivity(unchecked) private var stopped = false
+    /// Nodes the control store declared dead.
+    @exclusivity(unchecked) private var deadNodes: Set<NodeID> = []
+    /// Times a task owned here is run again after its node died, before it fails.
+    let maxTaskRetries: Int
 
     init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, actorStorage: LazyActorStorage,
-         release: @escaping @Sendable (ObjectID) -> Void) {
+         maxTaskRetries: Int = 3, release: @escaping @Sendable (ObjectID) -> Void) {
         self.id = id
+        self.maxTaskRetries = maxTaskRetries
         self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
@@ -157,7 +162,7 @@ final class Node: @unchecked Sendable {
         self.releaseObject = release
         transport.register(.node(id)) { [self] batch in handle(batch) }
         transport.send(.control(.registerNode(NodeRecord(id: id, resources: configuration.resources, functions: configuration.functions,
-                                                         queued: 0, alive: true))), to: .controlStore)
+                                                         queued: 0, alive: true, address: transport.localAddress(.node(id))))), to: .controlStore)
         transport.send(.control(.subscribeNodes(.node(id))), to: .controlStore)
         condition.lock()
         var out = Outgoing()
@@ -198,6 +203,13 @@ final class Node: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return nodeLoads.count
+    }
+
+    /// The nodes the control store's table lists as alive, as this node last heard.
+    var aliveNodes: [NodeID] {
+        condition.lock()
+        defer { condition.unlock() }
+        return nodeLoads.filter(\.alive).map(\.id)
     }
 
     // MARK: submission
@@ -318,6 +330,9 @@ final class Node: @unchecked Sendable {
         var missing = 0
         for case .ref(let dep, _) in spec.args {
             let d = entry(dep)
+            if d.value == nil && !deadNodes.isEmpty && deadNodes.contains(dep.owner) && dep.owner != id {
+                storeLocked(dep, lostValue(dep), &out)
+            }
             guard d.value == nil else { continue }
             missing += 1
             d.blockedTasks.append(spec.id)
@@ -373,7 +388,9 @@ final class Node: @unchecked Sendable {
     /// Makes sure a missing object will arrive: fetch it from its owner, or rebuild it here.
     private func requestLocked(_ oid: ObjectID, _ e: ObjectEntry, _ out: inout Outgoing) {
         if oid.owner != id {
-            if !e.fetching {
+            if !deadNodes.isEmpty && deadNodes.contains(oid.owner) {
+                storeLocked(oid, lostValue(oid), &out)
+            } else if !e.fetching {
                 e.fetching = true
                 out.messages.append((.fetch([oid], replyTo: id), .node(oid.owner)))
             }
@@ -789,6 +806,7 @@ final class Node: @unchecked Sendable {
             deliverLocked(call, to: instance, &out)
         } else if let location = actorLocations[call.actor] {
             actorOutbox[location, default: []].append(call)
+            entry(call.result).placedOn = location
             out.actorCallsRouted = true
         } else {
             if actorQueue[call.actor] == nil {
@@ -924,7 +942,19 @@ final class Node: @unchecked Sendable {
                 if table.map(\.id) != nodeLoads.map(\.id) || table.map(\.alive) != nodeLoads.map(\.alive) {
                     feasibility.withLock { $0.known = [:] }
                 }
+                for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
+                    deadNodes.insert(record.id)
+                    transport.forget(.node(record.id))
+                    nodeDiedLocked(record.id, &out)
+                }
                 nodeLoads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
+            case .placed(let placements):
+                for (oid, node) in placements {
+                    guard let e = objects[oid], e.value == nil, e.spec != nil else { continue }
+                    e.placedOn = node
+                    // Placed on a node that died before this notice came: run it again now.
+                    if deadNodes.contains(node) { nodeDiedLocked(node, only: oid, &out) }
+                }
             case .schedule, .control:
                 break
             }
@@ -941,6 +971,48 @@ final class Node: @unchecked Sendable {
                 transport.send(.actorCreated(spawn.id, on: id, failure: failure), to: .node(spawn.replyTo))
             }
         }
+    }
+
+    // MARK: failures
+
+    /// The error value of an object whose owner died.
+    private func lostValue(_ oid: ObjectID) -> StoredValue {
+        .failed(RemoteError(kind: .objectLost, task: oid, function: "", node: oid.owner,
+                            message: "\(oid) was owned by \(oid.owner), which died: its value and its lineage were lost with it"))
+    }
+
+    /// `dead` was declared dead: run again the tasks owned here that it was running, fail the
+    /// actor calls it had, and fail the objects it owned that anyone here waits for. With
+    /// `only`, just that object (a placement notice that arrived after the news).
+    private func nodeDiedLocked(_ dead: NodeID, only: ObjectID? = nil, _ out: inout Outgoing) {
+        if only == nil { actorLocations = actorLocations.filter { $0.value != dead } }
+        var retry: [(ObjectID, ObjectEntry)] = []
+        var lost: [ObjectID] = []
+        for (oid, e) in objects where e.value == nil && (only == nil || only == oid) {
+            if e.placedOn == dead {
+                retry.append((oid, e))
+            } else if oid.owner == dead && (e.fetching || e.firstWaiter != nil || !e.blockedTasks.isEmpty) {
+                lost.append(oid)
+            }
+        }
+        for (oid, e) in retry {
+            e.placedOn = nil
+            guard let spec = e.spec else {
+                let error = RemoteError(kind: .nodeDied, task: oid, function: "", node: dead,
+                                        message: "\(dead), hosting the actor, died with this call in flight")
+                storeLocked(oid, .failed(error), &out)
+                continue
+            }
+            e.retries += 1
+            if e.retries > maxTaskRetries {
+                let error = RemoteError(kind: .nodeDied, task: oid, function: spec.function, node: dead,
+                                        message: "its node died while running it \(e.retries) times; maxTaskRetries is \(maxTaskRetries)")
+                storeLocked(oid, .failed(error), &out)
+            } else {
+                acceptLocked(spec, e, placed: false, &out)
+            }
+        }
+        for oid in lost { storeLocked(oid, lostValue(oid), &out) }
     }
 
     /// Sends what the locked section gathered: encodes values leaving the node (outside the lock).
@@ -1179,6 +1251,11 @@ final class ObjectEntry {
     var fetchRequests: [NodeID] = []
     /// Nodes holding a copy (to free them too).
     var copies: [NodeID] = []
+    /// Where the scheduler placed the task making it, or where the actor call went: if that
+    /// node dies first, the task runs again (its owner keeps the spec) or the call fails.
+    var placedOn: NodeID?
+    /// Times the task was run again because its node died.
+    var retries: Int32 = 0
 }
 
 func monotonicNanoseconds() -> UInt64 {

@@ -5,62 +5,98 @@ import Foundation
 
 /// Carries the runtime's messages over TCP with the Cairn wire protocol: every endpoint
 /// listens on its own port, and every message is encoded (``WireMessages``), framed,
-/// checksummed and sent over an authenticated connection, even between endpoints of one
-/// process.
+/// checksummed and sent over an authenticated connection.
 ///
 /// Contract (as ``InMemoryTransport``): messages from one sender to one endpoint arrive in the
 /// order sent, since each endpoint is reached through one connection fed from one queue.
-/// Addresses are known in-process for now (the endpoints this transport registered); the
-/// multi-process cluster will take them from the node table.
+///
+/// Addresses: an endpoint registered here is reached at its own listener; others are learned
+/// with ``setAddress(_:host:port:)`` (the head's control store and scheduler, given to a node
+/// process when it starts) and from the addresses nodes put in their records, which this
+/// transport reads off the `registerNode` and `nodeTable` messages it delivers. A message for
+/// an endpoint whose address is not known yet waits for it. ``forget(_:)`` drops an endpoint
+/// declared dead, and everything queued for it.
+///
+/// With `shortcutLocal`, a message for an endpoint registered in this process is handed to its
+/// inbox without the network, as ``InMemoryTransport`` does (portability still checked): the
+/// multi-process cluster uses TCP only between processes.
 ///
 /// Thread safety (why `@unchecked Sendable` is sound): the tables are guarded by `lock`; each
 /// ``Outbound`` guards its own queue.
 final class TCPTransport: Transport, @unchecked Sendable {
+    /// What an endpoint's inbox thread takes: bytes off a connection, or a message from this process.
+    enum Delivery {
+        case wire(WireConnection, [UInt8])
+        case local(Message)
+    }
+
     let host: String
     let token: ClusterToken
     let epoch: UInt64
     let wire: WireOptions
+    /// The name this process gives in its handshakes (`node-3`, `head`): how a peer that sees
+    /// the connection close knows who went.
+    let name: String
+    let shortcutLocal: Bool
     private let log: @Sendable (String) -> Void
+    /// Told the peer name of every connection that closed, inbound or outbound.
+    private let peerLost: @Sendable (String, CloseReason) -> Void
     private let lock = NSLock()
-    private var ports: [Endpoint: Int] = [:]
-    private var inboxes: [Endpoint: BatchQueue<(WireConnection, [UInt8])>] = [:]
+    private var addresses: [Endpoint: (host: String, port: Int)] = [:]
+    private var inboxes: [Endpoint: BatchQueue<Delivery>] = [:]
     private var listeners: [Endpoint: WireListener] = [:]
     private var outbound: [Endpoint: Outbound] = [:]
+    /// Messages for endpoints whose address is not known yet, in order.
+    private var waiting: [Endpoint: [[UInt8]]] = [:]
+    private var forgotten: Set<Endpoint> = []
     private var stopped = false
 
-    init(host: String = "127.0.0.1", token: ClusterToken = .generate(), epoch: UInt64 = 1,
-         wire: WireOptions = WireOptions(), log: @escaping @Sendable (String) -> Void) {
+    init(host: String = "127.0.0.1", token: ClusterToken = .generate(), epoch: UInt64 = 1, name: String = "sender",
+         shortcutLocal: Bool = false, wire: WireOptions = WireOptions(), log: @escaping @Sendable (String) -> Void,
+         peerLost: @escaping @Sendable (String, CloseReason) -> Void = { _, _ in }) {
         self.host = host
         self.token = token
         self.epoch = epoch
+        self.name = name
+        self.shortcutLocal = shortcutLocal
         self.wire = wire
         self.log = log
+        self.peerLost = peerLost
     }
 
     func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
         let log = self.log
         // Messages are decoded on the endpoint's own thread, not on the event loop, which
         // serves every connection of its share.
-        let inbox = BatchQueue<(WireConnection, [UInt8])>(name: endpoint.description) { batch in
+        let inbox = BatchQueue<Delivery>(name: endpoint.description) { [weak self] batch in
             var messages: [Message] = []
             messages.reserveCapacity(batch.count)
-            for (connection, bytes) in batch {
-                do {
-                    let (to, message) = try WireMessages.decode(bytes)
-                    guard to == endpoint else {
-                        log("transport: \(connection) sent a message for \(to) to \(endpoint)'s port; closing")
-                        connection.close()
-                        continue
-                    }
+            for delivery in batch {
+                switch delivery {
+                case .local(let message):
                     messages.append(message)
-                } catch {
-                    log("transport: \(connection): \(error); closing")
-                    connection.close()
+                case .wire(let connection, let bytes):
+                    do {
+                        let (to, message) = try WireMessages.decode(bytes)
+                        guard to == endpoint else {
+                            log("transport: \(connection) sent a message for \(to) to \(endpoint)'s port; closing")
+                            connection.close()
+                            continue
+                        }
+                        self?.learnAddresses(from: message)
+                        messages.append(message)
+                    } catch {
+                        log("transport: \(connection): \(error); closing")
+                        connection.close()
+                    }
                 }
             }
             if !messages.isEmpty { handler(messages) }
         }
-        let handlers = WireHandlers(message: { connection, bytes in inbox.post((connection, bytes)) },
+        let handlers = WireHandlers(message: { connection, bytes in inbox.post(.wire(connection, bytes)) },
+                                    closed: { [weak self] connection, reason in
+                                        if let peer = connection.peer { self?.notifyLost(peer.name, reason) }
+                                    },
                                     log: { log("transport: \($0)") })
         let listener: WireListener
         do {
@@ -73,16 +109,89 @@ final class TCPTransport: Transport, @unchecked Sendable {
         lock.lock()
         let previousInbox = inboxes.updateValue(inbox, forKey: endpoint)
         let previousListener = listeners.updateValue(listener, forKey: endpoint)
-        ports[endpoint] = listener.port
+        addresses[endpoint] = (host, listener.port)
+        forgotten.remove(endpoint)
         // Senders reconnect to the new port.
         let previousOutbound = outbound.removeValue(forKey: endpoint)
+        let held = waiting.removeValue(forKey: endpoint) ?? []
         lock.unlock()
         previousInbox?.stop()
         previousOutbound?.stop()
         previousListener?.closeBlocking()
+        for bytes in held { sendEncoded(bytes, to: endpoint) }
+    }
+
+    /// `host:port` of an endpoint registered in this process (what a node puts in its record).
+    func localAddress(_ endpoint: Endpoint) -> String? {
+        lock.withLock { listeners[endpoint].map { "\(host):\($0.port)" } }
+    }
+
+    /// Where `endpoint` is reached; messages that waited for it are sent.
+    func setAddress(_ endpoint: Endpoint, host: String, port: Int) {
+        lock.lock()
+        if stopped || listeners[endpoint] != nil || forgotten.contains(endpoint) {
+            lock.unlock()
+            return
+        }
+        let known = addresses[endpoint]
+        if let known, known.host == host, known.port == port {
+            lock.unlock()
+            return
+        }
+        addresses[endpoint] = (host, port)
+        let previous = outbound.removeValue(forKey: endpoint)
+        let held = waiting.removeValue(forKey: endpoint) ?? []
+        lock.unlock()
+        previous?.stop()
+        for bytes in held { sendEncoded(bytes, to: endpoint) }
+    }
+
+    /// Drops an endpoint declared dead: its address, its connection and whatever waits for it.
+    /// Later messages to it are dropped; registering it again brings it back.
+    func forget(_ endpoint: Endpoint) {
+        lock.lock()
+        forgotten.insert(endpoint)
+        addresses[endpoint] = nil
+        waiting[endpoint] = nil
+        let out = outbound.removeValue(forKey: endpoint)
+        lock.unlock()
+        out?.stop()
+    }
+
+    private func learnAddresses(from message: Message) {
+        switch message {
+        case .control(.registerNode(let record)):
+            learn(record)
+        case .nodeTable(let table):
+            for record in table where record.alive { learn(record) }
+        default:
+            break
+        }
+    }
+
+    private func learn(_ record: NodeRecord) {
+        guard let address = record.address, let (host, port) = Self.split(address) else { return }
+        setAddress(.node(record.id), host: host, port: port)
+    }
+
+    /// `host:port` split at its last colon; nil unless the port is a number.
+    static func split(_ address: String) -> (String, Int)? {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
+              (1...65_535).contains(port) else { return nil }
+        return (String(address[..<colon]), port)
     }
 
     func send(_ message: Message, to endpoint: Endpoint) {
+        if shortcutLocal {
+            lock.lock()
+            let inbox = inboxes[endpoint]
+            lock.unlock()
+            if let inbox {
+                InMemoryTransport.checkPortable(message)
+                inbox.post(.local(message))
+                return
+            }
+        }
         // Encoding traps on a value or task that was not made portable, as InMemoryTransport's check does.
         let bytes: [UInt8]
         do {
@@ -90,16 +199,25 @@ final class TCPTransport: Transport, @unchecked Sendable {
         } catch {
             preconditionFailure("a portable message did not encode: \(error)")
         }
+        sendEncoded(bytes, to: endpoint)
+    }
+
+    private func sendEncoded(_ bytes: [UInt8], to endpoint: Endpoint) {
         lock.lock()
-        guard !stopped, let port = ports[endpoint] else {
+        guard !stopped, !forgotten.contains(endpoint) else {
             lock.unlock()
-            return  // as in memory: a message to an endpoint nobody registered is dropped
+            return  // as in memory: a message to an endpoint that is gone is dropped
+        }
+        guard let address = addresses[endpoint] else {
+            waiting[endpoint, default: []].append(bytes)
+            lock.unlock()
+            return
         }
         let out: Outbound
         if let existing = outbound[endpoint] {
             out = existing
         } else {
-            out = Outbound(endpoint: endpoint, host: host, port: port, transport: self)
+            out = Outbound(endpoint: endpoint, host: address.host, port: address.port, transport: self)
             outbound[endpoint] = out
         }
         lock.unlock()
@@ -115,7 +233,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
         inboxes = [:]
         outbound = [:]
         listeners = [:]
-        ports = [:]
+        addresses = [:]
+        waiting = [:]
         lock.unlock()
         outs.forEach { $0.stop() }
         all.forEach { $0.stop() }
@@ -123,6 +242,12 @@ final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     fileprivate func report(_ line: String) { log("transport: \(line)") }
+    fileprivate func lost(_ endpoint: Endpoint, _ reason: CloseReason) { notifyLost(endpoint.description, reason) }
+
+    private func notifyLost(_ peer: String, _ reason: CloseReason) {
+        guard !lock.withLock({ stopped }) else { return }
+        peerLost(peer, reason)
+    }
 }
 
 /// The queue and connection to one endpoint. Messages wait here while the connection is being
@@ -146,6 +271,8 @@ final class Outbound: @unchecked Sendable {
     private let port: Int
     private weak var transport: TCPTransport?
     private let retry = DispatchQueue(label: "cairn-outbound-retry")
+    /// Failed connection attempts in a row (only the first of a streak is logged).
+    private var failures = 0
 
     init(endpoint: Endpoint, host: String, port: Int, transport: TCPTransport) {
         self.endpoint = endpoint
@@ -218,22 +345,31 @@ final class Outbound: @unchecked Sendable {
     private func connect() {
         guard let transport else { return }
         let (host, port, endpoint) = (self.host, self.port, self.endpoint)
-        let handlers = WireHandlers(message: { _, _ in }, closed: { [weak self] _, reason in
+        let handlers = WireHandlers(message: { _, _ in }, closed: { [weak self, weak transport] _, reason in
             self?.closed(reason)
+            transport?.lost(endpoint, reason)
         }, log: { [weak transport] in transport?.report($0) })
-        let (token, epoch, wire) = (transport.token, transport.epoch, transport.wire)
+        let (token, epoch, wire, name) = (transport.token, transport.epoch, transport.wire, transport.name)
         Task {
             do {
-                let connection = try await Wire.connect(host: host, port: port, token: token, name: "sender", epoch: epoch,
+                let connection = try await Wire.connect(host: host, port: port, token: token, name: name, epoch: epoch,
                                                         serverName: endpoint.description, handlers: handlers, options: wire)
                 lock.withLock {
+                    failures = 0
                     if case .connecting = state { state = .connected(connection) }
                 }
                 drain()
             } catch {
-                transport.report("cannot connect to \(endpoint) at \(host):\(port): \(error); retrying")
-                lock.withLock {
+                let (first, stopped): (Bool, Bool) = lock.withLock {
+                    failures += 1
                     if case .connecting = state { state = .idle }
+                    if case .stopped = state { return (failures == 1, true) }
+                    return (failures == 1, false)
+                }
+                guard !stopped else { return }
+                if first {
+                    transport.report("cannot connect to \(endpoint) at \(host):\(port): \(error); retrying every 10 ms")
+                    transport.lost(endpoint, .connectionLost("cannot connect: \(error)"))
                 }
                 retry.asyncAfter(deadline: .now() + .milliseconds(10)) { self.drain() }
             }

@@ -98,6 +98,8 @@ enum ControlRequest: Sendable {
     case committed(generation: UInt64, key: String, value: [UInt8]?)
     /// The GCS gave up on the control store's write of a row.
     case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
+    /// The node's process is gone (its connections closed or fell silent): declare it dead.
+    case nodeLost(NodeID, reason: String)
 }
 
 /// Everything that crosses between components.
@@ -122,6 +124,9 @@ enum Message: Sendable {
     case objectLocation(ObjectID, ObjectLocation?)
     case control(ControlRequest)
     case nodeTable([NodeRecord])
+    /// From the global scheduler to a task's owner: where it placed the owner's tasks, so
+    /// that the owner can run them again if that node dies.
+    case placed([(ObjectID, NodeID)])
 }
 
 /// Carries messages between components.
@@ -133,6 +138,16 @@ protocol Transport: Sendable {
     func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void)
     func send(_ message: Message, to endpoint: Endpoint)
     func shutdown()
+    /// `host:port` where another process reaches `endpoint`, if it is registered here and
+    /// reachable from other processes.
+    func localAddress(_ endpoint: Endpoint) -> String?
+    /// Drops an endpoint declared dead and whatever is queued for it.
+    func forget(_ endpoint: Endpoint)
+}
+
+extension Transport {
+    func localAddress(_ endpoint: Endpoint) -> String? { nil }
+    func forget(_ endpoint: Endpoint) {}
 }
 
 /// Messages between components of one process: one inbox thread per endpoint.

@@ -262,6 +262,11 @@ struct WireLocation: Codable {
     var size: Int
 }
 
+struct WirePlacement: Codable {
+    var task: ObjectID
+    var node: NodeID
+}
+
 enum WireControl: Codable {
     case registerNode(NodeRecord)
     case reportLoad(NodeID, queued: Int)
@@ -276,6 +281,7 @@ enum WireControl: Codable {
     case locateObject(ObjectID, replyTo: WireEndpoint)
     case committed(generation: UInt64, key: String, value: [UInt8]?)
     case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
+    case nodeLost(NodeID, reason: String)
 
     init(_ r: ControlRequest) {
         switch r {
@@ -292,6 +298,7 @@ enum WireControl: Codable {
         case .locateObject(let o, let e): self = .locateObject(o, replyTo: WireEndpoint(e))
         case .committed(let g, let k, let v): self = .committed(generation: g, key: k, value: v)
         case .writeFailed(let g, let k, let v): self = .writeFailed(generation: g, key: k, value: v)
+        case .nodeLost(let n, let r): self = .nodeLost(n, reason: r)
         }
     }
 
@@ -310,6 +317,7 @@ enum WireControl: Codable {
         case .locateObject(let o, let e): return .locateObject(o, replyTo: e.endpoint)
         case .committed(let g, let k, let v): return .committed(generation: g, key: k, value: v)
         case .writeFailed(let g, let k, let v): return .writeFailed(generation: g, key: k, value: v)
+        case .nodeLost(let n, let r): return .nodeLost(n, reason: r)
         }
     }
 }
@@ -328,6 +336,7 @@ enum WireMessage: Codable {
     case objectLocation(ObjectID, ObjectLocation?)
     case control(WireControl)
     case nodeTable([NodeRecord])
+    case placed([WirePlacement])
 
     init(_ m: Message) {
         switch m {
@@ -344,6 +353,7 @@ enum WireMessage: Codable {
         case .objectLocation(let o, let l): self = .objectLocation(o, l)
         case .control(let r): self = .control(WireControl(r))
         case .nodeTable(let t): self = .nodeTable(t)
+        case .placed(let p): self = .placed(p.map { WirePlacement(task: $0.0, node: $0.1) })
         }
     }
 
@@ -362,6 +372,7 @@ enum WireMessage: Codable {
         case .objectLocation(let o, let l): return .objectLocation(o, l)
         case .control(let r): return .control(r.request)
         case .nodeTable(let t): return .nodeTable(t)
+        case .placed(let p): return .placed(p.map { ($0.task, $0.node) })
         }
     }
 }

@@ -1,8 +1,17 @@
 import ArgumentParser
+import Cairn
 import CairnChaosKit
 import Foundation
 
 @main
+enum Main {
+    static func main() async {
+        // The cluster suite's node processes are this binary, started again.
+        Cluster.runNodeIfLaunched(prepare: ClusterWorkload.register)
+        await CairnBench.main()
+    }
+}
+
 struct CairnBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-bench",

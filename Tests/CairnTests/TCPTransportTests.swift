@@ -27,6 +27,9 @@ struct TCPTransportTests {
             .control(.objectLocations([(ObjectID(owner: NodeID(0), counter: 2), NodeID(1), size: 70_000)])),
             .control(.lookupActor(ActorID(raw: 4), replyTo: .scheduler)),
             .control(.committed(generation: 9, key: "obj/x", value: nil)),
+            .control(.nodeLost(NodeID(3), reason: "its connection closed")),
+            .placed([(ObjectID(owner: NodeID(0), counter: 5), NodeID(2))]),
+            .nodeTable([NodeRecord(id: NodeID(1), resources: Resources(cpus: 2), functions: ["f"], queued: 3, alive: false, address: "127.0.0.1:4000")]),
         ]
         for message in messages {
             let bytes = try WireMessages.encode(message, to: .node(NodeID(2)))

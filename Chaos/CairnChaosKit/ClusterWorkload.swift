@@ -1,0 +1,50 @@
+import Cairn
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tasks for tests and benchmarks of a cluster of processes. Every process of such a cluster
+/// must know them: node processes call ``register()`` through
+/// `Cluster.runNodeIfLaunched(prepare:)`.
+public enum ClusterWorkload {
+    /// `x * x`.
+    public static let square = RemoteFunction<Int, Int>("workload.square") { $0 * $0 }
+
+    /// `x * x`, after sleeping `x % 7` milliseconds: slow enough to be running when a node is killed.
+    public static let slowSquare = RemoteFunction<Int, Int>("workload.slowSquare") { x in
+        usleep(UInt32(x % 7) * 1_000)
+        return x * x
+    }
+
+    /// The pid of the process that ran it (and `x`, so that each call is distinct).
+    public static let whereAmI = RemoteFunction<Int, [Int]>("workload.whereAmI") { x in
+        usleep(2_000)
+        return [Int(getpid()), x]
+    }
+
+    /// Sum of `square(i)` for `i` in `0..<n`, as nested tasks.
+    public static let sumOfSquares = RemoteFunction<Int, Int>("workload.sumOfSquares") { n in
+        let refs = try (0..<n).map { try square.remote($0) }
+        var total = 0
+        for r in refs { total += try r.get() }
+        return total
+    }
+
+    /// A reference to the result of a nested task, which the node running this one owns, and
+    /// the pid of that node's process.
+    public static let ownedElsewhere = RemoteFunction<Int, OwnedRef>("workload.ownedElsewhere") { x in
+        let ref = try square.remote(x)
+        _ = try ref.get()
+        return OwnedRef(ref: ref, pid: Int(getpid()))
+    }
+
+    public struct OwnedRef: Codable, Sendable {
+        public let ref: ObjectRef<Int>
+        public let pid: Int
+    }
+
+    /// Creates every function, so that a node process knows them by name.
+    public static func register() {
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere)
+    }
+}

@@ -1,0 +1,279 @@
+import CairnCodec
+import CairnCore
+import CairnNet
+import CairnWire
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a node process is told to be, in one environment variable (``variable``) set by the
+/// head that starts it: a ``BinaryEncoder`` document, hex-encoded.
+struct NodeLaunch: Codable, Equatable {
+    static let variable = "CAIRN_NODE_LAUNCH"
+
+    var node: NodeID
+    var resources: Resources
+    var functions: Set<String>?
+    var storeLimitBytes: Int
+    var spillThreshold: Int
+    /// The address this node listens on.
+    var host: String
+    /// `host:port` of the head's control store and global scheduler.
+    var controlStore: String
+    var scheduler: String
+    /// The cluster token's file (0600).
+    var tokenFile: String
+    var failureTimeoutMs: Int
+    var maxTaskRetries: Int
+    var housekeepingIntervalMs: Int
+    /// The head's pid: the node exits when its parent is no longer the head.
+    var head: Int32
+
+    func encoded() throws -> String {
+        try BinaryEncoder().encode(self).map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func decode(_ text: String) throws -> NodeLaunch {
+        let utf8 = Array(text.utf8)
+        guard utf8.count % 2 == 0 else { throw CairnError(.invalidArgument, "\(variable) is not hex") }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(utf8.count / 2)
+        var i = 0
+        while i < utf8.count {
+            guard let byte = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else {
+                throw CairnError(.invalidArgument, "\(variable) is not hex")
+            }
+            bytes.append(byte)
+            i += 2
+        }
+        do {
+            return try BinaryDecoder().decode(NodeLaunch.self, from: bytes)
+        } catch {
+            throw CairnError(.invalidArgument, "\(variable) does not decode (\(error)); it is set by the head that starts a node, not by hand")
+        }
+    }
+}
+
+extension Cluster {
+    /// The entry point of a node process. Call it first thing in `main`.
+    ///
+    /// A cluster with ``ClusterOptions/processes`` starts its nodes by running this program
+    /// again (or ``ClusterOptions/nodeExecutable``) with a launch description in its
+    /// environment. In such a process this runs the node (its worker threads, its object
+    /// store, its connections to the head) until the head goes away, and then exits; it never
+    /// returns. Anywhere else it returns at once, having done nothing.
+    ///
+    /// `prepare` runs first in a node process: create every ``RemoteFunction`` and register every
+    /// actor type (``FunctionRegistry/register(_:)``) that the cluster's tasks may use, since a
+    /// Swift global is created only when first touched, and a node knows code only by name.
+    public static func runNodeIfLaunched(prepare: () -> Void = {}) {
+        guard let text = ProcessInfo.processInfo.environment[NodeLaunch.variable] else { return }
+        let launch: NodeLaunch
+        do {
+            launch = try NodeLaunch.decode(text)
+        } catch {
+            ClusterOptions.standardErrorLog("\(error)")
+            exit(2)
+        }
+        prepare()
+        NodeProcess.run(launch)
+    }
+}
+
+/// The node side of a cluster of processes.
+enum NodeProcess {
+    static func run(_ launch: NodeLaunch) -> Never {
+        let name = launch.node.description
+        let log: @Sendable (String) -> Void = { ClusterOptions.standardErrorLog("\(name): \($0)") }
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: launch.tokenFile)
+        } catch {
+            log("cannot read the cluster token: \(error)")
+            exit(2)
+        }
+        guard let control = TCPTransport.split(launch.controlStore), let scheduler = TCPTransport.split(launch.scheduler) else {
+            log("bad head addresses \(launch.controlStore), \(launch.scheduler)")
+            exit(2)
+        }
+        let transport = TCPTransport(host: launch.host, token: token, name: name, shortcutLocal: true,
+                                     wire: WireOptions.failureDetecting(milliseconds: launch.failureTimeoutMs), log: log) { peer, reason in
+            // Without the head this node can do nothing, and the head has declared it dead
+            // (or is gone): it stops, and the head starts a replacement.
+            if peer == Cluster.headName || peer == Endpoint.controlStore.description {
+                log("lost the head (\(reason)); exiting")
+                exit(3)
+            }
+        }
+        transport.setAddress(.controlStore, host: control.0, port: control.1)
+        transport.setAddress(.scheduler, host: scheduler.0, port: scheduler.1)
+        let releases = ReleaseQueue()
+        let storage = LazyActorStorage(options: ActorStorageOptions(location: .inMemory),
+                                       unavailable: "durable actors in a cluster of processes are hosted on the head's node (node-0); \(name) runs in its own process and does not open the cluster's actor storage",
+                                       log: log)
+        let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
+                                              storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
+        let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: storage,
+                        maxTaskRetries: launch.maxTaskRetries) { releases.add($0) }
+        let housekeeper = Housekeeper(intervalMs: launch.housekeepingIntervalMs) {
+            for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
+            node.housekeeping()
+        }
+        _ = housekeeper
+        // The head started this process; if the head exits, this process is adopted by
+        // another and stops too.
+        while getppid() == launch.head { usleep(20_000) }
+        log("the head (pid \(launch.head)) exited; stopping")
+        exit(0)
+    }
+}
+
+extension WireOptions {
+    /// Connections that declare a silent peer dead after `milliseconds` (10 ms ticks,
+    /// heartbeats after 50 ms idle).
+    static func failureDetecting(milliseconds: Int) -> WireOptions {
+        WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: max(10, milliseconds / 10)))
+    }
+}
+
+/// The head's side: starts node processes, watches them, starts a replacement (with a new
+/// node ID) for each one that dies, and stops them all at shutdown. Only processes it started
+/// are ever signalled, by pid.
+final class NodeSupervisor: @unchecked Sendable {
+    struct Child {
+        let node: NodeID
+        let pid: pid_t
+    }
+
+    private let lock = NSLock()
+    private var children: [NodeID: Child] = [:]
+    private var nextID: Int
+    private var stopping = false
+    /// Node processes in a row that exited (not killed) within ``quickExit`` of starting: after three, no
+    /// more replacements (a program that cannot run as a node would otherwise restart forever).
+    private var quickExits = 0
+    static let quickExit = Duration.seconds(2)
+    private let executable: String
+    private let tokenDirectory: String
+    let tokenFile: String
+    private let template: NodeLaunch
+    private let configurations: [NodeConfiguration]
+    private let restart: Bool
+    private let log: @Sendable (String) -> Void
+    /// Told when a child exits while the cluster runs.
+    private let exited: @Sendable (NodeID, String) -> Void
+
+    init(executable: String, token: ClusterToken, template: NodeLaunch, configurations: [NodeConfiguration], firstID: Int,
+         restart: Bool, log: @escaping @Sendable (String) -> Void, exited: @escaping @Sendable (NodeID, String) -> Void) throws {
+        self.executable = executable
+        self.template = template
+        self.configurations = configurations
+        self.restart = restart
+        self.log = log
+        self.exited = exited
+        nextID = firstID
+        var path = Array("\(NSTemporaryDirectory())/cairn-cluster-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&path) else { throw CairnError(.storage, "cannot make a directory for the cluster token: errno \(errno)") }
+        tokenDirectory = String(cString: made)
+        tokenFile = tokenDirectory + "/token"
+        do {
+            try token.write(to: tokenFile)
+        } catch {
+            throw CairnError(.storage, "cannot write the cluster token: \(error)")
+        }
+    }
+
+    /// Starts one node process per configuration.
+    func startAll() throws {
+        for configuration in configurations { try start(configuration) }
+    }
+
+    /// The node processes running now.
+    var running: [Child] { lock.withLock { children.values.sorted { $0.node < $1.node } } }
+
+    @discardableResult
+    private func start(_ configuration: NodeConfiguration) throws -> Child {
+        let id: NodeID = lock.withLock {
+            defer { nextID += 1 }
+            return NodeID(nextID)
+        }
+        guard id.raw < 0xFFFF else { throw CairnError(.invalidArgument, "node IDs are exhausted (65,535 nodes started)") }
+        var launch = template
+        launch.node = id
+        launch.tokenFile = tokenFile
+        launch.resources = configuration.resources
+        launch.functions = configuration.functions
+        launch.storeLimitBytes = configuration.storeLimitBytes
+        launch.spillThreshold = configuration.spillThreshold
+        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
+            .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try launch.encoded())"]
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(executable), nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, nil, nil, argv, envp)
+        guard rc == 0 else {
+            throw CairnError(.invalidArgument, "cannot start a node process from \(executable): posix_spawn error \(rc)")
+        }
+        let child = Child(node: id, pid: pid)
+        lock.withLock { children[id] = child }
+        let watcher = Thread { [self] in watch(child, configuration) }
+        watcher.name = "cairn-watch-\(id)"
+        watcher.start()
+        return child
+    }
+
+    private func watch(_ child: Child, _ configuration: NodeConfiguration) {
+        let started = ContinuousClock.now
+        var status: Int32 = 0
+        while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
+        let how = status & 0x7F == 0 ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"
+        // A kill is the chaos harness's or the operator's; an exit this soon is the program's.
+        let quick = status & 0x7F == 0 && ContinuousClock.now - started < Self.quickExit
+        let (stopping, restart, quickExits) = lock.withLock { () -> (Bool, Bool, Int) in
+            children[child.node] = nil
+            self.quickExits = quick ? self.quickExits + 1 : 0
+            return (self.stopping, self.restart, self.quickExits)
+        }
+        guard !stopping else { return }
+        exited(child.node, "its process (pid \(child.pid)) \(how)")
+        guard restart else { return }
+        guard quickExits < 3 else {
+            log("\(child.node)'s process \(how), the third node process in a row to end within \(Self.quickExit) of starting; no replacement (is \(executable) calling Cluster.runNodeIfLaunched first thing in main?)")
+            return
+        }
+        do {
+            let replacement = try start(configuration)
+            log("\(child.node)'s process \(how); started \(replacement.node) (pid \(replacement.pid)) in its place")
+        } catch {
+            log("\(child.node)'s process \(how); no replacement: \(error)")
+        }
+    }
+
+    /// Stops every node process (SIGTERM, then SIGKILL after a second) and removes the token.
+    func stop() {
+        let all: [Child] = lock.withLock {
+            stopping = true
+            return Array(children.values)
+        }
+        for child in all { kill(child.pid, SIGTERM) }
+        let deadline = ContinuousClock.now + .seconds(1)
+        while !lock.withLock({ children.isEmpty }) && ContinuousClock.now < deadline { usleep(1_000) }
+        for child in lock.withLock({ Array(children.values) }) { kill(child.pid, SIGKILL) }
+        unlink(tokenFile)
+        rmdir(tokenDirectory)
+    }
+}
+
+/// The path of the running executable.
+func currentExecutable() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, 4095)
+    guard n > 0 else { return CommandLine.arguments[0] }
+    return String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}

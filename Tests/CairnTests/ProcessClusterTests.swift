@@ -1,0 +1,127 @@
+@testable import Cairn
+import CairnChaosKit
+import CairnCore
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension ClusterSuites {
+/// A cluster whose nodes 1 to 3 are separate processes (the `cairn-chaos` binary, which runs
+/// ``ClusterWorkload``), talking to the head over TCP on loopback; killed with SIGKILL.
+@Suite("Cluster of processes: nodes in their own processes, killed and replaced", .serialized)
+struct ProcessClusterTests {
+    static func options(spillThreshold: Int = 1) -> ClusterOptions {
+        var options = ClusterOptions.uniform(nodes: 4)
+        for i in options.nodes.indices { options.nodes[i].spillThreshold = spillThreshold }
+        options.processes = true
+        options.nodeExecutable = executableDirectory() + "/cairn-chaos"
+        // Patient: a loaded test machine must not starve a live node into being declared dead.
+        // A killed node's connections close, so it is still declared dead at once.
+        options.failureTimeoutMs = 5_000
+        options.controlStore = .inMemory
+        return options
+    }
+
+    /// Waits until the driver hears of `count` live nodes, none of them in `excluding`.
+    static func waitForAlive(_ cluster: Cluster, count: Int, excluding: Set<NodeID> = [], seconds: Int = 20) async throws -> [NodeID] {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while ContinuousClock.now < deadline {
+            let alive = cluster.aliveNodes
+            if alive.count == count && excluding.isDisjoint(with: alive) { return alive }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        Issue.record("the cluster did not reach \(count) live nodes without \(excluding) in \(seconds) s: \(cluster.aliveNodes)")
+        return cluster.aliveNodes
+    }
+
+    @Test("tasks run in the node processes, over TCP, with nested tasks across processes")
+    func tasksRunInNodeProcesses() async throws {
+        let cluster = try await Cluster.local(Self.options())
+        defer { cluster.shutdown() }
+        let children = cluster.nodeProcesses
+        #expect(children.map(\.node) == [NodeID(1), NodeID(2), NodeID(3)])
+        #expect(Set(children.map(\.pid)).count == 3)
+        #expect(!children.map(\.pid).contains(getpid()))
+
+        let refs = try (0..<200).map { try ClusterWorkload.whereAmI.remote($0) }
+        let results = try await cluster.get(refs)
+        #expect(results.map { $0[1] } == Array(0..<200))
+        let pids = Set(results.map { Int32($0[0]) })
+        // Tasks spread into the node processes, not only the head.
+        #expect(pids.subtracting([getpid()]).count >= 2, "tasks ran in \(pids)")
+        #expect(pids.isSubset(of: Set(children.map(\.pid)).union([getpid()])))
+
+        let sums = try (1...20).map { try ClusterWorkload.sumOfSquares.remote($0 * 5) }
+        let totals = try await cluster.get(sums)
+        #expect(totals == (1...20).map { n in (0..<(n * 5)).reduce(0) { $0 + $1 * $1 } })
+    }
+
+    @Test("a SIGKILLed node is declared dead, its tasks run elsewhere, and a replacement joins")
+    func killedNodeTasksAreRetried() async throws {
+        let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
+        print("process cluster kill: seed \(seed) (CAIRN_PROCESS_SEED replays)")
+        var random = SeededGenerator(seed: seed)
+        let cluster = try await Cluster.local(Self.options())
+        defer { cluster.shutdown() }
+        for round in 0..<3 {
+            let before = cluster.nodeProcesses
+            let victim = before[Int.random(in: 0..<before.count, using: &random)]
+            let base = round * 1_000
+            let refs = try (0..<300).map { try ClusterWorkload.slowSquare.remote(base + $0) }
+            try await Task.sleep(for: .milliseconds(Int.random(in: 5...60, using: &random)))
+            kill(victim.pid, SIGKILL)
+            let results = try await cluster.get(refs, timeout: .seconds(60))
+            #expect(results == (0..<300).map { (base + $0) * (base + $0) }, "round \(round)")
+            // Declared dead, and the cluster back to four live nodes with a replacement.
+            let alive = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
+            #expect(!alive.contains(victim.node))
+            #expect(cluster.nodeProcesses.count == 3)
+        }
+        // The replacements run tasks too.
+        let refs = try (0..<100).map { try ClusterWorkload.whereAmI.remote($0) }
+        let pids = Set(try await cluster.get(refs).map { Int32($0[0]) })
+        #expect(pids.subtracting([getpid()]).isSubset(of: Set(cluster.nodeProcesses.map(\.pid))))
+    }
+
+    @Test("an object owned by a killed node fails its get with objectLost, naming it")
+    func objectOwnedByDeadNodeIsLost() async throws {
+        var options = Self.options()
+        options.replaceDeadNodes = false
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        // Run until one lands in a node process, whose nested result that process then owns.
+        var owned: ClusterWorkload.OwnedRef?
+        for round in 0..<20 where owned == nil {
+            let refs = try (0..<20).map { try ClusterWorkload.ownedElsewhere.remote(round * 20 + $0) }
+            owned = try await cluster.get(refs).first { $0.pid != Int(getpid()) }
+        }
+        let found = try #require(owned)
+        let victim = try #require(cluster.nodeProcesses.first { Int($0.pid) == found.pid })
+        #expect(found.ref.id.owner == victim.node)
+        kill(victim.pid, SIGKILL)
+        _ = try await Self.waitForAlive(cluster, count: 3, excluding: [victim.node])
+        // The driver never fetched it, so the only copy died with its owner.
+        do {
+            _ = try await cluster.get(found.ref, timeout: .seconds(30))
+            Issue.record("a get of an object owned by a dead node returned a value")
+        } catch let error as RemoteError {
+            #expect(error.kind == .objectLost)
+            #expect(error.message.contains(found.ref.id.description) && error.message.contains(victim.node.description))
+        }
+        // Tasks still run on the nodes left.
+        #expect(try await cluster.get(try ClusterWorkload.square.remote(12)) == 144)
+    }
+
+    @Test("a bad node executable is refused before anything starts")
+    func badExecutableIsRefused() async throws {
+        var options = Self.options()
+        options.nodeExecutable = "/nonexistent/cairn-node"
+        await #expect(throws: CairnError.self) { _ = try await Cluster.local(options) }
+        options = Self.options()
+        options.failureTimeoutMs = 10
+        await #expect(throws: CairnError.self) { _ = try await Cluster.local(options) }
+    }
+}
+}
