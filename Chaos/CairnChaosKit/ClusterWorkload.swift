@@ -43,8 +43,31 @@ public enum ClusterWorkload {
         public let pid: Int
     }
 
-    /// Creates every function, so that a node process knows them by name.
+    /// `x` itself: the smallest task.
+    public static let identity = RemoteFunction<Int, Int>("workload.identity") { $0 }
+
+    /// `n` identity tasks submitted from the node running this one (so owned there), and the
+    /// sum of their results: load generated inside the cluster.
+    public static let fanOut = RemoteFunction<Int, Int>("workload.fanOut") { n in
+        let refs = try (0..<n).map { try identity.remote($0) }
+        var total = 0
+        for r in refs { total &+= try r.get() }
+        return total
+    }
+
+    /// A counter actor.
+    public struct Counter: RemoteActor {
+        public var total = 0
+        public init() {}
+        public mutating func receive(_ n: Int) throws -> Int {
+            total &+= n
+            return total
+        }
+    }
+
+    /// Creates every function and registers every actor type, so that a node process knows them by name.
     public static func register() {
-        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere)
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut)
+        FunctionRegistry.process.register(Counter.self)
     }
 }

@@ -934,7 +934,7 @@ final class Node: @unchecked Sendable {
                 } else {
                     for call in queued {
                         let error = RemoteError(kind: .actorUnavailable, task: call.result, function: "\(call.typeName).receive", node: id,
-                                                message: "no actor \(aid) exists in the cluster")
+                                                message: "\(aid) is not alive in the cluster: it was never created, its creation failed, or it was lost with its node")
                         completeLocked(call.result, .failed(error), &out)
                     }
                 }

@@ -114,6 +114,38 @@ struct ProcessClusterTests {
         #expect(try await cluster.get(try ClusterWorkload.square.remote(12)) == 144)
     }
 
+    @Test("an actor in a killed node process: calls in flight fail with nodeDied, later calls with actorUnavailable")
+    func actorOnDeadNode() async throws {
+        var options = Self.options()
+        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), resources: Resources(cpus: 0, custom: ["far": 1]))
+        #expect(try await cluster.get(try (0..<100).map { _ in try counter.send(1) }).last == 100)
+        let status = try await cluster.status(of: counter)
+        let host = try #require(cluster.nodeProcesses.first { $0.node == status.node })
+        let inFlight = try (0..<2_000).map { _ in try counter.send(1) }
+        kill(host.pid, SIGKILL)
+        _ = try await Self.waitForAlive(cluster, count: 4, excluding: [host.node])
+        // Each call either ran before the kill (its reply came back in order) or failed.
+        var replies: [Int] = []
+        for ref in inFlight {
+            do {
+                replies.append(try await cluster.get(ref, timeout: .seconds(30)))
+            } catch let error as RemoteError {
+                #expect(error.kind == .nodeDied, "\(error)")
+            }
+        }
+        #expect(replies == Array(101..<(101 + replies.count)))
+        do {
+            _ = try await cluster.get(try counter.send(1), timeout: .seconds(30))
+            Issue.record("a call to an actor whose node died returned a value")
+        } catch let error as RemoteError {
+            #expect(error.kind == .actorUnavailable)
+        }
+        #expect(try await cluster.status(of: counter).state == .failed)
+    }
+
     @Test("a bad node executable is refused before anything starts")
     func badExecutableIsRefused() async throws {
         var options = Self.options()

@@ -1,0 +1,104 @@
+import Cairn
+import CairnChaosKit
+import CairnCore
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `cairn-bench cluster`: a head (driver, control store, scheduler) and 4 node processes
+/// (this binary started again) on loopback. The head's own node offers no CPU, so every task
+/// and actor runs in a node process and every result crosses TCP.
+struct ClusterBenchmark {
+    static func options() -> ClusterOptions {
+        var options = ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 0))] + Array(repeating: NodeConfiguration(resources: Resources(cpus: 1)), count: 4))
+        options.processes = true
+        options.controlStore = .inMemory
+        return options
+    }
+
+    func run(_ report: Report) async throws {
+        let t0 = now()
+        let cluster = try await Cluster.local(Self.options())
+        defer { cluster.shutdown() }
+        report.add("cluster.process_start_ms", (now() - t0) * 1000, "ms")
+
+        // Tasks from the driver, placed by the global scheduler on the node processes.
+        _ = try await cluster.get(try (0..<20_000).map { try ClusterWorkload.identity.remote($0) })
+        var rates: [Double] = []
+        for _ in 0..<3 {
+            let n = 200_000
+            let t = now()
+            let values = try await cluster.get(try (0..<n).map { try ClusterWorkload.identity.remote($0) })
+            precondition(values.count == n && values[n - 1] == n - 1, "wrong results")
+            rates.append(Double(n) / (now() - t))
+        }
+        report.add("cluster.tasks_per_s", median(rates), "tasks/s", goal: ">= 200000 (Ray 2.60 here: 1814)")
+
+        // Tasks submitted inside the cluster: 4 fan-out tasks, each submitting 100,000 on its node.
+        var nested: [Double] = []
+        for _ in 0..<3 {
+            let per = 100_000
+            let t = now()
+            let sums = try await cluster.get(try (0..<4).map { _ in try ClusterWorkload.fanOut.remote(per) })
+            precondition(sums.allSatisfy { $0 == (0..<per).reduce(0, +) }, "wrong sums")
+            nested.append(Double(4 * per) / (now() - t))
+        }
+        report.add("cluster.nested_tasks_per_s", median(nested), "tasks/s")
+
+        var rtts: [Double] = []
+        for i in 0..<3_000 {
+            let t = now()
+            let v = try await cluster.get(try ClusterWorkload.identity.remote(i))
+            precondition(v == i)
+            if i >= 300 { rtts.append((now() - t) * 1e6) }
+        }
+        report.add("cluster.task_rtt_p50_us", median(rtts), "us", goal: "<= 60 (a loopback round trip is ~25)")
+        report.add("cluster.task_rtt_p99_us", percentile(rtts, 0.99), "us")
+
+        // An actor in a node process (it needs a CPU, which the head's node lacks).
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), resources: Resources(cpus: 1))
+        _ = try await cluster.get(try (0..<20_000).map { _ in try counter.send(1) })
+        var calls: [Double] = []
+        var expected = 20_000
+        for _ in 0..<3 {
+            let n = 200_000
+            let t = now()
+            let values = try await cluster.get(try (0..<n).map { _ in try counter.send(1) })
+            expected += n
+            precondition(values.last == expected, "actor state wrong")
+            calls.append(Double(n) / (now() - t))
+        }
+        report.add("cluster.actor_calls_per_s", median(calls), "calls/s")
+        try await detect(report, cluster)
+    }
+
+    /// SIGKILL a node process, time until the driver's node hears it declared dead (the node
+    /// table it subscribes to), and wait for the replacement before the next kill.
+    func detect(_ report: Report, _ cluster: Cluster) async throws {
+        let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_BENCH_SEED")
+        FileHandle.standardError.write(Data("cluster: kill seed \(seed) (CAIRN_BENCH_SEED replays)\n".utf8))
+        var random = SeededGenerator(seed: seed)
+        var detects: [Double] = []
+        for _ in 0..<10 {
+            let victims = cluster.nodeProcesses
+            let victim = victims[Int.random(in: 0..<victims.count, using: &random)]
+            // Work in flight on every node (about 0.5 s of it), so that the victim dies with tasks to run again.
+            let refs = try (0..<700).map { try ClusterWorkload.slowSquare.remote($0) }
+            try await Task.sleep(for: .milliseconds(5))
+            let t = now()
+            kill(victim.pid, SIGKILL)
+            while cluster.aliveNodes.contains(victim.node) { usleep(50) }
+            detects.append((now() - t) * 1000)
+            let values = try await cluster.get(refs, timeout: .seconds(120))
+            precondition(values == (0..<700).map { $0 * $0 }, "wrong results after a kill")
+            let deadline = ContinuousClock.now + .seconds(30)
+            while cluster.aliveNodes.count < 5 || cluster.nodeProcesses.count < 4 {
+                guard ContinuousClock.now < deadline else { throw CairnError(.timeout, "no replacement for \(victim.node) within 30 s") }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+        }
+        report.add("recovery.detect_ms", median(detects), "ms", goal: "<= 300 (Ray's default: about 15 s)")
+        report.add("recovery.detect_max_ms", detects.max() ?? .nan, "ms")
+    }
+}
