@@ -239,8 +239,9 @@ public final class Cluster: Sendable {
     public func shutdown() {
         guard running.exchange(false, ordering: .relaxed) else { return }
         housekeeper.stop()
-        // Node processes stopped on purpose are not declared dead.
+        // Node processes stopped on purpose are not declared dead, and their connections close quietly.
         lostNodes.disconnect()
+        (transport as? TCPTransport)?.quiesce()
         supervisor?.stop()
         nodes.forEach { $0.stop() }
         actorStorage.close()

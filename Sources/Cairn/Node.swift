@@ -41,13 +41,22 @@ public struct NodeConfiguration: Sendable {
     /// A node runs a task itself while fewer than this many tasks per worker wait in its queue;
     /// beyond that it hands tasks to the global scheduler if another node is less loaded.
     public var spillThreshold: Int
+    /// For a node process (``ClusterOptions/processes``): the address it listens on and gives
+    /// the others; nil: the cluster's host.
+    public var host: String?
+    /// For a node process: a command its program is started through, such as
+    /// `["ip", "netns", "exec", "ns1"]` to run it in a network namespace (the command must
+    /// exec the program, keeping its environment). Empty: started directly.
+    public var launcher: [String]
 
     public init(resources: Resources = Resources(cpus: 1), functions: Set<String>? = nil,
-                storeLimitBytes: Int = 1 << 30, spillThreshold: Int = 4096) {
+                storeLimitBytes: Int = 1 << 30, spillThreshold: Int = 4096, host: String? = nil, launcher: [String] = []) {
         self.resources = resources
         self.functions = functions
         self.storeLimitBytes = storeLimitBytes
         self.spillThreshold = spillThreshold
+        self.host = host
+        self.launcher = launcher
     }
 }
 

@@ -207,18 +207,21 @@ final class NodeSupervisor: @unchecked Sendable {
         launch.functions = configuration.functions
         launch.storeLimitBytes = configuration.storeLimitBytes
         launch.spillThreshold = configuration.spillThreshold
+        if let host = configuration.host { launch.host = host }
         let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
             .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try launch.encoded())"]
-        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(executable), nil]
+        let command = configuration.launcher + [executable]
+        let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
         let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
         defer {
             argv.forEach { free($0) }
             envp.forEach { free($0) }
         }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, executable, nil, nil, argv, envp)
+        // Searched in PATH, so that a launcher may be given by name.
+        let rc = posix_spawnp(&pid, command[0], nil, nil, argv, envp)
         guard rc == 0 else {
-            throw CairnError(.invalidArgument, "cannot start a node process from \(executable): posix_spawn error \(rc)")
+            throw CairnError(.invalidArgument, "cannot start a node process with \(command.joined(separator: " ")): posix_spawn error \(rc)")
         }
         let child = Child(node: id, pid: pid)
         lock.withLock { children[id] = child }

@@ -2,6 +2,7 @@ import CairnCore
 import CairnNet
 import CairnWire
 import Foundation
+import Synchronization
 
 /// Carries the runtime's messages over TCP with the Cairn wire protocol: every endpoint
 /// listens on its own port, and every message is encoded (``WireMessages``), framed,
@@ -60,8 +61,18 @@ final class TCPTransport: Transport, @unchecked Sendable {
         self.name = name
         self.shortcutLocal = shortcutLocal
         self.wire = wire
-        self.log = log
+        let quiet = self.quiet
+        self.log = { line in if !quiet.isSet { log(line) } }
         self.peerLost = peerLost
+    }
+
+    /// Set by ``quiesce()``: connections closing from here on are expected.
+    private let quiet = Flag()
+
+    /// Stops logging lost connections and reporting lost peers: the cluster is stopping its
+    /// node processes on purpose.
+    func quiesce() {
+        quiet.set()
     }
 
     func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
@@ -245,9 +256,16 @@ final class TCPTransport: Transport, @unchecked Sendable {
     fileprivate func lost(_ endpoint: Endpoint, _ reason: CloseReason) { notifyLost(endpoint.description, reason) }
 
     private func notifyLost(_ peer: String, _ reason: CloseReason) {
-        guard !lock.withLock({ stopped }) else { return }
+        guard !quiet.isSet, !lock.withLock({ stopped }) else { return }
         peerLost(peer, reason)
     }
+}
+
+/// A flag set once, read from any thread.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    var isSet: Bool { value.load(ordering: .relaxed) }
+    func set() { value.store(true, ordering: .relaxed) }
 }
 
 /// The queue and connection to one endpoint. Messages wait here while the connection is being

@@ -146,6 +146,39 @@ struct ProcessClusterTests {
         #expect(try await cluster.status(of: counter).state == .failed)
     }
 
+    @Test("nodes in separate network namespaces talk over real addresses through a bridge; one is killed and replaced")
+    func nodesInNetworkNamespaces() async throws {
+        let network: NamespaceNetwork
+        do {
+            network = try NamespaceNetwork(nodes: 3)
+        } catch {
+            print("skipped: network namespaces cannot be made here (\(error))")
+            return
+        }
+        defer { network.remove() }
+        var options = Self.options()
+        options.transport = .tcp(host: network.headAddress)
+        for k in 1...3 {
+            options.nodes[k].host = network.nodeAddresses[k - 1]
+            options.nodes[k].launcher = ["ip", "netns", "exec", network.namespaces[k - 1]]
+        }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let refs = try (0..<200).map { try ClusterWorkload.whereAmI.remote($0) }
+        let results = try await cluster.get(refs)
+        #expect(results.map { $0[1] } == Array(0..<200))
+        #expect(Set(results.map { Int32($0[0]) }).subtracting([getpid()]).count >= 2)
+        let sums = try await cluster.get(try (1...10).map { try ClusterWorkload.sumOfSquares.remote($0 * 10) })
+        #expect(sums == (1...10).map { n in (0..<(n * 10)).reduce(0) { $0 + $1 * $1 } })
+
+        let victim = cluster.nodeProcesses[1]
+        let slow = try (0..<300).map { try ClusterWorkload.slowSquare.remote($0) }
+        try await Task.sleep(for: .milliseconds(20))
+        kill(victim.pid, SIGKILL)
+        #expect(try await cluster.get(slow, timeout: .seconds(60)) == (0..<300).map { $0 * $0 })
+        _ = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
+    }
+
     @Test("a bad node executable is refused before anything starts")
     func badExecutableIsRefused() async throws {
         var options = Self.options()
@@ -156,4 +189,68 @@ struct ProcessClusterTests {
         await #expect(throws: CairnError.self) { _ = try await Cluster.local(options) }
     }
 }
+}
+
+/// A bridge in this namespace (the head's address) and one network namespace per node, each
+/// joined to the bridge by a veth pair: nodes reach the head and each other over real
+/// addresses, not loopback. Needs root.
+struct NamespaceNetwork {
+    let tag: String
+    let namespaces: [String]
+    let headAddress: String
+    let nodeAddresses: [String]
+    private var bridge: String { "cbr\(tag)" }
+
+    init(nodes: Int) throws {
+        tag = String(getpid() % 100_000)
+        namespaces = (1...nodes).map { "cairn-\(getpid())-\($0)" }
+        let subnet = "10.\(77 + Int(getpid() % 100)).0"
+        headAddress = "\(subnet).1"
+        nodeAddresses = (1...nodes).map { "\(subnet).\($0 + 1)" }
+        do {
+            try Self.ip(["link", "add", bridge, "type", "bridge"])
+            try Self.ip(["addr", "add", "\(headAddress)/24", "dev", bridge])
+            try Self.ip(["link", "set", bridge, "up"])
+            for (k, ns) in namespaces.enumerated() {
+                let outside = "cv\(tag)-\(k)", inside = "cp\(tag)-\(k)"
+                try Self.ip(["netns", "add", ns])
+                try Self.ip(["link", "add", outside, "type", "veth", "peer", "name", inside])
+                try Self.ip(["link", "set", inside, "netns", ns])
+                try Self.ip(["link", "set", outside, "master", bridge])
+                try Self.ip(["link", "set", outside, "up"])
+                try Self.ip(["netns", "exec", ns, "ip", "addr", "add", "\(nodeAddresses[k])/24", "dev", inside])
+                try Self.ip(["netns", "exec", ns, "ip", "link", "set", inside, "up"])
+                try Self.ip(["netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+            }
+        } catch {
+            remove()
+            throw error
+        }
+    }
+
+    func remove() {
+        for ns in namespaces { try? Self.ip(["netns", "del", ns]) }
+        try? Self.ip(["link", "del", bridge])
+    }
+
+    struct Failed: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    static func ip(_ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = arguments
+        process.standardError = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        do {
+            try process.run()
+        } catch {
+            throw Failed(description: "ip \(arguments.joined(separator: " ")): \(error)")
+        }
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw Failed(description: "ip \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)")
+        }
+    }
 }
