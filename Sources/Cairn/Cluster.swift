@@ -99,7 +99,8 @@ public final class Cluster: Sendable {
     /// `ClusterOptions.controlStore = .inMemory`): rows under `node/`, `obj/`, `task/` and
     /// `actor/`, keyed by ID, each a ``BinaryEncoder`` document (see ``ControlTables``).
     public let gcs: EmbeddedGCS?
-    private let scheduler: GlobalScheduler
+    /// The global scheduler, in this process (nil when it runs in its own, with ``ClusterOptions/processes``).
+    private let scheduler: GlobalScheduler?
     private let releases = ReleaseQueue()
     private let running = Atomic<Bool>(true)
     private let housekeeper: Housekeeper
@@ -194,7 +195,7 @@ public final class Cluster: Sendable {
         self.gcs = gcs
         log = options.log
         controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, log: options.log))
-        scheduler = GlobalScheduler(transport: transport, seed: options.schedulerSeed)
+        scheduler = options.processes ? nil : GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
         let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
         self.actorStorage = actorStorage
@@ -208,7 +209,7 @@ public final class Cluster: Sendable {
         if options.processes, case .tcp(let host) = options.transport, let tcp = transport as? TCPTransport {
             lost.connect(transport, local: Set(nodes.map(\.id)))
             let template = NodeLaunch(node: NodeID(0), resources: Resources(), functions: nil, storeLimitBytes: 0, spillThreshold: 0, host: host,
-                                      controlStore: tcp.localAddress(.controlStore) ?? "", scheduler: tcp.localAddress(.scheduler) ?? "",
+                                      controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
                                       housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid())
             do {
@@ -416,8 +417,12 @@ public final class Cluster: Sendable {
     /// The node processes running now (with ``ClusterOptions/processes``), by node, with pids;
     /// empty for an embedded cluster.
     public var nodeProcesses: [(node: NodeID, pid: Int32)] {
-        supervisor?.running.map { ($0.node, $0.pid) } ?? []
+        supervisor?.running.compactMap { child in child.node.map { ($0, child.pid) } } ?? []
     }
+
+    /// The pid of the global scheduler's process (with ``ClusterOptions/processes``); nil when
+    /// it runs in this process, or between a crash and its replacement.
+    public var schedulerProcess: Int32? { supervisor?.schedulerPID }
 
     /// The nodes the control store lists as alive, as the driver's node last heard.
     public var aliveNodes: [NodeID] { driverNode.aliveNodes }

@@ -98,6 +98,9 @@ struct ControlStoreCore {
     private var nodeSubscribers: [Endpoint] = []
     /// Nodes reported lost, with the reason: declared dead, and never alive again.
     private var lostNodes: [NodeID: String] = [:]
+    /// The global scheduler's process, when it runs in one: soft state, registered again by
+    /// each incarnation.
+    private var scheduler: (address: String, incarnation: UInt64)?
     private var nodeTableChanged = false
     /// Whether the view has caught up; requests before that wait in `early`.
     private(set) var ready: Bool
@@ -169,6 +172,14 @@ struct ControlStoreCore {
         case .subscribeNodes(let endpoint):
             if !nodeSubscribers.contains(endpoint) { nodeSubscribers.append(endpoint) }
             actions.append(.send(.nodeTable(nodeTable), to: endpoint))
+            if let scheduler, endpoint != .scheduler {
+                actions.append(.send(.schedulerAt(address: scheduler.address, incarnation: scheduler.incarnation), to: endpoint))
+            }
+        case .registerScheduler(let address, let incarnation):
+            scheduler = (address, incarnation)
+            for endpoint in nodeSubscribers where endpoint != .scheduler {
+                actions.append(.send(.schedulerAt(address: address, incarnation: incarnation), to: endpoint))
+            }
         case .nodeLost(let id, let reason):
             // Declared once; a node declared dead never comes back (a replacement gets a new ID).
             guard lostNodes[id] == nil else { break }

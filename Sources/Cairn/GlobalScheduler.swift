@@ -11,6 +11,9 @@ final class GlobalScheduler: @unchecked Sendable {
     private var placedSinceReport: [NodeID: Int] = [:]
     private var random: SeededGenerator
     private let transport: any Transport
+    /// Tasks handed up before the first node table came (a new scheduler process): placed
+    /// once it comes, instead of being refused against an empty table.
+    private var early: [Message]? = []
 
     init(transport: any Transport, seed: UInt64) {
         self.transport = transport
@@ -20,9 +23,20 @@ final class GlobalScheduler: @unchecked Sendable {
     }
 
     private func handle(_ batch: [Message]) {
+        var batch = batch
+        if var waiting = early {
+            guard batch.contains(where: { if case .nodeTable = $0 { return true } else { return false } }) else {
+                waiting += batch
+                early = waiting
+                return
+            }
+            // The table first, then what waited, in order.
+            batch = batch.filter { if case .nodeTable = $0 { return true } else { return false } } + waiting
+                + batch.filter { if case .nodeTable = $0 { return false } else { return true } }
+            early = nil
+        }
         var placed: [NodeID: [TaskSpec]] = [:]
         var failed: [NodeID: [(ObjectID, StoredValue)]] = [:]
-        var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
         for message in batch {
             switch message {
             case .nodeTable(let table):
@@ -41,7 +55,6 @@ final class GlobalScheduler: @unchecked Sendable {
                     let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
                     if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
                         placed[target, default: []].append(spec)
-                        if spec.owner != target { notices[spec.owner, default: []].append((spec.id, target)) }
                         placedSinceReport[target, default: 0] += 1
                         if let i = view.firstIndex(where: { $0.id == target }) { view[i].queued += 1 }
                     } else {
@@ -55,8 +68,6 @@ final class GlobalScheduler: @unchecked Sendable {
             }
         }
         for (node, specs) in placed { transport.send(.runTasks(specs), to: .node(node)) }
-        // Owners learn where their tasks went, so they can run them again if that node dies.
-        for (owner, list) in notices { transport.send(.placed(list), to: .node(owner)) }
         for (node, objects) in failed { transport.send(.objects(objects), to: .node(node)) }
     }
 }

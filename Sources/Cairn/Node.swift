@@ -156,6 +156,13 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var stopped = false
     /// Nodes the control store declared dead.
     @exclusivity(unchecked) private var deadNodes: Set<NodeID> = []
+    /// Tasks owned here and handed up, oldest first, with when the node they went to should
+    /// have said so: one still unconfirmed by then is handed up again (the scheduler, or the
+    /// node it chose, may have died with it).
+    @exclusivity(unchecked) private var handedUpQueue = Deque<(ObjectID, UInt64)>()
+    static let confirmWithinNanoseconds: UInt64 = 2_000_000_000
+    /// The incarnation of the global scheduler's process this node last heard of.
+    @exclusivity(unchecked) private var schedulerIncarnation: UInt64?
     /// Times a task owned here is run again after its node died, before it fails.
     let maxTaskRetries: Int
 
@@ -374,6 +381,10 @@ final class Node: @unchecked Sendable {
             enqueueLocked(.task(spec), &out)
         } else {
             out.spilled.append(spec)
+            if spec.owner == id, let e = objects[spec.id] {
+                e.handedUp = true
+                handedUpQueue.append((spec.id, monotonicNanoseconds() + Self.confirmWithinNanoseconds))
+            }
         }
     }
 
@@ -858,6 +869,17 @@ final class Node: @unchecked Sendable {
             switch message {
             case .runTasks(let specs):
                 var last: ErasedFunction?
+                // Owners learn that their tasks are here, so they can run them again if this
+                // node dies (or hand them up again if the scheduler died before sending them).
+                var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
+                for spec in specs {
+                    if spec.owner != id {
+                        notices[spec.owner, default: []].append((spec.id, id))
+                    } else if let e = objects[spec.id] {
+                        e.handedUp = false  // placed back here
+                    }
+                }
+                for (owner, list) in notices { out.messages.append((.placed(list), .node(owner))) }
                 for spec in specs {
                     // Resolve the code once, on arrival (a batch is usually one function).
                     if last?.name != spec.function { last = FunctionRegistry.process.function(spec.function) }
@@ -961,9 +983,18 @@ final class Node: @unchecked Sendable {
                 for (oid, node) in placements {
                     guard let e = objects[oid], e.value == nil, e.spec != nil else { continue }
                     e.placedOn = node
+                    e.handedUp = false
                     // Placed on a node that died before this notice came: run it again now.
                     if deadNodes.contains(node) { nodeDiedLocked(node, only: oid, &out) }
                 }
+            case .schedulerAt(_, let incarnation):
+                if let previous = schedulerIncarnation, previous != incarnation {
+                    // The scheduler was replaced: what it had not placed is gone with it.
+                    for (_, e) in objects where e.handedUp && e.value == nil && e.placedOn == nil {
+                        if let spec = e.spec { out.spilled.append(spec) }
+                    }
+                }
+                schedulerIncarnation = incarnation
             case .schedule, .control:
                 break
             }
@@ -990,8 +1021,9 @@ final class Node: @unchecked Sendable {
                             message: "\(oid) was owned by \(oid.owner), which died: its value and its lineage were lost with it"))
     }
 
-    /// `dead` was declared dead: run again the tasks owned here that it was running, fail the
-    /// actor calls it had, and fail the objects it owned that anyone here waits for. With
+    /// `dead` was declared dead: run again the tasks owned here that it was running (or may
+    /// have been sent), fail the actor calls it had, and fail the objects it owned that anyone
+    /// here waits for. With
     /// `only`, just that object (a placement notice that arrived after the news).
     private func nodeDiedLocked(_ dead: NodeID, only: ObjectID? = nil, _ out: inout Outgoing) {
         if only == nil { actorLocations = actorLocations.filter { $0.value != dead } }
@@ -1000,6 +1032,11 @@ final class Node: @unchecked Sendable {
         for (oid, e) in objects where e.value == nil && (only == nil || only == oid) {
             if e.placedOn == dead {
                 retry.append((oid, e))
+            } else if only == nil && e.handedUp && e.placedOn == nil, let spec = e.spec {
+                // Handed up and not yet confirmed by the node it went to: perhaps sent to the
+                // dead node before it could say so. Handed up again (if it was in fact still
+                // with the scheduler, it runs twice; tasks are deterministic).
+                out.spilled.append(spec)
             } else if oid.owner == dead && (e.fetching || e.firstWaiter != nil || !e.blockedTasks.isEmpty) {
                 lost.append(oid)
             }
@@ -1057,13 +1094,22 @@ final class Node: @unchecked Sendable {
 
     /// Reports load and backlogged control-store records; called by the cluster's housekeeping.
     func housekeeping() {
+        var out = Outgoing()
         condition.lock()
+        let now = monotonicNanoseconds()
+        while let (oid, deadline) = handedUpQueue.first, deadline <= now {
+            handedUpQueue.removeFirst()
+            guard let e = objects[oid], e.handedUp, e.placedOn == nil, e.value == nil, let spec = e.spec else { continue }
+            out.spilled.append(spec)
+            handedUpQueue.append((oid, now + Self.confirmWithinNanoseconds))
+        }
         let queued = ready.count + pendingCount
         let locations = locationBacklog
         let tasks = taskBacklog
         locationBacklog = []
         taskBacklog = []
         condition.unlock()
+        if !out.spilled.isEmpty { flush(&out) }
         transport.send(.control(.reportLoad(id, queued: queued)), to: .controlStore)
         for d in durables.withLock({ $0 }) {
             if d.idleCheckpointDue, let instance = d.instance {
@@ -1265,6 +1311,9 @@ final class ObjectEntry {
     var placedOn: NodeID?
     /// Times the task was run again because its node died.
     var retries: Int32 = 0
+    /// Handed up to the global scheduler and not yet placed: sent again if the scheduler is
+    /// replaced before it says where the task went.
+    var handedUp = false
 }
 
 func monotonicNanoseconds() -> UInt64 {

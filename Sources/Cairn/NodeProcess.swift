@@ -13,6 +13,12 @@ import Glibc
 struct NodeLaunch: Codable, Equatable {
     static let variable = "CAIRN_NODE_LAUNCH"
 
+    enum Role: String, Codable {
+        case node
+        case scheduler
+    }
+
+    var role = Role.node
     var node: NodeID
     var resources: Resources
     var functions: Set<String>?
@@ -20,9 +26,9 @@ struct NodeLaunch: Codable, Equatable {
     var spillThreshold: Int
     /// The address this node listens on.
     var host: String
-    /// `host:port` of the head's control store and global scheduler.
+    /// `host:port` of the head's control store (the global scheduler's address comes from it).
     var controlStore: String
-    var scheduler: String
+    var schedulerSeed: UInt64
     /// The cluster token's file (0600).
     var tokenFile: String
     var failureTimeoutMs: Int
@@ -85,7 +91,7 @@ extension Cluster {
 /// The node side of a cluster of processes.
 enum NodeProcess {
     static func run(_ launch: NodeLaunch) -> Never {
-        let name = launch.node.description
+        let name = launch.role == .scheduler ? Endpoint.scheduler.description : launch.node.description
         let log: @Sendable (String) -> Void = { ClusterOptions.standardErrorLog("\(name): \($0)") }
         let token: ClusterToken
         do {
@@ -94,8 +100,8 @@ enum NodeProcess {
             log("cannot read the cluster token: \(error)")
             exit(2)
         }
-        guard let control = TCPTransport.split(launch.controlStore), let scheduler = TCPTransport.split(launch.scheduler) else {
-            log("bad head addresses \(launch.controlStore), \(launch.scheduler)")
+        guard let control = TCPTransport.split(launch.controlStore) else {
+            log("bad control store address \(launch.controlStore)")
             exit(2)
         }
         let transport = TCPTransport(host: launch.host, token: token, name: name, shortcutLocal: true,
@@ -108,7 +114,13 @@ enum NodeProcess {
             }
         }
         transport.setAddress(.controlStore, host: control.0, port: control.1)
-        transport.setAddress(.scheduler, host: scheduler.0, port: scheduler.1)
+        if launch.role == .scheduler {
+            let scheduler = GlobalScheduler(transport: transport, seed: launch.schedulerSeed)
+            let incarnation = UInt64.random(in: 1...UInt64.max)
+            transport.send(.control(.registerScheduler(address: transport.localAddress(.scheduler) ?? "", incarnation: incarnation)),
+                           to: .controlStore)
+            withExtendedLifetime(scheduler) { waitForHead(launch, log) }
+        }
         let releases = ReleaseQueue()
         let storage = LazyActorStorage(options: ActorStorageOptions(location: .inMemory),
                                        unavailable: "durable actors in a cluster of processes are hosted on the head's node (node-0); \(name) runs in its own process and does not open the cluster's actor storage",
@@ -121,9 +133,12 @@ enum NodeProcess {
             for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
             node.housekeeping()
         }
-        _ = housekeeper
-        // The head started this process; if the head exits, this process is adopted by
-        // another and stops too.
+        withExtendedLifetime((node, housekeeper)) { waitForHead(launch, log) }
+    }
+
+    /// The head started this process; if the head exits, this process is adopted by another
+    /// and stops too.
+    static func waitForHead(_ launch: NodeLaunch, _ log: @Sendable (String) -> Void) -> Never {
         while getppid() == launch.head { usleep(20_000) }
         log("the head (pid \(launch.head)) exited; stopping")
         exit(0)
@@ -143,12 +158,13 @@ extension WireOptions {
 /// are ever signalled, by pid.
 final class NodeSupervisor: @unchecked Sendable {
     struct Child {
-        let node: NodeID
+        /// The node it runs; nil for the global scheduler.
+        let node: NodeID?
         let pid: pid_t
     }
 
     private let lock = NSLock()
-    private var children: [NodeID: Child] = [:]
+    private var children: [pid_t: Child] = [:]
     private var nextID: Int
     private var stopping = false
     /// Node processes in a row that exited (not killed) within ``quickExit`` of starting: after three, no
@@ -185,22 +201,32 @@ final class NodeSupervisor: @unchecked Sendable {
         }
     }
 
-    /// Starts one node process per configuration.
+    /// Starts the global scheduler's process and one node process per configuration.
     func startAll() throws {
+        try start(nil)
         for configuration in configurations { try start(configuration) }
     }
 
-    /// The node processes running now.
-    var running: [Child] { lock.withLock { children.values.sorted { $0.node < $1.node } } }
+    /// The node processes running now, by node.
+    var running: [Child] { lock.withLock { children.values.filter { $0.node != nil }.sorted { $0.node! < $1.node! } } }
 
+    /// The pid of the global scheduler's process, if it runs.
+    var schedulerPID: pid_t? { lock.withLock { children.values.first { $0.node == nil }?.pid } }
+
+    /// Starts a node process with `configuration`, or the global scheduler's for nil.
     @discardableResult
-    private func start(_ configuration: NodeConfiguration) throws -> Child {
+    private func start(_ configuration: NodeConfiguration?) throws -> Child {
+        var launch = template
+        guard let configuration else {
+            launch.role = .scheduler
+            launch.tokenFile = tokenFile
+            return try spawn(launch, configuration: nil, launcher: [])
+        }
         let id: NodeID = lock.withLock {
             defer { nextID += 1 }
             return NodeID(nextID)
         }
         guard id.raw < 0xFFFF else { throw CairnError(.invalidArgument, "node IDs are exhausted (65,535 nodes started)") }
-        var launch = template
         launch.node = id
         launch.tokenFile = tokenFile
         launch.resources = configuration.resources
@@ -208,30 +234,41 @@ final class NodeSupervisor: @unchecked Sendable {
         launch.storeLimitBytes = configuration.storeLimitBytes
         launch.spillThreshold = configuration.spillThreshold
         if let host = configuration.host { launch.host = host }
+        return try spawn(launch, configuration: configuration, launcher: configuration.launcher)
+    }
+
+    private func spawn(_ launch: NodeLaunch, configuration: NodeConfiguration?, launcher: [String]) throws -> Child {
         let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
             .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try launch.encoded())"]
-        let command = configuration.launcher + [executable]
+        let command = launcher + [executable]
         let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
         let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
         defer {
             argv.forEach { free($0) }
             envp.forEach { free($0) }
         }
+        // The child gets standard input, output and error, and none of this process's
+        // sockets: an inherited copy of a connection would keep it open after this process
+        // (or the child) dies, hiding the death from the peer.
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        try closeInheritedDescriptors(&actions)
         var pid: pid_t = 0
         // Searched in PATH, so that a launcher may be given by name.
-        let rc = posix_spawnp(&pid, command[0], nil, nil, argv, envp)
+        let rc = posix_spawnp(&pid, command[0], &actions, nil, argv, envp)
         guard rc == 0 else {
             throw CairnError(.invalidArgument, "cannot start a node process with \(command.joined(separator: " ")): posix_spawn error \(rc)")
         }
-        let child = Child(node: id, pid: pid)
-        lock.withLock { children[id] = child }
+        let child = Child(node: launch.role == .node ? launch.node : nil, pid: pid)
+        lock.withLock { children[pid] = child }
         let watcher = Thread { [self] in watch(child, configuration) }
-        watcher.name = "cairn-watch-\(id)"
+        watcher.name = "cairn-watch-\(pid)"
         watcher.start()
         return child
     }
 
-    private func watch(_ child: Child, _ configuration: NodeConfiguration) {
+    private func watch(_ child: Child, _ configuration: NodeConfiguration?) {
         let started = ContinuousClock.now
         var status: Int32 = 0
         while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
@@ -239,22 +276,25 @@ final class NodeSupervisor: @unchecked Sendable {
         // A kill is the chaos harness's or the operator's; an exit this soon is the program's.
         let quick = status & 0x7F == 0 && ContinuousClock.now - started < Self.quickExit
         let (stopping, restart, quickExits) = lock.withLock { () -> (Bool, Bool, Int) in
-            children[child.node] = nil
+            children[child.pid] = nil
             self.quickExits = quick ? self.quickExits + 1 : 0
             return (self.stopping, self.restart, self.quickExits)
         }
         guard !stopping else { return }
-        exited(child.node, "its process (pid \(child.pid)) \(how)")
-        guard restart else { return }
+        let what = child.node?.description ?? "the global scheduler"
+        if let node = child.node {
+            exited(node, "its process (pid \(child.pid)) \(how)")
+            guard restart else { return }
+        }
         guard quickExits < 3 else {
-            log("\(child.node)'s process \(how), the third node process in a row to end within \(Self.quickExit) of starting; no replacement (is \(executable) calling Cluster.runNodeIfLaunched first thing in main?)")
+            log("\(what)'s process \(how), the third node process in a row to end within \(Self.quickExit) of starting; no replacement (is \(executable) calling Cluster.runNodeIfLaunched first thing in main?)")
             return
         }
         do {
             let replacement = try start(configuration)
-            log("\(child.node)'s process \(how); started \(replacement.node) (pid \(replacement.pid)) in its place")
+            log("\(what)'s process \(how); started \(replacement.node?.description ?? "another") (pid \(replacement.pid)) in its place")
         } catch {
-            log("\(child.node)'s process \(how); no replacement: \(error)")
+            log("\(what)'s process \(how); no replacement: \(error)")
         }
     }
 
@@ -271,6 +311,22 @@ final class NodeSupervisor: @unchecked Sendable {
         unlink(tokenFile)
         rmdir(tokenDirectory)
     }
+}
+
+/// glibc's `posix_spawn_file_actions_addclosefrom_np` (2.34 and later), which the Swift
+/// module does not import: looked up once by name.
+private let addCloseFrom: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32)? = {
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else { return nil }
+    return unsafeBitCast(symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32).self)
+}()
+
+/// Makes a spawned child close every descriptor above standard error.
+private func closeInheritedDescriptors(_ actions: inout posix_spawn_file_actions_t) throws {
+    guard let addCloseFrom else {
+        throw CairnError(.invalidArgument, "this C library lacks posix_spawn_file_actions_addclosefrom_np (glibc 2.34 or later is needed to start node processes)")
+    }
+    let rc = addCloseFrom(&actions, 3)
+    guard rc == 0 else { throw CairnError(.invalidArgument, "posix_spawn_file_actions_addclosefrom_np failed: error \(rc)") }
 }
 
 /// The path of the running executable.

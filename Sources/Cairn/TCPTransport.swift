@@ -151,9 +151,11 @@ final class TCPTransport: Transport, @unchecked Sendable {
         }
         addresses[endpoint] = (host, port)
         let previous = outbound.removeValue(forKey: endpoint)
-        let held = waiting.removeValue(forKey: endpoint) ?? []
+        var held = waiting.removeValue(forKey: endpoint) ?? []
         lock.unlock()
-        previous?.stop()
+        // What the old address had not yet taken goes to the new one (the endpoint's new
+        // process, as when the global scheduler is replaced), in order.
+        if let previous { held = previous.stop() + held }
         for bytes in held { sendEncoded(bytes, to: endpoint) }
     }
 
@@ -175,6 +177,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
             learn(record)
         case .nodeTable(let table):
             for record in table where record.alive { learn(record) }
+        case .schedulerAt(let address, _):
+            if let (host, port) = Self.split(address) { setAddress(.scheduler, host: host, port: port) }
         default:
             break
         }
@@ -199,6 +203,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
             lock.unlock()
             if let inbox {
                 InMemoryTransport.checkPortable(message)
+                learnAddresses(from: message)
                 inbox.post(.local(message))
                 return
             }
@@ -310,13 +315,17 @@ final class Outbound: @unchecked Sendable {
         drain()
     }
 
-    func stop() {
+    /// Stops for good; returns the messages no connection had taken.
+    @discardableResult
+    func stop() -> [[UInt8]] {
         lock.lock()
         let previous = state
         state = .stopped
+        let left = queue
         queue = []
         lock.unlock()
         if case .connected(let c) = previous { c.close() }
+        return left
     }
 
     /// Sends what is queued, in order, until the queue is empty or the connection pushes back.

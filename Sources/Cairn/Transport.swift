@@ -100,6 +100,9 @@ enum ControlRequest: Sendable {
     case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
     /// The node's process is gone (its connections closed or fell silent): declare it dead.
     case nodeLost(NodeID, reason: String)
+    /// A global scheduler process listens at `address`; `incarnation` tells a replacement
+    /// from the one before.
+    case registerScheduler(address: String, incarnation: UInt64)
 }
 
 /// Everything that crosses between components.
@@ -124,9 +127,13 @@ enum Message: Sendable {
     case objectLocation(ObjectID, ObjectLocation?)
     case control(ControlRequest)
     case nodeTable([NodeRecord])
-    /// From the global scheduler to a task's owner: where it placed the owner's tasks, so
-    /// that the owner can run them again if that node dies.
+    /// From the node the global scheduler placed tasks on to their owner: the tasks are
+    /// there, so the owner runs them again if that node dies (and, until this comes, hands
+    /// them up again if the scheduler is replaced).
     case placed([(ObjectID, NodeID)])
+    /// From the control store: the global scheduler's process listens at `address`. A new
+    /// `incarnation` means the one before is gone, with the tasks it had not placed.
+    case schedulerAt(address: String, incarnation: UInt64)
 }
 
 /// Carries messages between components.

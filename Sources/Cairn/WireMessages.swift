@@ -282,6 +282,7 @@ enum WireControl: Codable {
     case committed(generation: UInt64, key: String, value: [UInt8]?)
     case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
     case nodeLost(NodeID, reason: String)
+    case registerScheduler(address: String, incarnation: UInt64)
 
     init(_ r: ControlRequest) {
         switch r {
@@ -299,6 +300,7 @@ enum WireControl: Codable {
         case .committed(let g, let k, let v): self = .committed(generation: g, key: k, value: v)
         case .writeFailed(let g, let k, let v): self = .writeFailed(generation: g, key: k, value: v)
         case .nodeLost(let n, let r): self = .nodeLost(n, reason: r)
+        case .registerScheduler(let a, let i): self = .registerScheduler(address: a, incarnation: i)
         }
     }
 
@@ -318,6 +320,7 @@ enum WireControl: Codable {
         case .committed(let g, let k, let v): return .committed(generation: g, key: k, value: v)
         case .writeFailed(let g, let k, let v): return .writeFailed(generation: g, key: k, value: v)
         case .nodeLost(let n, let r): return .nodeLost(n, reason: r)
+        case .registerScheduler(let a, let i): return .registerScheduler(address: a, incarnation: i)
         }
     }
 }
@@ -337,6 +340,7 @@ enum WireMessage: Codable {
     case control(WireControl)
     case nodeTable([NodeRecord])
     case placed([WirePlacement])
+    case schedulerAt(address: String, incarnation: UInt64)
 
     init(_ m: Message) {
         switch m {
@@ -354,6 +358,7 @@ enum WireMessage: Codable {
         case .control(let r): self = .control(WireControl(r))
         case .nodeTable(let t): self = .nodeTable(t)
         case .placed(let p): self = .placed(p.map { WirePlacement(task: $0.0, node: $0.1) })
+        case .schedulerAt(let a, let i): self = .schedulerAt(address: a, incarnation: i)
         }
     }
 
@@ -373,6 +378,7 @@ enum WireMessage: Codable {
         case .control(let r): return .control(r.request)
         case .nodeTable(let t): return .nodeTable(t)
         case .placed(let p): return .placed(p.map { ($0.task, $0.node) })
+        case .schedulerAt(let a, let i): return .schedulerAt(address: a, incarnation: i)
         }
     }
 }

@@ -179,6 +179,34 @@ struct ProcessClusterTests {
         _ = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
     }
 
+    @Test("the global scheduler's process SIGKILLed while tasks are handed to it: a replacement places them all")
+    func killedSchedulerIsReplaced() async throws {
+        let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
+        print("scheduler kill: seed \(seed) (CAIRN_PROCESS_SEED replays)")
+        var random = SeededGenerator(seed: seed)
+        var options = Self.options()
+        // The driver's node runs nothing: every task goes through the scheduler.
+        options.nodes[0].resources = Resources(cpus: 0)
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        #expect(try await cluster.get(try ClusterWorkload.square.remote(3)) == 9)
+        for round in 0..<3 {
+            let scheduler = try #require(cluster.schedulerProcess)
+            let refs = try (0..<2_000).map { try ClusterWorkload.square.remote(round * 10_000 + $0) }
+            try await Task.sleep(for: .milliseconds(Int.random(in: 0...20, using: &random)))
+            kill(scheduler, SIGKILL)
+            let more = try (0..<500).map { try ClusterWorkload.square.remote(round * 10_000 + 5_000 + $0) }
+            #expect(try await cluster.get(refs, timeout: .seconds(60)) == (0..<2_000).map { (round * 10_000 + $0) * (round * 10_000 + $0) })
+            #expect(try await cluster.get(more, timeout: .seconds(60)) == (0..<500).map { (round * 10_000 + 5_000 + $0) * (round * 10_000 + 5_000 + $0) })
+            let deadline = ContinuousClock.now + .seconds(20)
+            while cluster.schedulerProcess == nil || cluster.schedulerProcess == scheduler {
+                guard ContinuousClock.now < deadline else { break }
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(cluster.schedulerProcess != nil && cluster.schedulerProcess != scheduler)
+        }
+    }
+
     @Test("a bad node executable is refused before anything starts")
     func badExecutableIsRefused() async throws {
         var options = Self.options()
