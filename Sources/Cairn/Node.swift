@@ -156,11 +156,15 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var stopped = false
     /// Nodes the control store declared dead.
     @exclusivity(unchecked) private var deadNodes: Set<NodeID> = []
-    /// Tasks owned here and handed up, oldest first, with when the node they went to should
-    /// have said so: one still unconfirmed by then is handed up again (the scheduler, or the
-    /// node it chose, may have died with it).
+    /// Tasks owned here and handed up, oldest first, with when. One still unconfirmed
+    /// ``confirmWithinNanoseconds`` later is handed up again if a node died or the scheduler
+    /// was replaced around then (within that long before it was handed up, or since): the
+    /// scheduler may have sent it to a node that was already dead. Without failures nothing
+    /// is handed up twice, however long a loaded cluster takes to confirm.
     @exclusivity(unchecked) private var handedUpQueue = Deque<(ObjectID, UInt64)>()
     static let confirmWithinNanoseconds: UInt64 = 2_000_000_000
+    /// When this node last heard of a node's death or a new scheduler.
+    @exclusivity(unchecked) private var lastFailureNanoseconds: UInt64 = 0
     /// The incarnation of the global scheduler's process this node last heard of.
     @exclusivity(unchecked) private var schedulerIncarnation: UInt64?
     /// Times a task owned here is run again after its node died, before it fails.
@@ -383,7 +387,7 @@ final class Node: @unchecked Sendable {
             out.spilled.append(spec)
             if spec.owner == id, let e = objects[spec.id] {
                 e.handedUp = true
-                handedUpQueue.append((spec.id, monotonicNanoseconds() + Self.confirmWithinNanoseconds))
+                handedUpQueue.append((spec.id, monotonicNanoseconds()))
             }
         }
     }
@@ -975,6 +979,7 @@ final class Node: @unchecked Sendable {
                 }
                 for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
                     deadNodes.insert(record.id)
+                    lastFailureNanoseconds = monotonicNanoseconds()
                     transport.forget(.node(record.id))
                     nodeDiedLocked(record.id, &out)
                 }
@@ -989,6 +994,7 @@ final class Node: @unchecked Sendable {
                 }
             case .schedulerAt(_, let incarnation):
                 if let previous = schedulerIncarnation, previous != incarnation {
+                    lastFailureNanoseconds = monotonicNanoseconds()
                     // The scheduler was replaced: what it had not placed is gone with it.
                     for (_, e) in objects where e.handedUp && e.value == nil && e.placedOn == nil {
                         if let spec = e.spec { out.spilled.append(spec) }
@@ -1097,11 +1103,13 @@ final class Node: @unchecked Sendable {
         var out = Outgoing()
         condition.lock()
         let now = monotonicNanoseconds()
-        while let (oid, deadline) = handedUpQueue.first, deadline <= now {
+        let window = Self.confirmWithinNanoseconds
+        while let (oid, at) = handedUpQueue.first, at + window <= now {
             handedUpQueue.removeFirst()
-            guard let e = objects[oid], e.handedUp, e.placedOn == nil, e.value == nil, let spec = e.spec else { continue }
+            guard lastFailureNanoseconds > 0, lastFailureNanoseconds + window >= at,
+                  let e = objects[oid], e.handedUp, e.placedOn == nil, e.value == nil, let spec = e.spec else { continue }
             out.spilled.append(spec)
-            handedUpQueue.append((oid, now + Self.confirmWithinNanoseconds))
+            handedUpQueue.append((oid, now))
         }
         let queued = ready.count + pendingCount
         let locations = locationBacklog

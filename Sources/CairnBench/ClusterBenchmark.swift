@@ -100,5 +100,20 @@ struct ClusterBenchmark {
         }
         report.add("recovery.detect_ms", median(detects), "ms", goal: "<= 300 (Ray's default: about 15 s)")
         report.add("recovery.detect_max_ms", detects.max() ?? .nan, "ms")
+
+        // SIGKILL the global scheduler's process with 20,000 tasks handed to it; time until
+        // every result is in (the replacement starts, registers, and takes them all).
+        var schedulerKills: [Double] = []
+        for round in 0..<5 {
+            guard let scheduler = cluster.schedulerProcess else { throw CairnError(.timeout, "no scheduler process") }
+            let refs = try (0..<20_000).map { try ClusterWorkload.identity.remote(round * 100_000 + $0) }
+            let t = now()
+            kill(scheduler, SIGKILL)
+            let values = try await cluster.get(refs, timeout: .seconds(120))
+            schedulerKills.append((now() - t) * 1000)
+            precondition(values == (0..<20_000).map { round * 100_000 + $0 }, "wrong results after a scheduler kill")
+            while cluster.schedulerProcess == nil || cluster.schedulerProcess == scheduler { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        report.add("recovery.scheduler_kill_to_results_ms", median(schedulerKills), "ms")
     }
 }
