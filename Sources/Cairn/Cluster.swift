@@ -46,8 +46,8 @@ public struct ClusterOptions: Sendable {
     public var controlStore: ControlStoreBacking = .chainReplicated(EmbeddedGCS.Options())
     /// How components exchange messages. Default: ``TransportKind/inMemory``.
     public var transport: TransportKind = .inMemory
-    /// Run nodes 1 and up as separate processes (node 0, with the driver, the control store and
-    /// the global scheduler, stays in this process: the head). Each node process is this
+    /// Run nodes 1 and up, and the global scheduler, as separate processes (node 0, with the
+    /// driver, and the control store with its GCS stay in this process: the head). Each is this
     /// executable started again (or ``nodeExecutable``), which must call
     /// ``Cluster/runNodeIfLaunched(prepare:)`` first thing in `main`. Implies a TCP transport
     /// (on 127.0.0.1 unless ``transport`` names a host). Default: false.
@@ -212,16 +212,10 @@ public final class Cluster: Sendable {
                                       controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
                                       housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid())
-            do {
-                let s = try NodeSupervisor(executable: options.nodeExecutable ?? currentExecutable(), token: tcp.token, template: template,
-                                           configurations: Array(options.nodes.dropFirst()), firstID: 1,
-                                           restart: options.replaceDeadNodes, log: options.log) { node, reason in
-                    lost.report(peer: node.description, reason: reason)
-                }
-                supervisor = s
-            } catch {
-                // Only a temporary directory for the token is made here; without one nothing can start.
-                preconditionFailure("cannot prepare the node processes: \(error)")
+            supervisor = NodeSupervisor(executable: options.nodeExecutable ?? currentExecutable(), token: tcp.token, template: template,
+                                        configurations: Array(options.nodes.dropFirst()), firstID: 1,
+                                        restart: options.replaceDeadNodes, log: options.log) { node, reason in
+                lost.report(peer: node.description, reason: reason)
             }
         } else {
             supervisor = nil

@@ -996,8 +996,8 @@ final class Node: @unchecked Sendable {
                 if let previous = schedulerIncarnation, previous != incarnation {
                     lastFailureNanoseconds = monotonicNanoseconds()
                     // The scheduler was replaced: what it had not placed is gone with it.
-                    for (_, e) in objects where e.handedUp && e.value == nil && e.placedOn == nil {
-                        if let spec = e.spec { out.spilled.append(spec) }
+                    for (oid, e) in objects where e.handedUp && e.value == nil && e.placedOn == nil {
+                        if let spec = e.spec { handUpAgainLocked(oid, spec, &out) }
                     }
                 }
                 schedulerIncarnation = incarnation
@@ -1021,6 +1021,12 @@ final class Node: @unchecked Sendable {
 
     // MARK: failures
 
+    /// Hands a task owned here up to the scheduler again, still awaiting its confirmation.
+    private func handUpAgainLocked(_ oid: ObjectID, _ spec: TaskSpec, _ out: inout Outgoing) {
+        out.spilled.append(spec)
+        handedUpQueue.append((oid, monotonicNanoseconds()))
+    }
+
     /// The error value of an object whose owner died.
     private func lostValue(_ oid: ObjectID) -> StoredValue {
         .failed(RemoteError(kind: .objectLost, task: oid, function: "", node: oid.owner,
@@ -1042,7 +1048,7 @@ final class Node: @unchecked Sendable {
                 // Handed up and not yet confirmed by the node it went to: perhaps sent to the
                 // dead node before it could say so. Handed up again (if it was in fact still
                 // with the scheduler, it runs twice; tasks are deterministic).
-                out.spilled.append(spec)
+                handUpAgainLocked(oid, spec, &out)
             } else if oid.owner == dead && (e.fetching || e.firstWaiter != nil || !e.blockedTasks.isEmpty) {
                 lost.append(oid)
             }
@@ -1108,8 +1114,7 @@ final class Node: @unchecked Sendable {
             handedUpQueue.removeFirst()
             guard lastFailureNanoseconds > 0, lastFailureNanoseconds + window >= at,
                   let e = objects[oid], e.handedUp, e.placedOn == nil, e.value == nil, let spec = e.spec else { continue }
-            out.spilled.append(spec)
-            handedUpQueue.append((oid, now))
+            handUpAgainLocked(oid, spec, &out)
         }
         let queued = ready.count + pendingCount
         let locations = locationBacklog
@@ -1314,13 +1319,13 @@ final class ObjectEntry {
     var fetchRequests: [NodeID] = []
     /// Nodes holding a copy (to free them too).
     var copies: [NodeID] = []
-    /// Where the scheduler placed the task making it, or where the actor call went: if that
-    /// node dies first, the task runs again (its owner keeps the spec) or the call fails.
+    /// The node that confirmed it holds the task making it, or where the actor call went: if
+    /// that node dies first, the task runs again (its owner keeps the spec) or the call fails.
     var placedOn: NodeID?
     /// Times the task was run again because its node died.
     var retries: Int32 = 0
-    /// Handed up to the global scheduler and not yet placed: sent again if the scheduler is
-    /// replaced before it says where the task went.
+    /// Handed up to the global scheduler and not yet confirmed by the node it went to: handed
+    /// up again if the scheduler is replaced or a node dies first.
     var handedUp = false
 }
 

@@ -153,9 +153,12 @@ extension WireOptions {
     }
 }
 
-/// The head's side: starts node processes, watches them, starts a replacement (with a new
-/// node ID) for each one that dies, and stops them all at shutdown. Only processes it started
-/// are ever signalled, by pid.
+/// The head's side: starts the global scheduler's and the node processes, watches them (one
+/// thread per child, blocked in `waitpid`), starts a replacement for each one that dies (a
+/// node gets a new node ID), and stops them all at shutdown. Only processes it started are
+/// ever signalled, by pid.
+///
+/// Thread safety (why `@unchecked Sendable` is sound): every mutable field is guarded by `lock`.
 final class NodeSupervisor: @unchecked Sendable {
     struct Child {
         /// The node it runs; nil for the global scheduler.
@@ -172,8 +175,10 @@ final class NodeSupervisor: @unchecked Sendable {
     private var quickExits = 0
     static let quickExit = Duration.seconds(2)
     private let executable: String
-    private let tokenDirectory: String
-    let tokenFile: String
+    private let token: ClusterToken
+    /// The token's directory and file, made by ``startAll()``.
+    private var tokenDirectory = ""
+    private var tokenFile = ""
     private let template: NodeLaunch
     private let configurations: [NodeConfiguration]
     private let restart: Bool
@@ -182,27 +187,30 @@ final class NodeSupervisor: @unchecked Sendable {
     private let exited: @Sendable (NodeID, String) -> Void
 
     init(executable: String, token: ClusterToken, template: NodeLaunch, configurations: [NodeConfiguration], firstID: Int,
-         restart: Bool, log: @escaping @Sendable (String) -> Void, exited: @escaping @Sendable (NodeID, String) -> Void) throws {
+         restart: Bool, log: @escaping @Sendable (String) -> Void, exited: @escaping @Sendable (NodeID, String) -> Void) {
         self.executable = executable
+        self.token = token
         self.template = template
         self.configurations = configurations
         self.restart = restart
         self.log = log
         self.exited = exited
         nextID = firstID
+    }
+
+    /// Writes the token to a new 0600 file, then starts the global scheduler's process and one
+    /// node process per configuration.
+    func startAll() throws {
         var path = Array("\(NSTemporaryDirectory())/cairn-cluster-XXXXXX".utf8CString)
         guard let made = mkdtemp(&path) else { throw CairnError(.storage, "cannot make a directory for the cluster token: errno \(errno)") }
-        tokenDirectory = String(cString: made)
-        tokenFile = tokenDirectory + "/token"
+        let directory = String(cString: made)
+        let file = directory + "/token"
+        lock.withLock { (tokenDirectory, tokenFile) = (directory, file) }
         do {
-            try token.write(to: tokenFile)
+            try token.write(to: file)
         } catch {
             throw CairnError(.storage, "cannot write the cluster token: \(error)")
         }
-    }
-
-    /// Starts the global scheduler's process and one node process per configuration.
-    func startAll() throws {
         try start(nil)
         for configuration in configurations { try start(configuration) }
     }
@@ -219,7 +227,7 @@ final class NodeSupervisor: @unchecked Sendable {
         var launch = template
         guard let configuration else {
             launch.role = .scheduler
-            launch.tokenFile = tokenFile
+            launch.tokenFile = lock.withLock { tokenFile }
             return try spawn(launch, configuration: nil, launcher: [])
         }
         let id: NodeID = lock.withLock {
@@ -228,7 +236,7 @@ final class NodeSupervisor: @unchecked Sendable {
         }
         guard id.raw < 0xFFFF else { throw CairnError(.invalidArgument, "node IDs are exhausted (65,535 nodes started)") }
         launch.node = id
-        launch.tokenFile = tokenFile
+        launch.tokenFile = lock.withLock { tokenFile }
         launch.resources = configuration.resources
         launch.functions = configuration.functions
         launch.storeLimitBytes = configuration.storeLimitBytes
@@ -308,8 +316,11 @@ final class NodeSupervisor: @unchecked Sendable {
         let deadline = ContinuousClock.now + .seconds(1)
         while !lock.withLock({ children.isEmpty }) && ContinuousClock.now < deadline { usleep(1_000) }
         for child in lock.withLock({ Array(children.values) }) { kill(child.pid, SIGKILL) }
-        unlink(tokenFile)
-        rmdir(tokenDirectory)
+        let (directory, file) = lock.withLock { (tokenDirectory, tokenFile) }
+        if !file.isEmpty {
+            unlink(file)
+            rmdir(directory)
+        }
     }
 }
 
