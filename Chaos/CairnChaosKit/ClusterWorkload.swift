@@ -43,6 +43,11 @@ public enum ClusterWorkload {
         public let pid: Int
     }
 
+    /// 256 KiB of bytes derived from `x`: a result large enough to stay on the node that made it.
+    public static let block = RemoteFunction<Int, [UInt8]>("workload.block") { x in
+        (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ x) }
+    }
+
     /// `x` itself: the smallest task.
     public static let identity = RemoteFunction<Int, Int>("workload.identity") { $0 }
 
@@ -67,7 +72,7 @@ public enum ClusterWorkload {
 
     /// Creates every function and registers every actor type, so that a node process knows them by name.
     public static func register() {
-        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut)
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block)
         FunctionRegistry.process.register(Counter.self)
     }
 }

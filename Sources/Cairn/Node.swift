@@ -169,11 +169,16 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var schedulerIncarnation: UInt64?
     /// Times a task owned here is run again after its node died, before it fails.
     let maxTaskRetries: Int
+    /// Keep large results of other owners' tasks here (the owner fetches them when needed, or
+    /// runs the task again if this node dies) instead of pushing them to their owner: set in
+    /// a cluster of processes, where the push crosses the network.
+    let holdsLargeResults: Bool
 
     init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, actorStorage: LazyActorStorage,
-         maxTaskRetries: Int = 3, release: @escaping @Sendable (ObjectID) -> Void) {
+         maxTaskRetries: Int = 3, holdsLargeResults: Bool = false, release: @escaping @Sendable (ObjectID) -> Void) {
         self.id = id
         self.maxTaskRetries = maxTaskRetries
+        self.holdsLargeResults = holdsLargeResults
         self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
@@ -418,6 +423,12 @@ final class Node: @unchecked Sendable {
                 e.fetching = true
                 out.messages.append((.fetch([oid], replyTo: id), .node(oid.owner)))
             }
+        } else if let holder = e.heldAt {
+            // Computed elsewhere and kept there: fetch it.
+            if !e.fetching {
+                e.fetching = true
+                out.messages.append((.fetch([oid], replyTo: id), .node(holder)))
+            }
         } else if !e.inFlight, !e.pinned, let spec = e.spec {
             // Evicted: run the task that made it again. (Owned objects without lineage, such
             // as actor replies, are never evicted, so for those the value is on its way.)
@@ -431,6 +442,12 @@ final class Node: @unchecked Sendable {
     private func completeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
         if oid.owner == id {
             storeLocked(oid, value, &out)
+        } else if holdsLargeResults, value.failure == nil, value.size >= Self.directoryThreshold {
+            // The only copy stays here, pinned until its owner frees it.
+            let e = entry(oid)
+            e.pinned = true
+            storeLocked(oid, value, &out)
+            out.messages.append((.objectsHeld([(oid, id, size: value.size)]), .node(oid.owner)))
         } else {
             out.objects[oid.owner, default: []].append((oid, value))
             // The result belongs to its owner: forget the entry that tracked the task here.
@@ -922,6 +939,8 @@ final class Node: @unchecked Sendable {
                         storeBytes -= e.size
                         if e.size >= Self.directoryThreshold { recorded.append(oid) }
                         _ = value
+                    } else if e.heldAt != nil {
+                        recorded.append(oid)
                     }
                     for h in e.copies { out.messages.append((.free([oid]), .node(h))) }
                     if e.inFlight || e.pendingSpec != nil {
@@ -992,6 +1011,26 @@ final class Node: @unchecked Sendable {
                     // Placed on a node that died before this notice came: run it again now.
                     if deadNodes.contains(node) { nodeDiedLocked(node, only: oid, &out) }
                 }
+            case .objectsHeld(let held):
+                for (oid, node, size) in held {
+                    guard oid.owner == id, let e = objects[oid], e.value == nil, !e.freed else {
+                        // Freed meanwhile (or unknown): the holder drops its copy.
+                        out.messages.append((.free([oid]), .node(node)))
+                        continue
+                    }
+                    e.heldAt = node
+                    e.inFlight = false
+                    e.placedOn = nil
+                    e.handedUp = false
+                    if !e.copies.contains(node) { e.copies.append(node) }
+                    locationBacklog.append((oid, node, size))
+                    if let spec = e.spec {
+                        taskBacklog.append(TaskRecord(id: oid, function: spec.function, argRefs: []))
+                    }
+                    if e.firstWaiter != nil || !e.blockedTasks.isEmpty || !e.fetchRequests.isEmpty {
+                        requestLocked(oid, e, &out)
+                    }
+                }
             case .schedulerAt(_, let incarnation):
                 if let previous = schedulerIncarnation, previous != incarnation {
                     lastFailureNanoseconds = monotonicNanoseconds()
@@ -1051,6 +1090,20 @@ final class Node: @unchecked Sendable {
                 handUpAgainLocked(oid, spec, &out)
             } else if oid.owner == dead && (e.fetching || e.firstWaiter != nil || !e.blockedTasks.isEmpty) {
                 lost.append(oid)
+            } else if e.heldAt == dead {
+                // Its only copy died: rebuilt from lineage, now if anyone waits, else when asked.
+                e.heldAt = nil
+                e.fetching = false
+                e.copies.removeAll { $0 == dead }
+                if e.firstWaiter != nil || !e.blockedTasks.isEmpty || !e.fetchRequests.isEmpty { retry.append((oid, e)) }
+            }
+        }
+        if only == nil {
+            // Copies held here for a dead owner: nobody can ask for them any more.
+            for (oid, e) in objects where oid.owner == dead && e.value != nil && e.pinned {
+                storedCount -= 1
+                storeBytes -= e.size
+                objects.removeValue(forKey: oid)
             }
         }
         for (oid, e) in retry {
@@ -1327,6 +1380,8 @@ final class ObjectEntry {
     /// Handed up to the global scheduler and not yet confirmed by the node it went to: handed
     /// up again if the scheduler is replaced or a node dies first.
     var handedUp = false
+    /// For an owned result computed elsewhere and kept there: the node holding it.
+    var heldAt: NodeID?
 }
 
 func monotonicNanoseconds() -> UInt64 {

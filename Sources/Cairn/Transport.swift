@@ -134,6 +134,9 @@ enum Message: Sendable {
     /// From the control store: the global scheduler's process listens at `address`. A new
     /// `incarnation` means the one before is gone, with the tasks it had not placed.
     case schedulerAt(address: String, incarnation: UInt64)
+    /// From the node that computed them to their owner: these large results stay there (the
+    /// only copy); fetch them from it, or run their tasks again if it dies.
+    case objectsHeld([(ObjectID, NodeID, size: Int)])
 }
 
 /// Carries messages between components.

@@ -341,6 +341,7 @@ enum WireMessage: Codable {
     case nodeTable([NodeRecord])
     case placed([WirePlacement])
     case schedulerAt(address: String, incarnation: UInt64)
+    case objectsHeld([WireLocation])
 
     init(_ m: Message) {
         switch m {
@@ -359,6 +360,7 @@ enum WireMessage: Codable {
         case .nodeTable(let t): self = .nodeTable(t)
         case .placed(let p): self = .placed(p.map { WirePlacement(task: $0.0, node: $0.1) })
         case .schedulerAt(let a, let i): self = .schedulerAt(address: a, incarnation: i)
+        case .objectsHeld(let l): self = .objectsHeld(l.map { WireLocation(object: $0.0, node: $0.1, size: $0.size) })
         }
     }
 
@@ -379,6 +381,7 @@ enum WireMessage: Codable {
         case .nodeTable(let t): return .nodeTable(t)
         case .placed(let p): return .placed(p.map { ($0.task, $0.node) })
         case .schedulerAt(let a, let i): return .schedulerAt(address: a, incarnation: i)
+        case .objectsHeld(let l): return .objectsHeld(l.map { ($0.object, $0.node, size: $0.size) })
         }
     }
 }

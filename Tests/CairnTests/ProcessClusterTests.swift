@@ -207,6 +207,34 @@ struct ProcessClusterTests {
         }
     }
 
+    @Test("a large result kept on the node that computed it is rebuilt from lineage when that node is killed")
+    func lineageRebuildsLargeResult() async throws {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        for round in 0..<3 {
+            let ref = try ClusterWorkload.block.remote(round)
+            // Wait until the owner (the driver's node) has recorded where the result is kept.
+            var location: ObjectLocation?
+            let deadline = ContinuousClock.now + .seconds(30)
+            while location == nil && ContinuousClock.now < deadline {
+                location = await cluster.location(of: ref)
+                if location == nil { try await Task.sleep(for: .milliseconds(2)) }
+            }
+            let holder = try #require(location?.node)
+            let victim = try #require(cluster.nodeProcesses.first { $0.node == holder }, "kept on \(holder), not on a node process")
+            kill(victim.pid, SIGKILL)
+            let value = try await cluster.get(ref, timeout: .seconds(60))
+            #expect(value == (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ round) })
+            _ = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
+        }
+        // A result fetched before its holder dies stays with its owner.
+        let kept = try ClusterWorkload.block.remote(9)
+        let first = try await cluster.get(kept)
+        #expect(try await cluster.get(kept) == first)
+    }
+
     @Test("a bad node executable is refused before anything starts")
     func badExecutableIsRefused() async throws {
         var options = Self.options()
