@@ -48,6 +48,12 @@ public enum ClusterWorkload {
         (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ x) }
     }
 
+    /// Sleeps `x` milliseconds, then returns `x`.
+    public static let sleep = RemoteFunction<Int, Int>("workload.sleep") { x in
+        usleep(UInt32(x) * 1_000)
+        return x
+    }
+
     /// `x` itself: the smallest task.
     public static let identity = RemoteFunction<Int, Int>("workload.identity") { $0 }
 
@@ -72,7 +78,7 @@ public enum ClusterWorkload {
 
     /// Creates every function and registers every actor type, so that a node process knows them by name.
     public static func register() {
-        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block)
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep)
         FunctionRegistry.process.register(Counter.self)
     }
 }

@@ -40,6 +40,8 @@ final class GlobalScheduler: @unchecked Sendable {
         for message in batch {
             switch message {
             case .nodeTable(let table):
+                // Stop trying to reach nodes declared dead (their owners run their tasks again).
+                for record in table where !record.alive && nodes[record.id]?.alive != false { transport.forget(.node(record.id)) }
                 nodes = Dictionary(uniqueKeysWithValues: table.map { ($0.id, $0) })
                 placedSinceReport = [:]
             case .schedule(let specs, let from):

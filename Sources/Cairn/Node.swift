@@ -281,6 +281,8 @@ final class Node: @unchecked Sendable {
         let loads = nodeLoads
         condition.unlock()
         guard !stopped else { throw CairnError(.shutDown, "the cluster was shut down") }
+        // A node process that has not yet heard the node table cannot judge: the scheduler will.
+        if loads.isEmpty { return }
         if SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) {
             feasibility.withLock { $0.known[function, default: []].append(resources) }
             return
@@ -1005,7 +1007,9 @@ final class Node: @unchecked Sendable {
                 nodeLoads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
             case .placed(let placements):
                 for (oid, node) in placements {
-                    guard let e = objects[oid], e.value == nil, e.spec != nil else { continue }
+                    // (A large result can be reported held before its task's notice arrives:
+                    // the worker's message may leave before the inbox thread's.)
+                    guard let e = objects[oid], e.value == nil, e.heldAt == nil, e.spec != nil else { continue }
                     e.placedOn = node
                     e.handedUp = false
                     // Placed on a node that died before this notice came: run it again now.
@@ -1022,6 +1026,7 @@ final class Node: @unchecked Sendable {
                     e.inFlight = false
                     e.placedOn = nil
                     e.handedUp = false
+                    e.fetching = false  // a fetch from an earlier holder is moot
                     if !e.copies.contains(node) { e.copies.append(node) }
                     locationBacklog.append((oid, node, size))
                     if let spec = e.spec {
@@ -1108,6 +1113,10 @@ final class Node: @unchecked Sendable {
         }
         for (oid, e) in retry {
             e.placedOn = nil
+            if e.heldAt == dead {
+                e.heldAt = nil
+                e.fetching = false
+            }
             guard let spec = e.spec else {
                 let error = RemoteError(kind: .nodeDied, task: oid, function: "", node: dead,
                                         message: "\(dead), hosting the actor, died with this call in flight")

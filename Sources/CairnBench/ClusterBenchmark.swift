@@ -122,7 +122,9 @@ struct ClusterBenchmark {
         for round in 0..<5 {
             let ref = try ClusterWorkload.block.remote(round)
             var location: ObjectLocation?
+            let recorded = ContinuousClock.now + .seconds(30)
             while location == nil {
+                guard ContinuousClock.now < recorded else { throw CairnError(.timeout, "the object table did not record \(ref) within 30 s") }
                 location = await cluster.location(of: ref)
                 if location == nil { try await Task.sleep(for: .milliseconds(1)) }
             }

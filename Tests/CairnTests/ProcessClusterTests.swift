@@ -213,7 +213,7 @@ struct ProcessClusterTests {
         options.nodes[0].resources = Resources(cpus: 0)
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
-        for round in 0..<3 {
+        for round in 0..<(Int(ProcessInfo.processInfo.environment["CAIRN_LINEAGE_ROUNDS"] ?? "") ?? 3) {
             let ref = try ClusterWorkload.block.remote(round)
             // Wait until the owner (the driver's node) has recorded where the result is kept.
             var location: ObjectLocation?
@@ -233,6 +233,27 @@ struct ProcessClusterTests {
         let kept = try ClusterWorkload.block.remote(9)
         let first = try await cluster.get(kept)
         #expect(try await cluster.get(kept) == first)
+    }
+
+    @Test("past maxTaskRetries, a task whose node died fails with nodeDied")
+    func retriesAreBounded() async throws {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        options.maxTaskRetries = 0
+        options.replaceDeadNodes = false
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let ref = try ClusterWorkload.sleep.remote(5_000)
+        try await Task.sleep(for: .milliseconds(300))
+        // Wherever it runs, its node dies: every node process is killed.
+        for child in cluster.nodeProcesses { kill(child.pid, SIGKILL) }
+        do {
+            _ = try await cluster.get(ref, timeout: .seconds(30))
+            Issue.record("a task whose node died returned a value with maxTaskRetries 0")
+        } catch let error as RemoteError {
+            #expect(error.kind == .nodeDied, "\(error)")
+            #expect(error.message.contains("maxTaskRetries is 0"))
+        }
     }
 
     @Test("a bad node executable is refused before anything starts")
