@@ -73,6 +73,15 @@ struct ClusterBenchmark {
         try await detect(report, cluster)
     }
 
+    /// Waits until a replacement for `node` has joined: 5 live nodes (the head's and 4 processes).
+    static func waitForReplacement(of node: NodeID, in cluster: Cluster) async throws {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while cluster.aliveNodes.count < 5 || cluster.nodeProcesses.count < 4 {
+            guard ContinuousClock.now < deadline else { throw CairnError(.timeout, "no replacement for \(node) within 30 s") }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+    }
+
     /// SIGKILL a node process, time until the driver's node hears it declared dead (the node
     /// table it subscribes to), and wait for the replacement before the next kill.
     func detect(_ report: Report, _ cluster: Cluster) async throws {
@@ -92,11 +101,7 @@ struct ClusterBenchmark {
             detects.append((now() - t) * 1000)
             let values = try await cluster.get(refs, timeout: .seconds(120))
             precondition(values == (0..<700).map { $0 * $0 }, "wrong results after a kill")
-            let deadline = ContinuousClock.now + .seconds(30)
-            while cluster.aliveNodes.count < 5 || cluster.nodeProcesses.count < 4 {
-                guard ContinuousClock.now < deadline else { throw CairnError(.timeout, "no replacement for \(victim.node) within 30 s") }
-                try await Task.sleep(for: .milliseconds(1))
-            }
+            try await Self.waitForReplacement(of: victim.node, in: cluster)
         }
         report.add("recovery.detect_ms", median(detects), "ms", goal: "<= 300 (Ray's default: about 15 s)")
         report.add("recovery.detect_max_ms", detects.max() ?? .nan, "ms")
@@ -136,11 +141,7 @@ struct ClusterBenchmark {
             let value = try await cluster.get(ref, timeout: .seconds(60))
             rebuilds.append((now() - t) * 1000)
             precondition(value.count == 256 << 10 && value[1] == UInt8(truncatingIfNeeded: 31 + round), "wrong rebuilt value")
-            let deadline = ContinuousClock.now + .seconds(30)
-            while cluster.aliveNodes.count < 5 || cluster.nodeProcesses.count < 4 {
-                guard ContinuousClock.now < deadline else { throw CairnError(.timeout, "no replacement for \(holder.node) within 30 s") }
-                try await Task.sleep(for: .milliseconds(1))
-            }
+            try await Self.waitForReplacement(of: holder.node, in: cluster)
         }
         report.add("recovery.lineage_rebuild_ms", median(rebuilds), "ms", goal: "<= 300 (Ray 2.60 here: 16.1 s, 3.75 s tuned)")
         report.add("recovery.lineage_rebuild_max_ms", rebuilds.max() ?? .nan, "ms")
