@@ -24,9 +24,11 @@ final class Inbox: Sendable {
     }
 }
 
-/// Options for tests about something other than liveness: a silence timeout of 10 s, so that
-/// a loaded machine starving an event loop does not end their connections.
-let patient = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000))
+/// Options for tests about something other than liveness: a silence timeout of 120 s, so that
+/// a loaded machine does not end their connections. Under `swift test` the test itself can be
+/// held up for half a minute: the GCS simulation's 10,000 seeds occupy both of the cooperative
+/// pool's threads, and a test that had connected but not yet written was cut off by a 10 s timeout.
+let patient = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 12_000))
 
 /// Polls `condition` every 5 ms for up to 20 s (generous, for a loaded 2-core machine).
 func eventually(_ what: String, _ condition: () -> Bool) async throws {
@@ -130,7 +132,7 @@ struct WireNetTests {
     @Test("sends are refused with typed errors: too large, over the pending limit (a single large one still goes), after close")
     func sendRefusals() async throws {
         let token = ClusterToken.generate()
-        let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 1_000), maxPendingBytes: 500)
+        let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 12_000), maxPendingBytes: 500)
         let server = Inbox()
         let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: server.handlers(), options: options)
         let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
