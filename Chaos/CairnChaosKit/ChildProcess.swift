@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CairnCore
 
 /// A child process started by the chaos harness, with its standard output (and optionally its
 /// standard input) on a pipe.
@@ -154,10 +155,7 @@ public func sleepMicroseconds(_ microseconds: Int) {
 
 /// The directory holding the running executable (so a test can find `cairn-chaos` beside it).
 public func executableDirectory() -> String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buffer, 4095)
-    guard n > 0 else { return "." }
-    let path = String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let path = currentExecutablePath()
     guard let slash = path.lastIndex(of: "/") else { return "." }
     return String(path[..<slash])
 }

@@ -212,7 +212,7 @@ public final class Cluster: Sendable {
                                       controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
                                       housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid())
-            supervisor = NodeSupervisor(executable: options.nodeExecutable ?? currentExecutable(), token: tcp.token, template: template,
+            supervisor = NodeSupervisor(executable: options.nodeExecutable ?? currentExecutablePath(), token: tcp.token, template: template,
                                         configurations: Array(options.nodes.dropFirst()), firstID: 1,
                                         restart: options.replaceDeadNodes, log: options.log) { node, reason in
                 lost.report(peer: node.description, reason: reason)

@@ -38,21 +38,15 @@ struct NodeLaunch: Codable, Equatable {
     var head: Int32
 
     func encoded() throws -> String {
-        try BinaryEncoder().encode(self).map { String(format: "%02x", $0) }.joined()
+        Hex.encode(try BinaryEncoder().encode(self))
     }
 
     static func decode(_ text: String) throws -> NodeLaunch {
-        let utf8 = Array(text.utf8)
-        guard utf8.count % 2 == 0 else { throw CairnError(.invalidArgument, "\(variable) is not hex") }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(utf8.count / 2)
-        var i = 0
-        while i < utf8.count {
-            guard let byte = UInt8(String(decoding: utf8[i..<i + 2], as: UTF8.self), radix: 16) else {
-                throw CairnError(.invalidArgument, "\(variable) is not hex")
-            }
-            bytes.append(byte)
-            i += 2
+        let bytes: [UInt8]
+        do {
+            bytes = try Hex.decode(text)
+        } catch {
+            throw CairnError(.invalidArgument, "\(variable) is not hex (at character \(error.position)); it is set by the head that starts a node, not by hand")
         }
         do {
             return try BinaryDecoder().decode(NodeLaunch.self, from: bytes)
@@ -340,10 +334,3 @@ private func closeInheritedDescriptors(_ actions: inout posix_spawn_file_actions
     guard rc == 0 else { throw CairnError(.invalidArgument, "posix_spawn_file_actions_addclosefrom_np failed: error \(rc)") }
 }
 
-/// The path of the running executable.
-func currentExecutable() -> String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buffer, 4095)
-    guard n > 0 else { return CommandLine.arguments[0] }
-    return String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-}

@@ -1,3 +1,5 @@
+import CairnCore
+
 /// The secret every connection into a cluster proves it knows before any message is accepted.
 ///
 /// 32 random bytes, written as 64 lowercase hex digits, kept in a file only its owner can read
@@ -23,40 +25,19 @@ public struct ClusterToken: Sendable, Equatable, CustomStringConvertible {
         guard digits.count == 2 * Self.byteCount else {
             throw TokenError(.malformed, "a cluster token is \(2 * Self.byteCount) hex digits; got \(digits.count) characters")
         }
-        var out: [UInt8] = []
-        out.reserveCapacity(Self.byteCount)
-        for i in stride(from: 0, to: digits.count, by: 2) {
-            guard let hi = Self.nibble(digits[i]), let lo = Self.nibble(digits[i + 1]) else {
-                throw TokenError(.malformed, "a cluster token is hex digits only; found a non-hex character at position \(i)")
-            }
-            out.append(hi << 4 | lo)
+        do {
+            bytes = try Hex.decode(String(decoding: digits, as: UTF8.self))
+        } catch {
+            throw TokenError(.malformed, "a cluster token is hex digits only; found a non-hex character at position \(error.position)")
         }
-        bytes = out
     }
 
     /// The token as 64 lowercase hex digits.
-    public var hex: String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        for b in bytes {
-            out.append(digits[Int(b >> 4)])
-            out.append(digits[Int(b & 0xF)])
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
+    public var hex: String { Hex.encode(bytes) }
 
     /// Never the secret itself: a short fingerprint, safe to log.
     public var description: String {
         "ClusterToken(fingerprint \(SHA256.hash(bytes).prefix(4).map { String($0, radix: 16) }.joined()))"
-    }
-
-    private static func nibble(_ c: UInt8) -> UInt8? {
-        switch c {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): return c - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): return c - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): return c - UInt8(ascii: "A") + 10
-        default: return nil
-        }
     }
 }
 
