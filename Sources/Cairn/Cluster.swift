@@ -202,7 +202,7 @@ public final class Cluster: Sendable {
         let hereHosted = options.processes ? Array(options.nodes.prefix(1)) : options.nodes
         nodes = hereHosted.enumerated().map { i, config in
             Node(id: NodeID(i), configuration: config, transport: transport, actorStorage: actorStorage,
-                 maxTaskRetries: options.maxTaskRetries, holdsLargeResults: options.processes) { oid in
+                 maxTaskRetries: options.maxTaskRetries, inProcessCluster: options.processes) { oid in
                 releases.add(oid)
             }
         }

@@ -169,16 +169,18 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var schedulerIncarnation: UInt64?
     /// Times a task owned here is run again after its node died, before it fails.
     let maxTaskRetries: Int
-    /// Keep large results of other owners' tasks here (the owner fetches them when needed, or
-    /// runs the task again if this node dies) instead of pushing them to their owner: set in
-    /// a cluster of processes, where the push crosses the network.
-    let holdsLargeResults: Bool
+    /// Part of a cluster of processes, where nodes can die. Then owners track where their
+    /// tasks are (nodes confirm each task to its owner; tasks handed up stay awaiting that), and
+    /// large results of other owners' tasks stay here (the owner fetches them when needed, or
+    /// runs the task again if this node dies) instead of crossing the network to their owner.
+    /// In an embedded cluster none of this is needed, and its cost stays off the task path.
+    let inProcessCluster: Bool
 
     init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, actorStorage: LazyActorStorage,
-         maxTaskRetries: Int = 3, holdsLargeResults: Bool = false, release: @escaping @Sendable (ObjectID) -> Void) {
+         maxTaskRetries: Int = 3, inProcessCluster: Bool = false, release: @escaping @Sendable (ObjectID) -> Void) {
         self.id = id
         self.maxTaskRetries = maxTaskRetries
-        self.holdsLargeResults = holdsLargeResults
+        self.inProcessCluster = inProcessCluster
         self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
@@ -392,7 +394,7 @@ final class Node: @unchecked Sendable {
             enqueueLocked(.task(spec), &out)
         } else {
             out.spilled.append(spec)
-            if spec.owner == id, let e = objects[spec.id] {
+            if inProcessCluster, spec.owner == id, let e = objects[spec.id] {
                 e.handedUp = true
                 handedUpQueue.append((spec.id, monotonicNanoseconds()))
             }
@@ -444,7 +446,7 @@ final class Node: @unchecked Sendable {
     private func completeLocked(_ oid: ObjectID, _ value: StoredValue, _ out: inout Outgoing) {
         if oid.owner == id {
             storeLocked(oid, value, &out)
-        } else if holdsLargeResults, value.failure == nil, value.size >= Self.directoryThreshold {
+        } else if inProcessCluster, value.failure == nil, value.size >= Self.directoryThreshold {
             // The only copy stays here, pinned until its owner frees it.
             let e = entry(oid)
             e.pinned = true
@@ -849,7 +851,7 @@ final class Node: @unchecked Sendable {
             deliverLocked(call, to: instance, &out)
         } else if let location = actorLocations[call.actor] {
             actorOutbox[location, default: []].append(call)
-            entry(call.result).placedOn = location
+            if inProcessCluster { entry(call.result).placedOn = location }
             out.actorCallsRouted = true
         } else {
             if actorQueue[call.actor] == nil {
@@ -895,7 +897,7 @@ final class Node: @unchecked Sendable {
                 // Owners learn that their tasks are here, so they can run them again if this
                 // node dies (or hand them up again if the scheduler died before sending them).
                 var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
-                for spec in specs {
+                for spec in specs where inProcessCluster {
                     if spec.owner != id {
                         notices[spec.owner, default: []].append((spec.id, id))
                     } else if let e = objects[spec.id] {

@@ -122,7 +122,7 @@ enum NodeProcess {
         let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
                                               storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
         let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: storage,
-                        maxTaskRetries: launch.maxTaskRetries, holdsLargeResults: true) { releases.add($0) }
+                        maxTaskRetries: launch.maxTaskRetries, inProcessCluster: true) { releases.add($0) }
         let housekeeper = Housekeeper(intervalMs: launch.housekeepingIntervalMs) {
             for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
             node.housekeeping()
