@@ -80,5 +80,6 @@ public enum ClusterWorkload {
     public static func register() {
         _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep)
         FunctionRegistry.process.register(Counter.self)
+        FunctionRegistry.process.register(Bank.self)
     }
 }

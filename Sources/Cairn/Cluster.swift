@@ -108,6 +108,8 @@ public final class Cluster: Sendable {
     /// Starts and watches the node processes of a cluster with ``ClusterOptions/processes``.
     let supervisor: NodeSupervisor?
     private let lostNodes: LostNodeReporter
+    /// Whether dead node processes are replaced (durable actors then wait for a node that fits).
+    private let replacementsExpected: Bool
 
     /// The name the head process gives in its connections.
     static let headName = "head"
@@ -194,10 +196,13 @@ public final class Cluster: Sendable {
         self.transport = transport
         self.gcs = gcs
         log = options.log
-        controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, log: options.log))
+        replacementsExpected = options.processes && options.replaceDeadNodes
+        controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, log: options.log))
         scheduler = options.processes ? nil : GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
-        let actorStorage = LazyActorStorage(options: options.storage, log: options.log)
+        var storage = options.storage
+        if options.processes, let directory = storage.absoluteDirectory { storage.location = .directory(directory) }
+        let actorStorage = LazyActorStorage(options: storage, perActor: options.processes, log: options.log)
         self.actorStorage = actorStorage
         let hereHosted = options.processes ? Array(options.nodes.prefix(1)) : options.nodes
         nodes = hereHosted.enumerated().map { i, config in
@@ -211,12 +216,15 @@ public final class Cluster: Sendable {
             let template = NodeLaunch(node: NodeID(0), resources: Resources(), functions: nil, storeLimitBytes: 0, spillThreshold: 0, host: host,
                                       controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
-                                      housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid())
+                                      housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid(),
+                                      storageDirectory: options.storage.absoluteDirectory, checkpointsKept: options.storage.checkpointsKept,
+                                      logSegmentBytes: options.storage.logSegmentBytes)
             supervisor = NodeSupervisor(executable: options.nodeExecutable ?? currentExecutablePath(), token: tcp.token, template: template,
                                         configurations: Array(options.nodes.dropFirst()), firstID: 1,
                                         restart: options.replaceDeadNodes, log: options.log) { node, reason in
                 lost.report(peer: node.description, reason: reason)
             }
+            lost.setFence { [supervisor] node in supervisor?.fence(node) }
         } else {
             supervisor = nil
         }
@@ -398,7 +406,7 @@ public final class Cluster: Sendable {
     /// previous incarnation's GCS subscriptions stay open, their deliveries ignored by
     /// generation: fine for tests, which is what this is for.)
     func restartControlStore() {
-        controlStore.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, log: log) }
+        controlStore.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, log: log) }
         transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
         for n in nodes { n.resubscribe() }
     }
@@ -430,22 +438,36 @@ public final class Cluster: Sendable {
 /// Tells the control store of node processes that are gone, as the transport (a connection
 /// closed or fell silent) and the supervisor (the process exited) see it.
 final class LostNodeReporter: Sendable {
-    private let state = Mutex<(transport: (any Transport)?, local: Set<NodeID>)>((nil, []))
+    private struct State {
+        var transport: (any Transport)?
+        var local: Set<NodeID> = []
+        /// Makes sure a node reported lost is gone (its process killed).
+        var fence: (@Sendable (NodeID) -> Void)?
+    }
+    private let state = Mutex(State())
 
     func connect(_ transport: any Transport, local: Set<NodeID>) {
-        state.withLock { $0 = (transport, local) }
+        state.withLock {
+            $0.transport = transport
+            $0.local = local
+        }
+    }
+
+    func setFence(_ fence: @escaping @Sendable (NodeID) -> Void) {
+        state.withLock { $0.fence = fence }
     }
 
     func disconnect() {
-        state.withLock { $0 = (nil, []) }
+        state.withLock { $0 = State() }
     }
 
     /// `peer` is a connection's peer name; only node processes (`node-N`, not hosted here) count.
     func report(peer: String, reason: String) {
         guard peer.hasPrefix("node-"), let raw = Int(peer.dropFirst(5)) else { return }
         let node = NodeID(raw)
-        let (transport, local) = state.withLock { $0 }
-        guard let transport, !local.contains(node) else { return }
+        let s = state.withLock { $0 }
+        guard let transport = s.transport, !s.local.contains(node) else { return }
+        s.fence?(node)
         transport.send(.control(.nodeLost(node, reason: reason)), to: .controlStore)
     }
 }

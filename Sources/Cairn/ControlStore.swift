@@ -25,13 +25,22 @@ struct TaskRecord: Sendable, Codable {
 struct ActorRecord: Sendable, Codable {
     let id: ActorID
     let typeName: String
-    let node: NodeID
+    var node: NodeID
     /// A durable actor's name; nil for others.
     var name: String?
     var state: ActorStatus.State = .alive
     var restarts = 0
     var checkpointSequence: UInt64?
     var logPosition: UInt64 = 0
+    /// For a durable actor in a cluster of processes: how to restore it on another node.
+    var relocation: ActorRelocation?
+}
+
+/// What the control store needs to restore a durable actor on another node when its node
+/// dies: its name and options, and what it needs of a node.
+struct ActorRelocation: Sendable, Codable, Equatable {
+    var durability: WireDurability
+    var resources: Resources
 }
 
 /// An actor's entry in the control store's actor table, as ``Cluster/status(of:)`` reports it.
@@ -107,11 +116,17 @@ struct ControlStoreCore {
     private var early: [ControlRequest] = []
     /// Catch-up markers still to come back: key and the value written.
     private var markers: [String: [UInt8]]
+    /// Whether a node process that dies is replaced (so a durable actor no live node can host
+    /// waits for a node to join, instead of failing).
+    private let replacementsExpected: Bool
+    /// Durable actors whose node died and that no live node can host yet.
+    private(set) var homeless: [ActorID] = []
 
     /// A store whose view is complete from the start (`markers` empty), or one that waits for
     /// each marker row to come back with the value it wrote.
-    init(markers: [String: [UInt8]] = [:]) {
+    init(markers: [String: [UInt8]] = [:], replacementsExpected: Bool = false) {
         self.markers = markers
+        self.replacementsExpected = replacementsExpected
         ready = markers.isEmpty
     }
 
@@ -218,6 +233,14 @@ struct ControlStoreCore {
             // Lost while its registration was being written.
             declareDead(id, &actions)
         }
+        if !homeless.isEmpty, value != nil, key.hasPrefix(GCSTable.nodes.rawValue) {
+            // A node joined: perhaps one that can host them.
+            let waiting = homeless
+            homeless = []
+            for aid in waiting {
+                if let r = newestActors[aid] ?? actors[aid], r.state == .restoring { relocate(r, waited: true, &actions) }
+            }
+        }
         actions += release(key)
         return actions
     }
@@ -239,11 +262,63 @@ struct ControlStoreCore {
         write(ControlTables.node(id), record, &actions)
         var hosted = newestActors
         for (aid, r) in actors where hosted[aid] == nil { hosted[aid] = r }
-        for var actor in hosted.values where actor.node == id && (actor.state == .alive || actor.state == .restoring) {
+        for var actor in hosted.values.sorted(by: { $0.id.raw < $1.id.raw }) where actor.node == id && (actor.state == .alive || actor.state == .restoring) {
+            if actor.relocation != nil {
+                relocate(actor, waited: false, &actions)
+            } else {
+                actor.state = .failed
+                newestActors[actor.id] = actor
+                write(ControlTables.actor(actor.id), actor, &actions)
+            }
+        }
+    }
+
+    /// Restores a durable actor whose node died on the least-loaded live node that accepts its
+    /// type and has the resources it needs (lowest ID on a tie). Its row says `restoring`, so
+    /// lookups wait until the new host registers it alive. With no such node it waits for one
+    /// to join when nodes are replaced, and fails otherwise.
+    private mutating func relocate(_ actor: ActorRecord, waited: Bool, _ actions: inout [Action]) {
+        guard let relocation = actor.relocation else { return }
+        var actor = actor
+        let name = actor.name ?? actor.id.description
+        let target = nodes.values
+            .filter { n in
+                n.alive && lostNodes[n.id] == nil && (n.functions?.contains(actor.typeName) ?? true) && n.resources.satisfies(relocation.resources)
+            }
+            .min { a, b in (loads[a.id] ?? a.queued, a.id) < (loads[b.id] ?? b.queued, b.id) }
+        guard let target else {
+            if replacementsExpected {
+                homeless.append(actor.id)
+                if waited { return }
+                actor.state = .restoring
+                actions.append(.log("durable actor \"\(name)\" lost its node \(actor.node) and no live node accepts \(actor.typeName) with \(relocation.resources); it is restored when such a node joins"))
+            } else {
+                actor.state = .failed
+                actions.append(.log("durable actor \"\(name)\" lost its node \(actor.node) and no live node accepts \(actor.typeName) with \(relocation.resources); it stays in its storage until it is spawned again"))
+            }
+            newestActors[actor.id] = actor
+            write(ControlTables.actor(actor.id), actor, &actions)
+            return
+        }
+        var durability = relocation.durability
+        durability.restoreOnly = true
+        let spawn: DurableSpawn
+        do {
+            spawn = try durability.spawn(for: actor.id)
+        } catch {
             actor.state = .failed
             newestActors[actor.id] = actor
             write(ControlTables.actor(actor.id), actor, &actions)
+            actions.append(.log("durable actor \"\(name)\" cannot be restored: \(error)"))
+            return
         }
+        actions.append(.log("durable actor \"\(name)\" lost its node \(actor.node); restoring it on \(target.id)"))
+        actor.node = target.id
+        actor.state = .restoring
+        newestActors[actor.id] = actor
+        write(ControlTables.actor(actor.id), actor, &actions)
+        actions.append(.send(.createActor(ActorSpawn(id: actor.id, typeName: actor.typeName, state: .encoded([]), replyTo: target.id,
+                                                     durable: spawn, resources: relocation.resources)), to: .node(target.id)))
     }
 
     /// The node table for subscribers, if it changed since the last call.
@@ -319,18 +394,19 @@ final class ControlStoreServer: @unchecked Sendable {
     /// Tells this incarnation's subscription deliveries from those of an earlier one.
     private let generation: UInt64
 
-    init(transport: any Transport, gcs: EmbeddedGCS?, log: @escaping @Sendable (String) -> Void) {
+    init(transport: any Transport, gcs: EmbeddedGCS?, replacementsExpected: Bool = false, log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
         self.log = log
         let generation = UInt64.random(in: 1...UInt64.max)
         self.generation = generation
         guard let gcs else {
-            core = ControlStoreCore()
+            core = ControlStoreCore(replacementsExpected: replacementsExpected)
             writeThrough = nil
             transport.register(.controlStore) { [self] batch in handle(batch) }
             return
         }
-        core = ControlStoreCore(markers: ControlTables.markers(shards: gcs.options.shards, generation: generation))
+        core = ControlStoreCore(markers: ControlTables.markers(shards: gcs.options.shards, generation: generation),
+                                replacementsExpected: replacementsExpected)
         let writeThrough = GCSWriteThrough(gcs, log: log) { key, value in
             transport.send(.control(.writeFailed(generation: generation, key: key, value: value)), to: .controlStore)
         }

@@ -1,4 +1,5 @@
 import CairnCodec
+import Foundation
 import DequeModule
 
 /// Identifies a caller of durable actors across crashes, for exactly-once retries.
@@ -113,6 +114,14 @@ public struct ActorStorageOptions: Sendable {
         self.location = location
         self.checkpointsKept = checkpointsKept
         self.logSegmentBytes = logSegmentBytes
+    }
+
+    /// The directory as an absolute path (a relative one is taken from the working directory),
+    /// for processes that may not share it; nil in memory.
+    var absoluteDirectory: String? {
+        guard case .directory(let path) = location else { return nil }
+        if path.hasPrefix("/") { return path }
+        return FileManager.default.currentDirectoryPath + "/" + path
     }
 }
 

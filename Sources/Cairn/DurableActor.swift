@@ -1,7 +1,12 @@
 import CairnCodec
+import CairnCore
 import CairnStorage
+import CairnWire
 import Foundation
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Counters of the durable-actor machinery, as ``Cluster/metrics`` reports them.
 public struct RuntimeMetrics: Sendable, Equatable {
@@ -80,8 +85,12 @@ final class ActorStorage: Sendable {
     /// Durable actors hosted in this cluster, by name.
     let hosted = Mutex<[String: ActorID]>([:])
 
-    init(_ options: ActorStorageOptions) throws {
+    /// Held while this process hosts the actor whose directory this is (a cluster of processes).
+    private let hostLock: HostLock?
+
+    init(_ options: ActorStorageOptions, hostLock: HostLock? = nil) throws {
         location = options.location
+        self.hostLock = hostLock
         let checkpointOptions = StoreOptions(syncMode: .eachCommit, checkpointsKept: options.checkpointsKept)
         switch options.location {
         case .inMemory:
@@ -104,6 +113,7 @@ final class ActorStorage: Sendable {
         writer.stop()
         logs.close()
         checkpoints.close()
+        hostLock?.release()
     }
 
     static func logName(_ name: String) -> String { "actor/" + name }
@@ -126,58 +136,158 @@ final class ActorStorage: Sendable {
 }
 
 /// Opens the cluster's actor storage on first use, so clusters without durable actors touch no disk.
+///
+/// In an embedded cluster every durable actor shares one storage (one message log, one
+/// checkpoint environment). In a cluster of processes (`perActor`) each durable actor has a
+/// directory of its own under `actors/` in the storage directory, held with an exclusive
+/// `flock` by the one process hosting it: when that node dies, the node the control store
+/// picks to restore the actor opens the same directory, once the kernel has released the dead
+/// process's lock.
 final class LazyActorStorage: Sendable {
     let options: ActorStorageOptions
     let metrics = MetricsCounters()
     let log: @Sendable (String) -> Void
-    private let storage = Mutex<ActorStorage?>(nil)
+    let perActor: Bool
+    private let shared = Mutex<ActorStorage?>(nil)
+    private let byActor = Mutex<[String: ActorStorage]>([:])
     private let closed = Atomic<Bool>(false)
+    /// How long a process waits for another's lock on an actor's directory before giving up.
+    static let hostLockTimeout = Duration.seconds(10)
 
-    /// Why this process may not open actor storage, if it may not.
-    let unavailable: String?
-
-    init(options: ActorStorageOptions, unavailable: String? = nil, log: @escaping @Sendable (String) -> Void) {
+    init(options: ActorStorageOptions, perActor: Bool = false, log: @escaping @Sendable (String) -> Void) {
         self.options = options
-        self.unavailable = unavailable
+        self.perActor = perActor
         self.log = log
     }
 
-    func get() throws -> ActorStorage {
-        try storage.withLock { s in
-            if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
-            if let unavailable { throw CairnError(.storage, unavailable) }
-            if let s { return s }
-            let opened = try ActorStorage(options)
-            if let log = opened.logs as? AppendLog, log.recovery.tornBytes > 0 {
-                // The last write before a crash was cut short: never fsync'd, so never acknowledged.
-                metrics.logRecordsDiscarded.add(1, ordering: .relaxed)
-                self.log("the actor message log's last write was torn by a crash: \(log.recovery.tornBytes) bytes of unacknowledged records were cut")
+    /// The storage of the durable actor `name`: the shared one, or (per actor) its own, opened
+    /// and locked on first use. Blocks while another process holds the actor's lock (up to
+    /// ``hostLockTimeout``), so it runs on the restoring thread.
+    func get(for name: String) throws -> ActorStorage {
+        if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
+        guard perActor else {
+            return try shared.withLock { s in
+                if let s { return s }
+                let opened = try open(options)
+                s = opened
+                return opened
             }
-            s = opened
-            return opened
         }
+        if let s = byActor.withLock({ $0[name] }) { return s }
+        guard case .directory(let root) = options.location else {
+            throw CairnError(.storage, "durable actor \"\(name)\": in a cluster of processes durable actors need ActorStorageOptions(location: .directory(…)), a directory every node process can reach (a node restores the actors of a dead node from it); the storage is in memory")
+        }
+        let directory = root + "/actors/" + Self.directoryName(name)
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw CairnError(.storage, "cannot make the directory of durable actor \"\(name)\" in \(root): \(error); check that it is writable")
+        }
+        let lock = try HostLock.acquire(directory + "/host.lock", what: "durable actor \"\(name)\"", timeout: Self.hostLockTimeout)
+        var own = options
+        own.location = .directory(directory)
+        let opened: ActorStorage
+        do {
+            opened = try open(own, hostLock: lock)
+        } catch {
+            lock.release()
+            throw error
+        }
+        let raced: ActorStorage? = byActor.withLock { table in
+            if let earlier = table[name] { return earlier }
+            table[name] = opened
+            return nil
+        }
+        if let raced {
+            opened.close()
+            return raced
+        }
+        if closed.load(ordering: .relaxed) {
+            byActor.withLock { _ = $0.removeValue(forKey: name) }
+            opened.close()
+            throw CairnError(.shutDown, "the cluster was shut down")
+        }
+        return opened
     }
 
-    var ifOpen: ActorStorage? { storage.withLock { $0 } }
+    private func open(_ options: ActorStorageOptions, hostLock: HostLock? = nil) throws -> ActorStorage {
+        let opened = try ActorStorage(options, hostLock: hostLock)
+        if let log = opened.logs as? AppendLog, log.recovery.tornBytes > 0 {
+            // The last write before a crash was cut short: never fsync'd, so never acknowledged.
+            metrics.logRecordsDiscarded.add(1, ordering: .relaxed)
+            self.log("the actor message log in \(opened.locationDescription)'s last write was torn by a crash: \(log.recovery.tornBytes) bytes of unacknowledged records were cut")
+        }
+        return opened
+    }
+
+    /// An actor's directory: the name's safe characters (for people reading the directory),
+    /// then a hash of the whole name (so that two names never share one).
+    static func directoryName(_ name: String) -> String {
+        let safe = String(name.unicodeScalars.prefix(40).map { s -> Character in
+            s.isASCII && (CharacterSet.alphanumerics.contains(s) || s == "-" || s == "_" || s == ".") ? Character(s) : "_"
+        })
+        return safe + "-" + Hex.encode(Array(SHA256.hash(Array(name.utf8)).prefix(8)))
+    }
 
     /// Marks every hosted actor as stopped cleanly (so the next start is not counted as a restart) and closes.
     func close() {
-        let s: ActorStorage? = storage.withLock { s in
-            closed.store(true, ordering: .relaxed)
+        closed.store(true, ordering: .relaxed)
+        var all = byActor.withLock { t in
+            let taken = Array(t.values)
+            t = [:]
+            return taken
+        }
+        if let s = shared.withLock({ s in
             let taken = s
             s = nil
             return taken
-        }
-        guard let s else { return }
-        s.writer.drain()
-        for name in s.hosted.withLock({ Array($0.keys) }) {
-            if var meta = try? s.meta(name), !meta.dead {
-                meta.running = false
-                try? s.putMeta(name, meta)
+        }) { all.append(s) }
+        for s in all {
+            s.writer.drain()
+            for name in s.hosted.withLock({ Array($0.keys) }) {
+                if var meta = try? s.meta(name), !meta.dead {
+                    meta.running = false
+                    try? s.putMeta(name, meta)
+                }
             }
+            s.close()
         }
-        s.close()
     }
+}
+
+/// An exclusive `flock` on a file: held by the one process that hosts a durable actor, and
+/// released by the kernel when that process dies, however it dies.
+final class HostLock: Sendable {
+    private let fd: Atomic<Int32>
+
+    private init(fd: Int32) { self.fd = Atomic(fd) }
+
+    /// Takes the lock, waiting while another process holds it, for up to `timeout`.
+    static func acquire(_ path: String, what: String, timeout: Duration) throws -> HostLock {
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw CairnError(.storage, "cannot open \(path), the lock of \(what): errno \(errno); check that the directory is writable")
+        }
+        let deadline = ContinuousClock.now + timeout
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let e = errno
+            guard e == EWOULDBLOCK || e == EINTR, ContinuousClock.now < deadline else {
+                Glibc.close(fd)
+                throw CairnError(.storage, e == EWOULDBLOCK
+                    ? "\(what) is held by another process (its lock \(path) stayed taken for \(timeout)): it is hosted elsewhere; use its existing handle"
+                    : "cannot lock \(path) for \(what): errno \(e)")
+            }
+            usleep(1_000)
+        }
+        return HostLock(fd: fd)
+    }
+
+    func release() {
+        let fd = fd.exchange(-1, ordering: .relaxed)
+        if fd >= 0 { Glibc.close(fd) }
+    }
+
+    deinit { release() }
 }
 
 /// One thread that encodes, compresses and writes checkpoints, behind the actors' backs.
@@ -244,6 +354,9 @@ final class BackgroundWriter: @unchecked Sendable {
 struct DurableSpawn: Sendable {
     let name: String
     let options: DurabilityOptions
+    /// Set when the control store restores the actor on another node after its node died:
+    /// there is no initial state, so the storage must hold the actor.
+    var restoreOnly = false
 }
 
 /// The durable side of one hosted actor: its log stage, its exactly-once table, its checkpoints.
@@ -491,6 +604,9 @@ final class DurableActor: @unchecked Sendable {
         let d = DurableActor(name: name, options: spawn.options, node: node, storage: storage, metrics: metrics, log: log)
         do {
             guard var meta = try storage.meta(name) else {
+                if spawn.restoreOnly {
+                    throw CairnError(.storage, "durable actor \"\(name)\" has no record in \(storage.locationDescription): its node died before its first checkpoint was written, so there is nothing to restore on \(node.id); spawn it again")
+                }
                 // A new actor: its initial state is checkpoint zero, so a log replay always has a base.
                 let stale = try storage.checkpoints.checkpointSequences(name)
                 guard stale.isEmpty else {
@@ -542,6 +658,9 @@ final class DurableActor: @unchecked Sendable {
                 rejected = try storage.checkpoints.checkpointSequences(name).count
                 guard bounds.first == 0, spawn.options.logging == .durable else {
                     throw CairnError(.storage, "durable actor \"\(name)\": \(error.detail); the log starts at \(bounds.first), so the state before it is gone")
+                }
+                guard !spawn.restoreOnly else {
+                    throw CairnError(.storage, "durable actor \"\(name)\": \(error.detail); rebuilding it needs its initial state, which only its spawner has: spawn it again with that state")
                 }
                 log("durable actor \"\(name)\": no checkpoint verifies (\(error.detail)); rebuilding it from the initial state and the whole log (\(bounds.next) records)")
                 box = try type.make(initial)

@@ -142,6 +142,9 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var blocked = 0
     @exclusivity(unchecked) private var actorLocations: [ActorID: NodeID] = [:]
     @exclusivity(unchecked) private var actorQueue: [ActorID: [ActorCall]] = [:]
+    /// Calls with a caller ID sent to a durable actor in another process, until their reply:
+    /// if the actor's node dies they go again, in order, to where it is restored.
+    @exclusivity(unchecked) private var durableCallsInFlight: [ObjectID: ActorCall] = [:]
     /// Calls routed to actors on other nodes, in routing order; sent by `flushActorCalls`.
     @exclusivity(unchecked) private var actorOutbox: [NodeID: [ActorCall]] = [:]
     /// Held while taking and sending `actorOutbox`, so that calls leave in the order they were routed.
@@ -466,6 +469,7 @@ final class Node: @unchecked Sendable {
         let e = entry(oid)
         e.inFlight = false
         e.fetching = false
+        if !durableCallsInFlight.isEmpty { durableCallsInFlight.removeValue(forKey: oid) }
         if e.freed {
             objects.removeValue(forKey: oid)
             return
@@ -663,9 +667,31 @@ final class Node: @unchecked Sendable {
     func spawnActor(typeName: String, state: StoredValue, resources: Resources, durable: DurableSpawn? = nil,
                     done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
         let aid = durable.map { ActorID.durable(name: $0.name) } ?? mint.actor()
+        if durable != nil && inProcessCluster {
+            // Hosted (or being restored) by some node already: that one is the actor. (In one
+            // process the storage's table of hosted names says so; across processes the
+            // control store's table does.)
+            describeActor(aid) { [self] record in
+                if let r = record, r.state == .alive || r.state == .restoring {
+                    guard r.typeName == typeName else {
+                        done(.failure(CairnError(.invalidArgument, "durable actor \"\(durable!.name)\" is a \(r.typeName), not a \(typeName); use another name")))
+                        return
+                    }
+                    done(.success((aid, r.node)))
+                } else {
+                    place(aid, typeName: typeName, state: state, resources: resources, durable: durable, done: done)
+                }
+            }
+            return
+        }
+        place(aid, typeName: typeName, state: state, resources: resources, durable: durable, done: done)
+    }
+
+    private func place(_ aid: ActorID, typeName: String, state: StoredValue, resources: Resources, durable: DurableSpawn?,
+                       done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
         // Bottom-up: host the actor here when this node can.
         if accepts(typeName), configuration.resources.satisfies(resources), let type = FunctionRegistry.process.actorType(typeName) {
-            host(aid, typeName: typeName, type: type, state: state, durable: durable) { result in
+            host(aid, typeName: typeName, type: type, state: state, durable: durable, resources: resources) { result in
                 done(result.map { (aid, $0) })
             }
             return
@@ -683,7 +709,8 @@ final class Node: @unchecked Sendable {
         spawnWaiters[aid] = { result in done(result.map { (aid, $0) }) }
         condition.unlock()
         do {
-            transport.send(.createActor(ActorSpawn(id: aid, typeName: typeName, state: try state.portable(), replyTo: id, durable: durable)), to: .node(target))
+            transport.send(.createActor(ActorSpawn(id: aid, typeName: typeName, state: try state.portable(), replyTo: id, durable: durable,
+                                                   resources: resources)), to: .node(target))
         } catch {
             condition.lock()
             spawnWaiters.removeValue(forKey: aid)
@@ -693,9 +720,10 @@ final class Node: @unchecked Sendable {
     }
 
     /// Creates the actor here. A durable one is created or restored on its own thread (a
-    /// restore reads and replays its storage), and registered only once it can take messages.
+    /// restore reads and replays its storage, and in a cluster of processes first waits for the
+    /// lock on the actor's directory), and registered only once it can take messages.
     private func host(_ aid: ActorID, typeName: String, type: ErasedActorType, state: StoredValue, durable: DurableSpawn?,
-                      done: @escaping @Sendable (Result<NodeID, CairnError>) -> Void) {
+                      resources: Resources, done: @escaping @Sendable (Result<NodeID, CairnError>) -> Void) {
         guard let durable else {
             do {
                 let instance = ActorInstance(id: aid, typeName: typeName, box: try type.make(state))
@@ -706,32 +734,43 @@ final class Node: @unchecked Sendable {
             }
             return
         }
-        let storage: ActorStorage
-        do {
-            storage = try actorStorage.get()
-        } catch {
-            done(.failure(error as? CairnError ?? CairnError(.storage, "\(error)")))
-            return
-        }
-        // One host per name in the cluster: spawning a hosted name again returns the same actor.
-        let alreadyHosted = storage.hosted.withLock { table -> Bool in
-            if table[durable.name] != nil { return true }
-            table[durable.name] = aid
-            return false
-        }
-        if alreadyHosted {
-            if actors.withLock({ $0[aid] }) != nil { done(.success(id)) } else {
-                done(.failure(CairnError(.invalidArgument, "durable actor \"\(durable.name)\" is already hosted in this cluster (or being restored); use its existing handle")))
-            }
-            return
-        }
         var record = ActorRecord(id: aid, typeName: typeName, node: id)
         record.name = durable.name
-        record.state = .restoring
-        transport.send(.control(.registerActor(record)), to: .controlStore)
-        let restoring = record
+        if inProcessCluster {
+            // What the control store needs to restore it on another node if this one dies.
+            var restorable = durable
+            restorable.restoreOnly = false
+            record.relocation = ActorRelocation(durability: WireDurability(restorable), resources: resources)
+        }
+        let template = record
         let thread = Thread { [self] in
-            var record = restoring
+            var record = template
+            let storage: ActorStorage
+            do {
+                storage = try actorStorage.get(for: durable.name)
+            } catch {
+                let e = error as? CairnError ?? CairnError(.storage, "\(error)")
+                if durable.restoreOnly {
+                    record.state = .failed
+                    transport.send(.control(.registerActor(record)), to: .controlStore)
+                }
+                done(.failure(e))
+                return
+            }
+            // One host per name in the cluster: spawning a hosted name again returns the same actor.
+            let alreadyHosted = storage.hosted.withLock { table -> Bool in
+                if table[durable.name] != nil { return true }
+                table[durable.name] = aid
+                return false
+            }
+            if alreadyHosted {
+                if actors.withLock({ $0[aid] }) != nil { done(.success(id)) } else {
+                    done(.failure(CairnError(.invalidArgument, "durable actor \"\(durable.name)\" is already hosted in this cluster (or being restored); use its existing handle")))
+                }
+                return
+            }
+            record.state = .restoring
+            transport.send(.control(.registerActor(record)), to: .controlStore)
             do {
                 let (box, d, restarts) = try DurableActor.open(spawn: durable, typeName: typeName, type: type, initial: state, node: self,
                                                               storage: storage, metrics: actorStorage.metrics, log: actorStorage.log)
@@ -851,7 +890,10 @@ final class Node: @unchecked Sendable {
             deliverLocked(call, to: instance, &out)
         } else if let location = actorLocations[call.actor] {
             actorOutbox[location, default: []].append(call)
-            if inProcessCluster { entry(call.result).placedOn = location }
+            if inProcessCluster {
+                entry(call.result).placedOn = location
+                if call.actor.isDurable && call.caller != 0 { durableCallsInFlight[call.result] = call }
+            }
             out.actorCallsRouted = true
         } else {
             if actorQueue[call.actor] == nil {
@@ -1057,7 +1099,7 @@ final class Node: @unchecked Sendable {
         for (waiter, record) in described { waiter(record) }
         for (waiter, location) in located { waiter(location) }
         for (spawn, type) in hostLater {
-            host(spawn.id, typeName: spawn.typeName, type: type, state: spawn.state, durable: spawn.durable) { [self] result in
+            host(spawn.id, typeName: spawn.typeName, type: type, state: spawn.state, durable: spawn.durable, resources: spawn.resources) { [self] result in
                 var failure: String?
                 if case .failure(let e) = result { failure = e.detail }
                 transport.send(.actorCreated(spawn.id, on: id, failure: failure), to: .node(spawn.replyTo))
@@ -1113,6 +1155,7 @@ final class Node: @unchecked Sendable {
                 objects.removeValue(forKey: oid)
             }
         }
+        var again: [ActorCall] = []
         for (oid, e) in retry {
             e.placedOn = nil
             if e.heldAt == dead {
@@ -1120,8 +1163,14 @@ final class Node: @unchecked Sendable {
                 e.fetching = false
             }
             guard let spec = e.spec else {
+                if let call = durableCallsInFlight.removeValue(forKey: oid) {
+                    // The control store restores the actor on another node; the call goes there,
+                    // and its caller ID makes sure it is applied once.
+                    again.append(call)
+                    continue
+                }
                 let error = RemoteError(kind: .nodeDied, task: oid, function: "", node: dead,
-                                        message: "\(dead), hosting the actor, died with this call in flight")
+                                        message: "\(dead), hosting the actor, died with this call in flight; a durable actor is restored on another node, and calls sent with a caller ID (send(_:caller:sequence:)) are delivered to it again, exactly once")
                 storeLocked(oid, .failed(error), &out)
                 continue
             }
@@ -1135,6 +1184,10 @@ final class Node: @unchecked Sendable {
             }
         }
         for oid in lost { storeLocked(oid, lostValue(oid), &out) }
+        // In each caller's order: the actor's caller table takes a lower sequence after a
+        // higher one as a retry of something already applied.
+        again.sort { ($0.actor.raw, $0.caller, $0.callerSequence) < ($1.actor.raw, $1.caller, $1.callerSequence) }
+        for call in again { routeLocked(call, &out) }
     }
 
     /// Sends what the locked section gathered: encodes values leaving the node (outside the lock).

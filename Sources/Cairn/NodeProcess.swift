@@ -36,6 +36,16 @@ struct NodeLaunch: Codable, Equatable {
     var housekeepingIntervalMs: Int
     /// The head's pid: the node exits when its parent is no longer the head.
     var head: Int32
+    /// Durable actors' storage directory, absolute (nil: in memory, so no durable actors here).
+    var storageDirectory: String? = nil
+    var checkpointsKept = 2
+    var logSegmentBytes = 16 << 20
+
+    /// The actor storage options this describes.
+    var storage: ActorStorageOptions {
+        ActorStorageOptions(location: storageDirectory.map { .directory($0) } ?? .inMemory, checkpointsKept: checkpointsKept,
+                            logSegmentBytes: logSegmentBytes)
+    }
 
     func encoded() throws -> String {
         Hex.encode(try BinaryEncoder().encode(self))
@@ -116,9 +126,7 @@ enum NodeProcess {
             withExtendedLifetime(scheduler) { waitForHead(launch, log) }
         }
         let releases = ReleaseQueue()
-        let storage = LazyActorStorage(options: ActorStorageOptions(location: .inMemory),
-                                       unavailable: "durable actors in a cluster of processes are hosted on the head's node (node-0); \(name) runs in its own process and does not open the cluster's actor storage",
-                                       log: log)
+        let storage = LazyActorStorage(options: launch.storage, perActor: true, log: log)
         let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
                                               storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
         let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: storage,
@@ -297,6 +305,15 @@ final class NodeSupervisor: @unchecked Sendable {
             log("\(what)'s process \(how); started \(replacement.node?.description ?? "another") (pid \(replacement.pid)) in its place")
         } catch {
             log("\(what)'s process \(how); no replacement: \(error)")
+        }
+    }
+
+    /// SIGKILLs the process of a node the cluster declared dead, if it still runs (its
+    /// connections fell silent but it lives on): it must not keep a durable actor's lock, or
+    /// act for a node the others consider gone.
+    func fence(_ node: NodeID) {
+        lock.withLock {
+            for child in children.values where child.node == node { kill(child.pid, SIGKILL) }
         }
     }
 

@@ -73,6 +73,8 @@ struct ActorSpawn: Sendable {
     let replyTo: NodeID
     /// Set for a durable actor: its name and options (the node creates or restores it).
     var durable: DurableSpawn?
+    /// What the actor needs of its node (kept in its row, to restore it on a node that fits).
+    var resources = Resources(cpus: 0)
 }
 
 /// The requests the control store answers (the GCS tables of DESIGN.md).

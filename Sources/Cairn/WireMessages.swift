@@ -214,40 +214,53 @@ struct WireSpawn: Codable {
     var typeName: String
     var state: WireValue
     var replyTo: NodeID
-    var durableName: String?
-    var durableLogging: Bool
-    var checkpointMessages: Int?
-    var checkpointMilliseconds: Int?
-    var maxRestarts: Int
-    var repliesKeptPerCaller: Int
+    var durable: WireDurability?
+    var resources: Resources
 
     init(_ s: ActorSpawn) {
         id = s.id
         typeName = s.typeName
         state = WireValue(s.state)
         replyTo = s.replyTo
-        durableName = s.durable?.name
-        let options = s.durable?.options ?? DurabilityOptions()
-        durableLogging = options.logging == .durable
-        checkpointMessages = options.checkpoint.messages
-        checkpointMilliseconds = options.checkpoint.milliseconds
-        maxRestarts = options.maxRestarts
-        repliesKeptPerCaller = options.repliesKeptPerCaller
+        durable = s.durable.map(WireDurability.init)
+        resources = s.resources
     }
 
     func spawn() throws -> ActorSpawn {
-        var durable: DurableSpawn?
-        if let durableName {
-            guard checkpointMessages.map({ $0 >= 1 }) ?? true, checkpointMilliseconds.map({ $0 >= 1 }) ?? true,
-                  maxRestarts >= 0, repliesKeptPerCaller >= 1 else {
-                throw CairnError(.serialization, "actor \(id): durability options out of range in a message from another process")
-            }
-            durable = DurableSpawn(name: durableName, options: DurabilityOptions(
-                logging: durableLogging ? .durable : .memoryOnly,
-                checkpoint: CheckpointPolicy(messages: checkpointMessages, milliseconds: checkpointMilliseconds),
-                maxRestarts: maxRestarts, repliesKeptPerCaller: repliesKeptPerCaller))
+        ActorSpawn(id: id, typeName: typeName, state: state.stored, replyTo: replyTo, durable: try durable?.spawn(for: id), resources: resources)
+    }
+}
+
+/// A durable actor's name and options as they cross processes, and as its control-store row
+/// keeps them so that it can be restored on another node.
+struct WireDurability: Codable, Equatable, Sendable {
+    var name: String
+    var durableLogging: Bool
+    var checkpointMessages: Int?
+    var checkpointMilliseconds: Int?
+    var maxRestarts: Int
+    var repliesKeptPerCaller: Int
+    var restoreOnly: Bool
+
+    init(_ d: DurableSpawn) {
+        name = d.name
+        durableLogging = d.options.logging == .durable
+        checkpointMessages = d.options.checkpoint.messages
+        checkpointMilliseconds = d.options.checkpoint.milliseconds
+        maxRestarts = d.options.maxRestarts
+        repliesKeptPerCaller = d.options.repliesKeptPerCaller
+        restoreOnly = d.restoreOnly
+    }
+
+    func spawn(for id: ActorID) throws -> DurableSpawn {
+        guard checkpointMessages.map({ $0 >= 1 }) ?? true, checkpointMilliseconds.map({ $0 >= 1 }) ?? true,
+              maxRestarts >= 0, repliesKeptPerCaller >= 1 else {
+            throw CairnError(.serialization, "actor \(id): durability options out of range in a message from another process")
         }
-        return ActorSpawn(id: id, typeName: typeName, state: state.stored, replyTo: replyTo, durable: durable)
+        return DurableSpawn(name: name, options: DurabilityOptions(
+            logging: durableLogging ? .durable : .memoryOnly,
+            checkpoint: CheckpointPolicy(messages: checkpointMessages, milliseconds: checkpointMilliseconds),
+            maxRestarts: maxRestarts, repliesKeptPerCaller: repliesKeptPerCaller), restoreOnly: restoreOnly)
     }
 }
 

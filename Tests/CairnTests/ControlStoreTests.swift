@@ -128,6 +128,70 @@ struct ControlStoreCoreTests {
         #expect(core.flush().isEmpty, "pushed once per change")
     }
 
+    /// A core with nodes 1 to `count` committed (node `n` offering `far` = 1 when `far` holds it)
+    /// and a durable actor, restorable elsewhere and needing `far`, registered alive on node 1.
+    func coreWithDurableActor(nodes count: Int, far: Set<Int>, replacementsExpected: Bool) -> ControlStoreCore {
+        var core = ControlStoreCore(replacementsExpected: replacementsExpected)
+        for n in 1...count {
+            let resources = Resources(cpus: 1, custom: far.contains(n) ? ["far": 1] : [:])
+            _ = commitWrites(core.handle(.registerNode(NodeRecord(id: NodeID(n), resources: resources, functions: nil, queued: 0, alive: true))), &core)
+        }
+        var r = record(.alive, node: 1)
+        r.name = "bank"
+        r.relocation = ActorRelocation(durability: WireDurability(DurableSpawn(name: "bank", options: DurabilityOptions())),
+                                       resources: Resources(cpus: 0, custom: ["far": 1]))
+        _ = commitWrites(core.handle(.registerActor(r)), &core)
+        return core
+    }
+
+    func restoreRequests(_ actions: [ControlStoreCore.Action]) -> [(ActorSpawn, Endpoint)] {
+        sends(actions).compactMap { if case .createActor(let s) = $0.0 { return (s, $0.1) } else { return nil } }
+    }
+
+    @Test("a durable actor whose node dies is restored on the least-loaded live node that has what it needs; lookups wait for it")
+    func durableActorRelocated() throws {
+        var core = coreWithDurableActor(nodes: 4, far: [1, 2, 3], replacementsExpected: true)
+        _ = core.handle(.reportLoad(NodeID(2), queued: 50))
+        let lost = core.handle(.nodeLost(NodeID(1), reason: "killed"))
+        let requests = restoreRequests(lost)
+        try #require(requests.count == 1, "one restore request")
+        let (spawn, endpoint) = requests[0]
+        // Node 4 is idle but lacks `far`; node 2 is busier than node 3.
+        #expect(endpoint == .node(NodeID(3)))
+        #expect(spawn.id == aid && spawn.durable?.name == "bank" && spawn.durable?.restoreOnly == true)
+        #expect(spawn.resources == Resources(cpus: 0, custom: ["far": 1]))
+        _ = commitWrites(lost, &core)
+        #expect(core.actors[aid]?.state == .restoring && core.actors[aid]?.node == NodeID(3))
+        #expect(location(core.handle(.lookupActor(aid, replyTo: driver))) == nil, "a lookup waits while it is restored")
+        var restored = core.actors[aid]!
+        restored.state = .alive
+        let answers = commitWrites(core.handle(.registerActor(restored)), &core)
+        #expect(location(answers) == .some(NodeID(3)), "then it is answered with the new node")
+    }
+
+    @Test("a durable actor no live node can host waits for a node that can to join, or fails when none will")
+    func durableActorWaitsForNode() throws {
+        var core = coreWithDurableActor(nodes: 2, far: [1], replacementsExpected: true)
+        let lost = core.handle(.nodeLost(NodeID(1), reason: "killed"))
+        #expect(restoreRequests(lost).isEmpty, "node 2 lacks `far`")
+        _ = commitWrites(lost, &core)
+        #expect(core.actors[aid]?.state == .restoring && core.homeless == [aid])
+        // Another node without `far` joins: still waiting, no new row write.
+        let other = core.handle(.registerNode(NodeRecord(id: NodeID(5), resources: Resources(cpus: 1), functions: nil, queued: 0, alive: true)))
+        let afterOther = commitWrites(other, &core)
+        #expect(restoreRequests(afterOther).isEmpty && !afterOther.contains { if case .write = $0 { return true } else { return false } })
+        // A replacement with `far` joins: the actor goes there.
+        let joined = core.handle(.registerNode(NodeRecord(id: NodeID(6), resources: Resources(cpus: 1, custom: ["far": 1]), functions: nil, queued: 0, alive: true)))
+        let requests = restoreRequests(commitWrites(joined, &core))
+        #expect(requests.map(\.1) == [.node(NodeID(6))])
+        #expect(core.homeless.isEmpty)
+
+        var final = coreWithDurableActor(nodes: 2, far: [1], replacementsExpected: false)
+        let failed = final.handle(.nodeLost(NodeID(1), reason: "killed"))
+        _ = commitWrites(failed, &final)
+        #expect(final.actors[aid]?.state == .failed, "no node will come: the actor fails (its storage is kept)")
+    }
+
     @Test("freeing objects deletes only rows that exist; a failed write releases its readers with the committed row")
     func forgetAndFailure() {
         var core = ControlStoreCore()

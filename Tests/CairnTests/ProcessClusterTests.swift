@@ -146,6 +146,99 @@ struct ProcessClusterTests {
         #expect(try await cluster.status(of: counter).state == .failed)
     }
 
+    @Test("a durable actor on a SIGKILLed node is restored on another node: every call, in flight or later, applied exactly once")
+    func durableActorRestoredElsewhere() async throws {
+        let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
+        print("durable actor node kill: seed \(seed) (CAIRN_PROCESS_SEED replays)")
+        var random = SeededGenerator(seed: seed)
+        let directory = try TemporaryDirectory()
+        var options = Self.options()
+        options.storage = ActorStorageOptions(location: .directory(directory.path), logSegmentBytes: 1 << 20)
+        // Only the node processes can host it (the head's node lacks `far`).
+        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let bank = try await cluster.spawn(Bank(), name: "bank", durability: DurabilityOptions(checkpoint: .every(messages: 40)),
+                                           resources: Resources(cpus: 0, custom: ["far": 1]))
+        var model = Bank()
+        let caller = CallerID(7)
+        var sequence: UInt64 = 0
+        /// Sends `count` messages, returning each one's ref and the reply the model gives it.
+        func sendBatch(_ count: Int) throws -> [(ObjectRef<Bank.Reply>, Result<Bank.Reply, Bank.InsufficientFunds>)] {
+            try (0..<count).map { _ in
+                let message = Bank.randomMessage(using: &random)
+                sequence += 1
+                let expected = Result { try model.receive(message) }.mapError { $0 as! Bank.InsufficientFunds }
+                return (try bank.send(message, caller: caller, sequence: sequence), expected)
+            }
+        }
+        func check(_ sent: [(ObjectRef<Bank.Reply>, Result<Bank.Reply, Bank.InsufficientFunds>)], _ what: String) async throws {
+            for (i, (ref, expected)) in sent.enumerated() {
+                do {
+                    let reply = try await cluster.get(ref, timeout: .seconds(60))
+                    #expect((try? expected.get()) == reply, "\(what), message \(i): the model expected \(expected)")
+                } catch let error as RemoteError {
+                    guard case .failure(let refused) = expected, error.kind == .threw, error.message.contains(refused.description) else {
+                        Issue.record("\(what), message \(i): \(error), the model expected \(expected)")
+                        return
+                    }
+                }
+            }
+        }
+        try await check(try sendBatch(100), "before any kill")
+        var killed: [NodeID] = []
+        for round in 1...3 {
+            let hostNode = try await cluster.status(of: bank).node
+            let host = try #require(cluster.nodeProcesses.first { $0.node == hostNode })
+            // Calls keep going out while the host is killed: some applied and answered before,
+            // some logged but unanswered, some on their way, some sent to a node already dead.
+            var sent: [(ObjectRef<Bank.Reply>, Result<Bank.Reply, Bank.InsufficientFunds>)] = []
+            let killAt = Int.random(in: 5..<25, using: &random)
+            for i in 0..<30 {
+                sent += try sendBatch(20)
+                if i == killAt {
+                    kill(host.pid, SIGKILL)
+                    killed.append(host.node)
+                }
+                try await Task.sleep(for: .microseconds(300))
+            }
+            // Every call gets the model's reply: the ones the dead node had were sent again.
+            try await check(sent, "round \(round)")
+            let status = try await cluster.status(of: bank)
+            #expect(status.state == .alive && !killed.contains(status.node), "round \(round): \(status)")
+            #expect(status.restarts == round, "round \(round): restored \(status.restarts) times")
+            _ = try await Self.waitForAlive(cluster, count: 4, excluding: Set(killed))
+        }
+        // An anonymous call after the restores sees the whole history.
+        let audit = try await cluster.get(try bank.send(.audit), timeout: .seconds(60))
+        #expect(audit == (try model.receive(.audit)))
+        #expect(cluster.metrics.actorsRestored == 0, "the head restored nothing: the node processes did")
+    }
+
+    @Test("a node that stops answering is declared dead by silence and killed, so its durable actor can be restored elsewhere")
+    func silentNodeIsFenced() async throws {
+        let directory = try TemporaryDirectory()
+        var options = Self.options()
+        options.failureTimeoutMs = 1_000
+        options.storage = ActorStorageOptions(location: .directory(directory.path), logSegmentBytes: 1 << 20)
+        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), name: "fenced", resources: Resources(cpus: 0, custom: ["far": 1]))
+        let caller = CallerID(3)
+        for n in 1...50 { #expect(try await cluster.get(try counter.send(1, caller: caller, sequence: UInt64(n))) == n) }
+        let hostNode = try await cluster.status(of: counter).node
+        let host = try #require(cluster.nodeProcesses.first { $0.node == hostNode })
+        // Stopped, not dead: it still holds the actor's directory lock, and would forever.
+        kill(host.pid, SIGSTOP)
+        let refs = try (51...60).map { try counter.send(1, caller: caller, sequence: UInt64($0)) }
+        #expect(try await cluster.get(refs, timeout: .seconds(60)) == Array(51...60))
+        let status = try await cluster.status(of: counter)
+        #expect(status.node != hostNode && status.state == .alive && status.restarts >= 1, "\(status)")
+        // The stopped process was killed (a SIGKILL ends even a stopped process), not left holding the lock.
+        #expect(!cluster.nodeProcesses.contains { $0.pid == host.pid })
+    }
+
     @Test("nodes in separate network namespaces talk over real addresses through a bridge; one is killed and replaced")
     func nodesInNetworkNamespaces() async throws {
         let network: NamespaceNetwork
