@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "CairnCodec", targets: ["CairnCodec"]),
         .library(name: "CairnCore", targets: ["CairnCore"]),
         .library(name: "CairnWire", targets: ["CairnWire"]),
+        .executable(name: "cairn", targets: ["CairnCLI"]),
         .executable(name: "cairn-bench", targets: ["CairnBench"]),
         .executable(name: "cairn-chaos", targets: ["CairnChaos"]),
         .executable(name: "cairn-example", targets: ["CairnExample"]),
@@ -69,10 +70,15 @@ let package = Package(
             "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], path: "Chaos/CairnChaos"),
+        // The `cairn` command: start, inspect and stop a cluster of processes.
+        .executableTarget(name: "CairnCLI", dependencies: [
+            "Cairn", "CairnChaosKit", "CairnCore", "CairnNet", "CairnWire",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], path: "Sources/CairnCLI"),
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS"],
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS", "CairnCLI"],
                     path: "Tests/CairnTests"),
         .testTarget(name: "CairnNetTests", dependencies: ["CairnNet", "CairnWire", "CairnCore"],
                     path: "Tests/CairnNetTests"),

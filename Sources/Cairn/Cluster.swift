@@ -62,6 +62,13 @@ public struct ClusterOptions: Sendable {
     public var maxTaskRetries = 3
     /// Start a replacement node process (with a new node ID) for each one that dies. Default true.
     public var replaceDeadNodes = true
+    /// With ``processes``: the head also listens on this port (0: any free one) of the
+    /// transport's host for nodes joining from outside (`cairn start --address`), drivers
+    /// connecting (``Cluster/connect(to:token:resources:host:)``) and status requests
+    /// (`cairn status`). Default nil: not at all.
+    public var headPort: Int?
+    /// The cluster token every connection must prove; nil: a new random one.
+    public var token: ClusterToken?
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -93,7 +100,8 @@ public struct ClusterOptions: Sendable {
 public final class Cluster: Sendable {
     let nodes: [Node]
     let transport: any Transport
-    private let controlStore: Locked<ControlStoreServer>
+    /// The control store (nil in a driver connected to a cluster whose head runs elsewhere).
+    private let controlStore: Locked<ControlStoreServer>?
     private let log: @Sendable (String) -> Void
     /// The chain-replicated GCS holding the control store's tables (nil with
     /// `ClusterOptions.controlStore = .inMemory`): rows under `node/`, `obj/`, `task/` and
@@ -110,6 +118,8 @@ public final class Cluster: Sendable {
     private let lostNodes: LostNodeReporter
     /// Whether dead node processes are replaced (durable actors then wait for a node that fits).
     private let replacementsExpected: Bool
+    /// The head's port, with ``ClusterOptions/headPort``.
+    private let headService = Locked<HeadService?>(nil)
 
     /// The name the head process gives in its connections.
     static let headName = "head"
@@ -128,6 +138,12 @@ public final class Cluster: Sendable {
         if options.processes, case .inMemory = options.transport { options.transport = .tcp(host: "127.0.0.1") }
         guard options.failureTimeoutMs >= 100 else {
             throw CairnError(.invalidArgument, "failureTimeoutMs must be at least 100 (heartbeats go every 50 ms); got \(options.failureTimeoutMs)")
+        }
+        if let port = options.headPort {
+            guard options.processes else {
+                throw CairnError(.invalidArgument, "headPort needs processes = true: nodes and drivers join a cluster of processes")
+            }
+            guard (0...65_535).contains(port) else { throw CairnError(.invalidArgument, "headPort must be 0 to 65535; got \(port)") }
         }
         guard options.maxTaskRetries >= 0 else {
             throw CairnError(.invalidArgument, "maxTaskRetries must not be negative; got \(options.maxTaskRetries)")
@@ -157,6 +173,9 @@ public final class Cluster: Sendable {
         if let supervisor = cluster.supervisor {
             do {
                 try supervisor.startAll()
+                if let port = options.headPort, case .tcp(let host) = options.transport {
+                    try cluster.serveHead(host: host, port: port, supervisor: supervisor)
+                }
             } catch {
                 cluster.shutdown()
                 throw error
@@ -184,14 +203,15 @@ public final class Cluster: Sendable {
         case .tcp(let host) where options.processes:
             // Components of this process talk in memory; node processes over TCP, with
             // connections that declare a silent peer dead after `failureTimeoutMs`.
-            transport = TCPTransport(host: host, name: Self.headName, shortcutLocal: true,
+            transport = TCPTransport(host: host, token: options.token ?? .generate(), name: Self.headName, shortcutLocal: true,
                                      wire: .failureDetecting(milliseconds: options.failureTimeoutMs), log: options.log) { peer, reason in
                 lost.report(peer: peer, reason: "its connection closed (\(reason))")
             }
         case .tcp(let host):
             // A 10 s silence timeout: within one process a silent connection means a starved
             // event loop, not a dead peer, and a closed connection would lose what it carried.
-            transport = TCPTransport(host: host, wire: WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000)), log: options.log)
+            transport = TCPTransport(host: host, token: options.token ?? .generate(), wire: WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000)),
+                                     log: options.log)
         }
         self.transport = transport
         self.gcs = gcs
@@ -236,11 +256,154 @@ public final class Cluster: Sendable {
         }
     }
 
+    /// A driver's cluster handle joined to a cluster whose head runs elsewhere: one node (the
+    /// driver's) in this process, talking to the head's control store and the other nodes.
+    private init(joined launch: NodeLaunch, token: ClusterToken, log: @escaping @Sendable (String) -> Void) throws {
+        guard let control = TCPTransport.split(launch.controlStore) else {
+            throw CairnError(.invalidArgument, "the head gave a bad control store address \(launch.controlStore)")
+        }
+        let transport = TCPTransport(host: launch.host, token: token, name: launch.node.description, shortcutLocal: true,
+                                     wire: .failureDetecting(milliseconds: launch.failureTimeoutMs), log: log) { peer, reason in
+            if peer == Cluster.headName { log("lost the head (\(reason)); this cluster handle can no longer reach the cluster") }
+        }
+        transport.setAddress(.controlStore, host: control.0, port: control.1)
+        self.transport = transport
+        self.log = log
+        gcs = nil
+        scheduler = nil
+        controlStore = nil
+        supervisor = nil
+        lostNodes = LostNodeReporter()
+        replacementsExpected = false
+        let actorStorage = LazyActorStorage(options: launch.storage, perActor: true, log: log)
+        self.actorStorage = actorStorage
+        let releases = self.releases
+        let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
+                                              storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
+        let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: actorStorage,
+                        maxTaskRetries: launch.maxTaskRetries, inProcessCluster: true) { releases.add($0) }
+        nodes = [node]
+        housekeeper = Housekeeper(intervalMs: launch.housekeepingIntervalMs) {
+            for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
+            node.housekeeping()
+        }
+    }
+
+    /// Connects this program, as a driver, to a running cluster of processes: the head at
+    /// `address` (its ``ClusterOptions/headPort``, as `cairn start --head` prints it) gives this
+    /// process a node of its own (by default with no CPU, so tasks run on the cluster's nodes),
+    /// listening on `host`. The returned handle submits tasks, spawns actors and gets values
+    /// like a local cluster's; the nodes run them with their own code, so they must be this
+    /// program (or one that registers the same functions and actor types).
+    ///
+    /// Throws ``CairnError/Code-swift.enum/shutDown`` if the head cannot be reached or refuses
+    /// the token, ``CairnError/Code-swift.enum/invalidArgument`` for a bad address.
+    public static func connect(to address: String, token: ClusterToken, resources: Resources = Resources(cpus: 0),
+                               host: String = "127.0.0.1", log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) async throws -> Cluster {
+        let launch = try await join(address: address, token: token, resources: resources, functions: nil, host: host)
+        let cluster = try Cluster(joined: launch, token: token, log: log)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !cluster.driverNode.aliveNodes.contains(launch.node) {
+            guard ContinuousClock.now < deadline else {
+                cluster.shutdown()
+                throw CairnError(.shutDown, "\(launch.node) did not register with the head's control store within 10 s")
+            }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+        DefaultCluster.set(cluster)
+        return cluster
+    }
+
+    /// Asks the head at `address` for a node ID and what a node joining needs to know.
+    static func join(address: String, token: ClusterToken, resources: Resources, functions: Set<String>?, host: String) async throws -> NodeLaunch {
+        switch try await HeadService.request(.join(resources: resources, functions: functions, host: host), address: address, token: token) {
+        case .joined(let launch): return launch
+        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the join: \(why)")
+        case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
+        }
+    }
+
+    /// Starts a node process that joins the cluster whose head is at `address` (what
+    /// `cairn start --address` does): `executable` (searched in PATH) is started in node mode,
+    /// so it must call ``runNodeIfLaunched(prepare:)`` first thing in `main`. Detached, in a
+    /// session of its own, its output appended to `logFile`. It stops when it loses the head.
+    /// Returns its node and pid.
+    public static func startNode(joining address: String, tokenFile: String, executable: String, resources: Resources = Resources(cpus: 1),
+                                 functions: Set<String>? = nil, host: String = "127.0.0.1", logFile: String? = nil) async throws -> (node: NodeID, pid: Int32) {
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
+        }
+        var launch = try await join(address: address, token: token, resources: resources, functions: functions, host: host)
+        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        let pid = try launch.start([executable], detached: true, logFile: logFile)
+        return (launch.node, pid)
+    }
+
+    /// Starts `arguments` (the program first) in a session of its own, standard input on
+    /// `/dev/null`, output and errors appended to `logFile`: how `cairn start --head` puts the
+    /// head in the background. Returns its pid.
+    public static func startDetached(_ arguments: [String], logFile: String) throws -> Int32 {
+        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }.map { "\($0.key)=\($0.value)" }
+        return try spawnProcess(arguments, environment: environment, detached: true, logFile: logFile)
+    }
+
+    /// The status of the cluster whose head is at `address`: what `cairn status` prints.
+    public static func status(of address: String, token: ClusterToken) async throws -> ClusterReport {
+        switch try await HeadService.request(.status, address: address, token: token) {
+        case .status(let report): return report
+        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused: \(why)")
+        case .joined: throw CairnError(.serialization, "the head at \(address) answered a status request with a join")
+        }
+    }
+
+    /// Opens the head's port.
+    private func serveHead(host: String, port: Int, supervisor: NodeSupervisor) throws {
+        guard let tcp = transport as? TCPTransport else { throw CairnError(.invalidArgument, "the head port needs a TCP transport") }
+        let service = try HeadService(host: host, port: port, token: tcp.token, log: log) { [weak self] request in
+            guard let self else { return .refused("the cluster is shutting down") }
+            switch request {
+            case .join(let resources, let functions, let host):
+                do {
+                    return .joined(try supervisor.joining(resources: resources, functions: functions, host: host))
+                } catch {
+                    return .refused("\(error)")
+                }
+            case .status:
+                return .status(self.report())
+            }
+        }
+        headService.update { $0 = service }
+    }
+
+    /// `host:port` of the head's port (with ``ClusterOptions/headPort``), for nodes and drivers to join.
+    public var headAddress: String? {
+        guard let service = headService.value, case let tcp as TCPTransport = transport else { return nil }
+        return "\(tcp.host):\(service.listener.port)"
+    }
+
+    /// The cluster token (of a cluster over TCP): connections prove it; `cairn start --head` writes it to a 0600 file.
+    public var token: ClusterToken? { (transport as? TCPTransport)?.token }
+
+    /// The head's view of the cluster: nodes, actors, GCS chains (empty in a driver connected
+    /// to a head elsewhere: ask the head with ``status(of:token:)``).
+    public func report() -> ClusterReport {
+        let (nodes, actors) = controlStore?.value.published.withLock { $0 } ?? ([], [])
+        return ClusterReport(
+            nodes: nodes.map { .init(id: $0.id, address: $0.address, resources: $0.resources, queued: $0.queued, alive: $0.alive) },
+            actors: actors.map { .init(id: $0.id, typeName: $0.typeName, name: $0.name, node: $0.node, state: $0.state, restarts: $0.restarts,
+                                       checkpointSequence: $0.checkpointSequence, logPosition: $0.logPosition) },
+            chains: gcs?.configurations().sorted { $0.shard < $1.shard }.map { "shard \($0.shard) (epoch \($0.epoch)): \($0.chain.map { "\($0)" }.joined(separator: " -> "))" } ?? [])
+    }
+
     /// Stops every component. Pending `get`s fail with a cancelled ``RemoteError``; later calls
     /// throw ``CairnError/Code-swift.enum/shutDown``. Durable actors finish their queued
     /// checkpoints and are recorded as stopped cleanly, so their next start is not a restart.
     public func shutdown() {
         guard running.exchange(false, ordering: .relaxed) else { return }
+        headService.value?.listener.closeBlocking()
         housekeeper.stop()
         // Node processes stopped on purpose are not declared dead, and their connections close quietly.
         lostNodes.disconnect()
@@ -406,7 +569,7 @@ public final class Cluster: Sendable {
     /// previous incarnation's GCS subscriptions stay open, their deliveries ignored by
     /// generation: fine for tests, which is what this is for.)
     func restartControlStore() {
-        controlStore.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, log: log) }
+        controlStore?.update { $0 = ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, log: log) }
         transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
         for n in nodes { n.resubscribe() }
     }

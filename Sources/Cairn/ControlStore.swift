@@ -1,6 +1,7 @@
 import CairnCodec
 import CairnGCS
 import Foundation
+import Synchronization
 
 /// A node as the control store records it.
 struct NodeRecord: Sendable, Codable {
@@ -97,6 +98,8 @@ struct ControlStoreCore {
     private(set) var tasks: [ObjectID: TaskRecord] = [:]
     /// Queue lengths, as nodes last reported them: soft state, never written to the GCS.
     private var loads: [NodeID: Int] = [:]
+    /// Grows whenever the node or actor tables (or a load) change: when to publish them again.
+    private(set) var version: UInt64 = 0
     /// Rows written whose newest value has not come back committed.
     private var unconfirmed: [String: Written] = [:]
     struct Written: Equatable { var value: [UInt8]? }
@@ -145,6 +148,7 @@ struct ControlStoreCore {
         case .reportLoad(let id, let queued):
             if loads[id] != queued {
                 loads[id] = queued
+                version &+= 1
                 if nodes[id] != nil { nodeTableChanged = true }
             }
         case .objectLocations(let entries):
@@ -349,6 +353,7 @@ struct ControlStoreCore {
     }
 
     private mutating func apply(key: String, value: [UInt8]?, updateNewest: Bool) throws {
+        version &+= 1
         let decoder = BinaryDecoder()
         if let name = key.dropPrefix(GCSTable.nodes.rawValue) {
             guard let value else { nodes = nodes.filter { $0.key.description != name }; nodeTableChanged = true; return }
@@ -393,6 +398,9 @@ final class ControlStoreServer: @unchecked Sendable {
     private let log: @Sendable (String) -> Void
     /// Tells this incarnation's subscription deliveries from those of an earlier one.
     private let generation: UInt64
+    /// The node and actor tables as of the last change, for status reports from any thread.
+    let published = Mutex<(nodes: [NodeRecord], actors: [ActorRecord])>(([], []))
+    private var publishedVersion: UInt64 = .max
 
     init(transport: any Transport, gcs: EmbeddedGCS?, replacementsExpected: Bool = false, log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
@@ -450,6 +458,11 @@ final class ControlStoreServer: @unchecked Sendable {
                 log(line)
             }
             i += 1
+        }
+        if core.version != publishedVersion {
+            publishedVersion = core.version
+            let tables = (core.nodeTable, core.actors.values.sorted { $0.id.raw < $1.id.raw })
+            published.withLock { $0 = tables }
         }
     }
 }

@@ -141,7 +141,9 @@ enum NodeProcess {
     /// The head started this process; if the head exits, this process is adopted by another
     /// and stops too.
     static func waitForHead(_ launch: NodeLaunch, _ log: @Sendable (String) -> Void) -> Never {
-        while getppid() == launch.head { usleep(20_000) }
+        // A node that joined from outside (head 0) is not the head's child: it stops when its
+        // connection to the head is lost.
+        while launch.head == 0 || getppid() == launch.head { usleep(20_000) }
         log("the head (pid \(launch.head)) exited; stopping")
         exit(0)
     }
@@ -247,29 +249,29 @@ final class NodeSupervisor: @unchecked Sendable {
         return try spawn(launch, configuration: configuration, launcher: configuration.launcher)
     }
 
+    /// A node joining from outside (`cairn start --address`, a driver connecting): a new node
+    /// ID and what its process needs to know. It is not this supervisor's child: it is declared
+    /// dead when its connections close or fall silent, and nothing replaces it.
+    func joining(resources: Resources, functions: Set<String>?, host: String) throws -> NodeLaunch {
+        let id: NodeID = lock.withLock {
+            defer { nextID += 1 }
+            return NodeID(nextID)
+        }
+        guard id.raw < 0xFFFF else { throw CairnError(.invalidArgument, "node IDs are exhausted (65,535 nodes started)") }
+        let defaults = NodeConfiguration(resources: resources, functions: functions)
+        var launch = template
+        launch.node = id
+        launch.resources = resources
+        launch.functions = functions
+        launch.storeLimitBytes = defaults.storeLimitBytes
+        launch.spillThreshold = defaults.spillThreshold
+        launch.host = host
+        launch.head = 0
+        return launch
+    }
+
     private func spawn(_ launch: NodeLaunch, configuration: NodeConfiguration?, launcher: [String]) throws -> Child {
-        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
-            .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try launch.encoded())"]
-        let command = launcher + [executable]
-        let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-        // The child gets standard input, output and error, and none of this process's
-        // sockets: an inherited copy of a connection would keep it open after this process
-        // (or the child) dies, hiding the death from the peer.
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        try closeInheritedDescriptors(&actions)
-        var pid: pid_t = 0
-        // Searched in PATH, so that a launcher may be given by name.
-        let rc = posix_spawnp(&pid, command[0], &actions, nil, argv, envp)
-        guard rc == 0 else {
-            throw CairnError(.invalidArgument, "cannot start a node process with \(command.joined(separator: " ")): posix_spawn error \(rc)")
-        }
+        let pid = try launch.start(launcher + [executable])
         let child = Child(node: launch.role == .node ? launch.node : nil, pid: pid)
         lock.withLock { children[pid] = child }
         let watcher = Thread { [self] in watch(child, configuration) }
@@ -333,6 +335,51 @@ final class NodeSupervisor: @unchecked Sendable {
             rmdir(directory)
         }
     }
+}
+
+extension NodeLaunch {
+    /// Starts `command` (searched in PATH, so that a launcher may be given by name) as a node
+    /// process described by this launch; with `detached`, in a session of its own with standard
+    /// input, output and error on `/dev/null` or `logFile`. Returns its pid.
+    func start(_ command: [String], detached: Bool = false, logFile: String? = nil) throws -> pid_t {
+        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
+            .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try encoded())"]
+        return try spawnProcess(command, environment: environment, detached: detached, logFile: logFile)
+    }
+}
+
+/// Starts `command` with `environment`. The child gets standard input, output and error (or,
+/// `detached`, a session of its own with them on `/dev/null` and `logFile`), and none of this
+/// process's other descriptors: an inherited copy of a connection would keep it open after
+/// this process (or the child) dies, hiding the death from the peer.
+func spawnProcess(_ command: [String], environment: [String], detached: Bool = false, logFile: String? = nil) throws -> pid_t {
+    let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
+    let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
+    defer {
+        argv.forEach { free($0) }
+        envp.forEach { free($0) }
+    }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    if detached {
+        // POSIX_SPAWN_SETSID (glibc 2.26), which the Swift module does not import.
+        posix_spawnattr_setflags(&attributes, 0x80)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        let out = logFile ?? "/dev/null"
+        posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    }
+    try closeInheritedDescriptors(&actions)
+    var pid: pid_t = 0
+    let rc = posix_spawnp(&pid, command[0], &actions, &attributes, argv, envp)
+    guard rc == 0 else {
+        throw CairnError(.invalidArgument, "cannot start \(command.joined(separator: " ")): posix_spawn error \(rc)")
+    }
+    return pid
 }
 
 /// glibc's `posix_spawn_file_actions_addclosefrom_np` (2.34 and later), which the Swift

@@ -1,0 +1,263 @@
+import ArgumentParser
+import Cairn
+import CairnChaosKit
+import CairnCore
+import CairnNet
+import CairnWire
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+enum Main {
+    static func main() async {
+        // The nodes `cairn start` runs are this binary by default, with the built-in workload.
+        Cluster.runNodeIfLaunched(prepare: ClusterWorkload.register)
+        await CairnCommand.main()
+    }
+}
+
+struct CairnCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cairn",
+        abstract: "Start, inspect and stop a Cairn cluster of processes.",
+        discussion: """
+        A session directory (--dir) holds what `cairn start` made: the head's address (head), \
+        the cluster token (token, mode 0600), the pids it started (pids) and their logs. \
+        `cairn status` and `cairn stop` read it.
+        """,
+        subcommands: [Start.self, Status.self, Stop.self])
+}
+
+/// The files of a session directory.
+struct Session {
+    let directory: String
+    var headFile: String { directory + "/head" }
+    var tokenFile: String { directory + "/token" }
+    var pidsFile: String { directory + "/pids" }
+
+    static let defaultDirectory = "/tmp/cairn"
+
+    func address() throws -> String {
+        guard let text = try? String(contentsOfFile: headFile, encoding: .utf8),
+              let line = text.split(separator: "\n").first, !line.isEmpty else {
+            throw ValidationError("no head is recorded in \(directory) (no \(headFile)); start one with `cairn start --head --dir \(directory)`, or pass --address")
+        }
+        return String(line)
+    }
+
+    func token() throws -> ClusterToken {
+        do {
+            return try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw ValidationError("cannot read the cluster token in \(tokenFile): \(error)")
+        }
+    }
+
+    /// Records a pid this session started (one per line, with what it is).
+    func record(pid: Int32, _ what: String) throws {
+        let line = "\(pid) \(what)\n"
+        guard let handle = FileHandle(forWritingAtPath: pidsFile) ?? {
+            FileManager.default.createFile(atPath: pidsFile, contents: nil)
+            return FileHandle(forWritingAtPath: pidsFile)
+        }() else { throw ValidationError("cannot write \(pidsFile)") }
+        defer { try? handle.close() }
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(line.utf8))
+    }
+
+    func pids() -> [(pid: Int32, what: String)] {
+        guard let text = try? String(contentsOfFile: pidsFile, encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard let pid = parts.first.flatMap({ Int32($0) }), pid > 0 else { return nil }
+            return (pid, parts.count > 1 ? String(parts[1]) : "")
+        }
+    }
+}
+
+struct Start: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a head (--head), or a node that joins one (--address).",
+        discussion: """
+        --head starts the head: the driver-side control store with its chain-replicated GCS, \
+        a global scheduler process and --nodes node processes, listening for joins on --port. \
+        --address HOST:PORT starts one node process that joins the head there. Nodes run \
+        --executable in node mode (default: this binary, which knows the built-in workload): \
+        a program of yours that calls Cluster.runNodeIfLaunched first thing in main.
+        """)
+
+    @Flag(help: "Start the head.") var head = false
+    @Option(help: "Join the head at HOST:PORT with one node.") var address: String?
+    @Option(help: "The session directory.") var dir = Session.defaultDirectory
+    @Option(help: "Address to listen on.") var host = "127.0.0.1"
+    @Option(help: "The head's port for joins and status (0: any free one).") var port = 6390
+    @Option(help: "Node processes the head starts.") var nodes = 2
+    @Option(help: "CPUs of each node started.") var cpus: Double = 1
+    @Option(help: "The program nodes run (default: this one).") var executable: String?
+    @Option(help: "Durable actors' storage directory (default: DIR/storage).") var storage: String?
+    @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
+
+    func validate() throws {
+        guard head != (address != nil) else { throw ValidationError("give exactly one of --head and --address HOST:PORT") }
+        guard (0...65_535).contains(port) else { throw ValidationError("--port must be 0 to 65535") }
+        guard (0...64).contains(nodes) else { throw ValidationError("--nodes must be 0 to 64") }
+        guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
+        if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
+    }
+
+    func run() async throws {
+        let session = Session(directory: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let program = executable ?? currentExecutablePath()
+        if let address {
+            let started = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
+                                                      resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
+            try session.record(pid: started.pid, started.node.description)
+            print("\(started.node) (pid \(started.pid)) joined the head at \(address); its log: \(dir)/node.log")
+            return
+        }
+        if !foreground {
+            try startInBackground(session)
+            return
+        }
+        try await runHead(session, program: program)
+    }
+
+    /// Starts `cairn start --head --foreground …` in a session of its own and waits until it
+    /// has written its address.
+    private func startInBackground(_ session: Session) throws {
+        if let pid = session.pids().first(where: { $0.what == "head" })?.pid, kill(pid, 0) == 0 {
+            throw ValidationError("a head (pid \(pid)) already runs for \(dir); stop it with `cairn stop --dir \(dir)`")
+        }
+        try? FileManager.default.removeItem(atPath: session.headFile)
+        try? FileManager.default.removeItem(atPath: session.pidsFile)
+        var arguments = [currentExecutablePath(), "start", "--head", "--foreground", "--dir", dir, "--host", host, "--port", "\(port)",
+                         "--nodes", "\(nodes)", "--cpus", "\(cpus)"]
+        if let executable { arguments += ["--executable", executable] }
+        if let storage { arguments += ["--storage", storage] }
+        let pid = try Cluster.startDetached(arguments, logFile: dir + "/head.log")
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if let address = try? session.address() {
+                print("head (pid \(pid)) at \(address); token in \(session.tokenFile)")
+                print("join a node:   cairn start --address \(address) --dir \(dir)")
+                print("see it:        cairn status --dir \(dir)")
+                print("stop it all:   cairn stop --dir \(dir)")
+                return
+            }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                throw ValidationError("the head exited before it was ready; see \(dir)/head.log")
+            }
+            usleep(10_000)
+        }
+        throw ValidationError("the head did not start within 60 s; see \(dir)/head.log")
+    }
+
+    private func runHead(_ session: Session, program: String) async throws {
+        var options = ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 0))]
+                                     + Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: nodes),
+                                     storage: ActorStorageOptions(location: .directory(storage ?? dir + "/storage")))
+        options.processes = true
+        options.transport = .tcp(host: host)
+        options.nodeExecutable = program
+        options.headPort = port
+        let cluster = try await Cluster.local(options)
+        guard let address = cluster.headAddress, let token = cluster.token else {
+            cluster.shutdown()
+            throw ValidationError("the head has no address")
+        }
+        do {
+            try token.write(to: session.tokenFile)
+        } catch {
+            cluster.shutdown()
+            throw ValidationError("cannot write the token to \(session.tokenFile): \(error)")
+        }
+        try session.record(pid: getpid(), "head")
+        try (address + "\n").write(toFile: session.headFile, atomically: true, encoding: .utf8)
+        print("head at \(address): \(nodes) node processes; token in \(session.tokenFile)")
+        // Until SIGTERM or SIGINT.
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        let sig = await waitForSignal([SIGTERM, SIGINT])
+        print("signal \(sig): stopping")
+        cluster.shutdown()
+        try? FileManager.default.removeItem(atPath: session.headFile)
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors and GCS chains.")
+
+    @Option(help: "The session directory (for the head's address and the token).") var dir = Session.defaultDirectory
+    @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
+
+    func run() async throws {
+        let session = Session(directory: dir)
+        let address = try address ?? session.address()
+        let report = try await Cluster.status(of: address, token: try session.token())
+        print("head \(address)\n")
+        print(report.table)
+    }
+}
+
+struct Stop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop what `cairn start` started from this session directory: the head (which stops its node processes) and joined nodes.")
+
+    @Option(help: "The session directory.") var dir = Session.defaultDirectory
+
+    func run() throws {
+        let session = Session(directory: dir)
+        let started = session.pids()
+        guard !started.isEmpty else {
+            print("nothing was started from \(dir)")
+            return
+        }
+        // Joined nodes first (they would stop on losing the head anyway), then the head.
+        let ordered = started.filter { $0.what != "head" } + started.filter { $0.what == "head" }
+        for p in ordered where kill(p.pid, 0) == 0 { kill(p.pid, SIGTERM) }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline && ordered.contains(where: { kill($0.pid, 0) == 0 && !isZombie($0.pid) }) { usleep(20_000) }
+        for p in ordered where kill(p.pid, 0) == 0 && !isZombie(p.pid) {
+            print("\(p.what) (pid \(p.pid)) did not stop within 10 s: SIGKILL")
+            kill(p.pid, SIGKILL)
+        }
+        for p in ordered { print("stopped \(p.what) (pid \(p.pid))") }
+        try? FileManager.default.removeItem(atPath: session.pidsFile)
+        try? FileManager.default.removeItem(atPath: session.headFile)
+    }
+
+    /// Whether `pid` has exited and awaits its parent's `wait` (it counts as stopped).
+    private func isZombie(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
+    }
+}
+
+
+/// Waits for one of `signals` (ignored by default, so delivered only here).
+private func waitForSignal(_ signals: [Int32]) async -> Int32 {
+    let sources = SignalSources()
+    return await withCheckedContinuation { continuation in
+        let resumed = Mutex(false)
+        for sig in signals {
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler {
+                if resumed.withLock({ done in defer { done = true }; return !done }) { continuation.resume(returning: sig) }
+            }
+            source.resume()
+            sources.keep(source)
+        }
+    }
+}
+
+/// Keeps signal sources alive while they are waited on.
+private final class SignalSources: @unchecked Sendable {
+    private var sources: [any DispatchSourceSignal] = []
+    func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
+}

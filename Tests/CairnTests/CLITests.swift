@@ -1,0 +1,131 @@
+@testable import Cairn
+import CairnChaosKit
+import CairnCore
+import CairnNet
+import CairnWire
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension ClusterSuites {
+/// The `cairn` command, for real: a head started in the background, nodes joining it, this
+/// test process connecting as a driver, `status` and `stop`.
+@Suite("cairn CLI: start --head, start --address, a driver connecting, status, stop", .serialized)
+struct CLITests {
+    static let cairn = executableDirectory() + "/cairn"
+
+    /// Runs `cairn arguments`; its exit status and standard output.
+    static func run(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        let child = try ChildProcess(executable: cairn, arguments: arguments)
+        var lines: [String] = []
+        while let line = child.readLine(timeoutMilliseconds: 60_000) { lines.append(line) }
+        return (child.wait(), lines.joined(separator: "\n"))
+    }
+
+    /// Waits until `cairn status` prints a table that satisfies `condition`.
+    static func status(_ dir: String, until condition: (String) -> Bool) async throws -> String {
+        let deadline = ContinuousClock.now + .seconds(30)
+        var last = ""
+        while ContinuousClock.now < deadline {
+            let (code, output) = try run(["status", "--dir", dir])
+            last = output
+            if code == 0 && condition(output) { return output }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        Issue.record("cairn status never showed what was expected; last:\n\(last)")
+        return last
+    }
+
+    /// The table row of `node`.
+    static func row(_ table: String, _ node: String) -> String? {
+        table.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map(String.init)
+    }
+
+    @Test("a head in the background, a node joining it, a driver running tasks and a durable actor through it, then stop")
+    func headJoinDriverStop() async throws {
+        let dir = try TemporaryDirectory()
+        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "2"])
+        #expect(started.status == 0, "\(started.output)")
+        let address = try #require(try? String(contentsOfFile: dir.path + "/head", encoding: .utf8))
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(started.output.contains(address))
+        let headPID = try #require(Session.pids(dir.path).first { $0.what == "head" }?.pid)
+        defer {
+            _ = try? Self.run(["stop", "--dir", dir.path])
+            kill(headPID, SIGKILL)  // only if stop failed; it is this test's own head
+        }
+        var perms = stat()
+        #expect(stat(dir.path + "/token", &perms) == 0 && perms.st_mode & 0o777 == 0o600, "the token file is 0600")
+
+        let first = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true }
+        #expect(Self.row(first, "node-1")?.contains("cpus=1") == true, "\(first)")
+        #expect(first.contains("shard 0"), "the GCS chains are listed: \(first)")
+
+        // A node joins from outside.
+        let joined = try Self.run(["start", "--address", address, "--dir", dir.path])
+        #expect(joined.status == 0 && joined.output.contains("node-3"), "\(joined.output)")
+        _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains("yes") == true }
+
+        // This process connects as a driver: its node has no CPU, so the tasks run in the nodes.
+        let token = try ClusterToken.read(from: dir.path + "/token")
+        let cluster = try await Cluster.connect(to: address, token: token)
+        let results = try await cluster.get(try (0..<60).map { try ClusterWorkload.whereAmI.remote($0) }, timeout: .seconds(60))
+        #expect(results.map { $0[1] } == Array(0..<60))
+        #expect(!results.contains { $0[0] == Int(getpid()) }, "no task ran in the driver")
+        #expect(Set(results.map { $0[0] }).count >= 2, "tasks spread over the node processes")
+        let bank = try await cluster.spawn(Bank(), name: "cli-bank", resources: Resources(cpus: 1))
+        var model = Bank()
+        for i in 1...20 {
+            let message = Bank.Message.deposit(account: i % Bank.accounts, amount: i)
+            let reply = try await cluster.get(try bank.send(message, caller: CallerID(5), sequence: UInt64(i)), timeout: .seconds(60))
+            #expect(reply == (try model.receive(message)))
+        }
+        let withActor = try await Self.status(dir.path) { $0.contains("cli-bank") }
+        #expect(withActor.split(separator: "\n").contains { $0.hasPrefix("cli-bank") && $0.contains("alive") }, "\(withActor)")
+        cluster.shutdown()
+
+        // A joined node that dies is declared dead.
+        let nodePID = try #require(Session.pids(dir.path).first { $0.what == "node-3" }?.pid)
+        kill(nodePID, SIGKILL)
+        _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains(" no ") == true }
+
+        let stopped = try Self.run(["stop", "--dir", dir.path])
+        #expect(stopped.status == 0 && stopped.output.contains("stopped head"), "\(stopped.output)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/head"))
+        let gone = try Self.run(["status", "--dir", dir.path])
+        #expect(gone.status != 0, "status after stop fails: \(gone.output)")
+    }
+
+    @Test("a driver with the wrong token is refused, and a bad address is a typed error")
+    func wrongTokenRefused() async throws {
+        let dir = try TemporaryDirectory()
+        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "0"])
+        #expect(started.status == 0, "\(started.output)")
+        defer { _ = try? Self.run(["stop", "--dir", dir.path]) }
+        let address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        do {
+            _ = try await Cluster.connect(to: address, token: .generate())
+            Issue.record("a driver with the wrong token connected")
+        } catch let error as CairnError {
+            #expect(error.code == .shutDown && error.detail.contains("token"), "\(error)")
+        }
+        await #expect(throws: CairnError.self) { try await Cluster.connect(to: "no-port-here", token: .generate()) }
+        let twice = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0"])
+        #expect(twice.status != 0, "a second head for one session directory is refused: \(twice.output)")
+    }
+}
+}
+
+/// Reads a session directory's pids file as `cairn stop` does.
+enum Session {
+    static func pids(_ dir: String) -> [(pid: Int32, what: String)] {
+        guard let text = try? String(contentsOfFile: dir + "/pids", encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard let pid = parts.first.flatMap({ Int32($0) }) else { return nil }
+            return (pid, parts.count > 1 ? String(parts[1]) : "")
+        }
+    }
+}
