@@ -69,6 +69,12 @@ public struct ClusterOptions: Sendable {
     public var headPort: Int?
     /// The cluster token every connection must prove; nil: a new random one.
     public var token: ClusterToken?
+    /// With ``processes`` and a chain-replicated ``controlStore``: each GCS replica runs in a
+    /// process of its own (the same program as the nodes), which the head starts again from
+    /// its LMDB whenever it exits. Default false: the replicas run on threads of the head.
+    /// (Across processes a failover takes longer, and a replica that rejoins catches up more
+    /// slowly; see the README's figures.)
+    public var gcsReplicaProcesses = false
 
     public init(nodes: [NodeConfiguration], schedulerSeed: UInt64 = 1, housekeepingIntervalMs: Int = 2,
                 storage: ActorStorageOptions = ActorStorageOptions(), log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) {
@@ -161,8 +167,13 @@ public final class Cluster: Sendable {
                 throw CairnError(.invalidArgument, "transport .tcp(host: \"\(host)\"): cannot listen there (\(error)); give an address of this machine, such as 127.0.0.1")
             }
         }
+        if options.processes && options.token == nil { options.token = .generate() }
         var gcs: EmbeddedGCS?
-        if case .chainReplicated(let gcsOptions) = options.controlStore {
+        if case .chainReplicated(var gcsOptions) = options.controlStore {
+            if options.processes && options.gcsReplicaProcesses, case .tcp(let host) = options.transport, let token = options.token {
+                gcsOptions.replicaProcesses = ReplicaProcesses(executable: options.nodeExecutable ?? currentExecutablePath(), host: host, token: token,
+                                                               silenceTimeoutMs: max(options.failureTimeoutMs, 1_000))
+            }
             do {
                 gcs = try EmbeddedGCS.start(gcsOptions)
             } catch {
@@ -302,11 +313,11 @@ public final class Cluster: Sendable {
                                host: String = "127.0.0.1", log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) async throws -> Cluster {
         let launch = try await join(address: address, token: token, resources: resources, functions: nil, host: host)
         let cluster = try Cluster(joined: launch, token: token, log: log)
-        let deadline = ContinuousClock.now + .seconds(10)
+        let deadline = ContinuousClock.now + .seconds(30)
         while !cluster.driverNode.aliveNodes.contains(launch.node) {
             guard ContinuousClock.now < deadline else {
                 cluster.shutdown()
-                throw CairnError(.shutDown, "\(launch.node) did not register with the head's control store within 10 s")
+                throw CairnError(.shutDown, "\(launch.node) did not register with the head's control store within 30 s")
             }
             try await Task.sleep(for: .milliseconds(1))
         }

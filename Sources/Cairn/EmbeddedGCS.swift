@@ -78,6 +78,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
         public var sessions = 256
         /// A request not answered by then fails with ``GCSError/Code-swift.enum/unavailable``.
         public var requestTimeoutMicroseconds: UInt64 = 10_000_000
+        /// Run each replica in a process of its own (the coordinator and the client sessions
+        /// stay in this one); nil: on threads of this process.
+        public var replicaProcesses: ReplicaProcesses?
 
         public init(shards: Int = 1) { self.shards = shards }
     }
@@ -166,6 +169,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
         // Touched by the worker's thread, or under `worker.processing`; nil while killed.
         var core: ChainReplica?
         var store: DurableStore?
+        /// Set when the replica runs in a process of its own.
+        var remote: RemoteReplica?
         init(id: ReplicaID, shard: Int, directory: String) {
             self.id = id
             self.shard = shard
@@ -200,6 +205,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     var newRequests: [Pending] = []
     var newSubscribers: [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)] = []
     let stopped = Locked(false)
+    /// Starts and watches the replica processes (with ``Options/replicaProcesses``).
+    var replicaSupervisor: ReplicaSupervisor?
     /// Client IDs of this incarnation: a random base, so that request numbers never repeat
     /// under an ID a chain's heads have seen before (they would be taken for retries).
     let clientBase = Int.random(in: 1..<(1 << 40)) << 16
@@ -293,7 +300,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
         free = Array((0..<options.sessions).reversed())
         do {
-            for (r, host) in hosts {
+            for (r, host) in hosts where options.replicaProcesses == nil {
                 let persisted = try Self.openStore(host)
                 let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
                 host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds, retransmitInterval: options.retransmitIntervalMicroseconds),
@@ -304,7 +311,16 @@ public final class EmbeddedGCS: @unchecked Sendable {
             coordinatorStore.close()
             throw error
         }
-        for host in hosts.values { startReplica(host) }
+        if let processes = options.replicaProcesses {
+            do {
+                replicaSupervisor = try ReplicaSupervisor(self, processes, initial: initial)
+            } catch {
+                coordinatorStore.close()
+                throw error
+            }
+        } else {
+            for host in hosts.values { startReplica(host) }
+        }
         coordinatorWorker.start(name: "cairn-gcs-coordinator") { [self] batch, tick in
             var actions: [GCSAction] = []
             let t = now
@@ -376,48 +392,47 @@ public final class EmbeddedGCS: @unchecked Sendable {
 
     /// Persists what the actions ask, in one fsync'd commit, then sends the messages.
     func perform(_ actions: [GCSAction], from: CairnGCS.Endpoint, store: DurableStore? = nil) {
+        do {
+            try Self.persist(actions, coordinator: from == .coordinator, to: from == .coordinator ? coordinatorStore : store)
+        } catch {
+            // A replica that cannot persist must not send what depends on it: it stops, as a
+            // crashed process would, and the coordinator replaces it.
+            FileHandle.standardError.write(Data("cairn gcs: \(from) failed to persist, stopping it: \(error)\n".utf8))
+            if case .replica(let r) = from { killAsync(r) }
+            return
+        }
+        for case .send(let m, let to) in actions { route(m, from: from, to: to) }
+    }
+
+    /// Makes what `actions` ask to persist durable in `store`, in one fsync'd commit.
+    static func persist(_ actions: [GCSAction], coordinator: Bool, to store: DurableStore?) throws {
         var batch = WriteBatch()
         let encoder = BinaryEncoder()
         for a in actions {
             switch a {
             case .persist(let u):
-                batch.put(Self.updateKey(u.sequence), try! encoder.encode(u))
+                batch.put(updateKey(u.sequence), try encoder.encode(u))
             case .persistTruncation(let keep):
                 // Update keys are big-endian, so byte order is sequence order.
-                let last = Self.updateKey(keep)
+                let last = updateKey(keep)
                 if let store, let records = try? store.scan(prefix: [UInt8(ascii: "u")]) {
                     for r in records where last.lexicographicallyPrecedes(r.key) { batch.delete(r.key) }
                 }
             case .persistConfig(let c):
-                if case .coordinator = from {
-                    batch.put(Self.coordinatorConfigKey(c.shard), try! encoder.encode(c))
-                } else {
-                    batch.put(Self.configKey, try! encoder.encode(c))
-                }
+                batch.put(coordinator ? coordinatorConfigKey(c.shard) : configKey, try encoder.encode(c))
             case .send:
                 break
             }
         }
-        if !batch.isEmpty {
-            let target = from == .coordinator ? coordinatorStore : store
-            do {
-                _ = try target?.commit(batch)
-            } catch {
-                // A replica that cannot persist must not send what depends on it: it stops, as a
-                // crashed process would, and the coordinator replaces it.
-                FileHandle.standardError.write(Data("cairn gcs: \(from) failed to persist, stopping it: \(error)\n".utf8))
-                if case .replica(let r) = from { killAsync(r) }
-                return
-            }
-        }
-        for case .send(let m, let to) in actions { route(m, from: from, to: to) }
+        if !batch.isEmpty { _ = try store?.commit(batch) }
     }
 
     func route(_ m: GCSMessage, from: CairnGCS.Endpoint, to: CairnGCS.Endpoint) {
         switch to {
         case .replica(let r):
             guard let host = replicaHosts[r] else { return }
-            if !host.worker.postIfAlive(.message(m, from: from)) {
+            let delivered = host.remote.map { $0.send(GCSFrame(from: from, to: to, message: m)) } ?? host.worker.postIfAlive(.message(m, from: from))
+            if !delivered {
                 // Refused, as by a closed connection: a client hears at once.
                 switch m {
                 case .write(let request, _, _), .read(let request, _):
@@ -436,6 +451,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// hears of the exit at once, as from a supervisor that saw the process end.
     public func kill(replica r: ReplicaID) throws {
         guard let host = replicaHosts[r] else { throw GCSError(.unknownReplica, "no replica \(r); replicas are 0..<\(replicaHosts.count)") }
+        if let remote = host.remote {
+            // A real SIGKILL; the closed connection tells the coordinator, and the replica's
+            // process is started again from its LMDB.
+            remote.kill()
+            return
+        }
         host.worker.processing.lock()
         host.worker.condition.lock()
         let wasAlive = host.worker.alive
@@ -466,6 +487,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Restarts a killed replica from its LMDB.
     public func restart(replica r: ReplicaID) throws {
         guard let host = replicaHosts[r] else { throw GCSError(.unknownReplica, "no replica \(r); replicas are 0..<\(replicaHosts.count)") }
+        // A replica process is started again by its supervisor as soon as it exits.
+        guard host.remote == nil else { return }
         host.worker.processing.lock()
         defer { host.worker.processing.unlock() }
         guard host.core == nil else { return }
@@ -482,6 +505,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     public func shutdown() {
         guard !stopped.value else { return }
         stopped.update { $0 = true }
+        replicaSupervisor?.stop()
         for w in [coordinatorWorker, clientWorker] + replicaHosts.values.map(\.worker) {
             w.stop()
             w.processing.lock()  // waits for a batch in progress
@@ -513,6 +537,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
             throw GCSError(.storage, "the coordinator cannot read its configurations under \(directory): \(error)")
         }
         coordinator = Coordinator(configs: configs, replicas: coordinator.replicas, options: coordinator.options, now: now)
+    }
+
+    /// With ``Options/replicaProcesses``: each replica's process as it runs now (its pid changes
+    /// when it is started again); empty when the replicas run on threads.
+    public var replicaProcesses: [(replica: ReplicaID, pid: Int32)] {
+        replicaHosts.values.compactMap { h in h.remote.map { (h.id, $0.pid) } }.sorted { $0.replica < $1.replica }
     }
 
     /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.

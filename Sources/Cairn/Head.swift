@@ -79,6 +79,9 @@ public struct ClusterReport: Codable, Sendable {
 /// The head's port: answers joins and status requests, one reply per request, on connections
 /// that proved the cluster token.
 final class HeadService: Sendable {
+    /// Requests are one-shot, so a slow peer is not a dead one: only a long silence closes a connection.
+    static let patience = WireOptions.failureDetecting(milliseconds: 10_000)
+
     let listener: WireListener
 
     init(host: String, port: Int, token: ClusterToken, log: @escaping @Sendable (String) -> Void,
@@ -97,7 +100,7 @@ final class HeadService: Sendable {
             }
         }, log: { log("head: \($0)") })
         do {
-            listener = try Wire.listenBlocking(host: host, port: port, token: token, epoch: 1, handlers: handlers)
+            listener = try Wire.listenBlocking(host: host, port: port, token: token, epoch: 1, handlers: handlers, options: Self.patience)
         } catch {
             throw CairnError(.invalidArgument, "the head cannot listen on \(host):\(port) (\(error)); is another head running there? choose another port")
         }
@@ -117,12 +120,17 @@ final class HeadService: Sendable {
         }, log: { _ in })
         let connection: WireConnection
         do {
-            connection = try await Wire.connect(host: host, port: port, token: token, name: "client-\(getpid())", epoch: 1, handlers: handlers)
+            connection = try await Wire.connect(host: host, port: port, token: token, name: "client-\(getpid())", epoch: 1, handlers: handlers,
+                                                options: Self.patience)
         } catch {
             throw CairnError(.shutDown, "cannot reach a Cairn head at \(address) (\(error)); is it running, and is the token file its own?")
         }
         defer { connection.close() }
-        try connection.send(try BinaryEncoder().encode(request))
+        do {
+            try connection.send(try BinaryEncoder().encode(request))
+        } catch {
+            throw CairnError(.shutDown, "the connection to the head at \(address) ended before the request went out (\(error)); try again")
+        }
         return try await answer.value(timeout: timeout, what: "the head at \(address)").get()
     }
 }

@@ -16,6 +16,7 @@ struct NodeLaunch: Codable, Equatable {
     enum Role: String, Codable {
         case node
         case scheduler
+        case gcsReplica
     }
 
     var role = Role.node
@@ -40,6 +41,8 @@ struct NodeLaunch: Codable, Equatable {
     var storageDirectory: String? = nil
     var checkpointsKept = 2
     var logSegmentBytes = 16 << 20
+    /// For a GCS replica's process.
+    var gcs: GCSReplicaLaunch? = nil
 
     /// The actor storage options this describes.
     var storage: ActorStorageOptions {
@@ -95,7 +98,12 @@ extension Cluster {
 /// The node side of a cluster of processes.
 enum NodeProcess {
     static func run(_ launch: NodeLaunch) -> Never {
-        let name = launch.role == .scheduler ? Endpoint.scheduler.description : launch.node.description
+        let name: String
+        switch launch.role {
+        case .node: name = launch.node.description
+        case .scheduler: name = Endpoint.scheduler.description
+        case .gcsReplica: name = "gcs-replica-\(launch.gcs?.replica ?? -1)"
+        }
         let log: @Sendable (String) -> Void = { ClusterOptions.standardErrorLog("\(name): \($0)") }
         let token: ClusterToken
         do {
@@ -103,6 +111,13 @@ enum NodeProcess {
         } catch {
             log("cannot read the cluster token: \(error)")
             exit(2)
+        }
+        if launch.role == .gcsReplica {
+            guard let g = launch.gcs else {
+                log("a GCS replica's launch has no replica description")
+                exit(2)
+            }
+            GCSReplicaProcess.run(launch, g, token: token, log: log)
         }
         guard let control = TCPTransport.split(launch.controlStore) else {
             log("bad control store address \(launch.controlStore)")

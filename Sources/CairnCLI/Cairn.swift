@@ -98,6 +98,8 @@ struct Start: AsyncParsableCommand {
     @Option(help: "CPUs of each node started.") var cpus: Double = 1
     @Option(help: "The program nodes run (default: this one).") var executable: String?
     @Option(help: "Durable actors' storage directory (default: DIR/storage).") var storage: String?
+    @Option(help: "With --head: a node whose connections stay silent this long is declared dead (a killed one is at once).") var failureTimeoutMs = 250
+    @Flag(help: "With --head: run each GCS replica in a process of its own (started again from its LMDB if it dies), not on the head's threads.") var gcsProcesses = false
     @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
 
     func validate() throws {
@@ -105,6 +107,7 @@ struct Start: AsyncParsableCommand {
         guard (0...65_535).contains(port) else { throw ValidationError("--port must be 0 to 65535") }
         guard (0...64).contains(nodes) else { throw ValidationError("--nodes must be 0 to 64") }
         guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
+        guard failureTimeoutMs >= 100 else { throw ValidationError("--failure-timeout-ms must be at least 100") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
 
@@ -135,9 +138,10 @@ struct Start: AsyncParsableCommand {
         try? FileManager.default.removeItem(atPath: session.headFile)
         try? FileManager.default.removeItem(atPath: session.pidsFile)
         var arguments = [currentExecutablePath(), "start", "--head", "--foreground", "--dir", dir, "--host", host, "--port", "\(port)",
-                         "--nodes", "\(nodes)", "--cpus", "\(cpus)"]
+                         "--nodes", "\(nodes)", "--cpus", "\(cpus)", "--failure-timeout-ms", "\(failureTimeoutMs)"]
         if let executable { arguments += ["--executable", executable] }
         if let storage { arguments += ["--storage", storage] }
+        if gcsProcesses { arguments.append("--gcs-processes") }
         let pid = try Cluster.startDetached(arguments, logFile: dir + "/head.log")
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
@@ -165,6 +169,8 @@ struct Start: AsyncParsableCommand {
         options.transport = .tcp(host: host)
         options.nodeExecutable = program
         options.headPort = port
+        options.gcsReplicaProcesses = gcsProcesses
+        options.failureTimeoutMs = failureTimeoutMs
         let cluster = try await Cluster.local(options)
         guard let address = cluster.headAddress, let token = cluster.token else {
             cluster.shutdown()

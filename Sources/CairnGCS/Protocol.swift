@@ -86,7 +86,7 @@ public struct ChainConfig: Hashable, Sendable, Codable, CustomStringConvertible 
 }
 
 /// Where a message goes.
-public enum Endpoint: Hashable, Sendable {
+public enum Endpoint: Hashable, Sendable, Codable {
     case replica(ReplicaID)
     /// A client session or a subscriber.
     case client(Int)
@@ -126,7 +126,7 @@ public struct ReplicaReport: Hashable, Sendable, Codable {
 }
 
 /// The messages of the GCS protocol.
-public enum GCSMessage: Hashable, Sendable {
+public enum GCSMessage: Hashable, Sendable, Codable {
     // Clients and replicas.
     /// Client to head: set (or, with nil, delete) a key.
     case write(RequestID, key: String, value: [UInt8]?)

@@ -2,6 +2,7 @@ import Cairn
 import CairnChaosKit
 import CairnCore
 import CairnGCS
+import CairnWire
 import Foundation
 import Testing
 
@@ -80,6 +81,50 @@ struct EmbeddedGCSTests {
             try gcs.restart(replica: victim)
         }
         #expect(try gcs.get("counter") == Self.bytes(acknowledged))
+    }
+
+    @Test("each replica in a process of its own: the head's, the middle's and the tail's SIGKILLed in turn while a client writes; no acknowledged write is lost, and each is started again")
+    func replicaProcessesKilled() throws {
+        let dir = try TemporaryDirectory()
+        var o = EmbeddedGCS.Options()
+        o.directory = dir.path
+        o.requestTimeoutMicroseconds = 30_000_000
+        o.failureTimeoutMicroseconds = 2_000_000
+        o.leaseMicroseconds = 500_000
+        o.replicaProcesses = ReplicaProcesses(executable: executableDirectory() + "/cairn-chaos", token: .generate(), silenceTimeoutMs: 5_000)
+        let gcs = try EmbeddedGCS.start(o)
+        defer { gcs.shutdown() }
+        let first = gcs.replicaProcesses
+        #expect(first.count == 4 && Set(first.map(\.pid)).count == 4 && !first.contains { $0.pid == getpid() })
+        var acknowledged: [String: [UInt8]] = [:]
+        var n: UInt64 = 0
+        func step() throws {
+            n += 1
+            let key = GCSTable.keyValue.key("k\(n % 40)")
+            try gcs.put(key, Self.bytes(n))
+            acknowledged[key] = Self.bytes(n)
+        }
+        for _ in 0..<40 { try step() }
+        for position in ["head", "middle", "tail"] {
+            let c = gcs.configurations()[0]
+            let victim = position == "head" ? c.head : position == "tail" ? c.tail : c.chain[1]
+            let pid = try #require(gcs.replicaProcesses.first { $0.replica == victim }?.pid)
+            kill(pid, SIGKILL)
+            for _ in 0..<20 { try step() }
+            // Back to a chain of three, the killed replica's process started again.
+            let deadline = Date().addingTimeInterval(60)
+            while Date() < deadline {
+                let now = gcs.configurations()[0]
+                let restarted = gcs.replicaProcesses.first { $0.replica == victim }?.pid != pid
+                if now.chain.count == 3 && now.learner == nil && restarted { break }
+                try step()
+                Thread.sleep(forTimeInterval: 0.01)
+            }
+            let after = gcs.configurations()[0]
+            #expect(after.chain.count == 3 && after.learner == nil, "the \(position) was replaced: \(after)")
+            #expect(gcs.replicaProcesses.first { $0.replica == victim }?.pid != pid, "the \(position)'s process was started again")
+        }
+        for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
     }
 
     @Test("a restarted coordinator resumes from its persisted configurations and still repairs a chain")

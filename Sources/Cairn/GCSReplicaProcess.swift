@@ -1,0 +1,340 @@
+import CairnCodec
+import CairnCore
+import CairnGCS
+import CairnNet
+import CairnStorage
+import CairnWire
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One GCS message between the head and a replica process, with where it comes from and
+/// goes to (the head relays messages between replicas).
+struct GCSFrame: Codable {
+    var from: CairnGCS.Endpoint
+    var to: CairnGCS.Endpoint
+    var message: GCSMessage
+}
+
+/// Runs each replica of an ``EmbeddedGCS`` in a process of its own (see
+/// ``EmbeddedGCS/Options/replicaProcesses``).
+public struct ReplicaProcesses: Sendable {
+    /// The program the replicas run: it must call ``Cluster/runNodeIfLaunched(prepare:)`` first
+    /// thing in `main` (a cluster of processes passes its node executable).
+    public var executable: String
+    /// The address the head listens on for its replicas.
+    public var host: String
+    /// The token every replica's connection must prove.
+    public var token: ClusterToken
+    /// A replica's connection silent this long is closed (a replica process that dies closes
+    /// it at once). Default 1,000.
+    public var silenceTimeoutMs: Int
+    /// How often a replica process ticks (reports to the coordinator, resends what is not yet
+    /// acknowledged): each tick is a few messages over its connection. Default 5,000.
+    public var tickIntervalMicroseconds: UInt64
+
+    public init(executable: String, host: String = "127.0.0.1", token: ClusterToken, silenceTimeoutMs: Int = 1_000,
+                tickIntervalMicroseconds: UInt64 = 5_000) {
+        precondition(tickIntervalMicroseconds >= 100, "replica processes tick at most every 100 µs")
+        self.executable = executable
+        self.host = host
+        self.token = token
+        self.silenceTimeoutMs = silenceTimeoutMs
+        self.tickIntervalMicroseconds = tickIntervalMicroseconds
+    }
+}
+
+/// What a GCS replica process is told, inside its ``NodeLaunch``.
+struct GCSReplicaLaunch: Codable, Equatable {
+    var replica: Int
+    var shard: Int
+    /// Its LMDB environment.
+    var directory: String
+    var leaseMicroseconds: UInt64
+    var retransmitIntervalMicroseconds: UInt64
+    var tickIntervalMicroseconds: UInt64
+    /// `host:port` of the head's listener for replicas.
+    var hub: String
+}
+
+/// The head's side of one replica process: its pid and its connection.
+final class RemoteReplica: Sendable {
+    let id: ReplicaID
+    private let state = Mutex<(pid: pid_t, connection: WireConnection?)>((0, nil))
+
+    init(id: ReplicaID) { self.id = id }
+
+    var pid: pid_t { state.withLock { $0.pid } }
+
+    func started(_ pid: pid_t) { state.withLock { $0.pid = pid } }
+
+    /// Sends a frame; false (as from a closed connection) when the replica is not connected.
+    func send(_ frame: GCSFrame) -> Bool {
+        guard let connection = state.withLock({ $0.connection }), let bytes = try? BinaryEncoder().encode(frame) else { return false }
+        do {
+            try connection.send(bytes)
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    func connected(_ connection: WireConnection) {
+        let previous: WireConnection? = state.withLock { s in
+            defer { s.connection = connection }
+            return s.connection
+        }
+        if let previous, previous !== connection { previous.close() }
+    }
+
+    /// Forgets `connection`; true if it was the replica's current one.
+    func disconnected(_ connection: WireConnection) -> Bool {
+        state.withLock { s in
+            guard s.connection === connection else { return false }
+            s.connection = nil
+            return true
+        }
+    }
+
+    /// SIGKILLs the replica's process (one this head started).
+    func kill() {
+        let pid = state.withLock { $0.pid }
+        if pid > 0 { Glibc.kill(pid, SIGKILL) }
+    }
+}
+
+/// Starts the replica processes of an ``EmbeddedGCS``, listens for their connections, relays
+/// their messages, and starts a replica again (same ID, same LMDB) whenever its process exits.
+/// A closed connection tells the coordinator at once that the replica is gone.
+final class ReplicaSupervisor: @unchecked Sendable {
+    private let listener: WireListener
+    private let tokenFile: String
+    private let processes: ReplicaProcesses
+    private let launches: [ReplicaID: NodeLaunch]
+    private let remotes: [ReplicaID: RemoteReplica]
+    private let stopping = Atomic<Bool>(false)
+    private let inbox: BatchQueue<(ReplicaID, WireConnection, [UInt8])>
+    private let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("cairn gcs: \($0)\n".utf8)) }
+
+    /// Told of every exit, before the replica's next process starts.
+    private weak var gcs: EmbeddedGCS?
+
+    init(_ gcs: EmbeddedGCS, _ processes: ReplicaProcesses, initial: [ChainConfig]) throws {
+        self.processes = processes
+        self.gcs = gcs
+        tokenFile = gcs.directory + "/token"
+        do {
+            try processes.token.write(to: tokenFile)
+        } catch {
+            throw GCSError(.storage, "cannot write the token for the replica processes: \(error)")
+        }
+        var made: [ReplicaID: RemoteReplica] = [:]
+        for (r, host) in gcs.replicaHosts {
+            let remote = RemoteReplica(id: r)
+            host.remote = remote
+            made[r] = remote
+        }
+        let remotes = made
+        self.remotes = remotes
+        let log = self.log
+        // Frames are decoded and routed on a thread of their own, never on an event loop,
+        // which must stay free to keep every connection's heartbeats going.
+        let inbox = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-replicas") { [weak gcs] batch in
+            guard let gcs else { return }
+            let decoder = BinaryDecoder()
+            for (r, connection, bytes) in batch {
+                guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
+                    log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
+                    connection.close()
+                    continue
+                }
+                gcs.route(frame.message, from: frame.from, to: frame.to)
+            }
+        }
+        self.inbox = inbox
+        let handlers = WireHandlers(established: { connection in
+            guard let r = Self.replica(connection), let remote = remotes[r] else {
+                log("a connection from \(connection.peer?.name ?? "?") is not one of this GCS's replicas; closing it")
+                connection.close()
+                return
+            }
+            remote.connected(connection)
+        }, message: { connection, bytes in
+            guard let r = Self.replica(connection) else { return }
+            inbox.post((r, connection, bytes))
+        }, closed: { [weak gcs] connection, _ in
+            guard let gcs, let r = Self.replica(connection), let remote = remotes[r], remote.disconnected(connection) else { return }
+            gcs.coordinatorWorker.post(.exited(r))
+        }, log: { log($0) })
+        do {
+            listener = try Wire.listenBlocking(host: processes.host, port: 0, token: processes.token, epoch: 1, handlers: handlers,
+                                               options: .failureDetecting(milliseconds: processes.silenceTimeoutMs))
+        } catch {
+            throw GCSError(.storage, "the GCS cannot listen on \(processes.host) for its replica processes: \(error)")
+        }
+        var launches: [ReplicaID: NodeLaunch] = [:]
+        for (r, host) in gcs.replicaHosts {
+            var launch = NodeLaunch(node: NodeID(0), resources: Resources(cpus: 0), functions: nil, storeLimitBytes: 0, spillThreshold: 0,
+                                    host: processes.host, controlStore: "", schedulerSeed: 0, tokenFile: tokenFile,
+                                    failureTimeoutMs: processes.silenceTimeoutMs,
+                                    maxTaskRetries: 0, housekeepingIntervalMs: 0, head: getpid())
+            launch.role = .gcsReplica
+            launch.gcs = GCSReplicaLaunch(replica: r, shard: host.shard, directory: host.directory,
+                                          leaseMicroseconds: gcs.options.leaseMicroseconds,
+                                          retransmitIntervalMicroseconds: gcs.options.retransmitIntervalMicroseconds,
+                                          tickIntervalMicroseconds: processes.tickIntervalMicroseconds,
+                                          hub: "\(processes.host):\(listener.port)")
+            launches[r] = launch
+        }
+        self.launches = launches
+        for r in launches.keys.sorted() {
+            do {
+                try start(r)
+            } catch {
+                stop()
+                throw error
+            }
+        }
+    }
+
+    private static func replica(_ connection: WireConnection) -> ReplicaID? {
+        guard let name = connection.peer?.name, name.hasPrefix("gcs-replica-") else { return nil }
+        return Int(name.dropFirst("gcs-replica-".count))
+    }
+
+    private func start(_ r: ReplicaID) throws {
+        guard let launch = launches[r], let remote = remotes[r] else { return }
+        let pid = try launch.start([processes.executable])
+        remote.started(pid)
+        let watcher = Thread { [self] in watch(r, pid) }
+        watcher.name = "cairn-gcs-watch-\(r)"
+        watcher.start()
+    }
+
+    /// Waits for the replica's process to exit, then starts it again from its LMDB, unless the
+    /// GCS stops or the program keeps exiting by itself at once.
+    private func watch(_ r: ReplicaID, _ pid: pid_t) {
+        var quickExits = 0
+        var pid = pid
+        while true {
+            let started = ContinuousClock.now
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            if stopping.load(ordering: .relaxed) { return }
+            // The coordinator hears of the exit before the next process can report: a replica
+            // that came back in the same configuration would have lost what it held in memory
+            // (updates not yet acknowledged downstream, subscriptions), and the chain would stall.
+            gcs?.coordinatorWorker.post(.exited(r))
+            let selfExit = status & 0x7F == 0
+            log("replica \(r)'s process (pid \(pid)) \(selfExit ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"); starting it again from its LMDB")
+            quickExits = selfExit && ContinuousClock.now - started < .seconds(2) ? quickExits + 1 : 0
+            guard quickExits < 3 else {
+                log("replica \(r)'s process exited by itself three times in a row at once; not starting it again (does \(processes.executable) call Cluster.runNodeIfLaunched first thing in main?)")
+                return
+            }
+            guard let launch = launches[r], let remote = remotes[r], let next = try? launch.start([processes.executable]) else {
+                log("replica \(r)'s process exited and cannot be started again")
+                return
+            }
+            remote.started(next)
+            pid = next
+        }
+    }
+
+    /// Stops every replica process (SIGTERM, then SIGKILL after a second) and the listener.
+    func stop() {
+        guard !stopping.exchange(true, ordering: .relaxed) else { return }
+        let pids = remotes.values.map(\.pid).filter { $0 > 0 }
+        for pid in pids { kill(pid, SIGTERM) }
+        let deadline = ContinuousClock.now + .seconds(1)
+        while ContinuousClock.now < deadline && pids.contains(where: { Glibc.kill($0, 0) == 0 && !Self.exited($0) }) { usleep(1_000) }
+        for pid in pids { kill(pid, SIGKILL) }
+        listener.closeBlocking()
+        inbox.stop()
+        unlink(tokenFile)
+    }
+
+    /// Whether `pid` is a zombie (exited, waiting for its watcher's `waitpid`).
+    private static func exited(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
+    }
+}
+
+/// The process of one GCS replica: its ``ChainReplica`` core on a worker thread, its LMDB, a
+/// ticker, and one connection to the head, which relays its messages. It exits when it loses
+/// the head.
+enum GCSReplicaProcess {
+    static func run(_ launch: NodeLaunch, _ g: GCSReplicaLaunch, token: ClusterToken, log: @escaping @Sendable (String) -> Void) -> Never {
+        let host = EmbeddedGCS.ReplicaHost(id: g.replica, shard: g.shard, directory: g.directory)
+        do {
+            let persisted = try EmbeddedGCS.openStore(host)
+            host.core = ChainReplica(id: g.replica, shard: g.shard,
+                                     options: ChainReplica.Options(leaseDuration: g.leaseMicroseconds, retransmitInterval: g.retransmitIntervalMicroseconds),
+                                     recovering: persisted.log, config: persisted.config)
+        } catch {
+            log("\(error)")
+            exit(2)
+        }
+        guard let (hubHost, hubPort) = TCPTransport.split(g.hub) else {
+            log("bad hub address \(g.hub)")
+            exit(2)
+        }
+        let start = monotonicNanoseconds()
+        let link = Mutex<WireConnection?>(nil)
+        let r = g.replica
+        host.worker.start(name: "cairn-gcs-replica-\(r)") { batch, tick in
+            let now = (monotonicNanoseconds() - start) / 1_000
+            var actions: [GCSAction] = []
+            for case .message(let m, let from) in batch { actions += host.core!.handle(m, from: from, now: now) }
+            if tick { actions += host.core!.tick(now: now) }
+            do {
+                try EmbeddedGCS.persist(actions, coordinator: false, to: host.store)
+            } catch {
+                // Nothing that depends on the failed commit may be sent: stop, as a crash would.
+                log("cannot persist: \(error); exiting")
+                exit(4)
+            }
+            guard let connection = link.withLock({ $0 }) else { return }
+            let encoder = BinaryEncoder()
+            for case .send(let m, let to) in actions {
+                guard let bytes = try? encoder.encode(GCSFrame(from: .replica(r), to: to, message: m)) else { continue }
+                try? connection.send(bytes)
+            }
+        }
+        let handlers = WireHandlers(message: { _, bytes in
+            guard let frame = try? BinaryDecoder().decode(GCSFrame.self, from: bytes) else {
+                log("a frame from the head does not decode; exiting")
+                exit(3)
+            }
+            host.worker.post(.message(frame.message, from: frame.from))
+        }, closed: { _, reason in
+            log("lost the head (\(reason)); exiting")
+            exit(3)
+        }, log: log)
+        let connected = DispatchSemaphore(value: 0)
+        Task {
+            do {
+                let connection = try await Wire.connect(host: hubHost, port: hubPort, token: token, name: "gcs-replica-\(r)", epoch: 1,
+                                                        handlers: handlers, options: .failureDetecting(milliseconds: launch.failureTimeoutMs))
+                link.withLock { $0 = connection }
+            } catch {
+                log("cannot connect to the head at \(g.hub): \(error)")
+                exit(3)
+            }
+            connected.signal()
+        }
+        connected.wait()
+        let ticker = Thread {
+            while true {
+                usleep(UInt32(g.tickIntervalMicroseconds))
+                host.worker.tick()
+            }
+        }
+        ticker.name = "cairn-gcs-ticker"
+        ticker.start()
+        NodeProcess.waitForHead(launch, log)
+    }
+}
