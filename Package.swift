@@ -34,7 +34,8 @@ let package = Package(
         .target(name: "CCairnCRC", path: "Storage/CCairnCRC"),
 
         // Compact binary Codable format used for checkpoints, logs and the wire.
-        .target(name: "CairnCodec", path: "Sources/CairnCodec"),
+        // Optimized in debug builds too: every message between processes goes through it.
+        .target(name: "CairnCodec", path: "Sources/CairnCodec", swiftSettings: simulationSpeed),
 
         // Durable keyed records, append-only logs and checkpoints; LMDB and in-memory engines.
         .target(name: "CairnStorage", dependencies: ["CLMDB", "CZstd", "CCairnCRC", "CairnCodec", "CairnCore"],

@@ -313,7 +313,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
         if let processes = options.replicaProcesses {
             do {
-                replicaSupervisor = try ReplicaSupervisor(self, processes, initial: initial)
+                replicaSupervisor = try ReplicaSupervisor(self, processes)
             } catch {
                 coordinatorStore.close()
                 throw error

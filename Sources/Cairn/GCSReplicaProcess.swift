@@ -32,11 +32,11 @@ public struct ReplicaProcesses: Sendable {
     /// it at once). Default 1,000.
     public var silenceTimeoutMs: Int
     /// How often a replica process ticks (reports to the coordinator, resends what is not yet
-    /// acknowledged): each tick is a few messages over its connection. Default 5,000.
+    /// acknowledged): each tick is a few messages over its connection, relayed by the head. Default 20,000.
     public var tickIntervalMicroseconds: UInt64
 
     public init(executable: String, host: String = "127.0.0.1", token: ClusterToken, silenceTimeoutMs: Int = 1_000,
-                tickIntervalMicroseconds: UInt64 = 5_000) {
+                tickIntervalMicroseconds: UInt64 = 20_000) {
         precondition(tickIntervalMicroseconds >= 100, "replica processes tick at most every 100 µs")
         self.executable = executable
         self.host = host
@@ -77,9 +77,15 @@ final class RemoteReplica: Sendable {
             try connection.send(bytes)
             return true
         } catch {
+            let now = monotonicNanoseconds()
+            if now - lastDropLog.load(ordering: .relaxed) > 1_000_000_000 {
+                lastDropLog.store(now, ordering: .relaxed)
+                FileHandle.standardError.write(Data("cairn gcs: a message to replica \(id) was dropped: \(error)\n".utf8))
+            }
             return false
         }
     }
+    private let lastDropLog = Atomic<UInt64>(0)
 
     func connected(_ connection: WireConnection) {
         let previous: WireConnection? = state.withLock { s in
@@ -121,10 +127,12 @@ final class ReplicaSupervisor: @unchecked Sendable {
     /// Told of every exit, before the replica's next process starts.
     private weak var gcs: EmbeddedGCS?
 
-    init(_ gcs: EmbeddedGCS, _ processes: ReplicaProcesses, initial: [ChainConfig]) throws {
+    init(_ gcs: EmbeddedGCS, _ processes: ReplicaProcesses) throws {
         self.processes = processes
         self.gcs = gcs
         tokenFile = gcs.directory + "/token"
+        // A token file left by a head that was killed is this GCS's own: replaced, not reused.
+        unlink(tokenFile)
         do {
             try processes.token.write(to: tokenFile)
         } catch {
@@ -249,18 +257,13 @@ final class ReplicaSupervisor: @unchecked Sendable {
         let pids = remotes.values.map(\.pid).filter { $0 > 0 }
         for pid in pids { kill(pid, SIGTERM) }
         let deadline = ContinuousClock.now + .seconds(1)
-        while ContinuousClock.now < deadline && pids.contains(where: { Glibc.kill($0, 0) == 0 && !Self.exited($0) }) { usleep(1_000) }
+        while ContinuousClock.now < deadline && pids.contains(where: { !processHasExited($0) }) { usleep(1_000) }
         for pid in pids { kill(pid, SIGKILL) }
         listener.closeBlocking()
         inbox.stop()
         unlink(tokenFile)
     }
 
-    /// Whether `pid` is a zombie (exited, waiting for its watcher's `waitpid`).
-    private static func exited(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return true }
-        return stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
-    }
 }
 
 /// The process of one GCS replica: its ``ChainReplica`` core on a worker thread, its LMDB, a

@@ -56,9 +56,10 @@ struct Session {
         }
     }
 
-    /// Records a pid this session started (one per line, with what it is).
-    func record(pid: Int32, _ what: String) throws {
-        let line = "\(pid) \(what)\n"
+    /// Records a pid this session started: one line each, with what it is and the program it
+    /// runs (so that `stop` never signals a process that merely reused the number).
+    func record(pid: Int32, _ what: String, executable: String) throws {
+        let line = "\(pid) \(what) \(executable)\n"
         guard let handle = FileHandle(forWritingAtPath: pidsFile) ?? {
             FileManager.default.createFile(atPath: pidsFile, contents: nil)
             return FileHandle(forWritingAtPath: pidsFile)
@@ -68,12 +69,14 @@ struct Session {
         try handle.write(contentsOf: Data(line.utf8))
     }
 
+    /// The processes this session started that still run the program they were started with.
     func pids() -> [(pid: Int32, what: String)] {
         guard let text = try? String(contentsOfFile: pidsFile, encoding: .utf8) else { return [] }
         return text.split(separator: "\n").compactMap { line in
-            let parts = line.split(separator: " ", maxSplits: 1)
-            guard let pid = parts.first.flatMap({ Int32($0) }), pid > 0 else { return nil }
-            return (pid, parts.count > 1 ? String(parts[1]) : "")
+            let parts = line.split(separator: " ", maxSplits: 2).map(String.init)
+            guard parts.count == 3, let pid = Int32(parts[0]), pid > 0,
+                  (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")) == parts[2] else { return nil }
+            return (pid, parts[1])
         }
     }
 }
@@ -118,7 +121,7 @@ struct Start: AsyncParsableCommand {
         if let address {
             let started = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
                                                       resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
-            try session.record(pid: started.pid, started.node.description)
+            try session.record(pid: started.pid, started.node.description, executable: realPath(program))
             print("\(started.node) (pid \(started.pid)) joined the head at \(address); its log: \(dir)/node.log")
             return
         }
@@ -132,7 +135,7 @@ struct Start: AsyncParsableCommand {
     /// Starts `cairn start --head --foreground …` in a session of its own and waits until it
     /// has written its address.
     private func startInBackground(_ session: Session) throws {
-        if let pid = session.pids().first(where: { $0.what == "head" })?.pid, kill(pid, 0) == 0 {
+        if let pid = session.pids().first(where: { $0.what == "head" })?.pid, !processHasExited(pid) {
             throw ValidationError("a head (pid \(pid)) already runs for \(dir); stop it with `cairn stop --dir \(dir)`")
         }
         try? FileManager.default.removeItem(atPath: session.headFile)
@@ -182,7 +185,7 @@ struct Start: AsyncParsableCommand {
             cluster.shutdown()
             throw ValidationError("cannot write the token to \(session.tokenFile): \(error)")
         }
-        try session.record(pid: getpid(), "head")
+        try session.record(pid: getpid(), "head", executable: currentExecutablePath())
         try (address + "\n").write(toFile: session.headFile, atomically: true, encoding: .utf8)
         print("head at \(address): \(nodes) node processes; token in \(session.tokenFile)")
         // Until SIGTERM or SIGINT.
@@ -225,23 +228,16 @@ struct Stop: ParsableCommand {
         }
         // Joined nodes first (they would stop on losing the head anyway), then the head.
         let ordered = started.filter { $0.what != "head" } + started.filter { $0.what == "head" }
-        for p in ordered where kill(p.pid, 0) == 0 { kill(p.pid, SIGTERM) }
+        for p in ordered where !processHasExited(p.pid) { kill(p.pid, SIGTERM) }
         let deadline = ContinuousClock.now + .seconds(10)
-        while ContinuousClock.now < deadline && ordered.contains(where: { kill($0.pid, 0) == 0 && !isZombie($0.pid) }) { usleep(20_000) }
-        for p in ordered where kill(p.pid, 0) == 0 && !isZombie(p.pid) {
+        while ContinuousClock.now < deadline && ordered.contains(where: { !processHasExited($0.pid) }) { usleep(20_000) }
+        for p in ordered where !processHasExited(p.pid) {
             print("\(p.what) (pid \(p.pid)) did not stop within 10 s: SIGKILL")
             kill(p.pid, SIGKILL)
         }
         for p in ordered { print("stopped \(p.what) (pid \(p.pid))") }
         try? FileManager.default.removeItem(atPath: session.pidsFile)
         try? FileManager.default.removeItem(atPath: session.headFile)
-    }
-
-    /// Whether `pid` has exited and awaits its parent's `wait` (it counts as stopped).
-    private func isZombie(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
     }
 }
 
@@ -266,4 +262,11 @@ private func waitForSignal(_ signals: [Int32]) async -> Int32 {
 private final class SignalSources: @unchecked Sendable {
     private var sources: [any DispatchSourceSignal] = []
     func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
+}
+
+/// `path` with every symbolic link and relative part resolved, as `/proc/<pid>/exe` shows it.
+private func realPath(_ path: String) -> String {
+    guard let resolved = realpath(path, nil) else { return path }
+    defer { free(resolved) }
+    return String(cString: resolved)
 }

@@ -55,3 +55,15 @@ public func currentExecutablePath() -> String {
     guard n > 0 else { return CommandLine.arguments[0] }
     return String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
+
+/// Whether process `pid` has exited: gone, or a zombie waiting for its parent's `wait`
+/// (from `/proc/<pid>/stat`).
+public func processHasExited(_ pid: Int32) -> Bool {
+    let fd = open("/proc/\(pid)/stat", O_RDONLY)
+    guard fd >= 0 else { return true }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 512)
+    let n = read(fd, &buffer, buffer.count)
+    guard n > 0, let close = buffer[..<n].lastIndex(of: UInt8(ascii: ")")), close + 2 < n else { return true }
+    return buffer[close + 2] == UInt8(ascii: "Z")
+}

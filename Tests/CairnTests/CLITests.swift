@@ -135,14 +135,14 @@ struct CLITests {
 }
 }
 
-/// Reads a session directory's pids file as `cairn stop` does.
+/// Reads a session directory's pids file (`<pid> <what> <program>` per line).
 enum Session {
     static func pids(_ dir: String) -> [(pid: Int32, what: String)] {
         guard let text = try? String(contentsOfFile: dir + "/pids", encoding: .utf8) else { return [] }
         return text.split(separator: "\n").compactMap { line in
-            let parts = line.split(separator: " ", maxSplits: 1)
-            guard let pid = parts.first.flatMap({ Int32($0) }) else { return nil }
-            return (pid, parts.count > 1 ? String(parts[1]) : "")
+            let parts = line.split(separator: " ", maxSplits: 2)
+            guard parts.count == 3, let pid = Int32(parts[0]) else { return nil }
+            return (pid, String(parts[1]))
         }
     }
 }

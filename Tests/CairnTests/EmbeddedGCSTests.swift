@@ -88,9 +88,12 @@ struct EmbeddedGCSTests {
         let dir = try TemporaryDirectory()
         var o = EmbeddedGCS.Options()
         o.directory = dir.path
-        o.requestTimeoutMicroseconds = 30_000_000
-        o.failureTimeoutMicroseconds = 2_000_000
-        o.leaseMicroseconds = 500_000
+        // Patient, as a loaded 2-core machine needs with a process per replica in a debug build:
+        // a live replica starved for a while must not be taken for a dead one, and a lease must
+        // outlast a slow report and answer (a killed replica's connection closes at once anyway).
+        o.requestTimeoutMicroseconds = 60_000_000
+        o.failureTimeoutMicroseconds = 10_000_000
+        o.leaseMicroseconds = 2_000_000
         o.replicaProcesses = ReplicaProcesses(executable: executableDirectory() + "/cairn-chaos", token: .generate(), silenceTimeoutMs: 5_000)
         let gcs = try EmbeddedGCS.start(o)
         defer { gcs.shutdown() }
@@ -101,7 +104,12 @@ struct EmbeddedGCSTests {
         func step() throws {
             n += 1
             let key = GCSTable.keyValue.key("k\(n % 40)")
-            try gcs.put(key, Self.bytes(n))
+            do {
+                try gcs.put(key, Self.bytes(n))
+            } catch {
+                print("write \(n) failed; configuration \(gcs.configurations()), processes \(gcs.replicaProcesses), running \(gcs.replicaProcesses.map { !processHasExited($0.pid) })")
+                throw error
+            }
             acknowledged[key] = Self.bytes(n)
         }
         for _ in 0..<40 { try step() }
