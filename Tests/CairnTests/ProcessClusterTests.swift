@@ -239,6 +239,62 @@ struct ProcessClusterTests {
         #expect(!cluster.nodeProcesses.contains { $0.pid == host.pid })
     }
 
+    @Test("GCS replicas in their own processes under a cluster of processes: the chain's head, middle and tail SIGKILLed in turn while tasks and a durable actor run; nothing is lost")
+    func gcsReplicaProcessesKilled() async throws {
+        let directory = try TemporaryDirectory()
+        var options = Self.options()
+        var gcsOptions = EmbeddedGCS.Options()
+        // Patient, as a loaded 2-core machine needs (a killed replica's connection closes at once).
+        gcsOptions.failureTimeoutMicroseconds = 10_000_000
+        gcsOptions.leaseMicroseconds = 2_000_000
+        gcsOptions.requestTimeoutMicroseconds = 60_000_000
+        options.controlStore = .chainReplicated(gcsOptions)
+        options.gcsReplicaProcesses = true
+        options.storage = ActorStorageOptions(location: .directory(directory.path), logSegmentBytes: 1 << 20)
+        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let gcs = try #require(cluster.gcs)
+        let first = gcs.replicaProcesses
+        #expect(first.count == 4, "a chain of 3 and a standby, each in a process: \(first)")
+        #expect(Set(first.map(\.pid)).count == 4 && !first.contains { $0.pid == getpid() })
+        let bank = try await cluster.spawn(Bank(), name: "gcs-bank", resources: Resources(cpus: 0, custom: ["far": 1]))
+        var model = Bank()
+        var sequence: UInt64 = 0
+        for (round, position) in ["head", "middle", "tail"].enumerated() {
+            let chain = try #require(gcs.configurations().first?.chain)
+            try #require(chain.count == 3, "round \(round): the chain is whole before the kill: \(chain)")
+            let victim = position == "head" ? chain[0] : position == "middle" ? chain[1] : chain[2]
+            let pid = try #require(gcs.replicaProcesses.first { $0.replica == victim }?.pid)
+            let base = round * 1_000
+            let tasks = try (0..<200).map { try ClusterWorkload.slowSquare.remote(base + $0) }
+            var calls: [(ObjectRef<Bank.Reply>, Bank.Reply)] = []
+            for i in 0..<50 {
+                sequence += 1
+                let message = Bank.Message.deposit(account: i % Bank.accounts, amount: round + 1)
+                calls.append((try bank.send(message, caller: CallerID(9), sequence: sequence), try model.receive(message)))
+            }
+            kill(pid, SIGKILL)
+            // Rows written during and after the kill (a new actor's) land, and are read back.
+            let counter = try await cluster.spawn(ClusterWorkload.Counter(), resources: Resources(cpus: 0))
+            #expect(try await cluster.get(try counter.send(5), timeout: .seconds(60)) == 5, "\(position)")
+            #expect(try await cluster.get(tasks, timeout: .seconds(60)) == (0..<200).map { (base + $0) * (base + $0) }, "\(position)")
+            for (ref, expected) in calls { #expect(try await cluster.get(ref, timeout: .seconds(60)) == expected, "\(position)") }
+            #expect(try await cluster.status(of: counter).state == .alive, "\(position): the new actor's row was written")
+            // Back to full strength: a chain of 3 again, the killed replica's process started again.
+            let deadline = ContinuousClock.now + .seconds(60)
+            while ContinuousClock.now < deadline, gcs.configurations().first?.chain.count != 3 || gcs.replicaProcesses.first(where: { $0.replica == victim })?.pid == pid {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(gcs.configurations().first?.chain.count == 3, "\(position): \(gcs.configurations())")
+            #expect(gcs.replicaProcesses.first { $0.replica == victim }?.pid != pid, "\(position): the replica was started again")
+        }
+        // Every call applied once: the audit sees all 150 deposits.
+        sequence += 1
+        let audit = try await cluster.get(try bank.send(.audit, caller: CallerID(9), sequence: sequence), timeout: .seconds(60))
+        #expect(audit == (try model.receive(.audit)) && audit.applied == 151)
+    }
+
     @Test("nodes in separate network namespaces talk over real addresses through a bridge; one is killed and replaced")
     func nodesInNetworkNamespaces() async throws {
         let network: NamespaceNetwork
