@@ -167,6 +167,8 @@ final class LazyActorStorage: Sendable {
         if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
         guard perActor else {
             return try shared.withLock { s in
+                // Checked under the lock that `close` takes, so nothing opens after it.
+                if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
                 if let s { return s }
                 let opened = try open(options)
                 s = opened
