@@ -626,6 +626,22 @@ public final class EmbeddedGCS: @unchecked Sendable {
             for a in core.handle(.configs(Array(sessions[0].configs.values)), from: .coordinator, now: t).actions { actions.append((a, .client(id))) }
             subscribers[id] = (core, handler)
         }
+        for case .exited(let r) in batch {
+            // A replica process is gone: what the sessions sent it since their last resend may
+            // have gone down with it, so each session waiting on it is turned away now (as a
+            // reset connection would do), not at its next resend.
+            for (i, p) in inFlight {
+                let shard = shard(of: p.operation.key, shards: options.shards)
+                guard let c = sessions[i].configs[shard], let outstanding = sessions[i].outstanding else { continue }
+                let target: ReplicaID
+                switch p.operation {
+                case .write: target = c.head
+                case .read: target = c.tail
+                }
+                guard target == r else { continue }
+                for a in sessions[i].handle(.notHere(outstanding.request), now: t).actions { actions.append((a, .client(clientBase + i))) }
+            }
+        }
         for case .toClient(let m, let from, let id) in batch {
             if case .configs(let list) = m {
                 // Only news matters: an answer with nothing newer changes no session.

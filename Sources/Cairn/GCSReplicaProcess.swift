@@ -175,6 +175,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         }, closed: { [weak gcs] connection, _ in
             guard let gcs, let r = Self.replica(connection), let remote = remotes[r], remote.disconnected(connection) else { return }
             gcs.coordinatorWorker.post(.exited(r))
+            gcs.clientWorker.post(.exited(r))
         }, log: { log($0) })
         do {
             listener = try Wire.listenBlocking(host: processes.host, port: 0, token: processes.token, epoch: 1, handlers: handlers,
