@@ -325,6 +325,20 @@ public final class Cluster: Sendable {
         return cluster
     }
 
+    /// ``connect(to:token:resources:host:log:)`` with the token read from `tokenFile` (as
+    /// `cairn start --head` writes it: mode 0600). Throws
+    /// ``CairnError/Code-swift.enum/invalidArgument`` if the file cannot be read or others can read it.
+    public static func connect(to address: String, tokenFile: String, resources: Resources = Resources(cpus: 0),
+                               host: String = "127.0.0.1", log: @escaping @Sendable (String) -> Void = ClusterOptions.standardErrorLog) async throws -> Cluster {
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
+        }
+        return try await connect(to: address, token: token, resources: resources, host: host, log: log)
+    }
+
     /// Asks the head at `address` for a node ID and what a node joining needs to know.
     static func join(address: String, token: ClusterToken, resources: Resources, functions: Set<String>?, host: String) async throws -> NodeLaunch {
         switch try await HeadService.request(.join(resources: resources, functions: functions, host: host), address: address, token: token) {

@@ -84,8 +84,7 @@ struct CLITests {
         _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains("yes") == true }
 
         // This process connects as a driver: its node has no CPU, so the tasks run in the nodes.
-        let token = try ClusterToken.read(from: dir.path + "/token")
-        let cluster = try await Cluster.connect(to: address, token: token)
+        let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
         let results = try await cluster.get(try (0..<60).map { try ClusterWorkload.whereAmI.remote($0) }, timeout: .seconds(60))
         #expect(results.map { $0[1] } == Array(0..<60))
         #expect(!results.contains { $0[0] == Int(getpid()) }, "no task ran in the driver")
@@ -129,6 +128,7 @@ struct CLITests {
             #expect(error.code == .shutDown && error.detail.contains("token"), "\(error)")
         }
         await #expect(throws: CairnError.self) { try await Cluster.connect(to: "no-port-here", token: .generate()) }
+        await #expect(throws: CairnError.self) { try await Cluster.connect(to: address, tokenFile: dir.path + "/no-such-token") }
         let twice = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0"])
         #expect(twice.status != 0, "a second head for one session directory is refused: \(twice.output)")
     }
