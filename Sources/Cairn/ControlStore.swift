@@ -98,8 +98,10 @@ struct ControlStoreCore {
     private(set) var tasks: [ObjectID: TaskRecord] = [:]
     /// Queue lengths, as nodes last reported them: soft state, never written to the GCS.
     private var loads: [NodeID: Int] = [:]
-    /// Grows whenever the node or actor tables (or a load) change: when to publish them again.
+    /// Grows whenever a committed row changes the tables: when to publish them again.
     private(set) var version: UInt64 = 0
+    /// Grows whenever a node's reported load changes.
+    private(set) var loadVersion: UInt64 = 0
     /// Rows written whose newest value has not come back committed.
     private var unconfirmed: [String: Written] = [:]
     struct Written: Equatable { var value: [UInt8]? }
@@ -148,7 +150,7 @@ struct ControlStoreCore {
         case .reportLoad(let id, let queued):
             if loads[id] != queued {
                 loads[id] = queued
-                version &+= 1
+                loadVersion &+= 1
                 if nodes[id] != nil { nodeTableChanged = true }
             }
         case .objectLocations(let entries):
@@ -401,6 +403,8 @@ final class ControlStoreServer: @unchecked Sendable {
     /// The node and actor tables as of the last change, for status reports from any thread.
     let published = Mutex<(nodes: [NodeRecord], actors: [ActorRecord])>(([], []))
     private var publishedVersion: UInt64 = .max
+    private var publishedLoads: UInt64 = 0
+    private var publishedAt: UInt64 = 0
 
     init(transport: any Transport, gcs: EmbeddedGCS?, replacementsExpected: Bool = false, log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
@@ -459,8 +463,13 @@ final class ControlStoreServer: @unchecked Sendable {
             }
             i += 1
         }
-        if core.version != publishedVersion {
+        // Rows as soon as they change; loads (which change all the time under work) at most
+        // every 100 ms.
+        let now = monotonicNanoseconds()
+        if core.version != publishedVersion || (core.loadVersion != publishedLoads && now - publishedAt >= 100_000_000) {
             publishedVersion = core.version
+            publishedLoads = core.loadVersion
+            publishedAt = now
             let tables = (core.nodeTable, core.actors.values.sorted { $0.id.raw < $1.id.raw })
             published.withLock { $0 = tables }
         }
