@@ -259,25 +259,15 @@ public final class Cluster: Sendable {
         } else {
             supervisor = nil
         }
-        let nodes = self.nodes
-        housekeeper = Housekeeper(intervalMs: options.housekeepingIntervalMs) {
-            let freed = releases.take()
-            for (node, oids) in freed { transport.send(.free(oids), to: .node(node)) }
-            nodes.forEach { $0.housekeeping() }
-        }
+        housekeeper = .nodes(nodes, releases: releases, transport: transport, intervalMs: options.housekeepingIntervalMs)
     }
 
     /// A driver's cluster handle joined to a cluster whose head runs elsewhere: one node (the
     /// driver's) in this process, talking to the head's control store and the other nodes.
     private init(joined launch: NodeLaunch, token: ClusterToken, log: @escaping @Sendable (String) -> Void) throws {
-        guard let control = TCPTransport.split(launch.controlStore) else {
-            throw CairnError(.invalidArgument, "the head gave a bad control store address \(launch.controlStore)")
-        }
-        let transport = TCPTransport(host: launch.host, token: token, name: launch.node.description, shortcutLocal: true,
-                                     wire: .failureDetecting(milliseconds: launch.failureTimeoutMs), log: log) { peer, reason in
+        let transport = try launch.transport(token: token, name: launch.node.description, log: log) { peer, reason in
             if peer == Cluster.headName { log("lost the head (\(reason)); this cluster handle can no longer reach the cluster") }
         }
-        transport.setAddress(.controlStore, host: control.0, port: control.1)
         self.transport = transport
         self.log = log
         gcs = nil
@@ -288,16 +278,9 @@ public final class Cluster: Sendable {
         replacementsExpected = false
         let actorStorage = LazyActorStorage(options: launch.storage, perActor: true, log: log)
         self.actorStorage = actorStorage
-        let releases = self.releases
-        let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
-                                              storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
-        let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: actorStorage,
-                        maxTaskRetries: launch.maxTaskRetries, inProcessCluster: true) { releases.add($0) }
+        let node = launch.node(on: transport, storage: actorStorage, releases: releases)
         nodes = [node]
-        housekeeper = Housekeeper(intervalMs: launch.housekeepingIntervalMs) {
-            for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
-            node.housekeeping()
-        }
+        housekeeper = .nodes(nodes, releases: releases, transport: transport, intervalMs: launch.housekeepingIntervalMs)
     }
 
     /// Connects this program, as a driver, to a running cluster of processes: the head at
@@ -371,8 +354,7 @@ public final class Cluster: Sendable {
     /// `/dev/null`, output and errors appended to `logFile`: how `cairn start --head` puts the
     /// head in the background. Returns its pid.
     public static func startDetached(_ arguments: [String], logFile: String) throws -> Int32 {
-        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }.map { "\($0.key)=\($0.value)" }
-        return try spawnProcess(arguments, environment: environment, detached: true, logFile: logFile)
+        try spawnProcess(arguments, environment: NodeLaunch.inheritedEnvironment, detached: true, logFile: logFile)
     }
 
     /// The status of the cluster whose head is at `address`: what `cairn status` prints.
@@ -418,8 +400,7 @@ public final class Cluster: Sendable {
         let (nodes, actors) = controlStore?.value.published.withLock { $0 } ?? ([], [])
         return ClusterReport(
             nodes: nodes.map { .init(id: $0.id, address: $0.address, resources: $0.resources, queued: $0.queued, alive: $0.alive) },
-            actors: actors.map { .init(id: $0.id, typeName: $0.typeName, name: $0.name, node: $0.node, state: $0.state, restarts: $0.restarts,
-                                       checkpointSequence: $0.checkpointSequence, logPosition: $0.logPosition) },
+            actors: actors.map(\.status),
             chains: gcs?.configurations().sorted { $0.shard < $1.shard }.map { "shard \($0.shard) (epoch \($0.epoch)): \($0.chain.map { "\($0)" }.joined(separator: " -> "))" } ?? [])
     }
 
@@ -575,8 +556,7 @@ public final class Cluster: Sendable {
             driverNode.describeActor(actor.id) { continuation.resume(returning: $0) }
         }
         guard let r = record else { throw CairnError(.actorUnavailable, "the control store has no record of \(actor.id)") }
-        return ActorStatus(id: r.id, typeName: r.typeName, node: r.node, name: r.name, state: r.state, restarts: r.restarts,
-                           checkpointSequence: r.checkpointSequence, logPosition: r.logPosition)
+        return r.status
     }
 
     /// Where the control store's object table says the object behind `ref` lives: the node
@@ -755,6 +735,17 @@ final class Gather: @unchecked Sendable {
 }
 
 /// Runs a closure every few milliseconds on its own thread until stopped.
+extension Housekeeper {
+    /// Every `intervalMs`: sends the frees `releases` gathered to the objects' owners, then runs
+    /// each node's housekeeping (load reports, backlogged control-store records).
+    static func nodes(_ nodes: [Node], releases: ReleaseQueue, transport: any Transport, intervalMs: Int) -> Housekeeper {
+        Housekeeper(intervalMs: intervalMs) {
+            for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
+            nodes.forEach { $0.housekeeping() }
+        }
+    }
+}
+
 final class Housekeeper: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopped = false

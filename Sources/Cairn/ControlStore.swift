@@ -37,6 +37,14 @@ struct ActorRecord: Sendable, Codable {
     var relocation: ActorRelocation?
 }
 
+extension ActorRecord {
+    /// The record as ``Cluster/status(of:)`` reports it.
+    var status: ActorStatus {
+        ActorStatus(id: id, typeName: typeName, node: node, name: name, state: state, restarts: restarts,
+                    checkpointSequence: checkpointSequence, logPosition: logPosition)
+    }
+}
+
 /// What the control store needs to restore a durable actor on another node when its node
 /// dies: its name and options, and what it needs of a node.
 struct ActorRelocation: Sendable, Codable, Equatable {
@@ -45,7 +53,7 @@ struct ActorRelocation: Sendable, Codable, Equatable {
 }
 
 /// An actor's entry in the control store's actor table, as ``Cluster/status(of:)`` reports it.
-public struct ActorStatus: Sendable, Equatable {
+public struct ActorStatus: Sendable, Equatable, Codable {
     public enum State: String, Sendable, Equatable, Codable {
         /// Taking messages.
         case alive
@@ -485,9 +493,7 @@ public enum ControlTables {
 
     /// Decodes an `actor/` row, as ``Cluster/status(of:)`` would report it.
     public static func actorStatus(from bytes: [UInt8]) throws -> ActorStatus {
-        let r = try BinaryDecoder().decode(ActorRecord.self, from: bytes)
-        return ActorStatus(id: r.id, typeName: r.typeName, node: r.node, name: r.name, state: r.state, restarts: r.restarts,
-                           checkpointSequence: r.checkpointSequence, logPosition: r.logPosition)
+        try BinaryDecoder().decode(ActorRecord.self, from: bytes).status
     }
 
     /// The key of an actor's row.

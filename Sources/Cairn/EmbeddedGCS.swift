@@ -176,6 +176,15 @@ public final class EmbeddedGCS: @unchecked Sendable {
             self.shard = shard
             self.directory = directory
         }
+
+        /// Runs a batch of its inbox, and a tick if one is due, through the core (which must be
+        /// there): what to persist and send, in order.
+        func step(_ batch: [Event], tick: Bool, now: UInt64) -> [GCSAction] {
+            var actions: [GCSAction] = []
+            for case .message(let m, let from) in batch { actions += core!.handle(m, from: from, now: now) }
+            if tick { actions += core!.tick(now: now) }
+            return actions
+        }
     }
 
     struct Pending {
@@ -382,11 +391,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     func startReplica(_ host: ReplicaHost) {
         host.worker.start(name: "cairn-gcs-replica-\(host.id)") { [self, host] batch, tick in
             guard host.core != nil else { return }
-            let t = now
-            var actions: [GCSAction] = []
-            for case .message(let m, let from) in batch { actions += host.core!.handle(m, from: from, now: t) }
-            if tick { actions += host.core!.tick(now: t) }
-            perform(actions, from: .replica(host.id), store: host.store)
+            perform(host.step(batch, tick: tick, now: now), from: .replica(host.id), store: host.store)
         }
     }
 

@@ -290,10 +290,7 @@ enum GCSReplicaProcess {
         let link = Mutex<WireConnection?>(nil)
         let r = g.replica
         host.worker.start(name: "cairn-gcs-replica-\(r)") { batch, tick in
-            let now = (monotonicNanoseconds() - start) / 1_000
-            var actions: [GCSAction] = []
-            for case .message(let m, let from) in batch { actions += host.core!.handle(m, from: from, now: now) }
-            if tick { actions += host.core!.tick(now: now) }
+            let actions = host.step(batch, tick: tick, now: (monotonicNanoseconds() - start) / 1_000)
             do {
                 try EmbeddedGCS.persist(actions, coordinator: false, to: host.store)
             } catch {

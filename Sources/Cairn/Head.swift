@@ -35,18 +35,8 @@ public struct ClusterReport: Codable, Sendable {
         public var queued: Int
         public var alive: Bool
     }
-    public struct Actor: Codable, Sendable {
-        public var id: ActorID
-        public var typeName: String
-        public var name: String?
-        public var node: NodeID
-        public var state: ActorStatus.State
-        public var restarts: Int
-        public var checkpointSequence: UInt64?
-        public var logPosition: UInt64
-    }
     public var nodes: [Node]
-    public var actors: [Actor]
+    public var actors: [ActorStatus]
     /// One line per GCS shard: its chain, head first (empty with an in-memory control store).
     public var chains: [String]
 

@@ -50,6 +50,28 @@ struct NodeLaunch: Codable, Equatable {
                             logSegmentBytes: logSegmentBytes)
     }
 
+    /// A TCP transport named `name` for this process, which knows where the head's control
+    /// store listens; `peerLost` hears of every connection lost.
+    func transport(token: ClusterToken, name: String, log: @escaping @Sendable (String) -> Void,
+                   peerLost: @escaping @Sendable (String, CloseReason) -> Void) throws -> TCPTransport {
+        guard let control = TCPTransport.split(controlStore) else {
+            throw CairnError(.invalidArgument, "bad control store address \(controlStore) in the node's launch description")
+        }
+        let transport = TCPTransport(host: host, token: token, name: name, shortcutLocal: true,
+                                     wire: .failureDetecting(milliseconds: failureTimeoutMs), log: log, peerLost: peerLost)
+        transport.setAddress(.controlStore, host: control.0, port: control.1)
+        return transport
+    }
+
+    /// The node this launch describes, on `transport`, in a cluster of processes; references it
+    /// releases are gathered in `releases`.
+    func node(on transport: TCPTransport, storage: LazyActorStorage, releases: ReleaseQueue) -> Node {
+        let configuration = NodeConfiguration(resources: resources, functions: functions, storeLimitBytes: storeLimitBytes,
+                                              spillThreshold: spillThreshold)
+        return Node(id: node, configuration: configuration, transport: transport, actorStorage: storage,
+                    maxTaskRetries: maxTaskRetries, inProcessCluster: true) { releases.add($0) }
+    }
+
     func encoded() throws -> String {
         Hex.encode(try BinaryEncoder().encode(self))
     }
@@ -119,20 +141,20 @@ enum NodeProcess {
             }
             GCSReplicaProcess.run(launch, g, token: token, log: log)
         }
-        guard let control = TCPTransport.split(launch.controlStore) else {
-            log("bad control store address \(launch.controlStore)")
+        let transport: TCPTransport
+        do {
+            transport = try launch.transport(token: token, name: name, log: log) { peer, reason in
+                // Without the head this node can do nothing, and the head has declared it dead
+                // (or is gone): it stops, and the head starts a replacement.
+                if peer == Cluster.headName || peer == Endpoint.controlStore.description {
+                    log("lost the head (\(reason)); exiting")
+                    exit(3)
+                }
+            }
+        } catch {
+            log("\(error)")
             exit(2)
         }
-        let transport = TCPTransport(host: launch.host, token: token, name: name, shortcutLocal: true,
-                                     wire: WireOptions.failureDetecting(milliseconds: launch.failureTimeoutMs), log: log) { peer, reason in
-            // Without the head this node can do nothing, and the head has declared it dead
-            // (or is gone): it stops, and the head starts a replacement.
-            if peer == Cluster.headName || peer == Endpoint.controlStore.description {
-                log("lost the head (\(reason)); exiting")
-                exit(3)
-            }
-        }
-        transport.setAddress(.controlStore, host: control.0, port: control.1)
         if launch.role == .scheduler {
             let scheduler = GlobalScheduler(transport: transport, seed: launch.schedulerSeed)
             let incarnation = UInt64.random(in: 1...UInt64.max)
@@ -142,14 +164,8 @@ enum NodeProcess {
         }
         let releases = ReleaseQueue()
         let storage = LazyActorStorage(options: launch.storage, perActor: true, log: log)
-        let configuration = NodeConfiguration(resources: launch.resources, functions: launch.functions,
-                                              storeLimitBytes: launch.storeLimitBytes, spillThreshold: launch.spillThreshold)
-        let node = Node(id: launch.node, configuration: configuration, transport: transport, actorStorage: storage,
-                        maxTaskRetries: launch.maxTaskRetries, inProcessCluster: true) { releases.add($0) }
-        let housekeeper = Housekeeper(intervalMs: launch.housekeepingIntervalMs) {
-            for (owner, oids) in releases.take() { transport.send(.free(oids), to: .node(owner)) }
-            node.housekeeping()
-        }
+        let node = launch.node(on: transport, storage: storage, releases: releases)
+        let housekeeper = Housekeeper.nodes([node], releases: releases, transport: transport, intervalMs: launch.housekeepingIntervalMs)
         withExtendedLifetime((node, housekeeper)) { waitForHead(launch, log) }
     }
 
@@ -357,9 +373,13 @@ extension NodeLaunch {
     /// process described by this launch; with `detached`, in a session of its own with standard
     /// input, output and error on `/dev/null` or `logFile`. Returns its pid.
     func start(_ command: [String], detached: Bool = false, logFile: String? = nil) throws -> pid_t {
-        let environment = ProcessInfo.processInfo.environment.filter { $0.key != NodeLaunch.variable }
-            .map { "\($0.key)=\($0.value)" } + ["\(NodeLaunch.variable)=\(try encoded())"]
-        return try spawnProcess(command, environment: environment, detached: detached, logFile: logFile)
+        try spawnProcess(command, environment: Self.inheritedEnvironment + ["\(NodeLaunch.variable)=\(try encoded())"],
+                         detached: detached, logFile: logFile)
+    }
+
+    /// This process's environment for a child, without a launch description of its own.
+    static var inheritedEnvironment: [String] {
+        ProcessInfo.processInfo.environment.filter { $0.key != variable }.map { "\($0.key)=\($0.value)" }
     }
 }
 
