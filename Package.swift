@@ -88,7 +88,7 @@ let package = Package(
         .testTarget(name: "CairnCodecTests", dependencies: ["CairnCodec", "CairnCore"],
                     path: "Tests/CairnCodecTests"),
         // Depends on the chaos executable so that `swift test` builds the crash child it spawns.
-        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage", "CairnCodec", "CairnChaos", "CairnChaosKit", "CairnCore"],
+        .testTarget(name: "CairnStorageTests", dependencies: ["Cairn", "CairnStorage", "CairnCodec", "CairnChaos", "CairnChaosKit", "CairnCore"],
                     path: "Tests/CairnStorageTests"),
     ],
     swiftLanguageModes: [.v6]

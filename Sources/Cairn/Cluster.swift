@@ -248,8 +248,8 @@ public final class Cluster: Sendable {
                                       controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
                                       housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid(),
-                                      storageDirectory: options.storage.absoluteDirectory, checkpointsKept: options.storage.checkpointsKept,
-                                      logSegmentBytes: options.storage.logSegmentBytes)
+                                      storageDirectory: options.storage.absoluteDirectory, replicatedStorage: options.storage.location == .replicated,
+                                      checkpointsKept: options.storage.checkpointsKept, logSegmentBytes: options.storage.logSegmentBytes)
             supervisor = NodeSupervisor(executable: options.nodeExecutable ?? currentExecutablePath(), token: tcp.token, template: template,
                                         configurations: Array(options.nodes.dropFirst()), firstID: 1,
                                         restart: options.replaceDeadNodes, log: options.log) { node, reason in

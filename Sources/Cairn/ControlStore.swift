@@ -143,6 +143,9 @@ struct ControlStoreCore {
         ready = markers.isEmpty
     }
 
+    /// Whether `id` was declared dead.
+    func isLost(_ id: NodeID) -> Bool { lostNodes[id] != nil }
+
     /// The writes that start catching up.
     var markerWrites: [Action] { markers.map { .write(key: $0.key, value: $0.value) } }
 
@@ -214,7 +217,8 @@ struct ControlStoreCore {
             guard lostNodes[id] == nil else { break }
             lostNodes[id] = reason
             declareDead(id, &actions)
-        case .committed, .writeFailed:
+        case .committed, .writeFailed, .storage, .storageSettled:
+            // The shell's: they touch no table.
             break
         }
         return actions
@@ -405,6 +409,8 @@ final class ControlStoreServer: @unchecked Sendable {
     private var core: ControlStoreCore
     private let transport: any Transport
     private let writeThrough: GCSWriteThrough?
+    private let gcs: EmbeddedGCS?
+    private var storageFence = StorageFence()
     private let log: @Sendable (String) -> Void
     /// Tells this incarnation's subscription deliveries from those of an earlier one.
     private let generation: UInt64
@@ -419,6 +425,7 @@ final class ControlStoreServer: @unchecked Sendable {
         self.log = log
         let generation = UInt64.random(in: 1...UInt64.max)
         self.generation = generation
+        self.gcs = gcs
         guard let gcs else {
             core = ControlStoreCore(replacementsExpected: replacementsExpected)
             writeThrough = nil
@@ -449,6 +456,11 @@ final class ControlStoreServer: @unchecked Sendable {
                 if g == generation { actions += core.committed(key: key, value: value) }
             case .writeFailed(let g, let key, let value):
                 if g == generation { actions += core.writeFailed(key: key, value: value) }
+            case .storage(let r):
+                storage(r)
+            case .storageSettled(let r, let reply):
+                answer(r, reply)
+                for claim in storageFence.settled(r) { answer(claim, .done) }
             default:
                 actions += core.handle(request)
             }
@@ -481,6 +493,50 @@ final class ControlStoreServer: @unchecked Sendable {
             let tables = (core.nodeTable, core.actors.values.sorted { $0.id.raw < $1.id.raw })
             published.withLock { $0 = tables }
         }
+    }
+}
+
+extension ControlStoreServer {
+    /// A node's request on the GCS's `store/` table: fenced, then forwarded to the GCS.
+    private func storage(_ r: StorageRequest) {
+        // A node declared dead gets nothing more: what it had in flight settles, and a node
+        // restoring its actors then claims their storage.
+        guard !core.isLost(r.node) else { return }
+        guard let gcs else {
+            return answer(r, .failed("this cluster's control store keeps its tables in memory, with no GCS, so there is no replicated storage; use ClusterOptions.controlStore = .chainReplicated (the default) or ActorStorageOptions(location: .directory(…))"))
+        }
+        switch storageFence.admit(r) {
+        case .reply(let reply):
+            answer(r, reply)
+        case .wait:
+            break
+        case .forward:
+            let transport = transport
+            let settle: @Sendable (StorageReply) -> Void = { transport.send(.control(.storageSettled(r, $0)), to: .controlStore) }
+            switch r.operation {
+            case .claim:
+                break
+            case .get(let keys):
+                gcs.readAll(keys.map { EmbeddedGCS.storageKey(r.namespace, $0) }) { result in
+                    switch result {
+                    case .success(let values): settle(.values(zip(keys, values).map { StorageEntry(key: $0, value: $1) }))
+                    case .failure(let e): settle(.failed("the GCS did not answer a read of store/\(r.namespace): \(e)"))
+                    }
+                }
+            case .put(let entries):
+                gcs.writeAll(entries.map { (EmbeddedGCS.storageKey(r.namespace, $0.key), $0.value) }) { result in
+                    switch result {
+                    case .success: settle(.done)
+                    case .failure(let e): settle(.failed("the GCS did not take a write to store/\(r.namespace): \(e)"))
+                    }
+                }
+            }
+        }
+    }
+
+    private func answer(_ r: StorageRequest, _ reply: StorageReply) {
+        guard !core.isLost(r.node) else { return }
+        transport.send(.storageReply(r.id, reply), to: .node(r.node))
     }
 }
 

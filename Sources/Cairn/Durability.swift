@@ -100,6 +100,12 @@ public struct ActorStorageOptions: Sendable {
         case directory(String)
         /// In memory: gone when the process exits. For tests.
         case inMemory
+        /// In the GCS chains: each durable actor's log, checkpoints and record are journalled,
+        /// through the control store, to the GCS (``ReplicatedEngine``), so a node on any
+        /// machine of the cluster can restore the actor, with no shared directory. Every
+        /// message logged is a GCS write (three fsync'd replicas in a row), so calls cost more
+        /// than with `.directory`; the actor's state is kept in the hosting node's memory too.
+        case replicated
     }
     public var location: Location
     /// Checkpoints kept per actor (newest first); a corrupt newest one falls back to the next. Default 2.

@@ -87,15 +87,28 @@ final class ActorStorage: Sendable {
 
     /// Held while this process hosts the actor whose directory this is (a cluster of processes).
     private let hostLock: HostLock?
+    /// Where replicated storage lives.
+    private let replicatedMap: (any ReplicatedMap)?
 
-    init(_ options: ActorStorageOptions, hostLock: HostLock? = nil) throws {
+    init(_ options: ActorStorageOptions, hostLock: HostLock? = nil, replicated: (any ReplicatedMap)? = nil) throws {
         location = options.location
         self.hostLock = hostLock
+        replicatedMap = replicated
         let checkpointOptions = StoreOptions(syncMode: .eachCommit, checkpointsKept: options.checkpointsKept)
         switch options.location {
         case .inMemory:
             logs = DurableStore.inMemory(options: StoreOptions(syncMode: .group))
             checkpoints = .inMemory(options: checkpointOptions)
+        case .replicated:
+            guard let replicated else { preconditionFailure("replicated actor storage is opened with its map") }
+            do {
+                // One engine, two stores: messages group-committed, checkpoints one commit each.
+                let engine = try ReplicatedEngine(map: replicated)
+                logs = DurableStore(engine: engine, options: StoreOptions(syncMode: .group))
+                checkpoints = DurableStore(engine: engine, options: checkpointOptions)
+            } catch {
+                throw CairnError(.storage, "cannot open durable actor storage in \(replicated.description): \(error); check that the GCS is up (ClusterOptions.controlStore = .chainReplicated)")
+            }
         case .directory(let path):
             do {
                 try FileManager.default.createDirectory(atPath: path + "/checkpoints", withIntermediateDirectories: true)
@@ -131,6 +144,7 @@ final class ActorStorage: Sendable {
         switch location {
         case .inMemory: return "memory"
         case .directory(let d): return d
+        case .replicated: return replicatedMap?.description ?? "the GCS"
         }
     }
 }
@@ -151,6 +165,7 @@ final class LazyActorStorage: Sendable {
     private let shared = Mutex<ActorStorage?>(nil)
     private let byActor = Mutex<[String: ActorStorage]>([:])
     private let closed = Atomic<Bool>(false)
+    private let replicatedOpens = Mutex<Void>(())
     /// How long a process waits for another's lock on an actor's directory before giving up.
     static let hostLockTimeout = Duration.seconds(10)
 
@@ -163,8 +178,18 @@ final class LazyActorStorage: Sendable {
     /// The storage of the durable actor `name`: the shared one, or (per actor) its own, opened
     /// and locked on first use. Blocks while another process holds the actor's lock (up to
     /// ``hostLockTimeout``), so it runs on the restoring thread.
-    func get(for name: String) throws -> ActorStorage {
+    /// With ``ActorStorageOptions/Location/replicated`` storage, `remote` gives the GCS
+    /// namespace's map, and opening claims it (so another node's copy can no longer write).
+    func get(for name: String, remote: (String) -> any ReplicatedMap) throws -> ActorStorage {
         if closed.load(ordering: .relaxed) { throw CairnError(.shutDown, "the cluster was shut down") }
+        if options.location == .replicated {
+            // One open at a time, so that two spawns of one name never both claim it.
+            return try replicatedOpens.withLock { _ in
+                if let s = byActor.withLock({ $0[name] }) { return s }
+                let opened = try open(options, replicated: remote("actor-" + Self.directoryName(name)))
+                return try keep(opened, name)
+            }
+        }
         guard perActor else {
             return try shared.withLock { s in
                 // Checked under the lock that `close` takes, so nothing opens after it.
@@ -177,7 +202,7 @@ final class LazyActorStorage: Sendable {
         }
         if let s = byActor.withLock({ $0[name] }) { return s }
         guard case .directory(let root) = options.location else {
-            throw CairnError(.storage, "durable actor \"\(name)\": in a cluster of processes durable actors need ActorStorageOptions(location: .directory(…)), a directory every node process can reach (a node restores the actors of a dead node from it); the storage is in memory")
+            throw CairnError(.storage, "durable actor \"\(name)\": in a cluster of processes durable actors need ActorStorageOptions(location: .directory(…)), a directory every node process can reach (a node restores the actors of a dead node from it), or location: .replicated (in the GCS); the storage is in memory")
         }
         let directory = root + "/actors/" + Self.directoryName(name)
         do {
@@ -195,6 +220,11 @@ final class LazyActorStorage: Sendable {
             lock.release()
             throw error
         }
+        return try keep(opened, name)
+    }
+
+    /// Records `opened` as `name`'s storage, unless another thread got there first.
+    private func keep(_ opened: ActorStorage, _ name: String) throws -> ActorStorage {
         let raced: ActorStorage? = byActor.withLock { table in
             if let earlier = table[name] { return earlier }
             table[name] = opened
@@ -212,8 +242,8 @@ final class LazyActorStorage: Sendable {
         return opened
     }
 
-    private func open(_ options: ActorStorageOptions, hostLock: HostLock? = nil) throws -> ActorStorage {
-        let opened = try ActorStorage(options, hostLock: hostLock)
+    private func open(_ options: ActorStorageOptions, hostLock: HostLock? = nil, replicated: (any ReplicatedMap)? = nil) throws -> ActorStorage {
+        let opened = try ActorStorage(options, hostLock: hostLock, replicated: replicated)
         if let log = opened.logs as? AppendLog, log.recovery.tornBytes > 0 {
             // The last write before a crash was cut short: never fsync'd, so never acknowledged.
             metrics.logRecordsDiscarded.add(1, ordering: .relaxed)

@@ -41,6 +41,8 @@ public enum GCSTable: String, Sendable, CaseIterable {
     case keyValue = "kv/"
     /// The runtime control store's own bookkeeping (its catch-up markers).
     case controlStore = "ctl/"
+    /// Replicated storage (``ReplicatedEngine`` journals), one namespace per store.
+    case storage = "store/"
 
     public func key(_ name: String) -> String { rawValue + name }
 }

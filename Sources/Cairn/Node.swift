@@ -110,6 +110,8 @@ final class Node: @unchecked Sendable {
     private let releaseObject: @Sendable (ObjectID) -> Void
     /// The cluster's durable-actor storage, shared by its nodes (opened on the first durable spawn).
     let actorStorage: LazyActorStorage
+    /// This node's requests on replicated storage, through the control store.
+    let storageProxy: StorageProxy
     /// Durable actors hosted here, for time-based checkpoints while they are idle.
     private let durables = Mutex<[DurableActor]>([])
     /// Objects at least this large are recorded in the control store's object and task tables.
@@ -187,6 +189,7 @@ final class Node: @unchecked Sendable {
         self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
+        storageProxy = StorageProxy(node: id, transport: transport)
         self.mint = IDMint(node: id)
         self.workersTarget = max(1, Int(configuration.resources.cpus.rounded(.down)))
         self.releaseObject = release
@@ -747,7 +750,7 @@ final class Node: @unchecked Sendable {
             var record = template
             let storage: ActorStorage
             do {
-                storage = try actorStorage.get(for: durable.name)
+                storage = try actorStorage.get(for: durable.name) { [storageProxy] in ProxiedMap(proxy: storageProxy, namespace: $0) }
             } catch {
                 let e = error as? CairnError ?? CairnError(.storage, "\(error)")
                 if durable.restoreOnly {
@@ -1012,6 +1015,8 @@ final class Node: @unchecked Sendable {
                 if let waiter = spawnWaiters.removeValue(forKey: aid) {
                     created.append((waiter, failure.map { .failure(CairnError(.actorUnavailable, $0)) } ?? .success(node)))
                 }
+            case .storageReply(let request, let reply):
+                storageProxy.complete(request, reply)
             case .actorDescription(let aid, let record):
                 for waiter in describeWaiters.removeValue(forKey: aid) ?? [] { described.append((waiter, record)) }
             case .objectLocation(let oid, let location):

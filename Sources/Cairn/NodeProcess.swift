@@ -39,6 +39,8 @@ struct NodeLaunch: Codable, Equatable {
     var head: Int32
     /// Durable actors' storage directory, absolute (nil: in memory, so no durable actors here).
     var storageDirectory: String? = nil
+    /// Durable actors' storage is in the GCS (``ActorStorageOptions/Location/replicated``).
+    var replicatedStorage = false
     var checkpointsKept = 2
     var logSegmentBytes = 16 << 20
     /// For a GCS replica's process.
@@ -46,7 +48,7 @@ struct NodeLaunch: Codable, Equatable {
 
     /// The actor storage options this describes.
     var storage: ActorStorageOptions {
-        ActorStorageOptions(location: storageDirectory.map { .directory($0) } ?? .inMemory, checkpointsKept: checkpointsKept,
+        ActorStorageOptions(location: replicatedStorage ? .replicated : storageDirectory.map { .directory($0) } ?? .inMemory, checkpointsKept: checkpointsKept,
                             logSegmentBytes: logSegmentBytes)
     }
 

@@ -105,6 +105,11 @@ enum ControlRequest: Sendable {
     /// A global scheduler process listens at `address`; `incarnation` tells a replacement
     /// from the one before.
     case registerScheduler(address: String, incarnation: UInt64)
+    /// A node's request on the GCS's `store/` table (replicated actor storage), answered with
+    /// ``Message/storageReply(_:_:)``.
+    case storage(StorageRequest)
+    /// The GCS finished a forwarded storage request (posted by the control store to itself).
+    case storageSettled(StorageRequest, StorageReply)
 }
 
 /// Everything that crosses between components.
@@ -139,6 +144,8 @@ enum Message: Sendable {
     /// From the node that computed them to their owner: these large results stay there (the
     /// only copy); fetch them from it, or run their tasks again if it dies.
     case objectsHeld([(ObjectID, NodeID, size: Int)])
+    /// The control store's answer to the node's storage request `id`.
+    case storageReply(UInt64, StorageReply)
 }
 
 /// Carries messages between components.

@@ -296,6 +296,8 @@ enum WireControl: Codable {
     case writeFailed(generation: UInt64, key: String, value: [UInt8]?)
     case nodeLost(NodeID, reason: String)
     case registerScheduler(address: String, incarnation: UInt64)
+    case storage(StorageRequest)
+    case storageSettled(StorageRequest, StorageReply)
 
     init(_ r: ControlRequest) {
         switch r {
@@ -314,6 +316,8 @@ enum WireControl: Codable {
         case .writeFailed(let g, let k, let v): self = .writeFailed(generation: g, key: k, value: v)
         case .nodeLost(let n, let r): self = .nodeLost(n, reason: r)
         case .registerScheduler(let a, let i): self = .registerScheduler(address: a, incarnation: i)
+        case .storage(let r): self = .storage(r)
+        case .storageSettled(let r, let a): self = .storageSettled(r, a)
         }
     }
 
@@ -334,6 +338,8 @@ enum WireControl: Codable {
         case .writeFailed(let g, let k, let v): return .writeFailed(generation: g, key: k, value: v)
         case .nodeLost(let n, let r): return .nodeLost(n, reason: r)
         case .registerScheduler(let a, let i): return .registerScheduler(address: a, incarnation: i)
+        case .storage(let r): return .storage(r)
+        case .storageSettled(let r, let a): return .storageSettled(r, a)
         }
     }
 }
@@ -355,6 +361,7 @@ enum WireMessage: Codable {
     case placed([WirePlacement])
     case schedulerAt(address: String, incarnation: UInt64)
     case objectsHeld([WireLocation])
+    case storageReply(UInt64, StorageReply)
 
     init(_ m: Message) {
         switch m {
@@ -374,6 +381,7 @@ enum WireMessage: Codable {
         case .placed(let p): self = .placed(p.map { WirePlacement(task: $0.0, node: $0.1) })
         case .schedulerAt(let a, let i): self = .schedulerAt(address: a, incarnation: i)
         case .objectsHeld(let l): self = .objectsHeld(l.map { WireLocation(object: $0.0, node: $0.1, size: $0.size) })
+        case .storageReply(let id, let r): self = .storageReply(id, r)
         }
     }
 
@@ -395,6 +403,7 @@ enum WireMessage: Codable {
         case .placed(let p): return .placed(p.map { ($0.task, $0.node) })
         case .schedulerAt(let a, let i): return .schedulerAt(address: a, incarnation: i)
         case .objectsHeld(let l): return .objectsHeld(l.map { ($0.object, $0.node, size: $0.size) })
+        case .storageReply(let id, let r): return .storageReply(id, r)
         }
     }
 }

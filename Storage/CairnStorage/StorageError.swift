@@ -21,6 +21,9 @@ public struct StorageError: Error, CustomStringConvertible, Sendable, Equatable 
         case noValidCheckpoint
         /// The store was closed; open a new one.
         case closed
+        /// A replicated store's remote side (the GCS) could not be reached, or did not take a
+        /// write (which may still have been applied); the store stops writing: open it again.
+        case remote
     }
 
     /// What went wrong.
