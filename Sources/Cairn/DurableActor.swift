@@ -107,7 +107,7 @@ final class ActorStorage: Sendable {
                 logs = DurableStore(engine: engine, options: StoreOptions(syncMode: .group))
                 checkpoints = DurableStore(engine: engine, options: checkpointOptions)
             } catch {
-                throw CairnError(.storage, "cannot open durable actor storage in \(replicated.description): \(error); check that the GCS is up (ClusterOptions.controlStore = .chainReplicated)")
+                throw CairnError(.storage, "cannot open durable actor storage: \(error)")
             }
         case .directory(let path):
             do {

@@ -101,6 +101,7 @@ struct Start: AsyncParsableCommand {
     @Option(help: "CPUs of each node started.") var cpus: Double = 1
     @Option(help: "The program nodes run (default: this one).") var executable: String?
     @Option(help: "Durable actors' storage directory (default: DIR/storage).") var storage: String?
+    @Flag(help: "With --head: keep durable actors' logs and checkpoints in the GCS chains instead of a directory, so nodes on other machines can restore them.") var replicatedStorage = false
     @Option(help: "With --head: a node whose connections stay silent this long is declared dead (a killed one is at once).") var failureTimeoutMs = 250
     @Flag(help: "With --head: run each GCS replica in a process of its own (started again from its LMDB if it dies), not on the head's threads.") var gcsProcesses = false
     @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
@@ -111,6 +112,7 @@ struct Start: AsyncParsableCommand {
         guard (0...64).contains(nodes) else { throw ValidationError("--nodes must be 0 to 64") }
         guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
         guard failureTimeoutMs >= 100 else { throw ValidationError("--failure-timeout-ms must be at least 100") }
+        if replicatedStorage && storage != nil { throw ValidationError("--replicated-storage keeps durable actors in the GCS; drop --storage, or drop --replicated-storage to use that directory") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
 
@@ -145,6 +147,7 @@ struct Start: AsyncParsableCommand {
         if let executable { arguments += ["--executable", executable] }
         if let storage { arguments += ["--storage", storage] }
         if gcsProcesses { arguments.append("--gcs-processes") }
+        if replicatedStorage { arguments.append("--replicated-storage") }
         let pid = try Cluster.startDetached(arguments, logFile: dir + "/head.log")
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
@@ -167,7 +170,7 @@ struct Start: AsyncParsableCommand {
     private func runHead(_ session: Session, program: String) async throws {
         var options = ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 0))]
                                      + Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: nodes),
-                                     storage: ActorStorageOptions(location: .directory(storage ?? dir + "/storage")))
+                                     storage: ActorStorageOptions(location: replicatedStorage ? .replicated : .directory(storage ?? dir + "/storage")))
         options.processes = true
         options.transport = .tcp(host: host)
         options.nodeExecutable = program

@@ -114,6 +114,47 @@ struct CLITests {
         #expect(gone.status != 0, "status after stop fails: \(gone.output)")
     }
 
+    @Test("a head with --replicated-storage keeps a durable actor in the GCS: its node killed, it answers from another with its state")
+    func replicatedStorageSurvivesNodeKill() async throws {
+        let dir = try TemporaryDirectory()
+        let refused = try Self.run(["start", "--head", "--dir", dir.path, "--replicated-storage", "--storage", dir.path + "/s"])
+        #expect(refused.status != 0, "--replicated-storage with --storage is refused: \(refused.output)")
+        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "0", "--replicated-storage",
+                                    "--failure-timeout-ms", "5000"])
+        #expect(started.status == 0, "\(started.output)")
+        let headPID = try #require(Session.pids(dir.path).first { $0.what == "head" }?.pid)
+        defer {
+            _ = try? Self.run(["stop", "--dir", dir.path])
+            kill(headPID, SIGKILL)
+        }
+        let address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        // Two nodes join (the session records their pids); they share no storage directory.
+        for _ in 0..<2 {
+            let joined = try Self.run(["start", "--address", address, "--dir", dir.path])
+            #expect(joined.status == 0, "\(joined.output)")
+        }
+        _ = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true && Self.row($0, "node-1")?.contains("yes") == true }
+        let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
+        defer { cluster.shutdown() }
+        let bank = try await cluster.spawn(Bank(), name: "gcs-bank", resources: Resources(cpus: 1))
+        var model = Bank()
+        var sequence: UInt64 = 0
+        func call(_ message: Bank.Message) async throws {
+            sequence += 1
+            let reply = try await cluster.get(try bank.send(message, caller: CallerID(9), sequence: sequence), timeout: .seconds(60))
+            #expect(reply == (try model.receive(message)), "message \(sequence)")
+        }
+        for i in 1...20 { try await call(.deposit(account: i % Bank.accounts, amount: i)) }
+        let before = try await cluster.status(of: bank)
+        let hostPID = try #require(Session.pids(dir.path).first { $0.what == before.node.description }?.pid, "\(before)")
+        kill(hostPID, SIGKILL)
+        for i in 21...30 { try await call(.deposit(account: i % Bank.accounts, amount: i)) }
+        try await call(.audit)
+        let after = try await cluster.status(of: bank)
+        #expect(after.node != before.node && after.restarts == 1 && after.state == .alive, "\(after)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/storage"), "nothing was stored in a directory")
+    }
+
     @Test("a driver with the wrong token is refused, and a bad address is a typed error")
     func wrongTokenRefused() async throws {
         let dir = try TemporaryDirectory()

@@ -337,3 +337,40 @@ extension ClusterSuites {
         }
     }
 }
+
+@Suite("Storage fence (pure): a replicated store is written only by the node that claimed it last")
+struct StorageFenceTests {
+    func request(_ id: UInt64, _ node: Int, _ op: StorageRequest.Operation, _ ns: String = "actor-a") -> StorageRequest {
+        StorageRequest(id: id, node: NodeID(node), namespace: ns, operation: op)
+    }
+
+    func isDone(_ d: StorageFence.Decision) -> Bool { if case .reply(.done) = d { return true } else { return false } }
+    func isForward(_ d: StorageFence.Decision) -> Bool { if case .forward = d { return true } else { return false } }
+    func refusal(_ d: StorageFence.Decision) -> String? { if case .reply(.failed(let why)) = d { return why } else { return nil } }
+
+    @Test("a claim waits for the previous holder's writes to settle, then the previous holder's writes are refused")
+    func claimWaitsThenFences() {
+        var fence = StorageFence()
+        let put = StorageRequest.Operation.put([StorageEntry(key: "t1", value: [1])])
+        #expect(isDone(fence.admit(request(1, 1, .claim))))
+        let write1 = request(2, 1, put)
+        #expect(isForward(fence.admit(write1)))
+        // Node 2 restores the actor while node 1's write is in flight: it waits.
+        let claim2 = request(3, 2, .claim)
+        if case .wait = fence.admit(claim2) {} else { Issue.record("the claim did not wait for the write in flight") }
+        #expect(fence.settled(write1).map(\.id) == [3])
+        let late = fence.admit(request(4, 1, put))
+        #expect(refusal(late)?.contains("taken over by node-2") == true, "\(late)")
+        #expect(isForward(fence.admit(request(5, 2, put))))
+        // Reads are never fenced; other namespaces are independent.
+        #expect(isForward(fence.admit(request(6, 1, .get(["m"])))))
+        #expect(isDone(fence.admit(request(7, 1, .claim, "actor-b"))))
+    }
+
+    @Test("a write to a namespace nobody claimed is refused")
+    func unclaimedWriteRefused() {
+        var fence = StorageFence()
+        let refused = fence.admit(request(1, 3, .put([StorageEntry(key: "m", value: nil)])))
+        #expect(refusal(refused)?.contains("was not claimed") == true)
+    }
+}

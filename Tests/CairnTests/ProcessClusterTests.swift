@@ -1,6 +1,8 @@
 @testable import Cairn
 import CairnChaosKit
+import CairnCodec
 import CairnCore
+import CairnStorage
 import Foundation
 import Testing
 #if canImport(Glibc)
@@ -146,14 +148,17 @@ struct ProcessClusterTests {
         #expect(try await cluster.status(of: counter).state == .failed)
     }
 
-    @Test("a durable actor on a SIGKILLed node is restored on another node: every call, in flight or later, applied exactly once")
-    func durableActorRestoredElsewhere() async throws {
+    @Test("a durable actor on a SIGKILLed node is restored on another node: every call, in flight or later, applied exactly once",
+          arguments: ["shared directory", "replicated in the GCS"])
+    func durableActorRestoredElsewhere(storage: String) async throws {
         let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
-        print("durable actor node kill: seed \(seed) (CAIRN_PROCESS_SEED replays)")
+        print("durable actor node kill (\(storage)): seed \(seed) (CAIRN_PROCESS_SEED replays)")
         var random = SeededGenerator(seed: seed)
         let directory = try TemporaryDirectory()
         var options = Self.options()
-        options.storage = ActorStorageOptions(location: .directory(directory.path), logSegmentBytes: 1 << 20)
+        // Replicated: the node processes share no directory; the actor's storage is in the GCS.
+        options.storage = ActorStorageOptions(location: storage == "shared directory" ? .directory(directory.path) : .replicated, logSegmentBytes: 1 << 20)
+        if options.storage.location == .replicated { options.controlStore = .chainReplicated(EmbeddedGCS.Options()) }
         // Only the node processes can host it (the head's node lacks `far`).
         for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
         let cluster = try await Cluster.local(options)
@@ -213,6 +218,14 @@ struct ProcessClusterTests {
         let audit = try await cluster.get(try bank.send(.audit), timeout: .seconds(60))
         #expect(audit == (try model.receive(.audit)))
         #expect(cluster.metrics.actorsRestored == 0, "the head restored nothing: the node processes did")
+        if options.storage.location == .replicated {
+            // The actor's record is in the GCS (read here without claiming the store), and nothing was written to disk.
+            let gcs = try #require(cluster.gcs)
+            let stored = DurableStore(engine: try ReplicatedEngine(map: gcs.replicatedMap(namespace: "actor-" + LazyActorStorage.directoryName("bank"))))
+            let meta = try BinaryDecoder().decode(DurableActorMeta.self, from: try #require(try stored.get(ActorStorage.metaKey("bank"))))
+            #expect(meta.restarts == 3 && meta.typeName.hasSuffix("Bank"), "\(meta)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path).isEmpty)
+        }
     }
 
     @Test("a node that stops answering is declared dead by silence and killed, so its durable actor can be restored elsewhere")
@@ -295,7 +308,7 @@ struct ProcessClusterTests {
         #expect(audit == (try model.receive(.audit)) && audit.applied == 151)
     }
 
-    @Test("nodes in separate network namespaces talk over real addresses through a bridge; one is killed and replaced")
+    @Test("nodes in separate network namespaces talk over real addresses through a bridge; one is killed and replaced, and its durable actor, stored in the GCS, answers from another")
     func nodesInNetworkNamespaces() async throws {
         let network: NamespaceNetwork
         do {
@@ -307,12 +320,19 @@ struct ProcessClusterTests {
         defer { network.remove() }
         var options = Self.options()
         options.transport = .tcp(host: network.headAddress)
+        // As on separate machines, the nodes share no storage: durable actors live in the GCS.
+        options.controlStore = .chainReplicated(EmbeddedGCS.Options())
+        options.storage = ActorStorageOptions(location: .replicated)
         for k in 1...3 {
             options.nodes[k].host = network.nodeAddresses[k - 1]
             options.nodes[k].launcher = ["ip", "netns", "exec", network.namespaces[k - 1]]
+            options.nodes[k].resources = Resources(cpus: 1, custom: ["far": 1])
         }
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), name: "counted", resources: Resources(cpus: 0, custom: ["far": 1]))
+        let caller = CallerID(5)
+        #expect(try await cluster.get(try (1...50).map { try counter.send(1, caller: caller, sequence: UInt64($0)) }) == Array(1...50))
         let refs = try (0..<200).map { try ClusterWorkload.whereAmI.remote($0) }
         let results = try await cluster.get(refs)
         #expect(results.map { $0[1] } == Array(0..<200))
@@ -320,11 +340,16 @@ struct ProcessClusterTests {
         let sums = try await cluster.get(try (1...10).map { try ClusterWorkload.sumOfSquares.remote($0 * 10) })
         #expect(sums == (1...10).map { n in (0..<(n * 10)).reduce(0) { $0 + $1 * $1 } })
 
-        let victim = cluster.nodeProcesses[1]
+        let hostNode = try await cluster.status(of: counter).node
+        let victim = try #require(cluster.nodeProcesses.first { $0.node == hostNode })
         let slow = try (0..<300).map { try ClusterWorkload.slowSquare.remote($0) }
+        let counted = try (51...70).map { try counter.send(1, caller: caller, sequence: UInt64($0)) }
         try await Task.sleep(for: .milliseconds(20))
         kill(victim.pid, SIGKILL)
         #expect(try await cluster.get(slow, timeout: .seconds(60)) == (0..<300).map { $0 * $0 })
+        #expect(try await cluster.get(counted, timeout: .seconds(60)) == Array(51...70))
+        let status = try await cluster.status(of: counter)
+        #expect(status.state == .alive && status.node != hostNode && status.restarts == 1, "\(status)")
         _ = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
     }
 
