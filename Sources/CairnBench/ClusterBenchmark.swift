@@ -148,13 +148,51 @@ struct ClusterBenchmark {
         }
         report.add("recovery.lineage_rebuild_ms", median(rebuilds), "ms", goal: "<= 300 (Ray 2.60 here: 16.1 s, 3.75 s tuned)")
         report.add("recovery.lineage_rebuild_max_ms", rebuilds.max() ?? .nan, "ms")
-        try await actorNodeKill(report, cluster)
+        try await actorNodeKill(report, cluster, prefix: "recovery.actor_node_kill")
+        cluster.shutdown()
+        try await replicated(report)
+    }
+
+    /// The same durable actor with its storage in the GCS chains (no shared directory): calls
+    /// through the control store's relay to three fsync'd replicas, and restore after a node kill.
+    func replicated(_ report: Report) async throws {
+        var options = Self.options()
+        options.controlStore = .chainReplicated(EmbeddedGCS.Options())
+        options.storage = ActorStorageOptions(location: .replicated)
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), name: "bench-replicated-counter",
+                                              durability: DurabilityOptions(checkpoint: .every(messages: 10_000)), resources: Resources(cpus: 1))
+        var sequence: UInt64 = 0
+        let caller = CallerID(2)
+        var rtts: [Double] = []
+        for i in 0..<600 {
+            sequence += 1
+            let t = now()
+            _ = try await cluster.get(try counter.send(1, caller: caller, sequence: sequence), timeout: .seconds(60))
+            if i >= 100 { rtts.append((now() - t) * 1e6) }
+        }
+        report.add("cluster.replicated_durable_rtt_p50_us", median(rtts), "us")
+        var rates: [Double] = []
+        for _ in 0..<3 {
+            let n = 20_000
+            let t = now()
+            let refs = try (0..<n).map { _ in
+                sequence += 1
+                return try counter.send(1, caller: caller, sequence: sequence)
+            }
+            let values = try await cluster.get(refs, timeout: .seconds(120))
+            precondition(values.last == Int(sequence), "wrong count: \(values.last ?? -1), expected \(sequence)")
+            rates.append(Double(n) / (now() - t))
+        }
+        report.add("cluster.replicated_durable_calls_per_s", median(rates), "calls/s")
+        try await actorNodeKill(report, cluster, prefix: "recovery.replicated_actor_node_kill")
     }
 
     /// A durable Bank actor in a node process, 1,000 messages in (checkpoints every 200, so a
     /// restore replays up to 199 logged messages); SIGKILL its node, then time until the next
     /// call is answered, with the state the model says (the actor restored on another node).
-    func actorNodeKill(_ report: Report, _ cluster: Cluster) async throws {
+    func actorNodeKill(_ report: Report, _ cluster: Cluster, prefix: String) async throws {
         let bank = try await cluster.spawn(Bank(), name: "bench-bank", durability: DurabilityOptions(checkpoint: .every(messages: 200)),
                                            resources: Resources(cpus: 1))
         var model = Bank()
@@ -187,7 +225,7 @@ struct ClusterBenchmark {
             precondition(reply == expected, "the restored actor's state is wrong: \(reply), the model says \(expected)")
             try await Self.waitForReplacement(of: host.node, in: cluster)
         }
-        report.add("recovery.actor_node_kill_to_answer_ms", median(times), "ms", goal: "<= 300, with the state intact")
-        report.add("recovery.actor_node_kill_to_answer_max_ms", times.max() ?? .nan, "ms")
+        report.add(prefix + "_to_answer_ms", median(times), "ms", goal: "<= 300, with the state intact")
+        report.add(prefix + "_to_answer_max_ms", times.max() ?? .nan, "ms")
     }
 }
