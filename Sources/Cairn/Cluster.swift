@@ -350,6 +350,29 @@ public final class Cluster: Sendable {
         return (launch.node, pid)
     }
 
+    /// Starts a global scheduler process that joins the cluster whose head is at `address` as
+    /// a standby (what `cairn scheduler` does): it takes over when the active scheduler's
+    /// process is lost. `executable` is started in scheduler mode, so it must call
+    /// ``runNodeIfLaunched(prepare:)`` first thing in `main`. Detached, its output appended to
+    /// `logFile`; it stops when it loses the head. Returns its pid.
+    public static func startScheduler(joining address: String, tokenFile: String, executable: String, host: String = "127.0.0.1",
+                                      logFile: String? = nil) async throws -> Int32 {
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
+        }
+        var launch: NodeLaunch
+        switch try await HeadService.request(.joinScheduler(host: host), address: address, token: token) {
+        case .joined(let l): launch = l
+        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the scheduler: \(why)")
+        case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
+        }
+        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        return try launch.start([executable], detached: true, logFile: logFile)
+    }
+
     /// Starts `arguments` (the program first) in a session of its own, standard input on
     /// `/dev/null`, output and errors appended to `logFile`: how `cairn start --head` puts the
     /// head in the background. Returns its pid.
@@ -372,6 +395,8 @@ public final class Cluster: Sendable {
         let service = try HeadService(host: host, port: port, token: tcp.token, log: log) { [weak self] request in
             guard let self else { return .refused("the cluster is shutting down") }
             switch request {
+            case .joinScheduler(let host):
+                return .joined(supervisor.joiningScheduler(host: host))
             case .join(let resources, let functions, let host):
                 do {
                     return .joined(try supervisor.joining(resources: resources, functions: functions, host: host))
@@ -397,10 +422,11 @@ public final class Cluster: Sendable {
     /// The head's view of the cluster: nodes, actors, GCS chains (empty in a driver connected
     /// to a head elsewhere: ask the head with ``status(of:token:)``).
     public func report() -> ClusterReport {
-        let (nodes, actors) = controlStore?.value.published.withLock { $0 } ?? ([], [])
+        let (nodes, actors, schedulers) = controlStore?.value.published.withLock { $0 } ?? ([], [], [])
         return ClusterReport(
             nodes: nodes.map { .init(id: $0.id, address: $0.address, resources: $0.resources, queued: $0.queued, alive: $0.alive) },
             actors: actors.map(\.status),
+            schedulers: schedulers,
             chains: gcs?.configurations().sorted { $0.shard < $1.shard }.map { "shard \($0.shard) (epoch \($0.epoch)): \($0.chain.map { "\($0)" }.joined(separator: " -> "))" } ?? [])
     }
 
@@ -629,8 +655,13 @@ final class LostNodeReporter: Sendable {
         state.withLock { $0 = State() }
     }
 
-    /// `peer` is a connection's peer name; only node processes (`node-N`, not hosted here) count.
+    /// `peer` is a connection's peer name; only node processes (`node-N`, not hosted here) and
+    /// scheduler processes (`scheduler-<incarnation>`) count.
     func report(peer: String, reason: String) {
+        if let incarnation = NodeLaunch.schedulerIncarnation(peer) {
+            state.withLock { $0.transport }?.send(.control(.schedulerLost(incarnation: incarnation)), to: .controlStore)
+            return
+        }
         guard peer.hasPrefix("node-"), let raw = Int(peer.dropFirst(5)) else { return }
         let node = NodeID(raw)
         let s = state.withLock { $0 }

@@ -123,6 +123,12 @@ struct ControlStoreCore {
     /// The global scheduler's process, when it runs in one: soft state, registered again by
     /// each incarnation.
     private var scheduler: (address: String, incarnation: UInt64)?
+    /// Scheduler processes registered while another was active (`cairn scheduler`, or the
+    /// head's replacement for one that died), oldest first: the newest takes over when the
+    /// active one is lost.
+    private var standbySchedulers: [(address: String, incarnation: UInt64)] = []
+    /// Scheduler incarnations whose process is gone; never active again.
+    private var lostSchedulers: Set<UInt64> = []
     private var nodeTableChanged = false
     /// Whether the view has caught up; requests before that wait in `early`.
     private(set) var ready: Bool
@@ -141,6 +147,25 @@ struct ControlStoreCore {
         self.markers = markers
         self.replacementsExpected = replacementsExpected
         ready = markers.isEmpty
+    }
+
+    /// Makes `s` the active scheduler and tells every node (a new incarnation: the one before
+    /// is gone, with what it had not placed).
+    private mutating func activate(_ s: (address: String, incarnation: UInt64), _ actions: inout [Action]) {
+        scheduler = s
+        for endpoint in nodeSubscribers where endpoint != .scheduler {
+            actions.append(.send(.schedulerAt(address: s.address, incarnation: s.incarnation), to: endpoint))
+        }
+        // A standby's own subscription was answered to the scheduler active then: this one
+        // learns the nodes now. (The head's transport has learned its address from the
+        // announcement to the head's node, sent first.)
+        if nodeSubscribers.contains(.scheduler) { actions.append(.send(.nodeTable(nodeTable), to: .scheduler)) }
+    }
+
+    /// The scheduler processes: the active one first, then the standbys, newest first.
+    var schedulerTable: [SchedulerStatus] {
+        (scheduler.map { [SchedulerStatus(address: $0.address, active: true)] } ?? [])
+            + standbySchedulers.reversed().map { SchedulerStatus(address: $0.address, active: false) }
     }
 
     /// Whether `id` was declared dead.
@@ -208,9 +233,24 @@ struct ControlStoreCore {
                 actions.append(.send(.schedulerAt(address: scheduler.address, incarnation: scheduler.incarnation), to: endpoint))
             }
         case .registerScheduler(let address, let incarnation):
-            scheduler = (address, incarnation)
-            for endpoint in nodeSubscribers where endpoint != .scheduler {
-                actions.append(.send(.schedulerAt(address: address, incarnation: incarnation), to: endpoint))
+            guard !lostSchedulers.contains(incarnation), scheduler?.incarnation != incarnation,
+                  !standbySchedulers.contains(where: { $0.incarnation == incarnation }) else { break }
+            version &+= 1
+            if scheduler == nil {
+                activate((address, incarnation), &actions)
+            } else {
+                standbySchedulers.append((address, incarnation))
+                actions.append(.log("scheduler at \(address) registered as a standby: it takes over if the active one at \(scheduler!.address) is lost"))
+            }
+        case .schedulerLost(let incarnation):
+            guard lostSchedulers.insert(incarnation).inserted else { break }
+            version &+= 1
+            standbySchedulers.removeAll { $0.incarnation == incarnation }
+            guard let active = scheduler, active.incarnation == incarnation else { break }
+            scheduler = nil
+            if let next = standbySchedulers.popLast() {
+                actions.append(.log("the scheduler at \(active.address) is lost; the standby at \(next.address) takes over"))
+                activate(next, &actions)
             }
         case .nodeLost(let id, let reason):
             // Declared once; a node declared dead never comes back (a replacement gets a new ID).
@@ -415,7 +455,7 @@ final class ControlStoreServer: @unchecked Sendable {
     /// Tells this incarnation's subscription deliveries from those of an earlier one.
     private let generation: UInt64
     /// The node and actor tables as of the last change, for status reports from any thread.
-    let published = Mutex<(nodes: [NodeRecord], actors: [ActorRecord])>(([], []))
+    let published = Mutex<(nodes: [NodeRecord], actors: [ActorRecord], schedulers: [SchedulerStatus])>(([], [], []))
     private var publishedVersion: UInt64 = .max
     private var publishedLoads: UInt64 = 0
     private var publishedAt: UInt64 = 0
@@ -490,7 +530,7 @@ final class ControlStoreServer: @unchecked Sendable {
             publishedVersion = core.version
             publishedLoads = core.loadVersion
             publishedAt = now
-            let tables = (core.nodeTable, core.actors.values.sorted { $0.id.raw < $1.id.raw })
+            let tables = (core.nodeTable, core.actors.values.sorted { $0.id.raw < $1.id.raw }, core.schedulerTable)
             published.withLock { $0 = tables }
         }
     }
@@ -579,6 +619,14 @@ public enum ControlTables {
 extension String {
     /// The rest of the string after `prefix`, or nil when it does not start with it.
     func dropPrefix(_ prefix: String) -> Substring? { hasPrefix(prefix) ? dropFirst(prefix.count) : nil }
+}
+
+/// A global scheduler's process, as `cairn status` lists it.
+public struct SchedulerStatus: Sendable, Codable, Equatable {
+    /// `host:port` where it listens.
+    public var address: String
+    /// Whether nodes hand their tasks to it (the others are standbys).
+    public var active: Bool
 }
 
 /// An `obj/` row: where an object lives and how big it is.

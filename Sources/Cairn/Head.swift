@@ -14,6 +14,9 @@ enum HeadRequest: Codable {
     /// A node joining (a driver's node too): it is given a node ID and everything a node
     /// process needs to know. `host` is the address it will listen on.
     case join(resources: Resources, functions: Set<String>?, host: String)
+    /// A global scheduler process joining (`cairn scheduler`), as a standby: it is given what
+    /// a scheduler process needs to know. `host` is the address it will listen on.
+    case joinScheduler(host: String)
     /// The cluster's nodes, actors and GCS chains.
     case status
 }
@@ -37,6 +40,8 @@ public struct ClusterReport: Codable, Sendable {
     }
     public var nodes: [Node]
     public var actors: [ActorStatus]
+    /// The global scheduler processes, the active one first (empty when the scheduler runs in the head).
+    public var schedulers: [SchedulerStatus]
     /// One line per GCS shard: its chain, head first (empty with an in-memory control store).
     public var chains: [String]
 
@@ -55,6 +60,10 @@ public struct ClusterReport: Codable, Sendable {
                          + pad(a.node.description, 10) + pad(a.state.rawValue, 11) + pad(String(a.restarts), 10)
                          + pad(a.checkpointSequence.map(String.init) ?? "-", 12) + String(a.logPosition))
         }
+        lines.append("")
+        lines.append("SCHEDULER              ROLE")
+        if schedulers.isEmpty { lines.append("(in the head)") }
+        for s in schedulers { lines.append(pad(s.address, 23) + (s.active ? "active" : "standby")) }
         lines.append("")
         lines.append("GCS CHAINS")
         lines += chains.isEmpty ? ["(in-memory control store: no chains)"] : chains

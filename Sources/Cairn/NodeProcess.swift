@@ -46,6 +46,15 @@ struct NodeLaunch: Codable, Equatable {
     /// For a GCS replica's process.
     var gcs: GCSReplicaLaunch? = nil
 
+    /// The peer name of scheduler process `incarnation`.
+    static func schedulerName(_ incarnation: UInt64) -> String { "scheduler-" + String(incarnation, radix: 16) }
+
+    /// The incarnation a scheduler process's peer name carries; nil for any other name.
+    static func schedulerIncarnation(_ peer: String) -> UInt64? {
+        guard peer.hasPrefix("scheduler-") else { return nil }
+        return UInt64(peer.dropFirst(10), radix: 16)
+    }
+
     /// The actor storage options this describes.
     var storage: ActorStorageOptions {
         ActorStorageOptions(location: replicatedStorage ? .replicated : storageDirectory.map { .directory($0) } ?? .inMemory, checkpointsKept: checkpointsKept,
@@ -123,9 +132,11 @@ extension Cluster {
 enum NodeProcess {
     static func run(_ launch: NodeLaunch) -> Never {
         let name: String
+        // A scheduler's name carries its incarnation, so the head tells which one's connection closed.
+        let incarnation = UInt64.random(in: 1...UInt64.max)
         switch launch.role {
         case .node: name = launch.node.description
-        case .scheduler: name = Endpoint.scheduler.description
+        case .scheduler: name = NodeLaunch.schedulerName(incarnation)
         case .gcsReplica: name = "gcs-replica-\(launch.gcs?.replica ?? -1)"
         }
         let log: @Sendable (String) -> Void = { ClusterOptions.standardErrorLog("\(name): \($0)") }
@@ -159,7 +170,6 @@ enum NodeProcess {
         }
         if launch.role == .scheduler {
             let scheduler = GlobalScheduler(transport: transport, seed: launch.schedulerSeed)
-            let incarnation = UInt64.random(in: 1...UInt64.max)
             transport.send(.control(.registerScheduler(address: transport.localAddress(.scheduler) ?? "", incarnation: incarnation)),
                            to: .controlStore)
             withExtendedLifetime(scheduler) { waitForHead(launch, log) }
@@ -298,6 +308,17 @@ final class NodeSupervisor: @unchecked Sendable {
         launch.functions = functions
         launch.storeLimitBytes = defaults.storeLimitBytes
         launch.spillThreshold = defaults.spillThreshold
+        launch.host = host
+        launch.head = 0
+        return launch
+    }
+
+    /// What a global scheduler process joining from outside (`cairn scheduler`) needs to know.
+    /// It registers as a standby and takes over when the active scheduler is lost; it is not
+    /// this supervisor's child, so nothing replaces it if it dies.
+    func joiningScheduler(host: String) -> NodeLaunch {
+        var launch = template
+        launch.role = .scheduler
         launch.host = host
         launch.head = 0
         return launch

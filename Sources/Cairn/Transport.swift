@@ -105,6 +105,8 @@ enum ControlRequest: Sendable {
     /// A global scheduler process listens at `address`; `incarnation` tells a replacement
     /// from the one before.
     case registerScheduler(address: String, incarnation: UInt64)
+    /// The process of scheduler `incarnation` is gone (its connection to the head closed).
+    case schedulerLost(incarnation: UInt64)
     /// A node's request on the GCS's `store/` table (replicated actor storage), answered with
     /// ``Message/storageReply(_:_:)``.
     case storage(StorageRequest)

@@ -298,6 +298,7 @@ enum WireControl: Codable {
     case registerScheduler(address: String, incarnation: UInt64)
     case storage(StorageRequest)
     case storageSettled(StorageRequest, StorageReply)
+    case schedulerLost(incarnation: UInt64)
 
     init(_ r: ControlRequest) {
         switch r {
@@ -318,6 +319,7 @@ enum WireControl: Codable {
         case .registerScheduler(let a, let i): self = .registerScheduler(address: a, incarnation: i)
         case .storage(let r): self = .storage(r)
         case .storageSettled(let r, let a): self = .storageSettled(r, a)
+        case .schedulerLost(let i): self = .schedulerLost(incarnation: i)
         }
     }
 
@@ -340,6 +342,7 @@ enum WireControl: Codable {
         case .registerScheduler(let a, let i): return .registerScheduler(address: a, incarnation: i)
         case .storage(let r): return .storage(r)
         case .storageSettled(let r, let a): return .storageSettled(r, a)
+        case .schedulerLost(let i): return .schedulerLost(incarnation: i)
         }
     }
 }

@@ -28,7 +28,7 @@ struct CairnCommand: AsyncParsableCommand {
         the cluster token (token, mode 0600), the pids it started (pids) and their logs. \
         `cairn status` and `cairn stop` read it.
         """,
-        subcommands: [Start.self, Status.self, Stop.self])
+        subcommands: [Start.self, Scheduler.self, Status.self, Stop.self])
 }
 
 /// The files of a session directory.
@@ -201,8 +201,38 @@ struct Start: AsyncParsableCommand {
     }
 }
 
+struct Scheduler: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a global scheduler process that joins a head as a standby.",
+        discussion: """
+        The head runs one global scheduler process (and starts another if it dies). A scheduler \
+        started here registers as a standby: when the active scheduler's process is lost, the \
+        newest standby takes over at once, and the nodes hand it whatever the lost one had not \
+        placed. It stops when it loses the head; `cairn stop` stops it.
+        """)
+
+    @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
+    @Option(help: "The session directory (for the head's address and the token).") var dir = Session.defaultDirectory
+    @Option(help: "Address to listen on.") var host = "127.0.0.1"
+    @Option(help: "The program to run (default: this one).") var executable: String?
+
+    func validate() throws {
+        if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
+    }
+
+    func run() async throws {
+        let session = Session(directory: dir)
+        let address = try address ?? session.address()
+        let program = executable ?? currentExecutablePath()
+        let pid = try await Cluster.startScheduler(joining: address, tokenFile: session.tokenFile, executable: program, host: host,
+                                                   logFile: dir + "/scheduler.log")
+        try session.record(pid: pid, "scheduler", executable: realPath(program))
+        print("scheduler (pid \(pid)) joined the head at \(address) as a standby; its log: \(dir)/scheduler.log")
+    }
+}
+
 struct Status: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors and GCS chains.")
+    static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors, schedulers and GCS chains.")
 
     @Option(help: "The session directory (for the head's address and the token).") var dir = Session.defaultDirectory
     @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
@@ -218,7 +248,7 @@ struct Status: AsyncParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Stop what `cairn start` started from this session directory: the head (which stops its node processes) and joined nodes.")
+        abstract: "Stop what `cairn start` and `cairn scheduler` started from this session directory: the head (which stops its node processes), joined nodes and schedulers.")
 
     @Option(help: "The session directory.") var dir = Session.defaultDirectory
 

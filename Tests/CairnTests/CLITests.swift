@@ -102,13 +102,20 @@ struct CLITests {
         #expect(withActor.contains("Bank"), "\(withActor)")
         cluster.shutdown()
 
+        // A scheduler joins as a standby.
+        let scheduler = try Self.run(["scheduler", "--dir", dir.path])
+        #expect(scheduler.status == 0 && scheduler.output.contains("standby"), "\(scheduler.output)")
+        let schedulers = try await Self.status(dir.path) { $0.contains("standby") && $0.contains("active") }
+        #expect(schedulers.contains("SCHEDULER"), "\(schedulers)")
+        #expect(Session.pids(dir.path).contains { $0.what == "scheduler" })
+
         // A joined node that dies is declared dead.
         let nodePID = try #require(Session.pids(dir.path).first { $0.what == "node-3" }?.pid)
         kill(nodePID, SIGKILL)
         _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains(" no ") == true }
 
         let stopped = try Self.run(["stop", "--dir", dir.path])
-        #expect(stopped.status == 0 && stopped.output.contains("stopped head"), "\(stopped.output)")
+        #expect(stopped.status == 0 && stopped.output.contains("stopped head") && stopped.output.contains("stopped scheduler"), "\(stopped.output)")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/head"))
         let gone = try Self.run(["status", "--dir", dir.path])
         #expect(gone.status != 0, "status after stop fails: \(gone.output)")

@@ -33,6 +33,33 @@ struct ControlStoreCoreTests {
         return nil
     }
 
+    /// The scheduler incarnations announced to nodes by `actions`.
+    func announced(_ actions: [ControlStoreCore.Action]) -> [UInt64] {
+        sends(actions).compactMap { if case .schedulerAt(_, let i) = $0.0 { return i } else { return nil } }
+    }
+
+    @Test("a scheduler registered while another is active is a standby; the newest standby takes over when the active one is lost")
+    func standbySchedulerTakesOver() {
+        var core = ControlStoreCore()
+        _ = core.handle(.subscribeNodes(driver))
+        #expect(announced(core.handle(.registerScheduler(address: "h:1", incarnation: 1))) == [1])
+        #expect(announced(core.handle(.registerScheduler(address: "h:2", incarnation: 2))) == [], "a standby is not announced")
+        #expect(announced(core.handle(.registerScheduler(address: "h:3", incarnation: 3))) == [])
+        #expect(core.schedulerTable == [SchedulerStatus(address: "h:1", active: true), SchedulerStatus(address: "h:3", active: false),
+                                        SchedulerStatus(address: "h:2", active: false)])
+        // A standby lost is only forgotten; the active one lost hands over to the newest standby.
+        #expect(announced(core.handle(.schedulerLost(incarnation: 3))) == [])
+        #expect(announced(core.handle(.schedulerLost(incarnation: 1))) == [2])
+        #expect(announced(core.handle(.schedulerLost(incarnation: 1))) == [], "a loss is reported once")
+        // A lost incarnation never comes back; with no standby left, the next one registered is active.
+        #expect(announced(core.handle(.registerScheduler(address: "h:1", incarnation: 1))) == [])
+        #expect(announced(core.handle(.schedulerLost(incarnation: 2))) == [])
+        #expect(core.schedulerTable.isEmpty)
+        #expect(announced(core.handle(.registerScheduler(address: "h:4", incarnation: 4))) == [4])
+        // A node subscribing later learns the active one.
+        #expect(announced(core.handle(.subscribeNodes(.node(NodeID(5))))) == [4])
+    }
+
     @Test("a read of a row written but not yet committed waits for the commit, then sees the write")
     func readYourWrites() {
         var core = ControlStoreCore()

@@ -381,6 +381,57 @@ struct ProcessClusterTests {
         }
     }
 
+    /// Waits until the head's report lists schedulers that satisfy `condition`.
+    static func schedulers(_ cluster: Cluster, until condition: ([SchedulerStatus]) -> Bool) async throws -> [SchedulerStatus] {
+        let deadline = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < deadline {
+            let listed = cluster.report().schedulers
+            if condition(listed) { return listed }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        Issue.record("the schedulers never matched; last: \(cluster.report().schedulers)")
+        return cluster.report().schedulers
+    }
+
+    @Test("a standby scheduler joined from outside takes over when the active one's process is SIGKILLed; every task handed to either completes")
+    func standbySchedulerTakesOver() async throws {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        options.headPort = 0
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let files = try TemporaryDirectory()
+        try #require(cluster.token).write(to: files.path + "/token")
+        let standby = try await Cluster.startScheduler(joining: try #require(cluster.headAddress), tokenFile: files.path + "/token",
+                                                       executable: try #require(options.nodeExecutable), logFile: files.path + "/scheduler.log")
+        defer {
+            kill(standby, SIGKILL)  // this test's own child, if it still runs
+            var status: Int32 = 0
+            waitpid(standby, &status, 0)
+        }
+        let both = try await Self.schedulers(cluster) { $0.count == 2 }
+        let standbyAddress = try #require(both.first { !$0.active }?.address)
+        #expect(try await cluster.get(try ClusterWorkload.square.remote(3)) == 9)
+
+        // The head's scheduler dies with tasks handed to it: the standby takes over.
+        let first = try #require(cluster.schedulerProcess)
+        let refs = try (0..<2_000).map { try ClusterWorkload.square.remote($0) }
+        kill(first, SIGKILL)
+        let more = try (0..<500).map { try ClusterWorkload.square.remote(5_000 + $0) }
+        #expect(try await cluster.get(refs, timeout: .seconds(60)) == (0..<2_000).map { $0 * $0 })
+        #expect(try await cluster.get(more, timeout: .seconds(60)) == (0..<500).map { (5_000 + $0) * (5_000 + $0) })
+        // The head's replacement for the one that died registers as the standby now.
+        let after = try await Self.schedulers(cluster) { $0.count == 2 && $0.first?.active == true }
+        #expect(after.first?.address == standbyAddress, "the standby is active: \(after)")
+
+        // The former standby dies in turn: the head's replacement takes over.
+        kill(standby, SIGKILL)
+        let last = try (0..<1_000).map { try ClusterWorkload.square.remote(9_000 + $0) }
+        #expect(try await cluster.get(last, timeout: .seconds(60)) == (0..<1_000).map { (9_000 + $0) * (9_000 + $0) })
+        let final = try await Self.schedulers(cluster) { $0.count == 1 && $0[0].active }
+        #expect(final.first?.address != standbyAddress, "\(final)")
+    }
+
     @Test("a large result kept on the node that computed it is rebuilt from lineage when that node is killed")
     func lineageRebuildsLargeResult() async throws {
         var options = Self.options()
