@@ -14,6 +14,7 @@ struct ClusterBenchmark {
         var options = ClusterOptions(nodes: [NodeConfiguration(resources: Resources(cpus: 0))] + Array(repeating: NodeConfiguration(resources: Resources(cpus: 1)), count: 4))
         options.processes = true
         options.controlStore = .inMemory
+        options.headPort = 0
         return options
     }
 
@@ -85,6 +86,57 @@ struct ClusterBenchmark {
         }
     }
 
+    /// The same with a standby scheduler joined from outside (`cairn scheduler`): each round a
+    /// new standby joins, the active scheduler is SIGKILLed with 20,000 tasks handed to it, and
+    /// the time until every result is in is taken (the standby takes over; nothing starts).
+    func standbyScheduler(_ report: Report, _ cluster: Cluster) async throws {
+        let files = try TemporaryDirectory()
+        guard let token = cluster.token, let head = cluster.headAddress else { throw CairnError(.invalidArgument, "the cluster has no head port") }
+        try token.write(to: files.path + "/token")
+        func waitFor<T>(_ what: String, _ probe: () -> T?) async throws -> T {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < deadline {
+                if let value = probe() { return value }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            throw CairnError(.timeout, "\(what) within 30 s")
+        }
+        var times: [Double] = []
+        var external: (pid: Int32, address: String)?
+        for round in 0..<5 {
+            let known = Set(cluster.report().schedulers.map(\.address))
+            let pid = try await Cluster.startScheduler(joining: head, tokenFile: files.path + "/token", executable: currentExecutablePath(),
+                                                       logFile: files.path + "/scheduler.log")
+            let address = try await waitFor("the standby did not register") { cluster.report().schedulers.first { !known.contains($0.address) }?.address }
+            let active = try await waitFor("no active scheduler") { cluster.report().schedulers.first { $0.active } }
+            let victim: Int32
+            if let e = external, e.address == active.address { victim = e.pid } else {
+                victim = try await waitFor("no scheduler process") { cluster.schedulerProcess }
+            }
+            let refs = try (0..<20_000).map { try ClusterWorkload.identity.remote(round * 100_000 + 50_000 + $0) }
+            let t = now()
+            kill(victim, SIGKILL)
+            let values = try await cluster.get(refs, timeout: .seconds(120))
+            times.append((now() - t) * 1000)
+            precondition(values == (0..<20_000).map { round * 100_000 + 50_000 + $0 }, "wrong results after a scheduler kill")
+            if victim == external?.pid {
+                var status: Int32 = 0
+                waitpid(victim, &status, 0)
+            }
+            // A standby took over (on two loaded cores, a busy scheduler can fall silent past the
+            // failure timeout and be declared lost too: then another standby took over).
+            _ = try await waitFor("no standby took over") { cluster.report().schedulers.first { $0.active && $0.address != active.address } }
+            if cluster.report().schedulers.contains(where: { $0.address == address }) {
+                external = (pid, address)
+            } else {
+                var status: Int32 = 0
+                waitpid(pid, &status, 0)
+                external = nil
+            }
+        }
+        report.add("recovery.scheduler_kill_with_standby_to_results_ms", median(times), "ms")
+    }
+
     /// SIGKILL a node process, time until the driver's node hears it declared dead (the node
     /// table it subscribes to), and wait for the replacement before the next kill.
     func detect(_ report: Report, _ cluster: Cluster) async throws {
@@ -123,6 +175,7 @@ struct ClusterBenchmark {
             while cluster.schedulerProcess == nil || cluster.schedulerProcess == scheduler { try await Task.sleep(for: .milliseconds(1)) }
         }
         report.add("recovery.scheduler_kill_to_results_ms", median(schedulerKills), "ms")
+        try await standbyScheduler(report, cluster)
 
         // A 256 KiB result kept only on the node that computed it; SIGKILL that node, then
         // time until `get` returns the value, rebuilt by running its task again elsewhere.
