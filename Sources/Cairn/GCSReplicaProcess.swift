@@ -34,10 +34,15 @@ public struct ReplicaProcesses: Sendable {
     /// How often a replica process ticks (reports to the coordinator, resends what is not yet
     /// acknowledged): each tick is a few messages over its connection, relayed by the head. Default 20,000.
     public var tickIntervalMicroseconds: UInt64
+    /// How long after a replica's process exits its next process is started. The chain fails
+    /// over to a standby first, without the CPU a starting process takes. Default 100.
+    public var restartDelayMs: Int
 
     public init(executable: String, host: String = "127.0.0.1", token: ClusterToken, silenceTimeoutMs: Int = 1_000,
-                tickIntervalMicroseconds: UInt64 = 20_000) {
+                tickIntervalMicroseconds: UInt64 = 20_000, restartDelayMs: Int = 100) {
         precondition(tickIntervalMicroseconds >= 100, "replica processes tick at most every 100 µs")
+        precondition(restartDelayMs >= 0, "restartDelayMs must not be negative")
+        self.restartDelayMs = restartDelayMs
         self.executable = executable
         self.host = host
         self.token = token
@@ -239,6 +244,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
             let selfExit = status & 0x7F == 0
             log("replica \(r)'s process (pid \(pid)) \(selfExit ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"); starting it again from its LMDB")
             quickExits = selfExit && ContinuousClock.now - started < .seconds(2) ? quickExits + 1 : 0
+            if processes.restartDelayMs > 0 { usleep(UInt32(processes.restartDelayMs) * 1_000) }
+            if stopping.load(ordering: .relaxed) { return }
             guard quickExits < 3 else {
                 log("replica \(r)'s process exited by itself three times in a row at once; not starting it again (does \(processes.executable) call Cluster.runNodeIfLaunched first thing in main?)")
                 return

@@ -216,6 +216,33 @@ public struct ChainReplica: Sendable {
 
     /// Handles one message; `now` is the shell's clock (for leases).
     public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
+        var actions = step(message, from: from, now: now)
+        // What the coordinator acts on is reported at once, not at the next tick: a tail that
+        // can serve but holds no lease for this configuration (the lease comes in answer), a
+        // learner caught up (its promotion follows). Once per change, so no storm of reports.
+        if let c = config {
+            let wantsLease = serving && lease?.epoch != c.epoch
+            let caughtUp = isTail && learnerJoined && learnerAcked == lastSequence
+            if (wantsLease || caughtUp) && (urgent.epoch != c.epoch || urgent.lease != wantsLease || urgent.caughtUp != caughtUp) {
+                urgent = (c.epoch, wantsLease, caughtUp)
+                actions.append(report(now: now))
+            }
+        }
+        return actions
+    }
+
+    /// The last state reported at once (see ``handle(_:from:now:)``).
+    private var urgent: (epoch: UInt64, lease: Bool, caughtUp: Bool) = (0, false, false)
+
+    /// The report to the coordinator, which doubles as the heartbeat.
+    private func report(now: UInt64) -> GCSAction {
+        .send(.report(ReplicaReport(
+            replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence,
+            learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
+            serving: serving)), to: .coordinator)
+    }
+
+    private mutating func step(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
         switch message {
         case .write(let request, let key, let value):
             guard isHead, case .client(let client) = from, let c = config else { return [.send(.notHere(request), to: from)] }
@@ -364,10 +391,7 @@ public struct ChainReplica: Sendable {
 
     /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
     public mutating func tick(now: UInt64) -> [GCSAction] {
-        var actions: [GCSAction] = [.send(.report(ReplicaReport(
-            replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence,
-            learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
-            serving: serving)), to: .coordinator)]
+        var actions: [GCSAction] = [report(now: now)]
         guard let c = config else { return actions }
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }

@@ -34,7 +34,10 @@ struct GCSCoreTests {
         let u = ChainUpdate(epoch: 1, sequence: 1, key: "k", value: Self.value(42), request: request)
         #expect(a1 == [.persist(u), .send(.forward(epoch: 1, u), to: .replica(1))])
         #expect(middle.handle(.forward(epoch: 1, u), from: .replica(0), now: 0) == [.persist(u), .send(.forward(epoch: 1, u), to: .replica(2))])
-        #expect(tail.handle(.forward(epoch: 1, u), from: .replica(1), now: 0) == [.persist(u)], "no lease yet: applied and persisted, not answered")
+        // No lease yet: applied and persisted, not answered; the tail reports at once, so that its lease comes.
+        let reportNow = GCSAction.send(.report(ReplicaReport(replica: 2, shard: 0, epoch: 1, sentAt: 0, lastSequence: 1, learnerCaughtUp: false,
+                                                             serving: true)), to: .coordinator)
+        #expect(tail.handle(.forward(epoch: 1, u), from: .replica(1), now: 0) == [.persist(u), reportNow])
         #expect(Self.grant(&tail, now: 5) == [.send(.ack(epoch: 1, 1), to: .replica(1)), .send(.written(request), to: .client(7))])
         #expect(middle.handle(.ack(epoch: 1, 1), from: .replica(2), now: 6) == [.send(.ack(epoch: 1, 1), to: .replica(0))])
         #expect(head.handle(.ack(epoch: 1, 1), from: .replica(1), now: 7) == [])
@@ -49,7 +52,11 @@ struct GCSCoreTests {
         var head = Self.replica(0, config)
         var tail = Self.replica(1, config)
         let r1 = RequestID(client: 3, number: 1)
-        #expect(tail.handle(.read(r1, key: "k"), from: .client(3), now: 0) == [.send(.notHere(r1), to: .client(3))])
+        let reportNow = GCSAction.send(.report(ReplicaReport(replica: 1, shard: 0, epoch: 1, sentAt: 0, lastSequence: 0, learnerCaughtUp: false,
+                                                             serving: true)), to: .coordinator)
+        #expect(tail.handle(.read(r1, key: "k"), from: .client(3), now: 0) == [.send(.notHere(r1), to: .client(3)), reportNow],
+                "a tail without a lease turns the read away and asks for its lease at once")
+        #expect(tail.handle(.read(r1, key: "k"), from: .client(3), now: 1) == [.send(.notHere(r1), to: .client(3))], "once per change, not per message")
         _ = Self.grant(&tail, now: 10)
         #expect(tail.handle(.read(r1, key: "k"), from: .client(3), now: 50) == [.send(.readResult(r1, nil), to: .client(3))])
         #expect(tail.handle(.read(r1, key: "k"), from: .client(3), now: 10 + Self.lease) == [.send(.notHere(r1), to: .client(3))], "the lease ran out")
