@@ -19,9 +19,10 @@ public final class ChildProcess {
     private var eof = false
 
     /// Starts `executable` with `arguments`; its stdout is readable with ``readLine(timeoutMilliseconds:)``,
-    /// its stderr is inherited. With `input`, its stdin is a pipe written by ``writeLine(_:)``
-    /// (and SIGPIPE is ignored in this process, so writing to a killed child fails instead of killing us).
-    public init(executable: String, arguments: [String], input: Bool = false) throws {
+    /// its stderr is inherited (or, with `mergeStandardError`, read with its stdout). With `input`, its
+    /// stdin is a pipe written by ``writeLine(_:)`` (and SIGPIPE is ignored in this process, so writing
+    /// to a killed child fails instead of killing us).
+    public init(executable: String, arguments: [String], input: Bool = false, mergeStandardError: Bool = false) throws {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw ChildProcessError(detail: "pipe() failed: errno \(errno)") }
         var inFDs: [Int32] = [-1, -1]
@@ -33,6 +34,7 @@ public final class ChildProcess {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        if mergeStandardError { posix_spawn_file_actions_adddup2(&actions, fds[1], 2) }
         posix_spawn_file_actions_addclose(&actions, fds[0])
         posix_spawn_file_actions_addclose(&actions, fds[1])
         if input {

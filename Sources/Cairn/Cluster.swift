@@ -373,6 +373,41 @@ public final class Cluster: Sendable {
         return try launch.start([executable], detached: true, logFile: logFile)
     }
 
+    /// Starts a GCS replica process that joins the GCS of the head at `address` as a standby
+    /// of `shard` (nil: the shard with the fewest replicas), keeping its LMDB in
+    /// `storage/gcs-replica-<ID>` (what `cairn gcs` does): when a chain of its shard loses a
+    /// replica and it is the first standby, it catches up and takes the place. The head must run
+    /// its replicas in processes (``ClusterOptions/gcsReplicaProcesses``). `executable` must
+    /// call ``runNodeIfLaunched(prepare:)`` first thing in `main`. Detached, its output
+    /// appended to `logFile`; it stops when it loses the head, and is not started again.
+    /// Returns its replica ID and pid.
+    public static func startReplica(joining address: String, tokenFile: String, executable: String, storage: String, shard: Int? = nil,
+                                    logFile: String? = nil) async throws -> (replica: Int, pid: Int32) {
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
+        }
+        var launch: NodeLaunch
+        switch try await HeadService.request(.joinReplica(shard: shard), address: address, token: token) {
+        case .joined(let l): launch = l
+        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the replica: \(why)")
+        case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
+        }
+        guard var replica = launch.gcs else { throw CairnError(.serialization, "the head at \(address) answered without a replica") }
+        let root = storage.hasPrefix("/") ? storage : FileManager.default.currentDirectoryPath + "/" + storage
+        replica.directory = root + "/gcs-replica-\(replica.replica)"
+        do {
+            try FileManager.default.createDirectory(atPath: replica.directory, withIntermediateDirectories: true)
+        } catch {
+            throw CairnError(.storage, "cannot make the replica's directory \(replica.directory): \(error)")
+        }
+        launch.gcs = replica
+        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        return (replica.replica, try launch.start([executable], detached: true, logFile: logFile))
+    }
+
     /// Starts `arguments` (the program first) in a session of its own, standard input on
     /// `/dev/null`, output and errors appended to `logFile`: how `cairn start --head` puts the
     /// head in the background. Returns its pid.
@@ -397,6 +432,16 @@ public final class Cluster: Sendable {
             switch request {
             case .joinScheduler(let host):
                 return .joined(supervisor.joiningScheduler(host: host))
+            case .joinReplica(let shard):
+                guard let gcs = self.gcs, let processes = gcs.options.replicaProcesses else {
+                    return .refused(self.gcs == nil ? "this head keeps its control store in memory, with no GCS to join"
+                                    : "this head runs its GCS replicas on its own threads, so none can join; start it with --gcs-processes")
+                }
+                do {
+                    return .joined(supervisor.joiningReplica(try gcs.join(shard: shard), silenceMs: processes.silenceTimeoutMs))
+                } catch {
+                    return .refused("\(error)")
+                }
             case .join(let resources, let functions, let host):
                 do {
                     return .joined(try supervisor.joining(resources: resources, functions: functions, host: host))
@@ -427,7 +472,14 @@ public final class Cluster: Sendable {
             nodes: nodes.map { .init(id: $0.id, address: $0.address, resources: $0.resources, queued: $0.queued, alive: $0.alive) },
             actors: actors.map(\.status),
             schedulers: schedulers,
-            chains: gcs?.configurations().sorted { $0.shard < $1.shard }.map { "shard \($0.shard) (epoch \($0.epoch)): \($0.chain.map { "\($0)" }.joined(separator: " -> "))" } ?? [])
+            chains: gcs.map { gcs in
+                let hosts = gcs.replicaHosts
+                return gcs.configurations().sorted { $0.shard < $1.shard }.map { c in
+                    let standbys = hosts.values.filter { $0.shard == c.shard && !c.contains($0.id) }.map(\.id).sorted()
+                    return "shard \(c.shard) (epoch \(c.epoch)): \(c.chain.map { "\($0)" }.joined(separator: " -> "))"
+                        + (c.learner.map { " (learner \($0))" } ?? "") + (standbys.isEmpty ? "" : "; standby \(standbys.map(String.init).joined(separator: ", "))")
+                }
+            } ?? [])
     }
 
     /// Stops every component. Pending `get`s fail with a cancelled ``RemoteError``; later calls

@@ -19,6 +19,9 @@ public struct GCSError: Error, CustomStringConvertible, Sendable, Equatable {
         case shutDown
         /// A replica ID that this GCS does not have.
         case unknownReplica
+        /// What was asked needs the GCS started otherwise (replicas join only when each runs
+        /// in a process of its own).
+        case unsupported
     }
 
     public let code: Code
@@ -91,6 +94,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
         case message(GCSMessage, from: CairnGCS.Endpoint)
         /// The process of this replica is known to be gone.
         case exited(ReplicaID)
+        /// A replica joined this shard as a standby.
+        case joined(ReplicaID, shard: Int)
         /// A new request or subscription is waiting in the client queues.
         case wake
         /// To one client session or subscriber.
@@ -199,7 +204,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
     let directory: String
     let removeDirectory: Bool
     let start = monotonicNanoseconds()
-    let replicaHosts: [ReplicaID: ReplicaHost]
+    /// Every replica, by ID: fixed at start, except that replicas may join (``join(shard:)``).
+    var replicaHosts: [ReplicaID: ReplicaHost] { hostsLock.withLock { hostStorage } }
+    private let hostsLock = NSLock()
+    private var hostStorage: [ReplicaID: ReplicaHost]
     let coordinatorWorker = Worker()
     var coordinator: Coordinator
     let coordinatorStore: DurableStore
@@ -273,7 +281,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
             }
             initial.append(ChainConfig(shard: s, epoch: 1, chain: Array(ids.prefix(options.replicationFactor))))
         }
-        replicaHosts = hosts
+        hostStorage = hosts
         // A coordinator that persisted configurations before resumes them.
         var configs = initial
         do {
@@ -339,6 +347,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
                 switch e {
                 case .message(let m, let from): actions += coordinator.handle(m, from: from, now: t)
                 case .exited(let r): actions += coordinator.replicaExited(r, now: t)
+                case .joined(let r, let shard): coordinator.addReplica(r, shard: shard, now: t)
                 case .wake, .toClient: break
                 }
             }
@@ -454,6 +463,31 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
     }
 
+    /// Makes room for a replica that joins from outside (`cairn gcs`): a new replica ID in
+    /// `shard` (default: the shard with the fewest replicas), a standby from now on. It runs in
+    /// a process the caller starts, with the returned launch, and connects to this GCS's head;
+    /// it is not started again if it dies. Throws ``GCSError/Code-swift.enum/unsupported``
+    /// unless the replicas run in processes (``Options/replicaProcesses``).
+    func join(shard: Int?) throws -> GCSReplicaLaunch {
+        guard let supervisor = replicaSupervisor else {
+            throw GCSError(.unsupported, "this GCS runs its replicas on the head's threads, so none can join; start the head with --gcs-processes (EmbeddedGCS.Options.replicaProcesses)")
+        }
+        if let shard, !(0..<options.shards).contains(shard) {
+            throw GCSError(.unknownReplica, "there is no shard \(shard); shards are 0..<\(options.shards)")
+        }
+        let (r, s): (ReplicaID, Int) = hostsLock.withLock {
+            let r = (hostStorage.keys.max() ?? -1) + 1
+            let counts = Dictionary(grouping: hostStorage.values, by: \.shard).mapValues(\.count)
+            let s = shard ?? (0..<options.shards).min { counts[$0, default: 0] < counts[$1, default: 0] }!
+            let host = ReplicaHost(id: r, shard: s, directory: "")
+            host.remote = supervisor.add(r)
+            hostStorage[r] = host
+            return (r, s)
+        }
+        coordinatorWorker.post(.joined(r, shard: s))
+        return supervisor.launch(replica: r, shard: s, directory: "")
+    }
+
     /// Stops a replica as a SIGKILL would: its memory is gone, its LMDB stays. The coordinator
     /// hears of the exit at once, as from a supervisor that saw the process end.
     public func kill(replica r: ReplicaID) throws {
@@ -549,7 +583,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// With ``Options/replicaProcesses``: each replica's process as it runs now (its pid changes
     /// when it is started again); empty when the replicas run on threads.
     public var replicaProcesses: [(replica: ReplicaID, pid: Int32)] {
-        replicaHosts.values.compactMap { h in h.remote.map { (h.id, $0.pid) } }.sorted { $0.replica < $1.replica }
+        // Replicas that joined from outside run in processes this one did not start: no pid here.
+        replicaHosts.values.compactMap { h in h.remote.map { (h.id, $0.pid) } }.filter { $0.pid > 0 }.sorted { $0.replica < $1.replica }
     }
 
     /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.

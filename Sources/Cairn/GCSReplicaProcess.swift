@@ -64,6 +64,21 @@ struct GCSReplicaLaunch: Codable, Equatable {
     var hub: String
 }
 
+/// The replicas' connections by ID, for the hub's handlers (replicas may join while it runs).
+final class RemoteTable: Sendable {
+    private let table = Mutex<[ReplicaID: RemoteReplica]>([:])
+    func add(_ r: ReplicaID) -> RemoteReplica {
+        table.withLock { t in
+            if let existing = t[r] { return existing }
+            let remote = RemoteReplica(id: r)
+            t[r] = remote
+            return remote
+        }
+    }
+    func get(_ r: ReplicaID) -> RemoteReplica? { table.withLock { $0[r] } }
+    var all: [RemoteReplica] { table.withLock { Array($0.values) } }
+}
+
 /// The head's side of one replica process: its pid and its connection.
 final class RemoteReplica: Sendable {
     let id: ReplicaID
@@ -124,7 +139,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
     private let tokenFile: String
     private let processes: ReplicaProcesses
     private let launches: [ReplicaID: NodeLaunch]
-    private let remotes: [ReplicaID: RemoteReplica]
+    /// Every replica's connection: those started here, and those that joined.
+    private let remotes: RemoteTable
     private let stopping = Atomic<Bool>(false)
     private let inbox: BatchQueue<(ReplicaID, WireConnection, [UInt8])>
     private let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("cairn gcs: \($0)\n".utf8)) }
@@ -143,13 +159,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
         } catch {
             throw GCSError(.storage, "cannot write the token for the replica processes: \(error)")
         }
-        var made: [ReplicaID: RemoteReplica] = [:]
-        for (r, host) in gcs.replicaHosts {
-            let remote = RemoteReplica(id: r)
-            host.remote = remote
-            made[r] = remote
-        }
-        let remotes = made
+        let remotes = RemoteTable()
+        for (r, host) in gcs.replicaHosts { host.remote = remotes.add(r) }
         self.remotes = remotes
         let log = self.log
         // Frames are decoded and routed on a thread of their own, never on an event loop,
@@ -168,7 +179,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         }
         self.inbox = inbox
         let handlers = WireHandlers(established: { connection in
-            guard let r = Self.replica(connection), let remote = remotes[r] else {
+            guard let r = Self.replica(connection), let remote = remotes.get(r) else {
                 log("a connection from \(connection.peer?.name ?? "?") is not one of this GCS's replicas; closing it")
                 connection.close()
                 return
@@ -178,7 +189,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
             guard let r = Self.replica(connection) else { return }
             inbox.post((r, connection, bytes))
         }, closed: { [weak gcs] connection, _ in
-            guard let gcs, let r = Self.replica(connection), let remote = remotes[r], remote.disconnected(connection) else { return }
+            guard let gcs, let r = Self.replica(connection), let remote = remotes.get(r), remote.disconnected(connection) else { return }
             gcs.coordinatorWorker.post(.exited(r))
             gcs.clientWorker.post(.exited(r))
         }, log: { log($0) })
@@ -188,6 +199,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
         } catch {
             throw GCSError(.storage, "the GCS cannot listen on \(processes.host) for its replica processes: \(error)")
         }
+        leaseMicroseconds = gcs.options.leaseMicroseconds
+        retransmitIntervalMicroseconds = gcs.options.retransmitIntervalMicroseconds
         var launches: [ReplicaID: NodeLaunch] = [:]
         for (r, host) in gcs.replicaHosts {
             var launch = NodeLaunch(node: NodeID(0), resources: Resources(cpus: 0), functions: nil, storeLimitBytes: 0, spillThreshold: 0,
@@ -196,8 +209,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
                                     maxTaskRetries: 0, housekeepingIntervalMs: 0, head: getpid())
             launch.role = .gcsReplica
             launch.gcs = GCSReplicaLaunch(replica: r, shard: host.shard, directory: host.directory,
-                                          leaseMicroseconds: gcs.options.leaseMicroseconds,
-                                          retransmitIntervalMicroseconds: gcs.options.retransmitIntervalMicroseconds,
+                                          leaseMicroseconds: leaseMicroseconds, retransmitIntervalMicroseconds: retransmitIntervalMicroseconds,
                                           tickIntervalMicroseconds: processes.tickIntervalMicroseconds,
                                           hub: "\(processes.host):\(listener.port)")
             launches[r] = launch
@@ -213,13 +225,27 @@ final class ReplicaSupervisor: @unchecked Sendable {
         }
     }
 
+    private let leaseMicroseconds: UInt64
+    private let retransmitIntervalMicroseconds: UInt64
+
+    /// A replica that joins from outside: its connection will be accepted.
+    func add(_ r: ReplicaID) -> RemoteReplica { remotes.add(r) }
+
+    /// What replica `r`'s process, started elsewhere, needs to know; `head` 0, so that it
+    /// stops when it loses the head rather than when a parent exits.
+    func launch(replica r: ReplicaID, shard: Int, directory: String) -> GCSReplicaLaunch {
+        GCSReplicaLaunch(replica: r, shard: shard, directory: directory, leaseMicroseconds: leaseMicroseconds,
+                         retransmitIntervalMicroseconds: retransmitIntervalMicroseconds,
+                         tickIntervalMicroseconds: processes.tickIntervalMicroseconds, hub: "\(processes.host):\(listener.port)")
+    }
+
     private static func replica(_ connection: WireConnection) -> ReplicaID? {
         guard let name = connection.peer?.name, name.hasPrefix("gcs-replica-") else { return nil }
         return Int(name.dropFirst("gcs-replica-".count))
     }
 
     private func start(_ r: ReplicaID) throws {
-        guard let launch = launches[r], let remote = remotes[r] else { return }
+        guard let launch = launches[r], let remote = remotes.get(r) else { return }
         let pid = try launch.start([processes.executable])
         remote.started(pid)
         let watcher = Thread { [self] in watch(r, pid) }
@@ -250,7 +276,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
                 log("replica \(r)'s process exited by itself three times in a row at once; not starting it again (does \(processes.executable) call Cluster.runNodeIfLaunched first thing in main?)")
                 return
             }
-            guard let launch = launches[r], let remote = remotes[r], let next = try? launch.start([processes.executable]) else {
+            guard let launch = launches[r], let remote = remotes.get(r), let next = try? launch.start([processes.executable]) else {
                 log("replica \(r)'s process exited and cannot be started again")
                 return
             }
@@ -262,7 +288,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
     /// Stops every replica process (SIGTERM, then SIGKILL after a second) and the listener.
     func stop() {
         guard !stopping.exchange(true, ordering: .relaxed) else { return }
-        let pids = remotes.values.map(\.pid).filter { $0 > 0 }
+        // Joined replicas (no pid here) stop when their connection to the head closes.
+        let pids = remotes.all.map(\.pid).filter { $0 > 0 }
         for pid in pids { kill(pid, SIGTERM) }
         let deadline = ContinuousClock.now + .seconds(1)
         while ContinuousClock.now < deadline && pids.contains(where: { !processHasExited($0) }) { usleep(1_000) }

@@ -17,6 +17,9 @@ enum HeadRequest: Codable {
     /// A global scheduler process joining (`cairn scheduler`), as a standby: it is given what
     /// a scheduler process needs to know. `host` is the address it will listen on.
     case joinScheduler(host: String)
+    /// A GCS replica process joining (`cairn gcs`) as a standby of `shard` (nil: the shard with
+    /// the fewest replicas): it is given a replica ID and the head's address for replicas.
+    case joinReplica(shard: Int?)
     /// The cluster's nodes, actors and GCS chains.
     case status
 }

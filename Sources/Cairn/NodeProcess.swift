@@ -313,6 +313,17 @@ final class NodeSupervisor: @unchecked Sendable {
         return launch
     }
 
+    /// What a GCS replica process joining from outside (`cairn gcs`) needs to know; its
+    /// connection to the head falls silent after `silenceMs` at most.
+    func joiningReplica(_ replica: GCSReplicaLaunch, silenceMs: Int) -> NodeLaunch {
+        var launch = template
+        launch.role = .gcsReplica
+        launch.gcs = replica
+        launch.failureTimeoutMs = silenceMs
+        launch.head = 0
+        return launch
+    }
+
     /// What a global scheduler process joining from outside (`cairn scheduler`) needs to know.
     /// It registers as a standby and takes over when the active scheduler is lost; it is not
     /// this supervisor's child, so nothing replaces it if it dies.

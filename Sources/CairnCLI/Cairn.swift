@@ -28,7 +28,7 @@ struct CairnCommand: AsyncParsableCommand {
         the cluster token (token, mode 0600), the pids it started (pids) and their logs. \
         `cairn status` and `cairn stop` read it.
         """,
-        subcommands: [Start.self, Scheduler.self, Status.self, Stop.self])
+        subcommands: [Start.self, Scheduler.self, Gcs.self, Status.self, Stop.self])
 }
 
 /// The files of a session directory.
@@ -231,6 +231,39 @@ struct Scheduler: AsyncParsableCommand {
     }
 }
 
+struct Gcs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gcs",
+        abstract: "Start a GCS replica process that joins a head's GCS as a standby.",
+        discussion: """
+        The head must run its GCS replicas in processes (`cairn start --head --gcs-processes`). \
+        The replica keeps its LMDB in DIR/gcs-replica-<ID>, stands by for --shard (default: the \
+        shard with the fewest replicas), and takes the place of a replica that dies when it is \
+        the first standby alive: it catches up from the tail and joins the chain. It stops when \
+        it loses the head and is not started again; `cairn stop` stops it.
+        """)
+
+    @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
+    @Option(help: "The session directory (for the head's address and the token; the replica's LMDB goes under it).") var dir = Session.defaultDirectory
+    @Option(help: "The shard to stand by for.") var shard: Int?
+    @Option(help: "The program to run (default: this one).") var executable: String?
+
+    func validate() throws {
+        if let shard, shard < 0 { throw ValidationError("--shard must not be negative") }
+        if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
+    }
+
+    func run() async throws {
+        let session = Session(directory: dir)
+        let address = try address ?? session.address()
+        let program = executable ?? currentExecutablePath()
+        let started = try await Cluster.startReplica(joining: address, tokenFile: session.tokenFile, executable: program, storage: dir,
+                                                     shard: shard, logFile: dir + "/gcs.log")
+        try session.record(pid: started.pid, "gcs-replica-\(started.replica)", executable: realPath(program))
+        print("GCS replica \(started.replica) (pid \(started.pid)) joined the head at \(address) as a standby; its log: \(dir)/gcs.log")
+    }
+}
+
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors, schedulers and GCS chains.")
 
@@ -248,7 +281,7 @@ struct Status: AsyncParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Stop what `cairn start` and `cairn scheduler` started from this session directory: the head (which stops its node processes), joined nodes and schedulers.")
+        abstract: "Stop what `cairn start`, `cairn scheduler` and `cairn gcs` started from this session directory: the head (which stops its node processes), joined nodes, schedulers and GCS replicas.")
 
     @Option(help: "The session directory.") var dir = Session.defaultDirectory
 

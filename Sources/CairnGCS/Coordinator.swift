@@ -37,7 +37,7 @@ public struct Coordinator: Sendable {
     /// The current configuration of each shard, by shard.
     public private(set) var configs: [ChainConfig]
     /// Every replica the coordinator manages, and its shard.
-    public let replicas: [ReplicaID: Int]
+    public private(set) var replicas: [ReplicaID: Int]
     private var lastHeard: [ReplicaID: UInt64] = [:]
     private var lastGrant: [ReplicaID: UInt64] = [:]
     /// Replicas whose process the shell saw exit, until they report again.
@@ -89,6 +89,16 @@ public struct Coordinator: Sendable {
         default:
             return []
         }
+    }
+
+    /// A replica joins `shard` as a standby (`cairn gcs`): it is alive from `now` for a full
+    /// failure timeout, and becomes a learner once it has reported and a chain lacks a replica.
+    public mutating func addReplica(_ r: ReplicaID, shard: Int, now: UInt64) {
+        precondition(shard >= 0 && shard < configs.count, "shard \(shard) does not exist")
+        precondition(replicas[r] == nil, "replica \(r) is already known")
+        replicas[r] = shard
+        lastHeard[r] = now
+        lastGrant[r] = now
     }
 
     /// Called periodically: detects failures and repairs chains.

@@ -16,9 +16,9 @@ extension ClusterSuites {
 struct CLITests {
     static let cairn = executableDirectory() + "/cairn"
 
-    /// Runs `cairn arguments`; its exit status and standard output.
-    static func run(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let child = try ChildProcess(executable: cairn, arguments: arguments)
+    /// Runs `cairn arguments`; its exit status and standard output (with its errors, if `errors`).
+    static func run(_ arguments: [String], errors: Bool = false) throws -> (status: Int32, output: String) {
+        let child = try ChildProcess(executable: cairn, arguments: arguments, mergeStandardError: errors)
         var lines: [String] = []
         while let line = child.readLine(timeoutMilliseconds: 60_000) { lines.append(line) }
         return (child.wait(), lines.joined(separator: "\n"))
@@ -109,6 +109,10 @@ struct CLITests {
         #expect(schedulers.contains("SCHEDULER"), "\(schedulers)")
         #expect(Session.pids(dir.path).contains { $0.what == "scheduler" })
 
+        // This head runs its GCS replicas on threads: a replica cannot join, and is told why.
+        let noReplica = try Self.run(["gcs", "--dir", dir.path], errors: true)
+        #expect(noReplica.status != 0 && noReplica.output.contains("--gcs-processes"), "\(noReplica.output)")
+
         // A joined node that dies is declared dead.
         let nodePID = try #require(Session.pids(dir.path).first { $0.what == "node-3" }?.pid)
         kill(nodePID, SIGKILL)
@@ -160,6 +164,29 @@ struct CLITests {
         let after = try await cluster.status(of: bank)
         #expect(after.node != before.node && after.restarts == 1 && after.state == .alive, "\(after)")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/storage"), "nothing was stored in a directory")
+    }
+
+    @Test("cairn gcs: a GCS replica joins a head whose replicas run in processes, is listed as a standby, and is stopped by cairn stop")
+    func replicaJoins() async throws {
+        let dir = try TemporaryDirectory()
+        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "0", "--gcs-processes",
+                                    "--failure-timeout-ms", "5000"])
+        #expect(started.status == 0, "\(started.output)")
+        let headPID = try #require(Session.pids(dir.path).first { $0.what == "head" }?.pid)
+        defer {
+            _ = try? Self.run(["stop", "--dir", dir.path])
+            kill(headPID, SIGKILL)
+        }
+        let badShard = try Self.run(["gcs", "--dir", dir.path, "--shard", "7"], errors: true)
+        #expect(badShard.status != 0 && badShard.output.contains("shard 7"), "\(badShard.output)")
+        let joined = try Self.run(["gcs", "--dir", dir.path, "--shard", "0"])
+        #expect(joined.status == 0 && joined.output.contains("GCS replica 4"), "\(joined.output)")
+        let table = try await Self.status(dir.path) { $0.contains("standby 3, 4") }
+        #expect(table.contains("shard 0"), "\(table)")
+        let replica = try #require(Session.pids(dir.path).first { $0.what == "gcs-replica-4" }?.pid)
+        let stopped = try Self.run(["stop", "--dir", dir.path])
+        #expect(stopped.output.contains("stopped gcs-replica-4"), "\(stopped.output)")
+        #expect(processHasExited(replica) || kill(replica, 0) != 0)
     }
 
     @Test("a driver with the wrong token is refused, and a bad address is a typed error")

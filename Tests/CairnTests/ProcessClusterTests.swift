@@ -381,6 +381,79 @@ struct ProcessClusterTests {
         }
     }
 
+    @Test("a GCS replica joined from outside stands by, takes the place of killed replicas, and no acknowledged write is lost")
+    func joinedReplicaTakesOver() async throws {
+        var options = Self.options()
+        var gcsOptions = EmbeddedGCS.Options()
+        // Patient, as a loaded 2-core machine needs (a killed replica's connection closes at once).
+        gcsOptions.failureTimeoutMicroseconds = 10_000_000
+        gcsOptions.leaseMicroseconds = 2_000_000
+        gcsOptions.requestTimeoutMicroseconds = 60_000_000
+        options.controlStore = .chainReplicated(gcsOptions)
+        options.gcsReplicaProcesses = true
+        options.headPort = 0
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let gcs = try #require(cluster.gcs)
+        let files = try TemporaryDirectory()
+        try #require(cluster.token).write(to: files.path + "/token")
+        let (joined, pid) = try await Cluster.startReplica(joining: try #require(cluster.headAddress), tokenFile: files.path + "/token",
+                                                           executable: try #require(options.nodeExecutable), storage: files.path, shard: 0,
+                                                           logFile: files.path + "/replica.log")
+        var reaped = false
+        defer {
+            if !reaped {
+                kill(pid, SIGKILL)  // this test's own child, if it still runs
+                var status: Int32 = 0
+                waitpid(pid, &status, 0)
+            }
+        }
+        #expect(gcs.replicaIDs.contains(joined))
+        var acknowledged: [String: [UInt8]] = [:]
+        var n = 0
+        func write(_ count: Int) throws {
+            for _ in 0..<count {
+                n += 1
+                let key = GCSTable.keyValue.key("joined-\(n % 30)")
+                try gcs.put(key, Array("\(n)".utf8))
+                acknowledged[key] = Array("\(n)".utf8)
+            }
+        }
+        try write(30)
+        let listed = cluster.report().chains.first ?? ""
+        #expect(listed.contains("standby") && listed.contains("\(joined)"), "the joined replica is listed as a standby: \(listed)")
+
+        // The tail and the built-in standby die together: the joined replica is the one standby
+        // alive, so it catches up and becomes the tail.
+        let before = gcs.configurations()[0]
+        let victims = [before.tail] + gcs.replicaProcesses.map(\.replica).filter { !before.contains($0) }
+        #expect(victims.count == 2, "the tail and the standby started by the head: \(victims)")
+        for v in victims { kill(try #require(gcs.replicaProcesses.first { $0.replica == v }?.pid), SIGKILL) }
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline && !(gcs.configurations()[0].chain.contains(joined) && gcs.configurations()[0].chain.count == 3) {
+            try write(1)
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let took = gcs.configurations()[0]
+        #expect(took.chain.contains(joined) && took.chain.count == 3, "the joined replica is in the chain: \(took)")
+        for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
+
+        // The joined replica dies: it is cut out and the chain made whole from the head's own.
+        kill(pid, SIGKILL)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        reaped = true
+        let again = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < again && (gcs.configurations()[0].chain.contains(joined) || gcs.configurations()[0].chain.count < 3) {
+            try write(1)
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let whole = gcs.configurations()[0]
+        #expect(!whole.chain.contains(joined) && whole.chain.count == 3, "\(whole)")
+        try write(20)
+        for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
+    }
+
     /// Waits until the head's report lists schedulers that satisfy `condition`.
     static func schedulers(_ cluster: Cluster, until condition: ([SchedulerStatus]) -> Bool) async throws -> [SchedulerStatus] {
         let deadline = ContinuousClock.now + .seconds(20)
