@@ -161,6 +161,31 @@ struct DurableActorTests {
         }
     }
 
+    @Test("with replicated storage, state survives a cluster restart on the same GCS directory, for checkpoint intervals 1, 10, 1,000 and never",
+          arguments: intervals)
+    func survivesRestartReplicated(interval: Int) async throws {
+        let dir = try TemporaryDirectory()
+        var gcsOptions = EmbeddedGCS.Options()
+        gcsOptions.directory = dir.path
+        var options = ClusterOptions.uniform(nodes: 2, storage: ActorStorageOptions(location: .replicated))
+        options.controlStore = .chainReplicated(gcsOptions)
+        let messages = randomMessages(300, seed: 13)
+        var model = Bank()
+        for life in 1...2 {
+            let cluster = try await Cluster.local(options)
+            let bank = try await cluster.spawn(Bank(), name: "bank", durability: DurabilityOptions(checkpoint: policy(interval)))
+            if life == 1 {
+                try await drive(cluster, bank, messages, first: 1, model: &model)
+            } else {
+                let status = try await cluster.status(of: bank)
+                #expect(status.state == .alive && status.restarts == 0, "a clean stop is not a crash: \(status)")
+                #expect(cluster.metrics.actorsRestored == 1)
+                try await drive(cluster, bank, [.audit], first: 301, model: &model)
+            }
+            cluster.shutdown()
+        }
+    }
+
     @Test("exactly once: a retried message is applied once and gets its first reply, also after a restart; an evicted one fails with staleRetry")
     func retries() async throws {
         let dir = try TemporaryDirectory()
