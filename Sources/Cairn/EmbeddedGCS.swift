@@ -208,6 +208,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
     var replicaHosts: [ReplicaID: ReplicaHost] { hostsLock.withLock { hostStorage } }
     private let hostsLock = NSLock()
     private var hostStorage: [ReplicaID: ReplicaHost]
+    /// The ID the next replica to join gets (under `hostsLock`): past every ID the coordinator knows.
+    private var nextReplicaID: ReplicaID
     let coordinatorWorker = Worker()
     var coordinator: Coordinator
     let coordinatorStore: DurableStore
@@ -282,6 +284,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
             initial.append(ChainConfig(shard: s, epoch: 1, chain: Array(ids.prefix(options.replicationFactor))))
         }
         hostStorage = hosts
+        nextReplicaID = hosts.count
         // A coordinator that persisted configurations before resumes them.
         var configs = initial
         do {
@@ -289,10 +292,16 @@ public final class EmbeddedGCS: @unchecked Sendable {
             if !stored.isEmpty && stored.count != options.shards {
                 throw GCSError(.storage, "the GCS under \(directory) was created with \(stored.count) shards, not \(options.shards); start it with shards: \(stored.count), or use a new directory")
             }
+            let layout = options.shards * perShard
             for c in stored {
-                guard c.shard >= 0 && c.shard < options.shards && c.chain.allSatisfy({ shardOf[$0] == c.shard }) else {
+                let members = c.chain + (c.learner.map { [$0] } ?? [])
+                guard c.shard >= 0 && c.shard < options.shards && members.allSatisfy({ shardOf[$0] == c.shard || $0 >= layout }) else {
                     throw GCSError(.storage, "the coordinator's stored configuration \(c) does not fit \(options.shards) shards of \(perShard) replicas; use the options the directory was created with")
                 }
+                // Members past the layout had joined from outside (`cairn gcs`) and are gone
+                // with the head that knew them: the coordinator hears nothing from them and
+                // cuts them out after its failure timeout.
+                for r in members where r >= layout { shardOf[r] = c.shard }
                 configs[c.shard] = c
             }
             if stored.isEmpty {
@@ -312,6 +321,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
                                                      failureTimeout: options.failureTimeoutMicroseconds,
                                                      leaseDuration: options.leaseMicroseconds)
         coordinator = Coordinator(configs: configs, replicas: shardOf, options: coordinatorOptions, now: 0)
+        nextReplicaID = (shardOf.keys.max() ?? -1) + 1
         precondition(options.sessions < 1 << 15, "at most 32,767 sessions")
         let base = clientBase
         sessions = (0..<options.sessions).map {
@@ -476,7 +486,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             throw GCSError(.unknownReplica, "there is no shard \(shard); shards are 0..<\(options.shards)")
         }
         let (r, s): (ReplicaID, Int) = hostsLock.withLock {
-            let r = (hostStorage.keys.max() ?? -1) + 1
+            let r = nextReplicaID
+            nextReplicaID += 1
             let counts = Dictionary(grouping: hostStorage.values, by: \.shard).mapValues(\.count)
             let s = shard ?? (0..<options.shards).min { counts[$0, default: 0] < counts[$1, default: 0] }!
             let host = ReplicaHost(id: r, shard: s, directory: "")
@@ -485,7 +496,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             return (r, s)
         }
         coordinatorWorker.post(.joined(r, shard: s))
-        return supervisor.launch(replica: r, shard: s, directory: "")
+        // The joining process chooses its LMDB directory.
+        return supervisor.describe(r, s, "")
     }
 
     /// Stops a replica as a SIGKILL would: its memory is gone, its LMDB stays. The coordinator

@@ -199,8 +199,12 @@ final class ReplicaSupervisor: @unchecked Sendable {
         } catch {
             throw GCSError(.storage, "the GCS cannot listen on \(processes.host) for its replica processes: \(error)")
         }
-        leaseMicroseconds = gcs.options.leaseMicroseconds
-        retransmitIntervalMicroseconds = gcs.options.retransmitIntervalMicroseconds
+        let describe: @Sendable (ReplicaID, Int, String) -> GCSReplicaLaunch = { [options = gcs.options, hub = "\(processes.host):\(listener.port)"] r, shard, directory in
+            GCSReplicaLaunch(replica: r, shard: shard, directory: directory, leaseMicroseconds: options.leaseMicroseconds,
+                             retransmitIntervalMicroseconds: options.retransmitIntervalMicroseconds,
+                             tickIntervalMicroseconds: processes.tickIntervalMicroseconds, hub: hub)
+        }
+        self.describe = describe
         var launches: [ReplicaID: NodeLaunch] = [:]
         for (r, host) in gcs.replicaHosts {
             var launch = NodeLaunch(node: NodeID(0), resources: Resources(cpus: 0), functions: nil, storeLimitBytes: 0, spillThreshold: 0,
@@ -208,10 +212,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
                                     failureTimeoutMs: processes.silenceTimeoutMs,
                                     maxTaskRetries: 0, housekeepingIntervalMs: 0, head: getpid())
             launch.role = .gcsReplica
-            launch.gcs = GCSReplicaLaunch(replica: r, shard: host.shard, directory: host.directory,
-                                          leaseMicroseconds: leaseMicroseconds, retransmitIntervalMicroseconds: retransmitIntervalMicroseconds,
-                                          tickIntervalMicroseconds: processes.tickIntervalMicroseconds,
-                                          hub: "\(processes.host):\(listener.port)")
+            launch.gcs = describe(r, host.shard, host.directory)
             launches[r] = launch
         }
         self.launches = launches
@@ -225,19 +226,12 @@ final class ReplicaSupervisor: @unchecked Sendable {
         }
     }
 
-    private let leaseMicroseconds: UInt64
-    private let retransmitIntervalMicroseconds: UInt64
+    /// What replica `r`'s process needs to know: its shard, its LMDB directory, the GCS's timings
+    /// and where this head listens for replicas.
+    let describe: @Sendable (ReplicaID, Int, String) -> GCSReplicaLaunch
 
     /// A replica that joins from outside: its connection will be accepted.
     func add(_ r: ReplicaID) -> RemoteReplica { remotes.add(r) }
-
-    /// What replica `r`'s process, started elsewhere, needs to know; `head` 0, so that it
-    /// stops when it loses the head rather than when a parent exits.
-    func launch(replica r: ReplicaID, shard: Int, directory: String) -> GCSReplicaLaunch {
-        GCSReplicaLaunch(replica: r, shard: shard, directory: directory, leaseMicroseconds: leaseMicroseconds,
-                         retransmitIntervalMicroseconds: retransmitIntervalMicroseconds,
-                         tickIntervalMicroseconds: processes.tickIntervalMicroseconds, hub: "\(processes.host):\(listener.port)")
-    }
 
     private static func replica(_ connection: WireConnection) -> ReplicaID? {
         guard let name = connection.peer?.name, name.hasPrefix("gcs-replica-") else { return nil }

@@ -1,4 +1,6 @@
-import Cairn
+@testable import Cairn
+import CairnCodec
+import CairnStorage
 import CairnChaosKit
 import CairnCore
 import CairnGCS
@@ -133,6 +135,32 @@ struct EmbeddedGCSTests {
             #expect(gcs.replicaProcesses.first { $0.replica == victim }?.pid != pid, "the \(position)'s process was started again")
         }
         for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
+    }
+
+    @Test("a GCS whose stored configuration names a replica that had joined from outside starts, cuts it out, and keeps every write")
+    func storedJoinedReplicaIsCutOut() throws {
+        let dir = try TemporaryDirectory()
+        var o = EmbeddedGCS.Options()
+        o.directory = dir.path
+        o.failureTimeoutMicroseconds = 500_000
+        do {
+            let gcs = try EmbeddedGCS.start(o)
+            try gcs.put("k", [1])
+            gcs.shutdown()
+        }
+        // As a head that died while replica 9 (joined with `cairn gcs`) was its shard's tail leaves it.
+        do {
+            let store = try DurableStore.lmdb(directory: dir.path + "/coordinator", options: StoreOptions(syncMode: .eachCommit))
+            defer { store.close() }
+            let stored = try #require(try EmbeddedGCS.storedConfigs(store).first)
+            let config = ChainConfig(shard: 0, epoch: stored.epoch + 1, chain: Array(stored.chain.prefix(2)) + [9])
+            try store.put(EmbeddedGCS.coordinatorConfigKey(0), try BinaryEncoder().encode(config))
+        }
+        let gcs = try EmbeddedGCS.start(o)
+        defer { gcs.shutdown() }
+        try gcs.put("k", [2])
+        #expect(try gcs.get("k") == [2])
+        #expect(!gcs.configurations()[0].chain.contains(9), "\(gcs.configurations()[0])")
     }
 
     @Test("a restarted coordinator resumes from its persisted configurations and still repairs a chain")
