@@ -63,6 +63,13 @@ public final class MemoryEngine: StorageEngine, @unchecked Sendable {
 
     public func writeUnsynced<T>(_ body: (any StorageWriter) throws -> T) throws -> T { try write(body) }
 
+    /// Every key and value, in key order, as of now: O(1), the arrays being copied on write.
+    func snapshot() -> (keys: [[UInt8]], values: [[UInt8]]) {
+        lock.lock()
+        defer { lock.unlock() }
+        return (keys, values)
+    }
+
     /// Nothing to flush: memory has no durability to give.
     public func sync() throws {}
 

@@ -25,16 +25,19 @@ public protocol ReplicatedMap: Sendable {
 /// that must outlive the machine it was written on. Opening the engine on any machine claims
 /// the map and rebuilds the contents from it.
 ///
-/// Layout in the map (generation `g`, transactions numbered from 1):
-/// - `m` → the manifest: generation, base snapshot parts, the last transaction the base holds
-/// - `g/b<i>` → part `i` of the base snapshot
-/// - `g/t<n>` → transaction `n` (header, then its first piece); `g/t<n>/<i>` → its further
-///   pieces, written before `g/t<n>`, so the head piece's presence commits the transaction
+/// Layout in the map (transactions numbered from 1):
+/// - `m` → the manifest: the base's generation, its parts, the last transaction it holds
+/// - `g/b<i>` → part `i` of generation `g`'s base snapshot
+/// - `t<n>` → transaction `n` (header, then its first piece); `t<n>/<i>` → its further pieces,
+///   written before `t<n>`, so the head piece's presence commits the transaction
 ///
-/// Transactions are written one at a time, so the journal has no gaps: opening reads from the
-/// base's last transaction on until the first absent one. When the journal since the base
-/// outgrows the base (or ``Options/compactAfterTransactions``), the contents are written as a
-/// new generation's base, the manifest switched to it in one write, and the old keys deleted.
+/// Transactions are written one at a time, so the journal has no gaps: opening reads the base,
+/// then from the base's last transaction on until the first absent one. When the journal since
+/// the base outgrows the base (or ``Options/compactAfterTransactions``), a background thread
+/// writes the contents as of that transaction as a new generation's base, switches the
+/// manifest to it in one write, and then deletes the old base and the transactions it covers.
+/// Writes go on meanwhile; a compaction that fails leaves the old manifest, whose transactions
+/// are all still there, and is tried again later.
 ///
 /// A write the map does not acknowledge may still have been applied, so after one the engine
 /// refuses further writes (``StorageError/Code-swift.enum/remote``): open it again, which
@@ -83,8 +86,12 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
     private var baseBytes = 0
     private var journalBytes = 0
     private var failure: StorageError?
-    /// The keys of the transactions since the base: what compaction deletes.
-    private var journalKeys: [String] = []
+    /// The transactions since the base, with their keys and sizes: what a compaction deletes.
+    private var journaled: [(n: UInt64, keys: [String], bytes: Int)] = []
+    /// The generation the next compaction writes (past any whose manifest write failed).
+    private var nextGeneration: UInt64 = 1
+    private var compacting = false
+    private let compactions = DispatchGroup()
     /// What opening read back.
     public private(set) var recovery = Recovery(generation: 0, baseBytes: 0, transactions: 0, transactionBytes: 0)
 
@@ -107,6 +114,7 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
         if let bytes = try Self.fetch(map, ["m"])[0] {
             let manifest = try Journal.Manifest.decode(bytes, where: map.description)
             generation = manifest.generation
+            nextGeneration = generation + 1
             baseParts = Int(manifest.parts)
             baseTransaction = manifest.baseTransaction
             var base: [UInt8] = []
@@ -129,12 +137,12 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
         nextTransaction = baseTransaction + 1
         reading: while true {
             let numbers = (0..<UInt64(options.readBatch)).map { nextTransaction + $0 }
-            let heads = try Self.fetch(map, numbers.map { Journal.transaction(generation, $0) })
+            let heads = try Self.fetch(map, numbers.map { Journal.transaction($0) })
             for (n, head) in zip(numbers, heads) {
                 guard let head else { break reading }
                 let (body, keys) = try readTransaction(n, head: head)
                 try Self.apply(body, to: memory, where: map.description)
-                journalKeys += keys
+                journaled.append((n, keys, body.count))
                 journalBytes += body.count
                 recovery.transactions += 1
                 recovery.transactionBytes += body.count
@@ -161,13 +169,18 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
             }
             return result
         }
-        if nextTransaction - 1 - baseTransaction >= UInt64(options.compactAfterTransactions)
-            || (journalBytes > options.compactAfterBytes && journalBytes > baseBytes) {
-            do {
-                try compact()
-            } catch {
-                // The write itself is durable; whether the manifest moved is not known.
-                failure = Self.remote("compacting \(map.description) failed, so the store stops writing; open it again", error)
+        if !compacting && (journaled.count >= options.compactAfterTransactions
+                           || (journalBytes > options.compactAfterBytes && journalBytes > baseBytes)) {
+            // The contents as of the last transaction, copied in O(1) (copy on write).
+            let snapshot = memory.snapshot()
+            let upTo = nextTransaction - 1
+            let g = nextGeneration
+            nextGeneration += 1
+            compacting = true
+            compactions.enter()
+            Thread.detachNewThread { [self] in
+                defer { compactions.leave() }
+                compact(snapshot, upTo: upTo, generation: g)
             }
         }
         return result
@@ -178,10 +191,15 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
 
     public func sync() throws {}
 
+    /// Waits for a compaction in progress, then closes.
     public func close() {
         writeLock.withLock { failure = StorageError(.closed, "the replicated store \(map.description) was closed") }
+        compactions.wait()
         memory.close()
     }
+
+    /// Returns once no compaction is running.
+    func waitForCompactions() { compactions.wait() }
 
     /// Generation and journal position, for tests and status.
     public var position: (generation: UInt64, baseTransaction: UInt64, nextTransaction: UInt64) {
@@ -199,29 +217,29 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
         var offset = pieceBytes
         var i = 1
         while offset < body.count {
-            entries.append((Journal.piece(generation, n, i), Array(body[offset..<min(body.count, offset + pieceBytes)])))
+            entries.append((Journal.piece(n, i), Array(body[offset..<min(body.count, offset + pieceBytes)])))
             offset += pieceBytes
             i += 1
         }
         do {
             if !entries.isEmpty { try map.put(entries) }
-            try map.put([(Journal.transaction(generation, n), head)])
+            try map.put([(Journal.transaction(n), head)])
         } catch {
             failure = Self.remote("\(map.description) did not take transaction \(n), so the store stops writing; open it again", error)
             throw failure!
         }
         nextTransaction = n + 1
         journalBytes += body.count
-        journalKeys += entries.map(\.key) + [Journal.transaction(generation, n)]
+        journaled.append((n, entries.map(\.key) + [Journal.transaction(n)], body.count))
     }
 
     /// The transaction's body, and the keys it is stored under.
     private func readTransaction(_ n: UInt64, head: [UInt8]) throws -> ([UInt8], [String]) {
         let (pieces, length, crc) = try Journal.readHeader(head, transaction: n, where: map.description)
         var body = Array(head.dropFirst(Journal.headerBytes))
-        var stored = [Journal.transaction(generation, n)]
+        var stored = [Journal.transaction(n)]
         if pieces > 1 {
-            let keys = (1..<Int(pieces)).map { Journal.piece(generation, n, $0) }
+            let keys = (1..<Int(pieces)).map { Journal.piece(n, $0) }
             stored += keys
             for (key, piece) in zip(keys, try Self.fetch(map, keys)) {
                 guard let piece else {
@@ -236,38 +254,42 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
         return (body, stored)
     }
 
-    /// Writes the contents as the next generation's base, switches the manifest to it, then
-    /// deletes the previous generation's keys.
-    private func compact() throws {
-        var snapshot: [Journal.Operation] = []
-        try memory.read { r in
-            try r.scan(from: []) { k, v in
-                snapshot.append(.put([UInt8](k), [UInt8](v)))
-                return true
-            }
-        }
-        let base = Journal.encode(snapshot)
-        let next = generation + 1
+    /// On a thread of its own: writes `snapshot` (the contents as of transaction `upTo`) as
+    /// generation `g`'s base, switches the manifest to it, then deletes the previous base and
+    /// the transactions up to `upTo`. If the map does not take the base or the manifest, the
+    /// previous manifest and every transaction after it are still there: nothing is deleted,
+    /// and a later write tries again.
+    private func compact(_ snapshot: (keys: [[UInt8]], values: [[UInt8]]), upTo: UInt64, generation g: UInt64) {
+        let base = Journal.encode(zip(snapshot.keys, snapshot.values).map { .put($0, $1) })
         var parts: [(key: String, value: [UInt8]?)] = []
         var offset = 0
         while offset < base.count {
-            parts.append((Journal.basePart(next, parts.count), Array(base[offset..<min(base.count, offset + pieceBytes)])))
+            parts.append((Journal.basePart(g, parts.count), Array(base[offset..<min(base.count, offset + pieceBytes)])))
             offset += pieceBytes
         }
-        try map.put(parts)
-        let manifest = Journal.Manifest(generation: next, parts: UInt32(parts.count), baseTransaction: nextTransaction - 1,
+        let manifest = Journal.Manifest(generation: g, parts: UInt32(parts.count), baseTransaction: upTo,
                                         length: UInt64(base.count), crc: CRC32C.checksum(base))
-        try map.put([("m", manifest.encoded)])
-        // The old generation is unreachable now; deleting it only frees space.
-        let garbage: [(key: String, value: [UInt8]?)] = ((0..<baseParts).map { Journal.basePart(generation, $0) } + journalKeys).map { ($0, nil) }
-        generation = next
-        baseParts = parts.count
-        baseTransaction = nextTransaction - 1
-        baseBytes = base.count
-        journalBytes = 0
-        journalKeys = []
-        // Keys the failed deletes leave behind belong to a generation nothing reads.
-        try? map.put(garbage)
+        do {
+            try map.put(parts)
+            try map.put([("m", manifest.encoded)])
+        } catch {
+            writeLock.withLock { compacting = false }
+            return
+        }
+        let garbage: [String] = writeLock.withLock {
+            let covered = journaled.prefix { $0.n <= upTo }
+            journaled.removeFirst(covered.count)
+            journalBytes -= covered.reduce(0) { $0 + $1.bytes }
+            let old = (0..<baseParts).map { Journal.basePart(generation, $0) }
+            generation = g
+            baseParts = parts.count
+            baseTransaction = upTo
+            baseBytes = base.count
+            compacting = false
+            return old + covered.flatMap(\.keys)
+        }
+        // Keys a failed delete leaves behind are never read again.
+        try? map.put(garbage.map { ($0, nil) })
     }
 
     private static func fetch(_ map: any ReplicatedMap, _ keys: [String]) throws -> [[UInt8]?] {
@@ -338,8 +360,8 @@ enum Journal {
         case deleteRange([UInt8], [UInt8])
     }
 
-    static func transaction(_ g: UInt64, _ n: UInt64) -> String { "\(g)/t\(n)" }
-    static func piece(_ g: UInt64, _ n: UInt64, _ i: Int) -> String { "\(g)/t\(n)/\(i)" }
+    static func transaction(_ n: UInt64) -> String { "t\(n)" }
+    static func piece(_ n: UInt64, _ i: Int) -> String { "t\(n)/\(i)" }
     static func basePart(_ g: UInt64, _ i: Int) -> String { "\(g)/b\(i)" }
 
     static let transactionMagic: UInt32 = 0x3154_4A43 // "CJT1"
