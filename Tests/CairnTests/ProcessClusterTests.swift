@@ -454,6 +454,17 @@ struct ProcessClusterTests {
         for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
     }
 
+    @Test("the cluster chaos campaign: seeded SIGKILLs of nodes, the scheduler and GCS replicas while tasks and a durable actor stored in the GCS run; every result and reply right, full strength after each")
+    func chaosCampaign() async throws {
+        let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
+        print("cluster chaos campaign: seed \(seed) (CAIRN_PROCESS_SEED replays; swift run cairn-chaos cluster --seed \(seed) runs it alone)")
+        let report = await ClusterCampaign.run(.init(executable: executableDirectory() + "/cairn-chaos", seed: seed, kills: 4,
+                                                     tasksPerRound: 200, callsPerRound: 30))
+        report.timeline.forEach { print($0) }
+        #expect(report.failures.isEmpty, "\(report.failures)")
+        #expect(report.kills.values.reduce(0, +) == 4 && report.tasksChecked == 800 && report.callsChecked == 121, "\(report.kills)")
+    }
+
     /// Waits until the head's report lists schedulers that satisfy `condition`.
     static func schedulers(_ cluster: Cluster, until condition: ([SchedulerStatus]) -> Bool) async throws -> [SchedulerStatus] {
         let deadline = ContinuousClock.now + .seconds(20)
