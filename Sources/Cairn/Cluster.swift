@@ -324,11 +324,31 @@ public final class Cluster: Sendable {
 
     /// Asks the head at `address` for a node ID and what a node joining needs to know.
     static func join(address: String, token: ClusterToken, resources: Resources, functions: Set<String>?, host: String) async throws -> NodeLaunch {
-        switch try await HeadService.request(.join(resources: resources, functions: functions, host: host), address: address, token: token) {
+        try launch(from: try await HeadService.request(.join(resources: resources, functions: functions, host: host), address: address, token: token),
+                   address: address, what: "join")
+    }
+
+    /// The launch a head answered a join with.
+    private static func launch(from reply: HeadReply, address: String, what: String) throws -> NodeLaunch {
+        switch reply {
         case .joined(let launch): return launch
-        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the join: \(why)")
+        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the \(what): \(why)")
         case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
         }
+    }
+
+    /// Reads the token in `tokenFile`, asks the head at `address` with `request`, and returns
+    /// the launch it answers, naming the token file by its absolute path.
+    private static func launch(asking request: HeadRequest, of address: String, tokenFile: String, what: String) async throws -> NodeLaunch {
+        let token: ClusterToken
+        do {
+            token = try ClusterToken.read(from: tokenFile)
+        } catch {
+            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
+        }
+        var launch = try launch(from: try await HeadService.request(request, address: address, token: token), address: address, what: what)
+        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        return launch
     }
 
     /// Starts a node process that joins the cluster whose head is at `address` (what
@@ -338,14 +358,7 @@ public final class Cluster: Sendable {
     /// Returns its node and pid.
     public static func startNode(joining address: String, tokenFile: String, executable: String, resources: Resources = Resources(cpus: 1),
                                  functions: Set<String>? = nil, host: String = "127.0.0.1", logFile: String? = nil) async throws -> (node: NodeID, pid: Int32) {
-        let token: ClusterToken
-        do {
-            token = try ClusterToken.read(from: tokenFile)
-        } catch {
-            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
-        }
-        var launch = try await join(address: address, token: token, resources: resources, functions: functions, host: host)
-        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        let launch = try await launch(asking: .join(resources: resources, functions: functions, host: host), of: address, tokenFile: tokenFile, what: "join")
         let pid = try launch.start([executable], detached: true, logFile: logFile)
         return (launch.node, pid)
     }
@@ -357,19 +370,7 @@ public final class Cluster: Sendable {
     /// `logFile`; it stops when it loses the head. Returns its pid.
     public static func startScheduler(joining address: String, tokenFile: String, executable: String, host: String = "127.0.0.1",
                                       logFile: String? = nil) async throws -> Int32 {
-        let token: ClusterToken
-        do {
-            token = try ClusterToken.read(from: tokenFile)
-        } catch {
-            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
-        }
-        var launch: NodeLaunch
-        switch try await HeadService.request(.joinScheduler(host: host), address: address, token: token) {
-        case .joined(let l): launch = l
-        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the scheduler: \(why)")
-        case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
-        }
-        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
+        let launch = try await launch(asking: .joinScheduler(host: host), of: address, tokenFile: tokenFile, what: "scheduler")
         return try launch.start([executable], detached: true, logFile: logFile)
     }
 
@@ -383,18 +384,7 @@ public final class Cluster: Sendable {
     /// Returns its replica ID and pid.
     public static func startReplica(joining address: String, tokenFile: String, executable: String, storage: String, shard: Int? = nil,
                                     logFile: String? = nil) async throws -> (replica: Int, pid: Int32) {
-        let token: ClusterToken
-        do {
-            token = try ClusterToken.read(from: tokenFile)
-        } catch {
-            throw CairnError(.invalidArgument, "cannot read the cluster token: \(error)")
-        }
-        var launch: NodeLaunch
-        switch try await HeadService.request(.joinReplica(shard: shard), address: address, token: token) {
-        case .joined(let l): launch = l
-        case .refused(let why): throw CairnError(.invalidArgument, "the head at \(address) refused the replica: \(why)")
-        case .status: throw CairnError(.serialization, "the head at \(address) answered a join with a status report")
-        }
+        var launch = try await launch(asking: .joinReplica(shard: shard), of: address, tokenFile: tokenFile, what: "replica")
         guard var replica = launch.gcs else { throw CairnError(.serialization, "the head at \(address) answered without a replica") }
         let root = storage.hasPrefix("/") ? storage : FileManager.default.currentDirectoryPath + "/" + storage
         replica.directory = root + "/gcs-replica-\(replica.replica)"
@@ -404,7 +394,6 @@ public final class Cluster: Sendable {
             throw CairnError(.storage, "cannot make the replica's directory \(replica.directory): \(error)")
         }
         launch.gcs = replica
-        launch.tokenFile = tokenFile.hasPrefix("/") ? tokenFile : FileManager.default.currentDirectoryPath + "/" + tokenFile
         return (replica.replica, try launch.start([executable], detached: true, logFile: logFile))
     }
 

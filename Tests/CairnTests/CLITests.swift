@@ -48,6 +48,14 @@ struct CLITests {
         }
     }
 
+    /// Starts a head in the background for session `dir` (any free port, patient failure
+    /// detection) with `extra` arguments; its pid.
+    static func startHead(_ dir: String, _ extra: [String]) throws -> Int32 {
+        let started = try run(["start", "--head", "--dir", dir, "--port", "0", "--failure-timeout-ms", "5000"] + extra)
+        #expect(started.status == 0, "\(started.output)")
+        return try #require(Session.pids(dir).first { $0.what == "head" }?.pid)
+    }
+
     /// The table row of `node`.
     static func row(_ table: String, _ node: String) -> String? {
         table.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map(String.init)
@@ -130,10 +138,7 @@ struct CLITests {
         let dir = try TemporaryDirectory()
         let refused = try Self.run(["start", "--head", "--dir", dir.path, "--replicated-storage", "--storage", dir.path + "/s"])
         #expect(refused.status != 0, "--replicated-storage with --storage is refused: \(refused.output)")
-        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "0", "--replicated-storage",
-                                    "--failure-timeout-ms", "5000"])
-        #expect(started.status == 0, "\(started.output)")
-        let headPID = try #require(Session.pids(dir.path).first { $0.what == "head" }?.pid)
+        let headPID = try Self.startHead(dir.path, ["--nodes", "0", "--replicated-storage"])
         defer {
             _ = try? Self.run(["stop", "--dir", dir.path])
             kill(headPID, SIGKILL)
@@ -169,10 +174,7 @@ struct CLITests {
     @Test("cairn gcs: a GCS replica joins a head whose replicas run in processes, is listed as a standby, and is stopped by cairn stop")
     func replicaJoins() async throws {
         let dir = try TemporaryDirectory()
-        let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", "0", "--nodes", "0", "--gcs-processes",
-                                    "--failure-timeout-ms", "5000"])
-        #expect(started.status == 0, "\(started.output)")
-        let headPID = try #require(Session.pids(dir.path).first { $0.what == "head" }?.pid)
+        let headPID = try Self.startHead(dir.path, ["--nodes", "0", "--gcs-processes"])
         defer {
             _ = try? Self.run(["stop", "--dir", dir.path])
             kill(headPID, SIGKILL)

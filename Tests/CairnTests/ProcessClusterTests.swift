@@ -26,6 +26,19 @@ struct ProcessClusterTests {
         return options
     }
 
+    /// ``options(spillThreshold:)`` with the GCS's replicas in processes of their own, patient
+    /// as a loaded 2-core machine needs (a killed replica's connection closes at once).
+    static func gcsProcessOptions() -> ClusterOptions {
+        var options = Self.options()
+        var gcsOptions = EmbeddedGCS.Options()
+        gcsOptions.failureTimeoutMicroseconds = 10_000_000
+        gcsOptions.leaseMicroseconds = 2_000_000
+        gcsOptions.requestTimeoutMicroseconds = 60_000_000
+        options.controlStore = .chainReplicated(gcsOptions)
+        options.gcsReplicaProcesses = true
+        return options
+    }
+
     /// Waits until the driver hears of `count` live nodes, none of them in `excluding`.
     static func waitForAlive(_ cluster: Cluster, count: Int, excluding: Set<NodeID> = [], seconds: Int = 20) async throws -> [NodeID] {
         let deadline = ContinuousClock.now + .seconds(seconds)
@@ -255,14 +268,7 @@ struct ProcessClusterTests {
     @Test("GCS replicas in their own processes under a cluster of processes: the chain's head, middle and tail SIGKILLed in turn while tasks and a durable actor run; nothing is lost")
     func gcsReplicaProcessesKilled() async throws {
         let directory = try TemporaryDirectory()
-        var options = Self.options()
-        var gcsOptions = EmbeddedGCS.Options()
-        // Patient, as a loaded 2-core machine needs (a killed replica's connection closes at once).
-        gcsOptions.failureTimeoutMicroseconds = 10_000_000
-        gcsOptions.leaseMicroseconds = 2_000_000
-        gcsOptions.requestTimeoutMicroseconds = 60_000_000
-        options.controlStore = .chainReplicated(gcsOptions)
-        options.gcsReplicaProcesses = true
+        var options = Self.gcsProcessOptions()
         options.storage = ActorStorageOptions(location: .directory(directory.path), logSegmentBytes: 1 << 20)
         for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
         let cluster = try await Cluster.local(options)
@@ -383,14 +389,7 @@ struct ProcessClusterTests {
 
     @Test("a GCS replica joined from outside stands by, takes the place of killed replicas, and no acknowledged write is lost")
     func joinedReplicaTakesOver() async throws {
-        var options = Self.options()
-        var gcsOptions = EmbeddedGCS.Options()
-        // Patient, as a loaded 2-core machine needs (a killed replica's connection closes at once).
-        gcsOptions.failureTimeoutMicroseconds = 10_000_000
-        gcsOptions.leaseMicroseconds = 2_000_000
-        gcsOptions.requestTimeoutMicroseconds = 60_000_000
-        options.controlStore = .chainReplicated(gcsOptions)
-        options.gcsReplicaProcesses = true
+        var options = Self.gcsProcessOptions()
         options.headPort = 0
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
