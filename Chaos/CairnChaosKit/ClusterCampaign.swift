@@ -105,15 +105,14 @@ public enum ClusterCampaign {
 
             // The victim: a node process, the scheduler's process, or a GCS replica's.
             let config = gcs.configurations()[0]
-            var victims: [(what: String, pid: Int32)] = cluster.nodeProcesses.map { ("node (\($0.node))", $0.pid) }
-            if let scheduler = cluster.schedulerProcess { victims.append(("scheduler", scheduler)) }
+            var victims: [(kind: String, what: String, pid: Int32)] = cluster.nodeProcesses.map { ("node", "node (\($0.node))", $0.pid) }
+            if let scheduler = cluster.schedulerProcess { victims.append(("scheduler", "scheduler", scheduler)) }
             for (replica, pid) in gcs.replicaProcesses {
                 let role = replica == config.head ? "head" : replica == config.tail ? "tail" : config.chain.contains(replica) ? "middle" : "standby"
-                victims.append(("gcs \(role) (replica \(replica))", pid))
+                victims.append(("gcs \(role)", "gcs \(role) (replica \(replica))", pid))
             }
             let victim = victims[Int.random(in: 0..<victims.count, using: &random)]
-            let kind = victim.what.split(separator: " (").first.map(String.init) ?? victim.what
-            report.kills[kind, default: 0] += 1
+            report.kills[victim.kind, default: 0] += 1
             let killedAt = ContinuousClock.now
             kill(victim.pid, SIGKILL)
 

@@ -211,16 +211,9 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
     private func journal(_ operations: [Journal.Operation]) throws {
         let body = Journal.encode(operations)
         let n = nextTransaction
-        var entries: [(key: String, value: [UInt8]?)] = []
-        var head = Journal.header(pieces: UInt32(max(1, (body.count + pieceBytes - 1) / pieceBytes)), body: body)
-        head += body.prefix(pieceBytes)
-        var offset = pieceBytes
-        var i = 1
-        while offset < body.count {
-            entries.append((Journal.piece(n, i), Array(body[offset..<min(body.count, offset + pieceBytes)])))
-            offset += pieceBytes
-            i += 1
-        }
+        let pieces = split(body)
+        let head = Journal.header(pieces: UInt32(max(1, pieces.count)), body: body) + (pieces.first ?? [])
+        let entries: [(key: String, value: [UInt8]?)] = pieces.enumerated().dropFirst().map { (Journal.piece(n, $0.offset), $0.element) }
         do {
             if !entries.isEmpty { try map.put(entries) }
             try map.put([(Journal.transaction(n), head)])
@@ -231,6 +224,11 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
         nextTransaction = n + 1
         journalBytes += body.count
         journaled.append((n, entries.map(\.key) + [Journal.transaction(n)], body.count))
+    }
+
+    /// `bytes` in pieces that each fit a map value (with a transaction's header before the first).
+    private func split(_ bytes: [UInt8]) -> [[UInt8]] {
+        stride(from: 0, to: bytes.count, by: pieceBytes).map { Array(bytes[$0..<min(bytes.count, $0 + pieceBytes)]) }
     }
 
     /// The transaction's body, and the keys it is stored under.
@@ -261,12 +259,7 @@ public final class ReplicatedEngine: StorageEngine, @unchecked Sendable {
     /// and a later write tries again.
     private func compact(_ snapshot: (keys: [[UInt8]], values: [[UInt8]]), upTo: UInt64, generation g: UInt64) {
         let base = Journal.encode(zip(snapshot.keys, snapshot.values).map { .put($0, $1) })
-        var parts: [(key: String, value: [UInt8]?)] = []
-        var offset = 0
-        while offset < base.count {
-            parts.append((Journal.basePart(g, parts.count), Array(base[offset..<min(base.count, offset + pieceBytes)])))
-            offset += pieceBytes
-        }
+        let parts: [(key: String, value: [UInt8]?)] = split(base).enumerated().map { (Journal.basePart(g, $0.offset), $0.element) }
         let manifest = Journal.Manifest(generation: g, parts: UInt32(parts.count), baseTransaction: upTo,
                                         length: UInt64(base.count), crc: CRC32C.checksum(base))
         do {
