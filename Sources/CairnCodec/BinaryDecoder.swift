@@ -41,7 +41,8 @@ public struct BinaryDecoder: Sendable {
         guard bytes[1] == BinaryFormat.version else {
             throw impl.error(.unsupportedVersion, at: 1, "format version \(bytes[1]) is not supported; this reader knows version \(BinaryFormat.version)")
         }
-        let (value, end) = try impl.decodeValue(T.self, at: 2)
+        var end = 2
+        let value = try impl.decodeValue(T.self, at: &end)
         guard end == bytes.count else {
             throw impl.error(.trailingBytes, at: end, "\(bytes.count - end) bytes remain after the top-level value")
         }
@@ -53,6 +54,13 @@ public struct BinaryDecoder: Sendable {
 struct Cursor {
     var id: Int
     var at: Int
+}
+
+/// An array position in the coding path: the element `index`, entered when the path had
+/// `position` keys.
+struct IndexMark {
+    var position: Int
+    var index: Int
 }
 
 /// An open keyed container: identity, cursor slot, first entry, end, entry count.
@@ -67,7 +75,9 @@ struct KeyedFrame {
 struct DecoderState {
     var pos = 0
     var depth = 0
-    var codingPath: [any CodingKey] = []
+    /// The coding path's keys; array positions are kept apart in `marks` (see ``DecoderImpl/codingPath``).
+    var keys: [any CodingKey] = []
+    var marks: [IndexMark] = []
     /// Sequential-read cursors of open keyed containers, by depth: `cursorCapacity` of them.
     var cursors: UnsafeMutablePointer<Cursor>
     var cursorCapacity: Int
@@ -95,9 +105,25 @@ final class DecoderImpl: Decoder {
         get { state.pointee.depth }
         set { state.pointee.depth = newValue }
     }
+    /// The keys on the way to the value being decoded, with array positions put back where they
+    /// were entered. Positions are kept as plain numbers beside the keys, not as keys in the path,
+    /// so that decoding an array element costs no existential in an array; the path is only
+    /// assembled when something asks for it (an error, mostly).
     var codingPath: [any CodingKey] {
-        _read { yield state.pointee.codingPath }
-        _modify { yield &state.pointee.codingPath }
+        let keys = state.pointee.keys
+        let marks = state.pointee.marks
+        if marks.isEmpty { return keys }
+        var path: [any CodingKey] = []
+        path.reserveCapacity(keys.count + marks.count)
+        var m = 0
+        for i in 0...keys.count {
+            while m < marks.count && marks[m].position == i {
+                path.append(IndexKey(marks[m].index))
+                m += 1
+            }
+            if i < keys.count { path.append(keys[i]) }
+        }
+        return path
     }
     /// The sequential-read cursor of the keyed container at `slot` (its depth), if it has one.
     @inline(__always) func cursor(_ slot: Int, _ id: Int) -> Int? {
@@ -335,40 +361,49 @@ final class DecoderImpl: Decoder {
 
     // MARK: values
 
-    /// Decodes the value at `at`; returns it and the offset just past it.
-    func decodeValue<T: Decodable>(_ type: T.Type, at: Int) throws -> (T, Int) {
-        var p = at
-        if T.self == [UInt8].self {
-            let raw = try readBytes(&p)
-            return ([UInt8](raw) as! T, p)
-        }
-        if T.self == Data.self {
-            let raw = try readBytes(&p)
-            return (Data(raw) as! T, p)
-        }
-        if T.self == String.self { return (try readString(&p) as! T, p) }
-        if T.self == Int.self { return (try readInt(&p, Int.self) as! T, p) }
-        if T.self == Double.self { return (try readDouble(&p) as! T, p) }
-        if T.self == Bool.self { return (try readBool(&p) as! T, p) }
+    /// Decodes the value at `p` and moves `p` just past it. (The offset is passed in and out
+    /// rather than returned with the value: a `(T, Int)` result needs generic tuple metadata,
+    /// looked up in a locked runtime table on every call.)
+    func decodeValue<T: Decodable>(_ type: T.Type, at p: inout Int) throws -> T {
+        if T.self == [UInt8].self { return [UInt8](try readBytes(&p)) as! T }
+        if T.self == Data.self { return Data(try readBytes(&p)) as! T }
+        if T.self == String.self { return try readString(&p) as! T }
+        if T.self == Int.self { return try readInt(&p, Int.self) as! T }
+        if T.self == Double.self { return try readDouble(&p) as! T }
+        if T.self == Bool.self { return try readBool(&p) as! T }
+        let at = p
         guard depth < maxDepth else {
             throw error(.nestingTooDeep, at: at, "containers nest deeper than the limit of \(maxDepth)")
         }
         depth += 1
         defer { depth -= 1 }
+        if at < end, base[at] == Tag.array, let arrayType = T.self as? any DecodableArray.Type {
+            // An array, decoded here rather than by the standard library's `init(from:)`,
+            // which looks up the array's generic metadata again for every element it appends.
+            let (first, bodyEnd, count) = try openContainer(Tag.array, at: at, "an unkeyed container (array)")
+            var elements = UnkeyedDecoder(impl: self, cursor: first, end: bodyEnd, count: count, storedPath: nil)
+            let value = try arrayType.decodeElements(&elements) as! T
+            p = bodyEnd
+            return value
+        }
+        // The value's extent is known before it is decoded, so that the value can be built
+        // straight into the caller's memory.
+        p = try skip(at)
         let savedPos = pos
         let savedFrame = state.pointee.frame
         pos = at
-        let value: T
+        // Restored also when the value throws: a type may catch its field's error and go on.
+        defer {
+            pos = savedPos
+            state.pointee.frame = savedFrame
+        }
         do {
-            value = try T(from: self)
+            return try T(from: self)
         } catch let error as CodecError {
             throw error
         } catch {
             throw self.error(.rejectedByType, at: at, "\(T.self) refused the value: \(error)")
         }
-        pos = savedPos
-        state.pointee.frame = savedFrame
-        return (value, try skip(at))
     }
 
     /// The keyed container of the value being decoded (only the value's own `init(from:)` calls
@@ -441,31 +476,42 @@ final class DecoderImpl: Decoder {
     }
 }
 
+/// What a keyed container that is not the coder's current frame holds: its own position and,
+/// when it differs from the coder's, its coding path.
+final class OwnPosition {
+    let frame: KeyedFrame
+    /// Set only for containers nested by key. Others read the coder's path, so that no
+    /// container holds a copy of it and extending the path never copies the array.
+    let path: [any CodingKey]?
+
+    init(frame: KeyedFrame, path: [any CodingKey]?) {
+        self.frame = frame
+        self.path = path
+    }
+}
+
 struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     let impl: DecoderImpl
-    /// The container's position, or nil for a reused container, which reads the coder's frame.
-    let own: KeyedFrame?
-    @inline(__always) var frame: KeyedFrame { own ?? impl.state.pointee.frame }
+    /// The container's own position, or nil for a reused container, which reads the coder's
+    /// frame. One optional reference rather than the fields themselves: the standard library's
+    /// box copies the container for every value decoded through it, so it is kept small.
+    let own: OwnPosition?
+    /// Encoded names by key value (see ``KeyNames``), for reused containers of plain-value keys.
+    let names: UnsafeMutablePointer<UInt8>?
+
+    @inline(__always) var frame: KeyedFrame { own?.frame ?? impl.state.pointee.frame }
     var id: Int { frame.id }
     var slot: Int { frame.slot }
     var first: Int { frame.first }
     var end: Int { frame.end }
     var count: Int { frame.count }
-
-    /// Encoded names by key value (see ``KeyNames``), for reused containers of plain-value keys.
-    let names: UnsafeMutablePointer<UInt8>?
+    var codingPath: [any CodingKey] { own?.path ?? impl.codingPath }
 
     init(impl: DecoderImpl, frame: KeyedFrame?, storedPath: [any CodingKey]?, names: UnsafeMutablePointer<UInt8>? = nil) {
         self.impl = impl
-        self.own = frame
-        self.storedPath = storedPath
+        self.own = frame.map { OwnPosition(frame: $0, path: storedPath) }
         self.names = names
     }
-    /// Set only for containers whose path differs from the coder's current one (nested by key).
-    /// Others read the coder's path, so that no container holds a copy of it and extending
-    /// the path never copies the array.
-    let storedPath: [any CodingKey]?
-    var codingPath: [any CodingKey] { storedPath ?? impl.codingPath }
 
     /// Reads the key at `at`; returns its byte range and the offset of its value.
     @inline(__always) func keyAt(_ at: Int) throws -> (start: Int, count: Int, value: Int) {
@@ -597,10 +643,10 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try primitive(key) { try impl.readInt(&$0, UInt64.self) } }
 
     func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
-        let at = try require(key)
-        impl.codingPath.append(key)
-        defer { impl.codingPath.removeLast() }
-        let (value, next) = try impl.decodeValue(T.self, at: at)
+        var next = try require(key)
+        impl.state.pointee.keys.append(key)
+        defer { impl.state.pointee.keys.removeLast() }
+        let value = try impl.decodeValue(T.self, at: &next)
         advance(next)
         return value
     }
@@ -644,6 +690,25 @@ struct KeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
         let at = try require(key)
         advance(try impl.skip(at))
         return ValueDecoder(impl: impl, at: at, storedPath: codingPath + [key])
+    }
+}
+
+/// Arrays the decoder fills itself (see ``DecoderImpl/decodeValue(_:at:)``).
+protocol DecodableArray {
+    static func decodeElements(_ elements: inout UnkeyedDecoder) throws -> Self
+}
+
+extension Array: DecodableArray where Element: Decodable {
+    /// Decodes every element, as the standard library's `init(from:)` does.
+    static func decodeElements(_ elements: inout UnkeyedDecoder) throws -> [Element] {
+        var array: [Element] = []
+        // Room for every element, but never more memory than the input that remains.
+        let stride = Swift.max(1, MemoryLayout<Element>.stride)
+        array.reserveCapacity(Swift.min(elements.total, (elements.end - elements.cursor) / stride))
+        while !elements.isAtEnd {
+            array.append(try elements.decode(Element.self))
+        }
+        return array
     }
 }
 
@@ -712,9 +777,10 @@ struct UnkeyedDecoder: UnkeyedDecodingContainer {
 
     mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
         try check()
-        impl.codingPath.append(IndexKey(currentIndex))
-        defer { impl.codingPath.removeLast() }
-        let (value, next) = try impl.decodeValue(T.self, at: cursor)
+        impl.state.pointee.marks.append(IndexMark(position: impl.state.pointee.keys.count, index: currentIndex))
+        defer { impl.state.pointee.marks.removeLast() }
+        var next = cursor
+        let value = try impl.decodeValue(T.self, at: &next)
         guard next <= end else { throw impl.error(.lengthMismatch, at: cursor, "element runs past the end of its array", path: codingPath) }
         cursor = next
         currentIndex += 1
@@ -784,7 +850,8 @@ struct SingleValueDecoder: SingleValueDecodingContainer {
     func decode(_ type: UInt64.Type) throws -> UInt64 { try read { try impl.readInt(&$0, UInt64.self) } }
 
     func decode<T: Decodable>(_ type: T.Type) throws -> T {
-        try impl.decodeValue(T.self, at: at).0
+        var p = at
+        return try impl.decodeValue(T.self, at: &p)
     }
 }
 

@@ -21,9 +21,15 @@ public struct BinaryEncoder: Sendable {
 
     /// Encodes `value` as a complete document.
     public func encode<T: Encodable>(_ value: T) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try encode(value, into: &out)
-        return out
+        try document(value).withBytes { bytes in
+            // One allocation of the exact size and one copy.
+            [UInt8](unsafeUninitializedCapacity: bytes.count) { buffer, count in
+                if let source = bytes.baseAddress, bytes.count > 0 {
+                    buffer.baseAddress!.update(from: source, count: bytes.count)
+                }
+                count = bytes.count
+            }
+        }
     }
 
     /// Appends the document for `value` to `buffer`; on error `buffer` is left as it was.

@@ -211,7 +211,7 @@ struct FrameContainers {
 /// It applies to key types that are plain values of at most 8 bytes, which includes the enums
 /// synthesized for `CodingKeys`. A key's bytes, read as a little-endian integer, index the
 /// table; each of the `entries` entries is a count byte (0 while unknown) and the name as it is
-/// written (varint length and UTF-8). Eight scratch bytes follow the table. It assumes what
+/// written (varint length and UTF-8). It assumes what
 /// every `CodingKey` in practice does: equal key values have equal names.
 enum KeyNames {
     static let entries = 64
@@ -224,23 +224,23 @@ enum KeyNames {
 
     /// A zeroed table; the caller owns it (``FrameContainers`` frees it).
     static func allocate() -> UnsafeMutablePointer<UInt8> {
-        let table = UnsafeMutablePointer<UInt8>.allocate(capacity: tableSize + 8)
-        table.initialize(repeating: 0, count: tableSize + 8)
+        let table = UnsafeMutablePointer<UInt8>.allocate(capacity: tableSize)
+        table.initialize(repeating: 0, count: tableSize)
         return table
     }
 
     /// The entry for `key`, or nil if its value is beyond the table.
     @inline(__always) static func entry<Key: CodingKey>(for key: Key, in table: UnsafeMutablePointer<UInt8>) -> UnsafeMutablePointer<UInt8>? {
-        let scratch = UnsafeMutableRawPointer(table + tableSize)
-        scratch.initializeMemory(as: Key.self, repeating: key, count: 1)
-        // Loads of the size just stored: a wider load than the store would stall the CPU.
+        // The key's bytes are reinterpreted in place: copying a generic value into memory
+        // goes through its type's value witness and an unspecialized library call, which
+        // cost more than the rest of this lookup.
         let value: UInt64
         switch MemoryLayout<Key>.size {
         case 0: value = 0
-        case 1: value = UInt64(scratch.load(as: UInt8.self))
-        case 2: value = UInt64(UInt16(littleEndian: scratch.load(as: UInt16.self)))
-        case 4: value = UInt64(UInt32(littleEndian: scratch.load(as: UInt32.self)))
-        case 8: value = UInt64(littleEndian: scratch.load(as: UInt64.self))
+        case 1: value = UInt64(unsafeBitCast(key, to: UInt8.self))
+        case 2: value = UInt64(UInt16(littleEndian: unsafeBitCast(key, to: UInt16.self)))
+        case 4: value = UInt64(UInt32(littleEndian: unsafeBitCast(key, to: UInt32.self)))
+        case 8: value = UInt64(littleEndian: unsafeBitCast(key, to: UInt64.self))
         default: return nil
         }
         guard value < UInt64(entries) else { return nil }

@@ -162,6 +162,73 @@ struct BinaryCodecTests {
         }
     }
 
+    @Test("errors and init(from:) see array positions and keys in order, through nested arrays")
+    func nestedErrorPath() throws {
+        struct Group: Codable { var rows: [[Row]] }
+        struct LooseRow: Codable { var id: String; var timestamp: Int64; var name: String; var score: Double; var active: Bool }
+        struct LooseGroup: Codable { var rows: [[LooseRow]] }
+        let good = LooseRow(id: "1", timestamp: 0, name: "", score: 0, active: true)
+        // Only the second row list's first row has a string id; numbers elsewhere.
+        struct Mixed: Encodable {
+            var groups: [LooseGroupOrGroup]
+        }
+        enum LooseGroupOrGroup: Encodable {
+            case good(Group), bad(LooseGroup)
+            func encode(to encoder: any Encoder) throws {
+                switch self {
+                case .good(let g): try g.encode(to: encoder)
+                case .bad(let g): try g.encode(to: encoder)
+                }
+            }
+        }
+        struct Strict: Decodable { var groups: [Group] }
+        let row = Row(id: 1, timestamp: 0, name: "", score: 0, active: true)
+        let bytes = try encoder.encode(Mixed(groups: [.good(Group(rows: [[row]])), .bad(LooseGroup(rows: [[], [good]]))]))
+        do {
+            _ = try decoder.decode(Strict.self, from: bytes)
+            Issue.record("a string id decoded as an Int")
+        } catch let error as CodecError {
+            #expect(error.code == .typeMismatch)
+            #expect(error.path == "groups[1].rows[1][0].id")
+        }
+
+        // A type asking for its coding path while it decodes sees the same path.
+        struct Probe: Decodable {
+            var path: String
+            init(from decoder: any Decoder) throws {
+                path = decoder.codingPath.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined()
+            }
+        }
+        struct Probes: Decodable { var a: [[Probe]] }
+        struct Empties: Encodable { var a: [[[String: Int]]] }
+        let probes = try decoder.decode(Probes.self, from: try encoder.encode(Empties(a: [[[:]], [[:], [:]]])))
+        #expect(probes.a.map { $0.map(\.path) } == [[".a[0][0]"], [".a[1][0]", ".a[1][1]"]])
+    }
+
+    @Test("a type that catches a field's error goes on reading its other fields correctly")
+    func caughtFieldError() throws {
+        struct Inner: Codable { var x: Int }
+        struct LooseInner: Codable { var x: String }
+        struct Written: Codable { var a: LooseInner; var b: Int; var c: String }
+        struct Tolerant: Decodable {
+            enum CodingKeys: String, CodingKey { case a, b, c }
+            var a: Inner?
+            var b: Int
+            var c: String
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                a = try? container.decode(Inner.self, forKey: .a)
+                b = try container.decode(Int.self, forKey: .b)
+                c = try container.decode(String.self, forKey: .c)
+            }
+        }
+        let bytes = try encoder.encode(Written(a: LooseInner(x: "not a number"), b: 42, c: "after"))
+        let value = try decoder.decode(Tolerant.self, from: bytes)
+        #expect(value.a == nil)
+        #expect(value.b == 42)
+        #expect(value.c == "after")
+    }
+
     @Test("nesting deeper than the limit is refused, not recursed into")
     func nestingLimit() throws {
         indirect enum Chain: Codable { case end, link(Chain) }
