@@ -71,6 +71,78 @@ public enum CheckpointFormat {
         return out
     }
 
+    /// Builds the checkpoint ``encode(payload:sequence:codec:level:workers:)`` builds (zstd),
+    /// compressed as a stream and cut into pieces of `pieceSize` bytes as they fill, so that a
+    /// caller can store each piece while the next is being compressed.
+    ///
+    /// Every piece but the first goes to `emit` as soon as it is full, in order (index 1, 2, …;
+    /// the last may be shorter). The first piece starts with the header, whose lengths and
+    /// checksum are known only at the end: it is returned, with the checkpoint's total size,
+    /// once the whole payload is compressed. Put back together in order, the pieces are one
+    /// checkpoint in this format.
+    public static func encodePieces(payload raw: UnsafeRawBufferPointer, sequence: UInt64, level: Int32 = 1, workers: Int32 = 0,
+                                    pieceSize: Int, emit: (_ index: Int, _ piece: [UInt8]) throws -> Void) throws -> (first: [UInt8], total: Int) {
+        precondition(pieceSize > headerSize, "checkpoint pieces must be larger than the \(headerSize)-byte header")
+        guard let context = ZSTD_createCCtx() else {
+            throw StorageError(.io, "zstd could not allocate a compression context")
+        }
+        defer { ZSTD_freeCCtx(context) }
+        _ = ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, level)
+        // A libzstd built without threads refuses this; then it compresses on this thread.
+        if workers > 0 { _ = ZSTD_CCtx_setParameter(context, ZSTD_c_nbWorkers, workers) }
+        // The frame then states its content size, as a one-shot compression's does.
+        _ = ZSTD_CCtx_setPledgedSrcSize(context, UInt64(raw.count))
+
+        var input = ZSTD_inBuffer(src: raw.baseAddress, size: raw.count, pos: 0)
+        var first: [UInt8] = []
+        // The later pieces, kept for the checksum, which covers the header first.
+        var later: [[UInt8]] = []
+        var piece = [UInt8](repeating: 0, count: pieceSize)
+        var filled = headerSize
+        var stored = 0
+        while true {
+            var remaining = 0
+            var produced = 0
+            piece.withUnsafeMutableBytes { buffer in
+                var output = ZSTD_outBuffer(dst: buffer.baseAddress! + filled, size: pieceSize - filled, pos: 0)
+                remaining = ZSTD_compressStream2(context, &output, &input, ZSTD_e_end)
+                produced = output.pos
+            }
+            if ZSTD_isError(remaining) != 0 {
+                throw StorageError(.io, "zstd compression of \(raw.count) bytes failed: \(String(cString: ZSTD_getErrorName(remaining)))")
+            }
+            filled += produced
+            let done = remaining == 0
+            guard filled == pieceSize || done else { continue }
+            if first.isEmpty {
+                stored += filled - headerSize
+                first = filled == pieceSize ? piece : Array(piece[0..<filled])
+            } else if filled > 0 {
+                stored += filled
+                let out = filled == pieceSize ? piece : Array(piece[0..<filled])
+                later.append(out)
+                try emit(later.count, out)
+            }
+            if done { break }
+            piece = [UInt8](repeating: 0, count: pieceSize)
+            filled = 0
+        }
+        first.withUnsafeMutableBytes { whole in
+            for i in 0..<4 { whole[i] = magic[i] }
+            storeLE(whole, 4, UInt64(version), 2)
+            whole[6] = Codec.zstd.rawValue
+            whole[7] = 0
+            storeLE(whole, 8, sequence, 8)
+            storeLE(whole, 16, UInt64(raw.count), 8)
+            storeLE(whole, 24, UInt64(stored), 8)
+            var crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: whole[0..<32]))
+            crc = CRC32C.update(crc, UnsafeRawBufferPointer(rebasing: whole[headerSize...]))
+            for p in later { crc = p.withUnsafeBytes { CRC32C.update(crc, $0) } }
+            storeLE(whole, 32, UInt64(crc), 4)
+        }
+        return (first, headerSize + stored)
+    }
+
     /// Builds a checkpoint from raw bytes.
     public static func encode(payload raw: [UInt8], sequence: UInt64, codec: Codec = .zstd, level: Int32 = 1, workers: Int32 = 0) throws -> [UInt8] {
         try raw.withUnsafeBytes { try encode(payload: $0, sequence: sequence, codec: codec, level: level, workers: workers) }

@@ -279,7 +279,10 @@ public final class DurableStore: Sendable {
     /// Compression and checksumming run on the caller's thread, outside the commit. With
     /// `partSize`, a larger checkpoint is written as parts of that size, each in its own
     /// durable commit, and then a small manifest under the checkpoint's key: the disk takes it
-    /// in steps, so other writers' fsyncs never wait behind the whole checkpoint. A write cut
+    /// in steps, so other writers' fsyncs never wait behind the whole checkpoint. The parts are
+    /// committed by a thread of their own while the caller compresses the next ones, so the
+    /// write takes about as long as the longer of compressing and storing, not their sum. The
+    /// first part, which holds the header, is committed last, with the manifest. A write cut
     /// short leaves no manifest, so no checkpoint; its parts are deleted with older checkpoints.
     @discardableResult
     public func writeCheckpoint(_ name: String, sequence: UInt64, payload: [UInt8], partSize: Int? = nil) throws -> Int {
@@ -290,25 +293,37 @@ public final class DurableStore: Sendable {
     @discardableResult
     public func writeCheckpoint(_ name: String, sequence: UInt64, payload: UnsafeRawBufferPointer, partSize: Int? = nil) throws -> Int {
         try validate(log: name)
-        let blob = try CheckpointFormat.encode(payload: payload, sequence: sequence, level: options.compressionLevel,
-                                               workers: options.compressionWorkers)
-        var stored = blob
-        if let partSize, blob.count > partSize {
-            precondition(partSize >= 4096, "checkpoint parts must be at least 4 KiB")
-            var part: UInt32 = 0
-            for start in stride(from: 0, to: blob.count, by: partSize) {
-                var batch = WriteBatch()
-                batch.operations.append(.checkpointPart(name, sequence: sequence, part: part,
-                                                        bytes: Array(blob[start..<min(start + partSize, blob.count)])))
-                _ = try commit(batch)
-                part += 1
-            }
-            stored = CheckpointManifest.encode(parts: part, length: UInt64(blob.count))
+        guard let partSize else {
+            let blob = try CheckpointFormat.encode(payload: payload, sequence: sequence, level: options.compressionLevel,
+                                                   workers: options.compressionWorkers)
+            var batch = WriteBatch()
+            batch.operations.append(.checkpoint(name, sequence: sequence, blob: blob))
+            _ = try commit(batch)
+            return blob.count
         }
+        precondition(partSize >= 4096, "checkpoint parts must be at least 4 KiB")
+        let writer = PartWriter(store: self)
+        defer { writer.stop() }
+        let (first, total) = try CheckpointFormat.encodePieces(
+            payload: payload, sequence: sequence, level: options.compressionLevel, workers: options.compressionWorkers,
+            pieceSize: partSize
+        ) { index, piece in
+            var batch = WriteBatch()
+            batch.operations.append(.checkpointPart(name, sequence: sequence, part: UInt32(index), bytes: piece))
+            try writer.submit(batch)
+        }
+        try writer.finish()
         var batch = WriteBatch()
-        batch.operations.append(.checkpoint(name, sequence: sequence, blob: stored))
+        if total <= partSize {
+            batch.operations.append(.checkpoint(name, sequence: sequence, blob: first))
+        } else {
+            // Every other part is durable now; the first and the manifest that names them all go together.
+            let parts = UInt32((total + partSize - 1) / partSize)
+            batch.operations.append(.checkpointPart(name, sequence: sequence, part: 0, bytes: first))
+            batch.operations.append(.checkpoint(name, sequence: sequence, blob: CheckpointManifest.encode(parts: parts, length: UInt64(total))))
+        }
         _ = try commit(batch)
-        return blob.count
+        return total
     }
 
     /// Encodes `state` with ``BinaryEncoder`` and stores it as a checkpoint. Returns the stored size in bytes.
@@ -679,5 +694,75 @@ enum CheckpointManifest {
         guard bytes.count == 16, Array(bytes[0..<4]) == magic else { return nil }
         let parts = bytes[4..<8].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         return (parts, Keys.readBE(Array(bytes[8...])))
+    }
+}
+
+/// Commits a checkpoint's parts, in order, on a thread of its own, while the thread that
+/// compresses them goes on (see ``DurableStore/writeCheckpoint(_:sequence:payload:partSize:)``).
+final class PartWriter: @unchecked Sendable {
+    private let store: DurableStore
+    private let condition = NSCondition()
+    // Guarded by `condition`.
+    private var queue: [WriteBatch] = []
+    private var closing = false
+    private var running = true
+    private var failure: (any Error)?
+
+    init(store: DurableStore) {
+        self.store = store
+        let thread = Thread { [self] in run() }
+        thread.name = "cairn-checkpoint-parts"
+        thread.start()
+    }
+
+    /// Queues `batch`; throws the error of an earlier part, if one failed.
+    func submit(_ batch: WriteBatch) throws {
+        condition.lock()
+        defer { condition.unlock() }
+        if let failure { throw failure }
+        queue.append(batch)
+        condition.broadcast()
+    }
+
+    /// Waits until every queued part is committed; throws the first failure.
+    func finish() throws {
+        condition.lock()
+        defer { condition.unlock() }
+        closing = true
+        condition.broadcast()
+        while running { condition.wait() }
+        if let failure { throw failure }
+    }
+
+    /// Drops what is still queued (after a failure elsewhere) and waits for the thread to end.
+    func stop() {
+        condition.lock()
+        defer { condition.unlock() }
+        if running && failure == nil && !closing { failure = StorageError(.io, "checkpoint write abandoned") }
+        closing = true
+        condition.broadcast()
+        while running { condition.wait() }
+    }
+
+    private func run() {
+        condition.lock()
+        while true {
+            while queue.isEmpty && !closing { condition.wait() }
+            if queue.isEmpty || failure != nil { break }
+            let batch = queue.removeFirst()
+            condition.unlock()
+            var error: (any Error)?
+            do {
+                _ = try store.commit(batch)
+            } catch let e {
+                error = e
+            }
+            condition.lock()
+            if let error, failure == nil { failure = error }
+        }
+        queue = []
+        running = false
+        condition.broadcast()
+        condition.unlock()
     }
 }

@@ -59,6 +59,34 @@ struct CheckpointFormatTests {
         #expect(try CheckpointFormat.decode(empty).payload == [])
     }
 
+    @Test("pieces: compressed as a stream, handed out in order as they fill, put back together they verify",
+          arguments: [0, 1, 5_000, 100_000, 300_000])
+    func pieces(size: Int) throws {
+        var rng = SeededGenerator(seed: UInt64(7 + size))
+        // Half random bytes, half runs: some of it compresses and some does not.
+        let raw = (0..<size).map { i in i % 2 == 0 ? UInt8(truncatingIfNeeded: rng.next()) : UInt8(i / 1000 % 256) }
+        let pieceSize = 4096
+        var emitted: [(Int, [UInt8])] = []
+        let (first, total) = try raw.withUnsafeBytes {
+            try CheckpointFormat.encodePieces(payload: $0, sequence: 9, workers: 0, pieceSize: pieceSize) { emitted.append(($0, $1)) }
+        }
+        #expect(emitted.map(\.0) == Array(emitted.indices.map { $0 + 1 }), "indices 1, 2, … in order")
+        let pieces = [first] + emitted.map(\.1)
+        #expect(pieces.dropLast().allSatisfy { $0.count == pieceSize }, "every piece but the last is full")
+        #expect(pieces.last.map { $0.count > 0 && $0.count <= pieceSize } == true)
+        let whole = Array(pieces.joined())
+        #expect(whole.count == total)
+        let (sequence, back) = try CheckpointFormat.decode(whole)
+        #expect(sequence == 9)
+        #expect(back == raw)
+        // A flipped byte anywhere in a later piece fails the checksum.
+        if whole.count > pieceSize + 10 {
+            var damaged = whole
+            damaged[pieceSize + 10] ^= 0x40
+            #expect(code(damaged) != nil)
+        }
+    }
+
     @Test("each failed check is named: truncated, bad magic, unknown version and codec, checksum, decompression, length")
     func namedChecks() throws {
         let good = try CheckpointFormat.encode(payload: payload, sequence: 3)
