@@ -44,10 +44,10 @@ final class GlobalScheduler: @unchecked Sendable {
                 for record in table where !record.alive && nodes[record.id]?.alive != false { transport.forget(.node(record.id)) }
                 nodes = Dictionary(uniqueKeysWithValues: table.map { ($0.id, $0) })
                 placedSinceReport = [:]
-            case .schedule(let specs, let from):
+            case .schedule(let specs, let from, let avoid):
                 var view = nodes.values.map {
                     SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued + (placedSinceReport[$0.id] ?? 0),
-                                              functions: $0.functions, alive: $0.alive)
+                                              functions: $0.functions, alive: $0.alive && !avoid.contains($0.id))
                 }
                 for spec in specs {
                     var inputs: [NodeID: Int] = [:]

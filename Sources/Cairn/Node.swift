@@ -60,6 +60,12 @@ public struct NodeConfiguration: Sendable {
     }
 }
 
+/// A node declared dead, and when this node heard.
+struct RecentDeath {
+    let node: NodeID
+    let at: UInt64
+}
+
 /// Work a worker thread can pick up.
 enum Work {
     case task(TaskSpec)
@@ -161,6 +167,10 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var stopped = false
     /// Nodes the control store declared dead.
     @exclusivity(unchecked) private var deadNodes: Set<NodeID> = []
+    /// Nodes declared dead in the last ``avoidWindowNanoseconds``, with when: tasks handed up
+    /// name them, so that a scheduler that has not heard yet places nothing there.
+    private let recentDeaths = Locked<[RecentDeath]>([])
+    static let avoidWindowNanoseconds: UInt64 = 10_000_000_000
     /// Tasks owned here and handed up, oldest first, with when. One still unconfirmed
     /// ``confirmWithinNanoseconds`` later is handed up again if a node died or the scheduler
     /// was replaced around then (within that long before it was handed up, or since): the
@@ -1050,6 +1060,7 @@ final class Node: @unchecked Sendable {
                 for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
                     deadNodes.insert(record.id)
                     lastFailureNanoseconds = monotonicNanoseconds()
+                    recentDeaths.update { $0.append(RecentDeath(node: record.id, at: lastFailureNanoseconds)) }
                     transport.forget(.node(record.id))
                     nodeDiedLocked(record.id, &out)
                 }
@@ -1218,12 +1229,22 @@ final class Node: @unchecked Sendable {
                     transport.send(.objects([(spec.id, .failed(e))]), to: .node(spec.owner))
                 }
             }
-            transport.send(.schedule(specs, from: id), to: .scheduler)
+            transport.send(.schedule(specs, from: id, avoid: nodesToAvoid()), to: .scheduler)
         }
         if out.actorCallsRouted { flushActorCalls() }
         for (durable, call) in out.durableCalls { durable.submit(call) }
         for (waiter, value) in out.callbacks { waiter.fire(value) }
         out.clear()
+    }
+
+    /// The nodes declared dead lately (see ``recentDeaths``).
+    private func nodesToAvoid() -> [NodeID] {
+        recentDeaths.update { deaths in
+            if deaths.isEmpty { return [] }
+            let now = monotonicNanoseconds()
+            deaths.removeAll { $0.at + Self.avoidWindowNanoseconds < now }
+            return deaths.map(\.node)
+        }
     }
 
     /// Reports load and backlogged control-store records; called by the cluster's housekeeping.

@@ -118,8 +118,11 @@ enum ControlRequest: Sendable {
 enum Message: Sendable {
     /// Tasks placed on the receiving node: run them there.
     case runTasks([TaskSpec])
-    /// Tasks a node hands to the global scheduler (from: the node handing them up).
-    case schedule([TaskSpec], from: NodeID)
+    /// Tasks a node hands to the global scheduler (from: the node handing them up). `avoid`:
+    /// nodes the sender heard were declared dead lately, which the scheduler must not place
+    /// them on even if its own node table does not say so yet (the news reaches the two by
+    /// different paths, and a task sent to a dead node waits for its owner's retry timer).
+    case schedule([TaskSpec], from: NodeID, avoid: [NodeID])
     /// Object values, pushed to their owner or sent in answer to a fetch.
     case objects([(ObjectID, StoredValue)])
     /// Please send these objects to `replyTo` once they exist.
@@ -210,7 +213,7 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
             if case .boxed(let b) = v { preconditionFailure("a \(type(of: b)) would cross between components as a shared reference; encode it first") }
         }
         switch message {
-        case .runTasks(let specs), .schedule(let specs, _):
+        case .runTasks(let specs), .schedule(let specs, _, _):
             // Only `portable()` makes specs that may cross; checking its stamp is O(1) per spec.
             for s in specs where !s.isPortable {
                 preconditionFailure("task \(s.id) would cross between components without being made portable")

@@ -349,7 +349,7 @@ enum WireControl: Codable {
 
 enum WireMessage: Codable {
     case runTasks([WireTask])
-    case schedule([WireTask], from: NodeID)
+    case schedule([WireTask], from: NodeID, avoid: [NodeID])
     case objects([WireObject])
     case fetch([ObjectID], replyTo: NodeID)
     case free([ObjectID])
@@ -369,7 +369,7 @@ enum WireMessage: Codable {
     init(_ m: Message) {
         switch m {
         case .runTasks(let s): self = .runTasks(s.map(WireTask.init))
-        case .schedule(let s, let from): self = .schedule(s.map(WireTask.init), from: from)
+        case .schedule(let s, let from, let avoid): self = .schedule(s.map(WireTask.init), from: from, avoid: avoid)
         case .objects(let o): self = .objects(o.map { WireObject(id: $0.0, value: WireValue($0.1)) })
         case .fetch(let o, let r): self = .fetch(o, replyTo: r)
         case .free(let o): self = .free(o)
@@ -391,7 +391,7 @@ enum WireMessage: Codable {
     func message() throws -> Message {
         switch self {
         case .runTasks(let s): return .runTasks(try s.map { try $0.spec() })
-        case .schedule(let s, let from): return .schedule(try s.map { try $0.spec() }, from: from)
+        case .schedule(let s, let from, let avoid): return .schedule(try s.map { try $0.spec() }, from: from, avoid: avoid)
         case .objects(let o): return .objects(o.map { ($0.id, $0.value.stored) })
         case .fetch(let o, let r): return .fetch(o, replyTo: r)
         case .free(let o): return .free(o)
