@@ -81,7 +81,8 @@ public enum ClusterCampaign {
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         guard let gcs = cluster.gcs else { throw CairnError(.invalidArgument, "the cluster has no GCS") }
-        let bank = try await cluster.spawn(Bank(), name: "chaos-bank", durability: DurabilityOptions(checkpoint: .every(messages: 50)),
+        // Every kill may land on the actor's node: it must be allowed a restore for each.
+        let bank = try await cluster.spawn(Bank(), name: "chaos-bank", durability: DurabilityOptions(checkpoint: .every(messages: 50), maxRestarts: c.kills),
                                            resources: Resources(cpus: 0, custom: ["far": 1]))
         var model = Bank()
         var sequence: UInt64 = 0

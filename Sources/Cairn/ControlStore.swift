@@ -38,6 +38,18 @@ struct ActorRecord: Sendable, Codable {
 }
 
 extension ActorRecord {
+    /// Why an actor with this record takes no messages (said to the callers it turns away).
+    var unavailability: String {
+        switch state {
+        case .dead:
+            return "it is dead: it crashed \(restarts) time\(restarts == 1 ? "" : "s"), more than its maxRestarts allows, so it takes no more messages; its log and checkpoints are kept"
+        case .failed:
+            return "its creation or its restore on \(node) failed (the spawn's error says why)"
+        case .alive, .restoring:
+            return "it was lost with its node"
+        }
+    }
+
     /// The record as ``Cluster/status(of:)`` reports it.
     var status: ActorStatus {
         ActorStatus(id: id, typeName: typeName, node: node, name: name, state: state, restarts: restarts,
@@ -219,7 +231,9 @@ struct ControlStoreCore {
         case .lookupActor(let id, let replyTo):
             let key = ControlTables.actor(id)
             if unconfirmed[key] != nil || actors[id]?.state == .restoring { parked[key, default: []].append(request) } else {
-                actions.append(.send(.actorLocation(id, actors[id].flatMap { $0.state == .alive ? $0.node : nil }), to: replyTo))
+                let record = actors[id]
+                let node = record.flatMap { $0.state == .alive ? $0.node : nil }
+                actions.append(.send(.actorLocation(id, node, reason: node == nil ? record?.unavailability : nil), to: replyTo))
             }
         case .locateObject(let id, let replyTo):
             let key = ControlTables.object(id)

@@ -800,6 +800,7 @@ final class Node: @unchecked Sendable {
                 _ = storage.hosted.withLock { $0.removeValue(forKey: durable.name) }
                 let e = error as? CairnError ?? CairnError(.storage, "\(error)")
                 record.state = e.code == .actorDead ? .dead : .failed
+                if let meta = try? storage.meta(durable.name) { record.restarts = meta.restarts }
                 transport.send(.control(.registerActor(record)), to: .controlStore)
                 done(.failure(e))
             }
@@ -1041,7 +1042,7 @@ final class Node: @unchecked Sendable {
                         completeLocked(call.result, .failed(error), &out)
                     }
                 }
-            case .actorLocation(let aid, let node):
+            case .actorLocation(let aid, let node, let reason):
                 let queued = actorQueue.removeValue(forKey: aid) ?? []
                 if let node {
                     actorLocations[aid] = node
@@ -1049,7 +1050,7 @@ final class Node: @unchecked Sendable {
                 } else {
                     for call in queued {
                         let error = RemoteError(kind: .actorUnavailable, task: call.result, function: "\(call.typeName).receive", node: id,
-                                                message: "\(aid) is not alive in the cluster: it was never created, its creation failed, or it was lost with its node")
+                                                message: "\(aid) is not alive in the cluster: \(reason ?? "it was never created, its creation failed, or it was lost with its node")")
                         completeLocked(call.result, .failed(error), &out)
                     }
                 }

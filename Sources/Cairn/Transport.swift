@@ -133,7 +133,8 @@ enum Message: Sendable {
     /// The actor exists (or failed to start, with the reason).
     case actorCreated(ActorID, on: NodeID, failure: String?)
     case actorCalls([ActorCall])
-    case actorLocation(ActorID, NodeID?)
+    /// Where the control store says an actor lives; if nowhere, why not.
+    case actorLocation(ActorID, NodeID?, reason: String?)
     case actorDescription(ActorID, ActorRecord?)
     /// Where the control store's object table says a (large) object lives.
     case objectLocation(ObjectID, ObjectLocation?)

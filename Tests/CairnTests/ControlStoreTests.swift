@@ -29,7 +29,7 @@ struct ControlStoreCoreTests {
     }
 
     func location(_ actions: [ControlStoreCore.Action]) -> NodeID?? {
-        for (m, _) in sends(actions) { if case .actorLocation(_, let node) = m { return .some(node) } }
+        for (m, _) in sends(actions) { if case .actorLocation(_, let node, _) = m { return .some(node) } }
         return nil
     }
 

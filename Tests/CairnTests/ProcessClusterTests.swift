@@ -241,6 +241,39 @@ struct ProcessClusterTests {
         }
     }
 
+    @Test("a durable actor whose node dies once more than maxRestarts allows is declared dead, and its callers are told so")
+    func durableActorPastMaxRestarts() async throws {
+        let directory = try TemporaryDirectory()
+        var options = Self.options()
+        options.storage = ActorStorageOptions(location: .directory(directory.path))
+        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let bank = try await cluster.spawn(Bank(), name: "fragile", durability: DurabilityOptions(checkpoint: .every(messages: 10), maxRestarts: 0),
+                                           resources: Resources(cpus: 0, custom: ["far": 1]))
+        _ = try await cluster.get(try bank.send(.deposit(account: 1, amount: 5)), timeout: .seconds(60))
+        let hostNode = try await cluster.status(of: bank).node
+        let host = try #require(cluster.nodeProcesses.first { $0.node == hostNode })
+        kill(host.pid, SIGKILL)
+        _ = try await Self.waitForAlive(cluster, count: 4, excluding: [host.node])
+        // The restore on another node refuses (one crash, none allowed); the actor is dead.
+        let deadline = ContinuousClock.now + .seconds(60)
+        var status = try await cluster.status(of: bank)
+        while status.state != .dead && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+            status = try await cluster.status(of: bank)
+        }
+        #expect(status.state == .dead, "\(status)")
+        #expect(status.restarts == 1, "the record counts the crash: \(status)")
+        do {
+            _ = try await cluster.get(try bank.send(.audit), timeout: .seconds(60))
+            Issue.record("a dead actor answered")
+        } catch let error as RemoteError {
+            #expect(error.kind == .actorUnavailable)
+            #expect(error.message.contains("it is dead: it crashed 1 time, more than its maxRestarts allows"), "\(error)")
+        }
+    }
+
     @Test("a node that stops answering is declared dead by silence and killed, so its durable actor can be restored elsewhere")
     func silentNodeIsFenced() async throws {
         let directory = try TemporaryDirectory()
