@@ -611,7 +611,7 @@ final class DurableActor: @unchecked Sendable {
     /// (so that falling back past a corrupt newest checkpoint still finds its log).
     func write(_ checkpoint: DurableCheckpoint, at sequence: UInt64) throws {
         // In parts, so that the log's fsyncs (and the kernel's work) never queue behind the whole checkpoint.
-        try BinaryEncoder().withEncoded(checkpoint) {
+        _ = try BinaryEncoder().withEncoded(checkpoint) {
             try storage.checkpoints.writeCheckpoint(name, sequence: sequence, payload: $0, partSize: Self.checkpointPartSize)
         }
         metrics.checkpointsWritten.add(1, ordering: .relaxed)
