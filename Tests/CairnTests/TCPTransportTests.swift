@@ -28,7 +28,16 @@ struct TCPTransportTests {
             .control(.lookupActor(ActorID(raw: 4), replyTo: .scheduler)),
             .control(.committed(generation: 9, key: "obj/x", value: nil)),
             .control(.nodeLost(NodeID(3), reason: "its connection closed")),
-            .placed([(ObjectID(owner: NodeID(0), counter: 5), NodeID(2))]),
+            .placed([(ObjectID(owner: NodeID(0), counter: 5), NodeID(2)), (ObjectID(owner: NodeID(1), counter: 6), NodeID(3))]),
+            .runTasks([try TaskSpec(id: ObjectID(owner: NodeID(2), counter: 8), function: "g", args: [],
+                                    resources: Resources(cpus: 0.5, custom: ["gpu": 2, "far": 1])).portable()]),
+            .objectsHeld([(ObjectID(owner: NodeID(0), counter: 9), NodeID(1), size: 70_000)]),
+            .free([ObjectID(owner: NodeID(0), counter: 10), ObjectID(owner: NodeID(3), counter: 11)]),
+            .actorCalls([ActorCall(actor: ActorID(raw: 4), typeName: "Counter", result: ObjectID(owner: NodeID(1), counter: 12),
+                                   message: .encoded([1, 2, 3]), caller: 9, callerSequence: 77, logSequence: 5, logged: [4, 5]),
+                          ActorCall(actor: ActorID(raw: 4), typeName: "Counter", result: ObjectID(owner: NodeID(1), counter: 13),
+                                    message: .int(3))]),
+            .actorLocation(ActorID(raw: 4), nil, reason: "it is dead"),
             .nodeTable([NodeRecord(id: NodeID(1), resources: Resources(cpus: 2), functions: ["f"], queued: 3, alive: false, address: "127.0.0.1:4000")]),
         ]
         for message in messages {
@@ -39,6 +48,18 @@ struct TCPTransportTests {
             #expect(try WireMessages.encode(back, to: to) == bytes, "\(message)")
         }
         #expect(throws: CairnError.self) { try WireMessages.decode([0xCA, 0x01, 0xFF]) }
+        // A hand-coded kind claiming a billion entries runs out of input: a typed error, no huge allocation.
+        struct Hostile: Encodable {
+            func encode(to encoder: any Encoder) throws {
+                var c = encoder.unkeyedContainer()
+                try c.encode(UInt8(0))
+                try c.encode(2)
+                try c.encode(UInt8(4))
+                try c.encode(1_000_000_000)
+                try c.encode(UInt64(1))
+            }
+        }
+        #expect(throws: CairnError.self) { try WireMessages.decode(try BinaryEncoder().encode(Hostile())) }
     }
 
     @Test("tasks spread over 4 nodes, data edges and refs inside values, all over TCP")
