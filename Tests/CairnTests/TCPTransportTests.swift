@@ -48,18 +48,29 @@ struct TCPTransportTests {
             #expect(try WireMessages.encode(back, to: to) == bytes, "\(message)")
         }
         #expect(throws: CairnError.self) { try WireMessages.decode([0xCA, 0x01, 0xFF]) }
-        // A hand-coded kind claiming a billion entries runs out of input: a typed error, no huge allocation.
-        struct Hostile: Encodable {
-            func encode(to encoder: any Encoder) throws {
-                var c = encoder.unkeyedContainer()
-                try c.encode(UInt8(0))
-                try c.encode(2)
-                try c.encode(UInt8(4))
-                try c.encode(1_000_000_000)
-                try c.encode(UInt64(1))
+        // A hand-coded placement list claiming a billion entries is refused before anything is allocated.
+        do {
+            _ = try WireMessages.decode([0xCB, 0x00, 0x04, 0x04, 0x80, 0x94, 0xEB, 0xDC, 0x03, 0x01, 0x02])
+            Issue.record("a count past the end of the message decoded")
+        } catch let error as CairnError {
+            #expect(error.detail.contains("exceeds"), "\(error)")
+        }
+        // Every cut and seeded byte flips of the hand-coded kinds end in a message or a CairnError.
+        var random = SeededGenerator(seed: 41)
+        for message in messages {
+            let bytes = try WireMessages.encode(message, to: .node(NodeID(2)))
+            guard bytes.first == 0xCB else { continue }
+            for cut in 0..<bytes.count {
+                #expect(throws: CairnError.self) { try WireMessages.decode(Array(bytes[..<cut])) }
+            }
+            for _ in 0..<2_000 {
+                var damaged = bytes
+                for _ in 0..<Int.random(in: 1...3, using: &random) {
+                    damaged[Int.random(in: 1..<damaged.count, using: &random)] = UInt8.random(in: 0...255, using: &random)
+                }
+                do { _ = try WireMessages.decode(damaged) } catch is CairnError {}
             }
         }
-        #expect(throws: CairnError.self) { try WireMessages.decode(try BinaryEncoder().encode(Hostile())) }
     }
 
     @Test("tasks spread over 4 nodes, data edges and refs inside values, all over TCP")
