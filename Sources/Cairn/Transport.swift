@@ -51,6 +51,14 @@ final class TaskSpec: @unchecked Sendable {
         return true
     }
 
+    /// A spec read from another process: its values are encoded bytes and its references
+    /// carry no token, so it is portable as it stands.
+    static func received(id: ObjectID, function: String, args: [TaskArg], resources: Resources) -> TaskSpec {
+        let spec = TaskSpec(id: id, function: function, args: args, resources: resources)
+        spec.isPortable = true
+        return spec
+    }
+
     /// A copy that may cross to another node: values encoded, no process-local tokens or code.
     func portable() throws -> TaskSpec {
         let args = try self.args.map { arg -> TaskArg in

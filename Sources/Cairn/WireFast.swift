@@ -335,7 +335,7 @@ struct WireReader {
                 let name = try string()
                 custom[name] = try double()
             }
-            specs.append(try TaskSpec(id: id, function: function, args: args, resources: Resources(cpus: cpus, custom: custom)).portable())
+            specs.append(TaskSpec.received(id: id, function: function, args: args, resources: Resources(cpus: cpus, custom: custom)))
         }
         return specs
     }
