@@ -2,7 +2,8 @@ import CairnCodec
 
 /// The messages on the task and actor-call paths, written straight to bytes and read straight
 /// back, without `Codable`: tasks handed up and placed, results, placements, held objects,
-/// actor calls, fetches and frees. Through the coder's containers these had been a third of a
+/// actor calls, fetches and frees, and the load reports and node tables that flow every few
+/// milliseconds. Through the coder's containers these had been a third of a
 /// cluster's CPU (an existential container allocated per value, a keyed container per ID).
 ///
 /// A message starts with ``marker``, which no ``BinaryEncoder`` document starts with, then the
@@ -69,6 +70,14 @@ enum WireFast {
             w.byte(8)
             w.count(objects.count)
             for o in objects { w.uint(o.raw) }
+        case .nodeTable(let table):
+            w.byte(9)
+            w.count(table.count)
+            for record in table { w.node(record) }
+        case .control(.reportLoad(let node, let queued)):
+            w.byte(10)
+            w.int(node.raw)
+            w.int(queued)
         default:
             return nil
         }
@@ -119,7 +128,14 @@ enum WireFast {
             var objects: [ObjectID] = []
             for _ in 0..<(try r.count()) { objects.append(ObjectID(raw: try r.uint())) }
             message = .free(objects)
-        case let tag: throw r.fail("message tag \(tag) is not one of 1 to 8")
+        case 9:
+            var table: [NodeRecord] = []
+            for _ in 0..<(try r.count()) { table.append(try r.node()) }
+            message = .nodeTable(table)
+        case 10:
+            let node = NodeID(try r.int())
+            message = .control(.reportLoad(node, queued: try r.int()))
+        case let tag: throw r.fail("message tag \(tag) is not one of 1 to 10")
         }
         guard r.atEnd else { throw r.fail("\(r.remaining) bytes follow the message") }
         return (endpoint, message)
@@ -201,12 +217,36 @@ struct WireWriter {
                     uint(id.raw)
                 }
             }
-            double(spec.resources.cpus)
-            count(spec.resources.custom.count)
-            for (name, amount) in spec.resources.custom.sorted(by: { $0.key < $1.key }) {
-                string(name)
-                double(amount)
-            }
+            resources(spec.resources)
+        }
+    }
+
+    mutating func resources(_ r: Resources) {
+        double(r.cpus)
+        count(r.custom.count)
+        for (name, amount) in r.custom.sorted(by: { $0.key < $1.key }) {
+            string(name)
+            double(amount)
+        }
+    }
+
+    mutating func node(_ record: NodeRecord) {
+        int(record.id.raw)
+        resources(record.resources)
+        if let functions = record.functions {
+            byte(1)
+            count(functions.count)
+            for f in functions.sorted() { string(f) }
+        } else {
+            byte(0)
+        }
+        int(record.queued)
+        byte(record.alive ? 1 : 0)
+        if let address = record.address {
+            byte(1)
+            string(address)
+        } else {
+            byte(0)
         }
     }
 
@@ -329,15 +369,34 @@ struct WireReader {
                 case let tag: throw fail("argument tag \(tag) is not 0 or 1")
                 }
             }
-            let cpus = try double()
-            var custom: [String: Double] = [:]
-            for _ in 0..<(try count()) {
-                let name = try string()
-                custom[name] = try double()
-            }
-            specs.append(TaskSpec.received(id: id, function: function, args: args, resources: Resources(cpus: cpus, custom: custom)))
+            specs.append(TaskSpec.received(id: id, function: function, args: args, resources: try resources()))
         }
         return specs
+    }
+
+    mutating func resources() throws -> Resources {
+        let cpus = try double()
+        var custom: [String: Double] = [:]
+        for _ in 0..<(try count()) {
+            let name = try string()
+            custom[name] = try double()
+        }
+        return Resources(cpus: cpus, custom: custom)
+    }
+
+    mutating func node() throws -> NodeRecord {
+        let id = NodeID(try int())
+        let resources = try resources()
+        var functions: Set<String>?
+        if try flag() {
+            var names: Set<String> = []
+            for _ in 0..<(try count()) { names.insert(try string()) }
+            functions = names
+        }
+        let queued = try int()
+        let alive = try flag()
+        let address = try flag() ? try string() : nil
+        return NodeRecord(id: id, resources: resources, functions: functions, queued: queued, alive: alive, address: address)
     }
 
     mutating func call() throws -> ActorCall {

@@ -38,7 +38,9 @@ struct TCPTransportTests {
                           ActorCall(actor: ActorID(raw: 4), typeName: "Counter", result: ObjectID(owner: NodeID(1), counter: 13),
                                     message: .int(3))]),
             .actorLocation(ActorID(raw: 4), nil, reason: "it is dead"),
-            .nodeTable([NodeRecord(id: NodeID(1), resources: Resources(cpus: 2), functions: ["f"], queued: 3, alive: false, address: "127.0.0.1:4000")]),
+            .nodeTable([NodeRecord(id: NodeID(1), resources: Resources(cpus: 2), functions: ["f", "g"], queued: 3, alive: false, address: "127.0.0.1:4000"),
+                        NodeRecord(id: NodeID(2), resources: Resources(cpus: 1, custom: ["far": 1]), functions: nil, queued: 0, alive: true)]),
+            .control(.reportLoad(NodeID(3), queued: 4_096)),
         ]
         for message in messages {
             let bytes = try WireMessages.encode(message, to: .node(NodeID(2)))
