@@ -49,21 +49,26 @@ final class GlobalScheduler: @unchecked Sendable {
                     SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued + (placedSinceReport[$0.id] ?? 0),
                                               functions: $0.functions, alive: $0.alive && !avoid.contains($0.id))
                 }
+                // Per node of the view, by index: no dictionary operation per task.
+                var chosen = [[TaskSpec]](repeating: [], count: view.count)
                 for spec in specs {
                     var inputs: [NodeID: Int] = [:]
                     if !spec.resolved {
                         for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
                     }
                     let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
-                    if let target = SchedulingPolicy.place(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
-                        placed[target, default: []].append(spec)
-                        placedSinceReport[target, default: 0] += 1
-                        if let i = view.firstIndex(where: { $0.id == target }) { view[i].queued += 1 }
+                    if let i = SchedulingPolicy.placeIndex(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
+                        chosen[i].append(spec)
+                        view[i].queued += 1
                     } else {
                         let error = RemoteError(kind: .infeasible, task: spec.id, function: spec.function, node: spec.owner,
                                                 message: "no live node can run it (needs \(spec.resources), function \"\(spec.function)\")")
                         failed[spec.owner, default: []].append((spec.id, .failed(error)))
                     }
+                }
+                for (i, specs) in chosen.enumerated() where !specs.isEmpty {
+                    placed[view[i].id, default: []] += specs
+                    placedSinceReport[view[i].id, default: 0] += specs.count
                 }
             default:
                 break

@@ -65,26 +65,35 @@ public enum SchedulingPolicy {
     public static func place<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
                                                        bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
                                                        random: inout R) -> NodeID? {
+        placeIndex(work, nodes: nodes, inputBytes: inputBytes, bytesPerQueuedTask: bytesPerQueuedTask,
+                   handedUpBy: handedUpBy, random: &random).map { nodes[$0].id }
+    }
+
+    /// ``place(_:nodes:inputBytes:bytesPerQueuedTask:handedUpBy:random:)``, returning the
+    /// chosen node's index in `nodes`.
+    static func placeIndex<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
+                                                     bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
+                                                     random: inout R) -> Int? {
         // Ties are broken by reservoir sampling: the k-th tied node replaces the pick with
         // probability 1/k, so each is equally likely and no array is built per task.
-        var best: NodeID?
+        var best: Int?
         var ties: UInt64 = 0
         var bestScore = Double.infinity
-        var fallback: NodeID?
-        for node in nodes where node.canRun(work.resources, work.function) {
+        var fallback: Int?
+        for (i, node) in nodes.enumerated() where node.canRun(work.resources, work.function) {
             if node.id == handedUpBy {
-                fallback = node.id
+                fallback = i
                 continue
             }
             let wait = Double(node.queued) / max(node.resources.cpus, 1)
             let score = inputBytes.isEmpty ? wait : wait - Double(inputBytes[node.id] ?? 0) / bytesPerQueuedTask
             if score < bestScore - 1e-9 {
                 bestScore = score
-                best = node.id
+                best = i
                 ties = 1
             } else if abs(score - bestScore) <= 1e-9 {
                 ties += 1
-                if random.next() % ties == 0 { best = node.id }
+                if random.next() % ties == 0 { best = i }
             }
         }
         return best ?? fallback

@@ -278,6 +278,9 @@ struct WireWriter {
 struct WireReader {
     private let bytes: [UInt8]
     private var at = 0
+    /// The last function or type name read: a batch of tasks or calls mostly repeats one, and
+    /// reusing the string saves validating and allocating it again.
+    private var lastName = ""
 
     init(_ bytes: [UInt8]) { self.bytes = bytes }
 
@@ -333,6 +336,20 @@ struct WireReader {
         return Array(bytes[at..<(at + n)])
     }
 
+    /// A function or type name: the previous one again if the bytes are the same.
+    mutating func name() throws -> String {
+        let start = at
+        let n = try count()
+        let same = lastName.utf8.count == n && lastName.utf8.elementsEqual(bytes[at..<(at + n)])
+        if same {
+            at += n
+            return lastName
+        }
+        at = start
+        lastName = try string()
+        return lastName
+    }
+
     mutating func string() throws -> String {
         let n = try count()
         let s = bytes[at..<(at + n)].withUnsafeBufferPointer { String(validating: $0, as: UTF8.self) }
@@ -360,7 +377,7 @@ struct WireReader {
         var specs: [TaskSpec] = []
         for _ in 0..<(try count()) {
             let id = ObjectID(raw: try uint())
-            let function = try string()
+            let function = try name()
             var args: [TaskArg] = []
             for _ in 0..<(try count()) {
                 switch try byte() {
@@ -401,7 +418,7 @@ struct WireReader {
 
     mutating func call() throws -> ActorCall {
         let actor = ActorID(raw: try uint())
-        let typeName = try string()
+        let typeName = try name()
         let result = ObjectID(raw: try uint())
         let message = try value()
         let caller = try uint()
