@@ -1,4 +1,9 @@
 import CairnCodec
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// The messages on the task and actor-call paths, written straight to bytes and read straight
 /// back, without `Codable`: tasks handed up and placed, results, placements, held objects,
@@ -340,7 +345,10 @@ struct WireReader {
     mutating func name() throws -> String {
         let start = at
         let n = try count()
-        let same = lastName.utf8.count == n && lastName.utf8.elementsEqual(bytes[at..<(at + n)])
+        let from = at
+        let same = lastName.withUTF8 { utf8 in
+            utf8.count == n && (n == 0 || bytes.withUnsafeBufferPointer { memcmp(utf8.baseAddress!, $0.baseAddress! + from, n) == 0 })
+        }
         if same {
             at += n
             return lastName
