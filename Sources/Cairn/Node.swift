@@ -800,7 +800,8 @@ final class Node: @unchecked Sendable {
                 _ = storage.hosted.withLock { $0.removeValue(forKey: durable.name) }
                 let e = error as? CairnError ?? CairnError(.storage, "\(error)")
                 record.state = e.code == .actorDead ? .dead : .failed
-                if let meta = try? storage.meta(durable.name) { record.restarts = meta.restarts }
+                // Declared dead: the record counts its crashes, as the storage does (which was readable then).
+                if e.code == .actorDead, let meta = try? storage.meta(durable.name) { record.restarts = meta.restarts }
                 transport.send(.control(.registerActor(record)), to: .controlStore)
                 done(.failure(e))
             }

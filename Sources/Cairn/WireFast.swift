@@ -238,21 +238,23 @@ struct WireWriter {
     mutating func node(_ record: NodeRecord) {
         int(record.id.raw)
         resources(record.resources)
-        if let functions = record.functions {
-            byte(1)
-            count(functions.count)
-            for f in functions.sorted() { string(f) }
-        } else {
-            byte(0)
+        optional(record.functions) { w, functions in
+            w.count(functions.count)
+            for f in functions.sorted() { w.string(f) }
         }
         int(record.queued)
         byte(record.alive ? 1 : 0)
-        if let address = record.address {
-            byte(1)
-            string(address)
-        } else {
+        optional(record.address) { $0.string($1) }
+    }
+
+    /// A presence byte, then the value if there is one.
+    mutating func optional<T>(_ value: T?, _ write: (inout WireWriter, T) -> Void) {
+        guard let value else {
             byte(0)
+            return
         }
+        byte(1)
+        write(&self, value)
     }
 
     mutating func call(_ c: ActorCall) throws {
@@ -263,18 +265,8 @@ struct WireWriter {
         uint(c.caller)
         uint(c.callerSequence)
         byte(c.isCheckpointRequest ? 1 : 0)
-        if let s = c.logSequence {
-            byte(1)
-            uint(s)
-        } else {
-            byte(0)
-        }
-        if let logged = c.logged {
-            byte(1)
-            blob(logged)
-        } else {
-            byte(0)
-        }
+        optional(c.logSequence) { $0.uint($1) }
+        optional(c.logged) { $0.blob($1) }
     }
 }
 

@@ -302,17 +302,19 @@ public final class DurableStore: Sendable {
             return blob.count
         }
         precondition(partSize >= 4096, "checkpoint parts must be at least 4 KiB")
-        let writer = PartWriter(store: self)
-        defer { writer.stop() }
+        // Started with the second part: a checkpoint that fits in one part needs no thread.
+        var writer: PartWriter?
+        defer { writer?.stop() }
         let (first, total) = try CheckpointFormat.encodePieces(
             payload: payload, sequence: sequence, level: options.compressionLevel, workers: options.compressionWorkers,
             pieceSize: partSize
         ) { index, piece in
             var batch = WriteBatch()
             batch.operations.append(.checkpointPart(name, sequence: sequence, part: UInt32(index), bytes: piece))
-            try writer.submit(batch)
+            if writer == nil { writer = PartWriter(store: self) }
+            try writer!.submit(batch)
         }
-        try writer.finish()
+        try writer?.finish()
         var batch = WriteBatch()
         if total <= partSize {
             batch.operations.append(.checkpoint(name, sequence: sequence, blob: first))
