@@ -170,6 +170,8 @@ final class Node: @unchecked Sendable {
     /// Nodes declared dead in the last ``avoidWindowNanoseconds``, with when: tasks handed up
     /// name them, so that a scheduler that has not heard yet places nothing there.
     private let recentDeaths = Locked<[RecentDeath]>([])
+    /// Whether `recentDeaths` may hold any, read without its lock on every hand-up.
+    private let anyRecentDeaths = Atomic<Bool>(false)
     static let avoidWindowNanoseconds: UInt64 = 10_000_000_000
     /// Tasks owned here and handed up, oldest first, with when. One still unconfirmed
     /// ``confirmWithinNanoseconds`` later is handed up again if a node died or the scheduler
@@ -1063,6 +1065,7 @@ final class Node: @unchecked Sendable {
                     deadNodes.insert(record.id)
                     lastFailureNanoseconds = monotonicNanoseconds()
                     recentDeaths.update { $0.append(RecentDeath(node: record.id, at: lastFailureNanoseconds)) }
+                    anyRecentDeaths.store(true, ordering: .releasing)
                     transport.forget(.node(record.id))
                     nodeDiedLocked(record.id, &out)
                 }
@@ -1241,10 +1244,11 @@ final class Node: @unchecked Sendable {
 
     /// The nodes declared dead lately (see ``recentDeaths``).
     private func nodesToAvoid() -> [NodeID] {
-        recentDeaths.update { deaths in
-            if deaths.isEmpty { return [] }
+        guard anyRecentDeaths.load(ordering: .acquiring) else { return [] }
+        return recentDeaths.update { deaths in
             let now = monotonicNanoseconds()
             deaths.removeAll { $0.at + Self.avoidWindowNanoseconds < now }
+            if deaths.isEmpty { anyRecentDeaths.store(false, ordering: .releasing) }
             return deaths.map(\.node)
         }
     }
