@@ -21,7 +21,7 @@ struct GCSSim: ParsableCommand {
             options.trace = trace && runs == 1
             let o = GCSSimulation.run(options)
             if runs == 1 || !o.passed {
-                print("seed \(s): \(o.passed ? "PASS" : "FAIL") · \(o.completed) of \(o.history.count) operations completed, \(o.crashes) replica crashes, \(o.coordinatorCrashes) coordinator crashes, \(o.partitions) partitions, \(o.reconfigurations) reconfigurations, \(o.messages) messages, t=\(o.endTime)")
+                print("seed \(s): \(o.passed ? "PASS" : "FAIL") · \(o.completed) of \(o.history.count) operations completed, \(o.crashes) replica crashes, \(o.coordinatorCrashes) coordinator crashes, \(o.partitions) partitions, \(o.reconfigurations) reconfigurations, \(o.compactions) compactions, \(o.snapshotInstalls) snapshots installed, \(o.subscriberSnapshots) keys from snapshots to subscribers, \(o.messages) messages, t=\(o.endTime)")
                 for f in o.failures { print("  \(f)") }
                 if !o.passed { print("  replay: \(o.replay)") }
             }

@@ -11,8 +11,12 @@ import CairnGCS
 /// when those reads are answered and every subscriber has caught up. The checks:
 /// - the history of client operations is linearizable per key (``Linearizability``);
 /// - every acknowledged write is in its shard's tail log;
-/// - along each chain, the tail's log is a prefix of every other member's;
-/// - each subscriber received exactly the committed changes of its prefix, in order, once;
+/// - along each chain, the tail's log is a prefix of every other member's (compared whole: the
+///   simulation keeps, beside each replica's persisted state, the full log that state stands
+///   for, and checks that the replica's compacted base and store are that log folded);
+/// - each subscriber received exactly the committed changes of its prefix, in order, once,
+///   or, where it started before what the tail still held, a snapshot equal to those changes
+///   folded;
 /// - the run finished (no operation or subscription stuck once the faults stopped).
 /// Everything random comes from the seed, so a failing seed replays exactly.
 public struct GCSSimulation {
@@ -47,6 +51,9 @@ public struct GCSSimulation {
         /// Drawn from the seed when nil (20–48); it must outlast a report's round trip.
         public var leaseDuration: UInt64?
         public var resendInterval: UInt64 = 14
+        /// Compaction (``ChainReplica/Options/compactEvery``); drawn from the seed when nil
+        /// (never, or every 1 to 8 updates), with `retain` 0–3 and snapshot parts of 1–40 bytes.
+        public var compactEvery: UInt64?
         /// Faults stop at this time even if clients are not done.
         public var faultsUntil: UInt64 = 3_000
         /// The run is declared stuck after this time.
@@ -68,6 +75,10 @@ public struct GCSSimulation {
         public var coordinatorCrashes: Int
         public var partitions: Int
         public var reconfigurations: Int
+        /// Compactions persisted, snapshots installed by learners, and snapshots subscribers took.
+        public var compactions: Int
+        public var snapshotInstalls: Int
+        public var subscriberSnapshots: Int
         public var messages: Int
         public var endTime: UInt64
 
@@ -84,8 +95,20 @@ public struct GCSSimulation {
     }
 
     struct Persisted {
+        /// The updates after the snapshot's base.
         var log: [ChainUpdate] = []
         var config: ChainConfig?
+        var snapshot: ChainSnapshot?
+        /// Not persisted: every update the persisted state stands for, from the first, for the checks.
+        var full: [ChainUpdate] = []
+        var baseSequence: UInt64 { snapshot?.base.sequence ?? 0 }
+    }
+
+    /// The store after `updates`, keys with `prefix` only.
+    static func fold(_ updates: some Sequence<ChainUpdate>, prefix: String = "") -> [String: [UInt8]] {
+        var store: [String: [UInt8]] = [:]
+        for u in updates where u.key.hasPrefix(prefix) { store[u.key] = u.value }
+        return store
     }
 
     static func encode(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
@@ -98,7 +121,10 @@ public struct GCSSimulation {
         var rng = SeededGenerator(seed: o.seed)
         let failureTimeout = o.failureTimeout ?? UInt64.random(in: 12...40, using: &rng)
         let leaseDuration = o.leaseDuration ?? UInt64.random(in: 20...48, using: &rng)
-        let replicaOptions = ChainReplica.Options(leaseDuration: leaseDuration)
+        let compactEvery = o.compactEvery ?? [0, 1, 2, 4, 8][Int.random(in: 0..<5, using: &rng)]
+        let replicaOptions = ChainReplica.Options(leaseDuration: leaseDuration, compactEvery: compactEvery,
+                                                  retain: UInt64.random(in: 0...3, using: &rng),
+                                                  snapshotChunkBytes: Int.random(in: 1...40, using: &rng))
         let coordinatorOptions = Coordinator.Options(replicationFactor: o.replicationFactor, failureTimeout: failureTimeout, leaseDuration: leaseDuration)
         var shardOf: [ReplicaID: Int] = [:]
         var initial: [ChainConfig] = []
@@ -112,7 +138,7 @@ public struct GCSSimulation {
         var replicas: [ReplicaID: ChainReplica] = [:]
         for r in replicaIDs {
             let config = initial[shardOf[r]!].chain.contains(r) ? initial[shardOf[r]!] : nil
-            persisted[r] = Persisted(log: [], config: config)
+            persisted[r] = Persisted(config: config)
             replicas[r] = ChainReplica(id: r, shard: shardOf[r]!, options: replicaOptions, recovering: [], config: config)
         }
         var downUntil: [ReplicaID: UInt64] = [:]
@@ -146,9 +172,13 @@ public struct GCSSimulation {
         var coordinatorCrashes = 0
         var partitions = 0
         var reconfigurations = 0
+        var compactions = 0
+        var snapshotInstalls = 0
         var messages = 0
         var faults = true
         var failures: [String] = []
+        /// The replica whose message is being handled (the tail sending a snapshot to a learner).
+        var sender: Endpoint?
 
         func log(_ line: @autoclosure () -> String) {
             if o.trace { print("t=\(now) \(line())") }
@@ -179,12 +209,38 @@ public struct GCSSimulation {
                 switch a {
                 case .persist(let u):
                     guard case .replica(let r) = from else { preconditionFailure("only replicas persist updates") }
-                    precondition(u.sequence == UInt64(persisted[r]!.log.count + 1), "replica \(r) persisted \(u.sequence) out of order")
+                    precondition(u.sequence == persisted[r]!.baseSequence + UInt64(persisted[r]!.log.count + 1), "replica \(r) persisted \(u.sequence) out of order")
                     persisted[r]!.log.append(u)
+                    persisted[r]!.full.append(u)
                 case .persistTruncation(let keep):
                     guard case .replica(let r) = from else { preconditionFailure("only replicas truncate") }
                     log("replica \(r) truncates its log to \(keep)")
-                    persisted[r]!.log.removeLast(max(0, persisted[r]!.log.count - Int(keep)))
+                    precondition(keep >= persisted[r]!.baseSequence, "replica \(r) truncates below its compacted base")
+                    persisted[r]!.log.removeLast(max(0, persisted[r]!.log.count - Int(keep - persisted[r]!.baseSequence)))
+                    persisted[r]!.full.removeLast(max(0, persisted[r]!.full.count - Int(keep)))
+                case .persistCompaction(let c):
+                    guard case .replica(let r) = from else { preconditionFailure("only replicas compact") }
+                    var p = persisted[r]!
+                    compactions += 1
+                    precondition(c.previous == p.baseSequence && c.base.sequence <= p.baseSequence + UInt64(p.log.count),
+                                 "replica \(r) compacts \(c.previous)...\(c.base.sequence) with base \(p.baseSequence) and \(p.log.count) updates after it")
+                    var store = p.snapshot?.store ?? [:]
+                    for (key, value) in c.changes { store[key] = value }
+                    p.log.removeFirst(Int(c.base.sequence - c.previous))
+                    p.snapshot = ChainSnapshot(base: c.base, store: store)
+                    if store != fold(p.full.prefix(Int(c.base.sequence))) { failures.append("replica \(r)'s compaction to \(c.base.sequence) is not its log folded") }
+                    persisted[r] = p
+                case .persistSnapshot(let snapshot):
+                    guard case .replica(let r) = from, case .replica(let tail)? = sender else { preconditionFailure("a learner installs what a tail sent") }
+                    snapshotInstalls += 1
+                    log("replica \(r) installs a snapshot at \(snapshot.base.sequence) from \(tail)")
+                    let full = Array(persisted[tail]!.full.prefix(Int(snapshot.base.sequence)))
+                    if full.count != Int(snapshot.base.sequence) || fold(full) != snapshot.store {
+                        failures.append("replica \(r) installed a snapshot at \(snapshot.base.sequence) that is not replica \(tail)'s log folded")
+                    }
+                    persisted[r]!.log = []
+                    persisted[r]!.snapshot = snapshot
+                    persisted[r]!.full = full
                 case .persistConfig(let c):
                     switch from {
                     case .replica(let r): persisted[r]!.config = c
@@ -217,8 +273,9 @@ public struct GCSSimulation {
             for (i, sub) in subscribers.enumerated() {
                 for s in 0..<o.shards {
                     let tail = coordinatorConfigs[s].tail
-                    guard let r = replicas[tail] else { return false }
-                    if received[i][s].count != r.log.filter({ $0.key.hasPrefix(sub.prefix) }).count { return false }
+                    guard replicas[tail] != nil else { return false }
+                    let last = persisted[tail]!.full.last(where: { $0.key.hasPrefix(sub.prefix) })?.sequence ?? 0
+                    if subscribers[i].lastSeen[s] < last { return false }
                 }
             }
             return true
@@ -254,7 +311,9 @@ public struct GCSSimulation {
                 switch m.to {
                 case .replica(let r):
                     guard replicas[r] != nil else { continue }  // down: lost
+                    sender = m.from
                     perform(replicas[r]!.handle(m.message, from: m.from, now: now), from: m.to)
+                    sender = nil
                 case .coordinator:
                     guard coordinator != nil else { continue }
                     perform(coordinator!.handle(m.message, from: m.from, now: now), from: .coordinator)
@@ -279,9 +338,11 @@ public struct GCSSimulation {
                 }
             }
             // Crashes and restarts.
-            for (r, until) in downUntil where until <= now {
-                log("replica \(r) restarts with \(persisted[r]!.log.count) updates")
-                replicas[r] = ChainReplica(id: r, shard: shardOf[r]!, options: replicaOptions, recovering: persisted[r]!.log, config: persisted[r]!.config)
+            // (Dictionaries in key order: a seed runs the same in every process.)
+            for (r, until) in downUntil.sorted(by: { $0.key < $1.key }) where until <= now {
+                log("replica \(r) restarts with \(persisted[r]!.log.count) updates after a base of \(persisted[r]!.baseSequence)")
+                replicas[r] = ChainReplica(id: r, shard: shardOf[r]!, options: replicaOptions, recovering: persisted[r]!.log,
+                                           config: persisted[r]!.config, snapshot: persisted[r]!.snapshot)
                 downUntil[r] = nil
             }
             if let until = coordinatorDownUntil, until <= now {
@@ -302,7 +363,7 @@ public struct GCSSimulation {
                         crashes += 1
                     }
                 }
-                for (r, cut) in cutUntil where cut.until <= now {
+                for (r, cut) in cutUntil.sorted(by: { $0.key < $1.key }) where cut.until <= now {
                     log("replica \(r) reconnects")
                     cutUntil[r] = nil
                 }
@@ -337,28 +398,63 @@ public struct GCSSimulation {
             let stuck = history.filter { $0.returned == nil }.count
             failures.append("stuck: \(stuck) operations unanswered, subscribers \(caughtUp() ? "caught up" : "behind") at t=\(now) (configs: \(coordinatorConfigs.map(\.description).joined(separator: "; ")))")
         }
+        // Each live replica's memory is what it persisted, and its store is its whole log folded.
+        for (r, replica) in replicas.sorted(by: { $0.key < $1.key }) {
+            let p = persisted[r]!
+            if replica.base.sequence != p.baseSequence || replica.log != p.log || replica.store != fold(p.full) {
+                failures.append("replica \(r): its base, log or store differs from its persisted state (base \(replica.base.sequence) vs \(p.baseSequence))")
+            }
+        }
         for s in 0..<o.shards {
             let config = coordinatorConfigs[s]
-            guard let tail = replicas[config.tail] else { failures.append("shard \(s): tail \(config.tail) is down at the end"); continue }
-            let tailLog = Set(tail.log.map(\.request))
-            let lost = acknowledged.filter { shard(of: $0.1, shards: o.shards) == s && !tailLog.contains($0.0) }.map(\.0)
+            guard replicas[config.tail] != nil else { failures.append("shard \(s): tail \(config.tail) is down at the end"); continue }
+            let tailLog = persisted[config.tail]!.full
+            let tailRequests = Set(tailLog.map(\.request))
+            let lost = acknowledged.filter { shard(of: $0.1, shards: o.shards) == s && !tailRequests.contains($0.0) }.map(\.0)
             if !lost.isEmpty { failures.append("shard \(s): acknowledged writes missing from the tail's log: \(lost)") }
-            for r in config.chain {
-                guard let replica = replicas[r] else { continue }
-                if !replica.log.starts(with: tail.log) && !tail.log.starts(with: replica.log) {
+            for r in config.chain where replicas[r] != nil {
+                let full = persisted[r]!.full
+                if !full.starts(with: tailLog) && !tailLog.starts(with: full) {
                     failures.append("shard \(s): replica \(r)'s log and the tail's diverge")
                 }
             }
             for (i, sub) in subscribers.enumerated() {
-                let committed = tail.log.filter { $0.key.hasPrefix(sub.prefix) }
-                if !committed.starts(with: received[i][s]) {
-                    failures.append("shard \(s): subscriber '\(sub.prefix)' received changes out of order, twice, or never committed")
+                if let problem = checkSubscription(received[i][s], committed: tailLog.filter { $0.key.hasPrefix(sub.prefix) }) {
+                    failures.append("shard \(s): subscriber '\(sub.prefix)' \(problem)")
                 }
             }
         }
+        if o.trace { print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes)") }
         return Outcome(seed: o.seed, history: history, verdict: verdict, failures: failures,
                        completed: history.filter { $0.returned != nil }.count, crashes: crashes,
                        coordinatorCrashes: coordinatorCrashes, partitions: partitions, reconfigurations: reconfigurations,
+                       compactions: compactions, snapshotInstalls: snapshotInstalls,
+                       subscriberSnapshots: received.joined().joined().filter { $0.request.client < 0 }.count,
                        messages: messages, endTime: now)
+    }
+
+    /// Whether a subscriber's changes are the committed ones (of its prefix, in order): each
+    /// change the next committed one, or a snapshot (changes from no client, all numbered
+    /// alike) equal to the committed changes up to its number folded. Returns what is wrong.
+    static func checkSubscription(_ received: [ChainUpdate], committed: [ChainUpdate]) -> String? {
+        var next = 0
+        var i = 0
+        while i < received.count {
+            let u = received[i]
+            if u.request.client >= 0 {
+                guard next < committed.count, committed[next] == u else { return "received \(u.key)@\(u.sequence) out of order, twice, or never committed" }
+                next += 1
+                i += 1
+                continue
+            }
+            var j = i
+            while j < received.count && received[j].request.client < 0 && received[j].sequence == u.sequence { j += 1 }
+            let upTo = committed.firstIndex { $0.sequence > u.sequence } ?? committed.count
+            guard upTo >= next else { return "received a snapshot at \(u.sequence) older than changes it had" }
+            if fold(received[i..<j]) != fold(committed[..<upTo]) { return "received a snapshot at \(u.sequence) that is not the committed changes folded" }
+            next = upTo
+            i = j
+        }
+        return nil
     }
 }

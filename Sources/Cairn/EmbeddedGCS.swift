@@ -52,7 +52,10 @@ public enum GCSTable: String, Sendable, CaseIterable {
 
 /// The GCS running embedded in one process: every replica, the coordinator and the client
 /// sessions on their own threads, each replica persisting its log and configuration in its own
-/// LMDB environment, the same cores as the simulation (`CairnGCS`) driven by real time.
+/// LMDB environment, the same cores as the simulation (`CairnGCS`) driven by real time. A
+/// replica compacts: updates that reached the tail, beyond the newest few, are folded into a
+/// base (one LMDB record per key, `b/<key>`, and a `base` record) and their records deleted,
+/// so memory and disk hold the state, not the history (``Options/compactEvery``).
 ///
 /// Each component drains its inbox in batches; everything the batch asked to persist is one
 /// fsync'd LMDB commit, made before any message the batch produced is sent. ``kill(replica:)``
@@ -79,6 +82,13 @@ public final class EmbeddedGCS: @unchecked Sendable {
         public var resendIntervalMicroseconds: UInt64 = 10_000
         /// How often a replica resends updates its successor has not acknowledged.
         public var retransmitIntervalMicroseconds: UInt64 = 5_000
+        /// Compaction: once this many committed updates are in a replica's log beyond the
+        /// `compactionRetain` newest, they are folded into its store (in memory and in its
+        /// LMDB), so a replica holds the state, not every write ever made. 0: never.
+        public var compactEvery: UInt64 = 4_000
+        /// Updates a replica keeps after compacting, so that a subscriber a little behind
+        /// resumes from the log rather than from a snapshot.
+        public var compactionRetain: UInt64 = 1_000
         /// Client sessions, so the most requests in flight at once.
         public var sessions = 256
         /// A request not answered by then fails with ``GCSError/Code-swift.enum/unavailable``.
@@ -88,6 +98,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
         public var replicaProcesses: ReplicaProcesses?
 
         public init(shards: Int = 1) { self.shards = shards }
+
+        /// What each replica's core is given.
+        var replica: ChainReplica.Options {
+            ChainReplica.Options(leaseDuration: leaseMicroseconds, retransmitInterval: retransmitIntervalMicroseconds,
+                                 compactEvery: compactEvery, retain: compactionRetain)
+        }
     }
 
     enum Event {
@@ -332,8 +348,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             for (r, host) in hosts where options.replicaProcesses == nil {
                 let persisted = try Self.openStore(host)
                 let config = persisted.config ?? (initial[host.shard].chain.contains(r) ? initial[host.shard] : nil)
-                host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds, retransmitInterval: options.retransmitIntervalMicroseconds),
-                                         recovering: persisted.log, config: config)
+                host.core = ChainReplica(id: r, shard: host.shard, options: options.replica,
+                                         recovering: persisted.log, config: config, snapshot: persisted.snapshot)
             }
         } catch {
             for host in hosts.values { host.store?.close() }
@@ -381,6 +397,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
     // MARK: replicas
 
     static func updateKey(_ sequence: UInt64) -> [UInt8] { [UInt8(ascii: "u")] + withUnsafeBytes(of: sequence.bigEndian) { Array($0) } }
+    static let updatePrefix = [UInt8(ascii: "u")]
+    /// A replica's store as of its compacted base: one record per key.
+    static let basePrefix = Array("b/".utf8)
+    static func baseKey(_ key: String) -> [UInt8] { basePrefix + Array(key.utf8) }
+    /// The replica's ``ChainBase``.
+    static let baseMarkerKey = Array("base".utf8)
     static let configKey = Array("config".utf8)
     static let coordinatorConfigPrefix = Array("config/".utf8)
     static func coordinatorConfigKey(_ shard: Int) -> [UInt8] { coordinatorConfigPrefix + Array(String(shard).utf8) }
@@ -390,18 +412,28 @@ public final class EmbeddedGCS: @unchecked Sendable {
         try store.scan(prefix: coordinatorConfigPrefix).map { try BinaryDecoder().decode(ChainConfig.self, from: $0.value) }
     }
 
-    /// Opens a replica's LMDB and reads back its log and configuration.
-    static func openStore(_ host: ReplicaHost) throws -> (log: [ChainUpdate], config: ChainConfig?) {
+    /// Opens a replica's LMDB and reads back its compacted base, its log after it, and its
+    /// configuration.
+    static func openStore(_ host: ReplicaHost) throws -> (log: [ChainUpdate], config: ChainConfig?, snapshot: ChainSnapshot?) {
         do {
             let store = try DurableStore.lmdb(directory: host.directory, options: StoreOptions(syncMode: .eachCommit))
             host.store = store
             let decoder = BinaryDecoder()
-            let log = try store.scan(prefix: [UInt8(ascii: "u")]).map { try decoder.decode(ChainUpdate.self, from: $0.value) }
-            let config = try store.get(configKey).map { try decoder.decode(ChainConfig.self, from: $0) }
-            for (i, u) in log.enumerated() where u.sequence != UInt64(i + 1) {
-                throw GCSError(.storage, "replica \(host.id)'s log at \(host.directory) jumps from \(i) to \(u.sequence): its store is damaged; delete the directory so it rejoins as a new replica")
+            var snapshot: ChainSnapshot?
+            if let marker = try store.get(baseMarkerKey) {
+                var entries: [String: [UInt8]] = [:]
+                for r in try store.scan(prefix: basePrefix) {
+                    entries[String(decoding: r.key[basePrefix.count...], as: UTF8.self)] = r.value
+                }
+                snapshot = ChainSnapshot(base: try decoder.decode(ChainBase.self, from: marker), store: entries)
             }
-            return (log, config)
+            let first = (snapshot?.base.sequence ?? 0) + 1
+            let log = try store.scan(prefix: updatePrefix).map { try decoder.decode(ChainUpdate.self, from: $0.value) }
+            let config = try store.get(configKey).map { try decoder.decode(ChainConfig.self, from: $0) }
+            for (i, u) in log.enumerated() where u.sequence != first + UInt64(i) {
+                throw GCSError(.storage, "replica \(host.id)'s log at \(host.directory) jumps from \(first + UInt64(i) - 1) to \(u.sequence): its store is damaged; delete the directory so it rejoins as a new replica")
+            }
+            return (log, config, snapshot)
         } catch let e as GCSError {
             throw e
         } catch {
@@ -434,16 +466,38 @@ public final class EmbeddedGCS: @unchecked Sendable {
     static func persist(_ actions: [GCSAction], coordinator: Bool, to store: DurableStore?) throws {
         var batch = WriteBatch()
         let encoder = BinaryEncoder()
+        /// Updates put earlier in this batch, which a scan of the store does not see yet.
+        var putInBatch: [UInt64] = []
         for a in actions {
             switch a {
             case .persist(let u):
                 batch.put(updateKey(u.sequence), try encoder.encode(u))
+                putInBatch.append(u.sequence)
             case .persistTruncation(let keep):
                 // Update keys are big-endian, so byte order is sequence order.
                 let last = updateKey(keep)
-                if let store, let records = try? store.scan(prefix: [UInt8(ascii: "u")]) {
-                    for r in records where last.lexicographicallyPrecedes(r.key) { batch.delete(r.key) }
+                if let store {
+                    for r in try store.scan(prefix: updatePrefix) where last.lexicographicallyPrecedes(r.key) { batch.delete(r.key) }
                 }
+                for s in putInBatch where s > keep { batch.delete(updateKey(s)) }
+            case .persistCompaction(let c):
+                for (key, value) in c.changes {
+                    if let value = value { batch.put(baseKey(key), value) } else { batch.delete(baseKey(key)) }
+                }
+                var s = c.previous + 1
+                while s <= c.base.sequence {
+                    batch.delete(updateKey(s))
+                    s += 1
+                }
+                batch.put(baseMarkerKey, try encoder.encode(c.base))
+            case .persistSnapshot(let snapshot):
+                if let store {
+                    for r in try store.scan(prefix: updatePrefix) { batch.delete(r.key) }
+                    for r in try store.scan(prefix: basePrefix) { batch.delete(r.key) }
+                }
+                for s in putInBatch { batch.delete(updateKey(s)) }
+                for (key, value) in snapshot.store { batch.put(baseKey(key), value) }
+                batch.put(baseMarkerKey, try encoder.encode(snapshot.base))
             case .persistConfig(let c):
                 batch.put(coordinator ? coordinatorConfigKey(c.shard) : configKey, try encoder.encode(c))
             case .send:
@@ -546,8 +600,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
         defer { host.worker.processing.unlock() }
         guard host.core == nil else { return }
         let persisted = try Self.openStore(host)
-        host.core = ChainReplica(id: r, shard: host.shard, options: ChainReplica.Options(leaseDuration: options.leaseMicroseconds, retransmitInterval: options.retransmitIntervalMicroseconds),
-                                 recovering: persisted.log, config: persisted.config)
+        host.core = ChainReplica(id: r, shard: host.shard, options: options.replica,
+                                 recovering: persisted.log, config: persisted.config, snapshot: persisted.snapshot)
         host.worker.condition.lock()
         host.worker.alive = true
         host.worker.condition.unlock()
@@ -602,6 +656,27 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.
     public var replicaIDs: [ReplicaID] { replicaHosts.keys.sorted() }
 
+    /// What a replica running in this process holds.
+    public struct ReplicaStatus: Sendable, Equatable {
+        public var replica: ReplicaID
+        public var shard: Int
+        /// Updates it has applied, from the first.
+        public var lastSequence: UInt64
+        /// Of those, the ones folded into its compacted base.
+        public var base: UInt64
+        /// The rest, held one by one in memory and in its LMDB.
+        public var heldUpdates: Int { Int(lastSequence - base) }
+    }
+
+    /// The replicas that run on threads of this process (not killed, not in processes of their own).
+    public func replicaStatuses() -> [ReplicaStatus] {
+        replicaHosts.sorted { $0.key < $1.key }.compactMap { r, host in
+            host.worker.processing.lock()
+            defer { host.worker.processing.unlock() }
+            return host.core.map { ReplicaStatus(replica: r, shard: host.shard, lastSequence: $0.lastSequence, base: $0.base.sequence) }
+        }
+    }
+
     public func configurations() -> [ChainConfig] {
         coordinatorWorker.processing.lock()
         defer { coordinatorWorker.processing.unlock() }
@@ -634,7 +709,12 @@ public final class EmbeddedGCS: @unchecked Sendable {
 
     /// Calls `handler`, on the GCS's client thread, with every committed change to a key that
     /// starts with `prefix`, from the start of each shard's log (so a new subscriber replays
-    /// the table's history, then follows it): each once, in each shard's order.
+    /// the table's history, then follows it): each once, in each shard's order. Where a shard's
+    /// tail compacted the changes the subscriber lacks, it gets instead each key's value as of
+    /// the compacted base (changes from client -1, all numbered with the base's sequence
+    /// number), then the changes after it. A key deleted among compacted changes is then not
+    /// reported: a subscriber sees that only if it was not a full `compactionRetain` updates
+    /// behind the tail (a new subscriber, which knows no keys, sees the state exactly).
     public func subscribe(prefix: String, handler: @escaping @Sendable (ChainUpdate) -> Void) {
         requests.withLock { newSubscribers.append((prefix, handler)) }
         clientWorker.post(.wake)

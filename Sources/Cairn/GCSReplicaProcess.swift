@@ -59,6 +59,8 @@ struct GCSReplicaLaunch: Codable, Equatable {
     var directory: String
     var leaseMicroseconds: UInt64
     var retransmitIntervalMicroseconds: UInt64
+    var compactEvery: UInt64
+    var compactionRetain: UInt64
     var tickIntervalMicroseconds: UInt64
     /// `host:port` of the head's listener for replicas.
     var hub: String
@@ -202,6 +204,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         let describe: @Sendable (ReplicaID, Int, String) -> GCSReplicaLaunch = { [options = gcs.options, hub = "\(processes.host):\(listener.port)"] r, shard, directory in
             GCSReplicaLaunch(replica: r, shard: shard, directory: directory, leaseMicroseconds: options.leaseMicroseconds,
                              retransmitIntervalMicroseconds: options.retransmitIntervalMicroseconds,
+                             compactEvery: options.compactEvery, compactionRetain: options.compactionRetain,
                              tickIntervalMicroseconds: processes.tickIntervalMicroseconds, hub: hub)
         }
         self.describe = describe
@@ -304,8 +307,9 @@ enum GCSReplicaProcess {
         do {
             let persisted = try EmbeddedGCS.openStore(host)
             host.core = ChainReplica(id: g.replica, shard: g.shard,
-                                     options: ChainReplica.Options(leaseDuration: g.leaseMicroseconds, retransmitInterval: g.retransmitIntervalMicroseconds),
-                                     recovering: persisted.log, config: persisted.config)
+                                     options: ChainReplica.Options(leaseDuration: g.leaseMicroseconds, retransmitInterval: g.retransmitIntervalMicroseconds,
+                                                                   compactEvery: g.compactEvery, retain: g.compactionRetain),
+                                     recovering: persisted.log, config: persisted.config, snapshot: persisted.snapshot)
         } catch {
             log("\(error)")
             exit(2)

@@ -28,6 +28,13 @@ struct GCSBenchmark {
             }
             report.add("\(label).write_p50_us", median(latencies), "us")
             report.add("\(label).write_p99_us", percentile(latencies, 0.99), "us")
+            if shards == 1 {
+                // Compaction: what the replicas still hold one by one after 21,000 writes.
+                let statuses = gcs.replicaStatuses()
+                report.add("\(label).updates_applied", Double(statuses.map(\.lastSequence).max() ?? 0), "updates")
+                report.add("\(label).updates_held_max", Double(statuses.map(\.heldUpdates).max() ?? 0), "updates",
+                           goal: "<= \(options.compactEvery + options.compactionRetain)")
+            }
         }
         try failover(report)
         // The same with each replica in a process of its own (this binary started again),

@@ -25,9 +25,21 @@ public struct ChainReplica: Sendable {
         /// outstanding at the previous resend go again, so a busy pipeline is not flooded with
         /// copies of what is still on its way. 0: at every tick.
         public var retransmitInterval: UInt64
-        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0) {
+        /// Compaction: once this many updates that reached the tail are in the log beyond the
+        /// `retain` newest, they are folded into the base (the store as of them) and dropped,
+        /// so memory and storage hold the state rather than its history. 0: never.
+        public var compactEvery: UInt64
+        /// Updates kept in the log after compaction, so that a subscriber a little behind, or
+        /// one moving to a new tail, resumes from the log rather than from a snapshot.
+        public var retain: UInt64
+        /// Largest part, in bytes of values and keys, of a snapshot sent to a learner.
+        public var snapshotChunkBytes: Int
+        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0, compactEvery: UInt64 = 0, retain: UInt64 = 0, snapshotChunkBytes: Int = 4 << 20) {
             self.leaseDuration = leaseDuration
             self.retransmitInterval = retransmitInterval
+            self.compactEvery = compactEvery
+            self.retain = retain
+            self.snapshotChunkBytes = snapshotChunkBytes
         }
     }
 
@@ -39,17 +51,36 @@ public struct ChainReplica: Sendable {
         var unacked: [(ChainUpdate, UInt64)]
         /// Sequence number of the last change transmitted at least once.
         var transmittedUpTo: UInt64
+        /// Sent in place of the changes the log no longer holds, until acknowledged.
+        var snapshot: (upTo: UInt64, entries: [String: [UInt8]], previous: UInt64)?
+    }
+
+    /// As learner: a snapshot being received from the tail.
+    struct Install: Sendable {
+        var chunks: Int
+        var next = 0
+        var entries: [String: [UInt8]] = [:]
+        /// When the last part arrived; the join is asked again if the parts stall.
+        var progressAt: UInt64
     }
 
     public let id: ReplicaID
     public let shard: Int
     public let options: Options
     public private(set) var config: ChainConfig?
-    /// Applied updates; `log[i].sequence == i + 1`.
+    /// What compaction folded: updates 1 through `base.sequence`.
+    public private(set) var base = ChainBase()
+    /// The store as of `base` (what a truncation rebuilds from, and a learner's snapshot).
+    private var baseStore: [String: [UInt8]] = [:]
+    /// Applied updates after the base; `log[i].sequence == base.sequence + i + 1`.
     public private(set) var log: [ChainUpdate] = []
     public private(set) var store: [String: [UInt8]] = [:]
     /// Per client: its newest request applied here, and that update's sequence number.
-    private var applied: [Int: (number: UInt64, sequence: UInt64)] = [:]
+    private var applied: [Int: AppliedRequest] = [:]
+    private var install: Install?
+    /// When a tick last asked to join: asked again only after a retransmit interval, so that a
+    /// tail busy sending a large log or snapshot is not asked to send it again meanwhile.
+    private var joinAskedAt: UInt64?
     /// Forwarded downstream (to the successor, or from a tail to its learner), not yet acknowledged.
     private var sent: [ChainUpdate] = []
     /// When updates were last resent, and the last sequence number then: what was outstanding.
@@ -80,8 +111,10 @@ public struct ChainReplica: Sendable {
     /// A replica restarted after a crash: memory is gone; the persisted log and configuration
     /// are back. Nothing is known to be acknowledged, so everything is resent downstream and
     /// the successor ignores what it already has.
-    public init(id: ReplicaID, shard: Int, options: Options, recovering persisted: [ChainUpdate], config: ChainConfig?) {
+    /// With `snapshot`, the persisted log starts after it.
+    public init(id: ReplicaID, shard: Int, options: Options, recovering persisted: [ChainUpdate], config: ChainConfig?, snapshot: ChainSnapshot? = nil) {
         self.init(id: id, shard: shard, options: options)
+        if let snapshot { installSnapshot(snapshot) }
         for u in persisted {
             precondition(u.sequence == lastSequence + 1, "persisted log of replica \(id) has a gap before \(u.sequence)")
             apply(u)
@@ -91,7 +124,11 @@ public struct ChainReplica: Sendable {
 
     // MARK: roles
 
-    public var lastSequence: UInt64 { UInt64(log.count) }
+    public var lastSequence: UInt64 { base.sequence + UInt64(log.count) }
+    /// The update numbered `sequence`, which must be in the log (after the base).
+    @inline(__always) func entry(_ sequence: UInt64) -> ChainUpdate { log[Int(sequence - base.sequence - 1)] }
+    /// The log's updates after `sequence` (at least the base).
+    @inline(__always) func updates(after sequence: UInt64) -> ArraySlice<ChainUpdate> { log[Int(max(sequence, base.sequence) - base.sequence)...] }
     public var isHead: Bool { config?.head == id }
     public var isTail: Bool { config?.tail == id }
     public var isLearner: Bool { config?.learner == id }
@@ -124,18 +161,59 @@ public struct ChainReplica: Sendable {
     private mutating func apply(_ u: ChainUpdate) {
         log.append(u)
         store[u.key] = u.value
-        applied[u.request.client] = (u.request.number, u.sequence)
+        applied[u.request.client] = AppliedRequest(number: u.request.number, sequence: u.sequence)
     }
 
-    /// Rebuilds the store and the client table from the first `keep` updates.
+    /// Rebuilds the store and the client table from the base and the updates up to `keep`
+    /// (at least the base: what compaction folded had reached a tail, so no chain drops it).
     private mutating func truncate(keep: UInt64) {
-        let kept = log.prefix(Int(keep))
+        let kept = log.prefix(Int(max(keep, base.sequence) - base.sequence))
         log = []
-        store = [:]
-        applied = [:]
+        store = baseStore
+        applied = base.applied
         for u in kept { apply(u) }
-        acknowledged = min(acknowledged, keep)
-        sent.removeAll { $0.sequence > keep }
+        acknowledged = min(acknowledged, lastSequence)
+        let last = lastSequence
+        sent.removeAll { $0.sequence > last }
+    }
+
+    /// Replaces the log, the store and the client table with `snapshot`.
+    private mutating func installSnapshot(_ snapshot: ChainSnapshot) {
+        base = snapshot.base
+        baseStore = snapshot.store
+        store = snapshot.store
+        applied = snapshot.base.applied
+        log = []
+        sent = []
+        acknowledged = base.sequence
+    }
+
+    /// The updates that may be folded: those every replica that could need them again has.
+    /// A replica resends only what is after `acknowledged`; a tail streams to its learner what
+    /// the learner has not acknowledged.
+    private var compactable: UInt64 {
+        var bound = acknowledged
+        if isTail && config?.learner != nil { bound = min(bound, learnerJoined ? (learnerAcked ?? base.sequence) : base.sequence) }
+        return bound > options.retain ? bound - options.retain : 0
+    }
+
+    /// Folds the log into the base when enough of it may go (see ``Options/compactEvery``).
+    private mutating func compactIfDue() -> [GCSAction] {
+        guard options.compactEvery > 0, install == nil else { return [] }
+        let upTo = min(compactable, lastSequence)
+        guard upTo >= base.sequence + options.compactEvery else { return [] }
+        let previous = base.sequence
+        let folded = log.prefix(Int(upTo - previous))
+        var changes: [String: [UInt8]?] = [:]
+        for u in folded {
+            changes[u.key] = .some(u.value)
+            baseStore[u.key] = u.value
+            base.applied[u.request.client] = AppliedRequest(number: u.request.number, sequence: u.sequence)
+        }
+        base.sequence = upTo
+        base.epoch = folded.last!.epoch
+        log.removeFirst(folded.count)
+        return [.persistCompaction(ChainCompaction(previous: previous, base: base, changes: changes))]
     }
 
     /// Describes the log by epoch, for a join.
@@ -153,17 +231,23 @@ public struct ChainReplica: Sendable {
 
     /// How many of a learner's updates agree with this log: the longest prefix whose every
     /// entry has the same (epoch, sequence) here.
-    func commonPrefix(with ranges: [EpochRange]) -> UInt64 {
-        var keep: UInt64 = 0
+    /// The learner's first `learnerBase` updates were folded after they reached a tail, so they
+    /// agree with this log; its later ones are checked here, but only where this log still
+    /// holds them (nil: the learner needs a snapshot).
+    func commonPrefix(with ranges: [EpochRange], learnerBase: UInt64) -> UInt64? {
+        var keep = learnerBase
+        guard keep <= lastSequence else { return nil }
         for r in ranges {
-            var s = r.first
+            var s = max(r.first, learnerBase + 1)
             while s <= r.last {
-                guard s <= lastSequence, log[Int(s - 1)].epoch == r.epoch else { return keep }
+                guard s <= lastSequence else { return keep }
+                guard s > base.sequence else { return nil }
+                guard entry(s).epoch == r.epoch else { return keep }
                 keep = s
                 s += 1
             }
         }
-        return keep
+        return keep >= base.sequence ? keep : nil
     }
 
     // MARK: configuration
@@ -180,22 +264,24 @@ public struct ChainReplica: Sendable {
         lease = wasTail && new.tail == id ? lease.map { (new.epoch, $0.until) } : nil
         handoffUpTo = nil
         joined = false
+        install = nil
         learnerJoined = false
         learnerAcked = nil
         var actions: [GCSAction] = []
         if new.tail == id {
             // Everything here is now at the tail; it is acknowledged once a lease arrives, and
             // the writes the old tail had not answered are answered then.
-            if !wasTail { pendingReplies += log[Int(acknowledged)...].map(\.request) }
+            if !wasTail { pendingReplies += updates(after: acknowledged).map(\.request) }
             sent = []
         } else if new.chain.contains(id) {
             subscriptions = [:]
             pendingReplies = []
             if wasTail, let l = oldLearner, successor == l {
                 // The learner became the tail: it may lack what it had not acknowledged.
-                acknowledged = min(acknowledged, oldLearnerAcked)
+                // (Never below the base: the coordinator promotes only a learner that caught up.)
+                acknowledged = max(base.sequence, min(acknowledged, oldLearnerAcked))
             }
-            sent = log.filter { $0.sequence > acknowledged }
+            sent = Array(updates(after: acknowledged))
             if let s = successor {
                 if new.handoffFrom == id { actions.append(.send(.handoff(epoch: new.epoch, upTo: lastSequence), to: .replica(s))) }
                 actions += sent.map { .send(.forward(epoch: new.epoch, $0), to: .replica(s)) }
@@ -206,7 +292,7 @@ public struct ChainReplica: Sendable {
             sent = []
             if new.learner == id {
                 joinAttempt += 1
-                actions.append(.send(.join(epoch: new.epoch, attempt: joinAttempt, log: epochRanges()), to: .replica(new.tail)))
+                actions.append(joinRequest(new))
             }
         }
         return actions
@@ -214,9 +300,14 @@ public struct ChainReplica: Sendable {
 
     // MARK: messages
 
+    private func joinRequest(_ c: ChainConfig) -> GCSAction {
+        .send(.join(epoch: c.epoch, attempt: joinAttempt, base: base.sequence, log: epochRanges()), to: .replica(c.tail))
+    }
+
     /// Handles one message; `now` is the shell's clock (for leases).
     public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
         var actions = step(message, from: from, now: now)
+        actions += compactIfDue()
         // What the coordinator acts on is reported at once, not at the next tick: a tail that
         // can serve but holds no lease for this configuration (the lease comes in answer), a
         // learner caught up (its promotion follows). Once per change, so no storm of reports.
@@ -285,17 +376,31 @@ public struct ChainReplica: Sendable {
             sent.removeAll { $0.sequence <= sequence }
             return predecessor.map { [.send(.ack(epoch: epoch, acknowledged), to: .replica($0))] } ?? []
 
-        case .join(let epoch, let attempt, let ranges):
+        case .join(let epoch, let attempt, let learnerBase, let ranges):
             guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner else { return [] }
-            let keep = commonPrefix(with: ranges)
             learnerJoined = true
             learnerAcked = nil
-            sent = Array(log[Int(keep)...])
-            return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: keep), to: from)]
-                + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
+            if let keep = commonPrefix(with: ranges, learnerBase: learnerBase) {
+                sent = Array(updates(after: keep))
+                return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: keep, snapshotChunks: 0), to: from)]
+                    + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
+            }
+            // The learner lacks updates this log no longer holds: it gets the base as a
+            // snapshot, in parts, then the log after it (resent until acknowledged).
+            sent = log
+            let chunks = snapshotChunks()
+            var actions: [GCSAction] = [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: 0, snapshotChunks: chunks.count), to: from)]
+            for (i, part) in chunks.enumerated() {
+                actions.append(.send(.snapshotChunk(epoch: epoch, attempt: attempt, index: i, entries: part, base: i == chunks.count - 1 ? base : nil), to: from))
+            }
+            return actions + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
 
-        case .joinAccepted(let epoch, let attempt, let keep):
-            guard let c = config, epoch == c.epoch, isLearner, !joined, attempt == joinAttempt, from == .replica(c.tail) else { return [] }
+        case .joinAccepted(let epoch, let attempt, let keep, let chunks):
+            guard let c = config, epoch == c.epoch, isLearner, !joined, install == nil, attempt == joinAttempt, from == .replica(c.tail) else { return [] }
+            if chunks > 0 {
+                install = Install(chunks: chunks, progressAt: now)
+                return []
+            }
             joined = true
             var actions: [GCSAction] = []
             if lastSequence > keep {
@@ -305,6 +410,26 @@ public struct ChainReplica: Sendable {
             }
             // Tells the tail the log is now a prefix of its own, so it may count this learner caught up.
             return actions + [.send(.ack(epoch: epoch, lastSequence), to: from)]
+
+        case .snapshotChunk(let epoch, let attempt, let index, let entries, let snapshotBase):
+            guard let c = config, epoch == c.epoch, isLearner, !joined, attempt == joinAttempt, from == .replica(c.tail),
+                  var pending = install, index == pending.next else { return [] }
+            pending.entries.merge(entries) { _, new in new }
+            pending.next += 1
+            pending.progressAt = now
+            install = pending
+            guard pending.next == pending.chunks else { return [] }
+            guard let snapshotBase else {
+                // The last part must carry the base; ask again.
+                install = nil
+                joinAttempt += 1
+                return [joinRequest(c)]
+            }
+            let snapshot = ChainSnapshot(base: snapshotBase, store: pending.entries)
+            install = nil
+            installSnapshot(snapshot)
+            joined = true
+            return [.persistSnapshot(snapshot), .send(.ack(epoch: epoch, lastSequence), to: from)]
 
         case .handoff(let epoch, let upTo):
             guard let c = config, epoch == c.epoch, isTail, from == c.handoffFrom.map(Endpoint.replica) else { return [] }
@@ -328,7 +453,12 @@ public struct ChainReplica: Sendable {
         case .subscribe(let prefix, let after):
             guard serving, case .client(let subscriber) = from else { return [] }
             var sub = Subscription(prefix: prefix, queuedUpTo: after, unacked: [], transmittedUpTo: after)
-            for u in log[Int(min(after, lastSequence))...] where u.key.hasPrefix(prefix) {
+            if after < base.sequence {
+                // What the subscriber lacks was compacted: the keys' values as of the base instead.
+                sub.snapshot = (base.sequence, baseStore.filter { $0.key.hasPrefix(prefix) }, after)
+                sub.queuedUpTo = base.sequence
+            }
+            for u in updates(after: min(after, lastSequence)) where u.key.hasPrefix(prefix) {
                 sub.unacked.append((u, sub.queuedUpTo))
                 sub.queuedUpTo = u.sequence
             }
@@ -338,11 +468,28 @@ public struct ChainReplica: Sendable {
         case .changeAck(let upTo):
             guard case .client(let subscriber) = from else { return [] }
             subscriptions[subscriber]?.unacked.removeAll { $0.0.sequence <= upTo }
+            if let s = subscriptions[subscriber]?.snapshot, s.upTo <= upTo { subscriptions[subscriber]?.snapshot = nil }
             return []
 
-        case .written, .readResult, .notHere, .change, .report, .configQuery, .configs:
+        case .written, .readResult, .notHere, .change, .snapshot, .report, .configQuery, .configs:
             return []
         }
+    }
+
+    /// The base's store in parts of at most ``Options/snapshotChunkBytes`` (at least one part).
+    private func snapshotChunks() -> [[String: [UInt8]]] {
+        var parts: [[String: [UInt8]]] = [[:]]
+        var bytes = 0
+        for (key, value) in baseStore.sorted(by: { $0.key < $1.key }) {
+            let size = key.utf8.count + value.count
+            if bytes > 0 && bytes + size > options.snapshotChunkBytes {
+                parts.append([:])
+                bytes = 0
+            }
+            parts[parts.count - 1][key] = value
+            bytes += size
+        }
+        return parts
     }
 
     /// After applying `u` as head or middle: forward it; as tail: commit it when the lease allows.
@@ -358,7 +505,8 @@ public struct ChainReplica: Sendable {
             actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(l)))
         }
         pendingReplies.append(u.request)
-        for (subscriber, var sub) in subscriptions where u.key.hasPrefix(sub.prefix) {
+        for subscriber in subscriptions.keys.sorted() {
+            guard var sub = subscriptions[subscriber], u.key.hasPrefix(sub.prefix) else { continue }
             sub.unacked.append((u, sub.queuedUpTo))
             sub.queuedUpTo = u.sequence
             subscriptions[subscriber] = sub
@@ -377,7 +525,11 @@ public struct ChainReplica: Sendable {
         }
         actions += pendingReplies.map { .send(.written($0), to: .client($0.client)) }
         pendingReplies = []
-        for (subscriber, var sub) in subscriptions where sub.transmittedUpTo < sub.queuedUpTo {
+        for subscriber in subscriptions.keys.sorted() {
+            guard var sub = subscriptions[subscriber], sub.transmittedUpTo < sub.queuedUpTo else { continue }
+            if let s = sub.snapshot, s.upTo > sub.transmittedUpTo {
+                actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: base.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
+            }
             for (u, previous) in sub.unacked where u.sequence > sub.transmittedUpTo {
                 actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
             }
@@ -391,7 +543,7 @@ public struct ChainReplica: Sendable {
 
     /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
     public mutating func tick(now: UInt64) -> [GCSAction] {
-        var actions: [GCSAction] = [report(now: now)]
+        var actions: [GCSAction] = [report(now: now)] + compactIfDue()
         guard let c = config else { return actions }
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
@@ -402,10 +554,24 @@ public struct ChainReplica: Sendable {
             }
         }
         if isLearner && !joined {
-            actions.append(.send(.join(epoch: c.epoch, attempt: joinAttempt, log: epochRanges()), to: .replica(c.tail)))
+            if let pending = install {
+                // Parts of a snapshot stopped coming (one was lost): the join starts again.
+                if now >= pending.progressAt + options.leaseDuration {
+                    install = nil
+                    joinAttempt += 1
+                    actions.append(joinRequest(c))
+                }
+            } else if joinAskedAt.map({ now >= $0 + options.retransmitInterval }) ?? true {
+                joinAskedAt = now
+                actions.append(joinRequest(c))
+            }
         }
         if serving && holdsLease(at: now) {
-            for (subscriber, sub) in subscriptions {
+            // In subscriber order, so that a seeded simulation runs the same in every process.
+            for (subscriber, sub) in subscriptions.sorted(by: { $0.key < $1.key }) {
+                if let s = sub.snapshot {
+                    actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: base.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
+                }
                 actions += sub.unacked.map { .send(.change(shard: shard, $0.0, previous: $0.1), to: .client(subscriber)) }
             }
         }

@@ -164,6 +164,21 @@ public struct GCSSubscriber: Sendable {
             }
             // A duplicate, or one after a gap that a resend will fill.
             return ([], u.sequence <= lastSeen[s] ? [.send(.changeAck(upTo: lastSeen[s]), to: from)] : [])
+        case .snapshot(let s, let upTo, let epoch, let entries, let previous):
+            // In place of the changes up to `upTo`, which the tail's log no longer holds: each
+            // key's value then, delivered as a change numbered `upTo` (from no client). It may
+            // start before the last change taken (a repeated subscription): it holds every
+            // change up to `upTo`, so it is taken all the same.
+            guard s >= 0, s < shardCount else { return ([], []) }
+            lastHeard[s] = now
+            guard previous <= lastSeen[s] && upTo > lastSeen[s] else {
+                return ([], upTo <= lastSeen[s] ? [.send(.changeAck(upTo: lastSeen[s]), to: from)] : [])
+            }
+            lastSeen[s] = upTo
+            let changes = entries.sorted { $0.key < $1.key }.map {
+                ChainUpdate(epoch: epoch, sequence: upTo, key: $0.key, value: $0.value, request: RequestID(client: -1, number: 0))
+            }
+            return (changes, [.send(.changeAck(upTo: upTo), to: from)])
         default:
             return ([], [])
         }

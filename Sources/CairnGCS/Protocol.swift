@@ -46,6 +46,56 @@ public struct ChainUpdate: Hashable, Sendable, Codable {
     }
 }
 
+/// A client's newest request applied by a replica, and that update's sequence number: what
+/// lets a head answer a retried write without applying it twice.
+public struct AppliedRequest: Hashable, Sendable, Codable {
+    public var number: UInt64
+    public var sequence: UInt64
+    public init(number: UInt64, sequence: UInt64) {
+        self.number = number
+        self.sequence = sequence
+    }
+}
+
+/// What compaction leaves of a replica's log up to `sequence`: the update numbers and the
+/// client table as of that update. The store's contents as of it travel beside it (in a
+/// ``ChainSnapshot`` or a ``ChainCompaction``).
+public struct ChainBase: Hashable, Sendable, Codable {
+    /// The last update folded in (0: none).
+    public var sequence: UInt64
+    /// The epoch that numbered that update (0: none).
+    public var epoch: UInt64
+    public var applied: [Int: AppliedRequest]
+    public init(sequence: UInt64 = 0, epoch: UInt64 = 0, applied: [Int: AppliedRequest] = [:]) {
+        self.sequence = sequence
+        self.epoch = epoch
+        self.applied = applied
+    }
+}
+
+/// A replica's whole state as of one update, which replaces its log and store when installed.
+public struct ChainSnapshot: Hashable, Sendable, Codable {
+    public var base: ChainBase
+    public var store: [String: [UInt8]]
+    public init(base: ChainBase, store: [String: [UInt8]]) {
+        self.base = base
+        self.store = store
+    }
+}
+
+/// Updates folded out of a replica's log: from `previous` (exclusive) to `base.sequence`, and,
+/// per key they touched, its value after them (nil: deleted).
+public struct ChainCompaction: Hashable, Sendable, Codable {
+    public var previous: UInt64
+    public var base: ChainBase
+    public var changes: [String: [UInt8]?]
+    public init(previous: UInt64, base: ChainBase, changes: [String: [UInt8]?]) {
+        self.previous = previous
+        self.base = base
+        self.changes = changes
+    }
+}
+
 /// One configuration of one shard's chain, issued by the coordinator.
 public struct ChainConfig: Hashable, Sendable, Codable, CustomStringConvertible {
     public var shard: Int
@@ -145,6 +195,10 @@ public enum GCSMessage: Hashable, Sendable, Codable {
     /// Tail to subscriber: one change; `previous` is the sequence number of the change sent
     /// before it on this subscription, so the subscriber can tell a gap from a duplicate.
     case change(shard: Int, ChainUpdate, previous: UInt64)
+    /// Tail to subscriber, in place of the changes up to `upTo` when the subscription starts
+    /// before what the tail's log still holds (compacted): every key with the prefix and its
+    /// value as of `upTo`. Acknowledged with `changeAck(upTo:)` like a change.
+    case snapshot(shard: Int, upTo: UInt64, epoch: UInt64, entries: [String: [UInt8]], previous: UInt64)
     /// Subscriber to tail: every change up to this sequence number arrived.
     case changeAck(upTo: UInt64)
 
@@ -152,11 +206,17 @@ public enum GCSMessage: Hashable, Sendable, Codable {
     case forward(epoch: UInt64, ChainUpdate)
     /// Every update up to this sequence number reached the tail (or, from a learner, the learner).
     case ack(epoch: UInt64, UInt64)
-    /// Learner to tail: here is my log, by epoch; start streaming.
-    case join(epoch: UInt64, attempt: UInt64, log: [EpochRange])
+    /// Learner to tail: here is my log, by epoch, after the `base` updates compaction folded
+    /// (those reached a tail, so every later log has them); start streaming.
+    case join(epoch: UInt64, attempt: UInt64, base: UInt64, log: [EpochRange])
     /// Tail to learner: keep your first `keep` updates (the rest left the chain's history), and
-    /// take the stream that follows.
-    case joinAccepted(epoch: UInt64, attempt: UInt64, keep: UInt64)
+    /// take the stream that follows. With `snapshotChunks` > 0, the tail no longer holds the
+    /// updates the learner lacks: the learner drops its log and store and installs the tail's
+    /// snapshot, sent next in that many `snapshotChunk`s, before it takes the stream.
+    case joinAccepted(epoch: UInt64, attempt: UInt64, keep: UInt64, snapshotChunks: Int)
+    /// Tail to learner: part `index` of the snapshot of a join (see `joinAccepted`); the keys and
+    /// values of the store, and with the last part, the base.
+    case snapshotChunk(epoch: UInt64, attempt: UInt64, index: Int, entries: [String: [UInt8]], base: ChainBase?)
     /// Previous tail to new tail: my log went up to here; serve reads once you have it.
     case handoff(epoch: UInt64, upTo: UInt64)
 
@@ -177,6 +237,10 @@ public enum GCSAction: Hashable, Sendable {
     case persist(ChainUpdate)
     /// Drop every persisted update after this sequence number.
     case persistTruncation(keep: UInt64)
+    /// Fold the persisted updates up to the compaction's base into the persisted store.
+    case persistCompaction(ChainCompaction)
+    /// Replace everything persisted (updates, store, base) with this snapshot.
+    case persistSnapshot(ChainSnapshot)
     case persistConfig(ChainConfig)
     case send(GCSMessage, to: Endpoint)
 }

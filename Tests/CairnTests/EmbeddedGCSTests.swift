@@ -233,6 +233,87 @@ struct EmbeddedGCSTests {
         #expect(zip(got, got.dropFirst()).allSatisfy { $0.sequence < $1.sequence })
     }
 
+    /// Per replica of shard 0 that runs: updates held after its compacted base, in memory and in its LMDB.
+    static func heldUpdates(_ gcs: EmbeddedGCS) throws -> [(replica: ReplicaID, memory: Int, disk: Int, base: UInt64)] {
+        var out: [(ReplicaID, Int, Int, UInt64)] = []
+        for r in gcs.replicaIDs {
+            let host = gcs.replicaHosts[r]!
+            host.worker.processing.lock()
+            defer { host.worker.processing.unlock() }
+            guard let core = host.core, let store = host.store else { continue }
+            out.append((r, core.log.count, try store.scan(prefix: EmbeddedGCS.updatePrefix).count, core.base.sequence))
+        }
+        return out
+    }
+
+    @Test("with compaction, replicas hold the state and only their newest updates, in memory and in LMDB; a standby joins from a snapshot, a killed replica comes back from its base, and a new subscriber gets the state")
+    func compaction() throws {
+        let dir = try TemporaryDirectory()
+        var o = EmbeddedGCS.Options()
+        o.directory = dir.path
+        o.requestTimeoutMicroseconds = 20_000_000
+        o.failureTimeoutMicroseconds = 2_000_000
+        o.leaseMicroseconds = 500_000
+        o.compactEvery = 40
+        o.compactionRetain = 10
+        let gcs = try EmbeddedGCS.start(o)
+        defer { gcs.shutdown() }
+        var acknowledged: [String: [UInt8]] = [:]
+        var n: UInt64 = 0
+        func write(_ count: Int) throws {
+            for _ in 0..<count {
+                n += 1
+                let key = GCSTable.keyValue.key("k\(n % 25)")
+                if n % 11 == 0 {
+                    try gcs.delete(key)
+                    acknowledged[key] = nil
+                } else {
+                    try gcs.put(key, Self.bytes(n))
+                    acknowledged[key] = Self.bytes(n)
+                }
+            }
+        }
+        func backToThree(without victim: ReplicaID) throws {
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline {
+                let c = gcs.configurations()[0]
+                if c.chain.count == 3 && c.learner == nil && !c.chain.contains(victim) { return }
+                try write(1)
+            }
+            Issue.record("the chain did not get back to three: \(gcs.configurations()[0])")
+        }
+        try write(400)
+        for held in try Self.heldUpdates(gcs) where gcs.configurations()[0].chain.contains(held.replica) {
+            #expect(held.base > 300, "replica \(held.replica) compacted (base \(held.base))")
+            #expect(held.memory <= 40 + 10 + 5 && held.disk <= 40 + 10 + 5, "replica \(held.replica) holds \(held.memory) updates in memory, \(held.disk) in LMDB")
+        }
+        // The tail dies: the standby, with nothing, joins from the new tail's snapshot.
+        let tail = gcs.configurations()[0].tail
+        try gcs.kill(replica: tail)
+        try backToThree(without: tail)
+        try write(100)
+        // It comes back from its base and log, and rejoins when the head dies.
+        try gcs.restart(replica: tail)
+        let head = gcs.configurations()[0].head
+        try gcs.kill(replica: head)
+        try backToThree(without: head)
+        try write(100)
+        for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
+        for k in 0..<25 where acknowledged[GCSTable.keyValue.key("k\(k)")] == nil {
+            #expect(try gcs.get(GCSTable.keyValue.key("k\(k)")) == nil, "a deleted key stays deleted")
+        }
+        let chain = gcs.configurations()[0].chain
+        for held in try Self.heldUpdates(gcs) where chain.contains(held.replica) {
+            #expect(held.memory <= 40 + 10 + 5 && held.disk <= 40 + 10 + 5, "replica \(held.replica) holds \(held.memory) updates in memory, \(held.disk) in LMDB")
+        }
+        // A subscriber from the start gets the keys' values as of the tail's base, then the rest.
+        let view = Locked<[String: [UInt8]]>([:])
+        gcs.subscribe(prefix: GCSTable.keyValue.rawValue) { u in view.update { $0[u.key] = u.value } }
+        let deadline = Date().addingTimeInterval(30)
+        while view.value != acknowledged && Date() < deadline { usleep(10_000) }
+        #expect(view.value == acknowledged, "the new subscriber's view is the state")
+    }
+
     @Test("with every replica of the shard down, a request fails with a typed unavailable error, and works again after a restart")
     func unavailable() throws {
         let dir = try TemporaryDirectory()

@@ -123,7 +123,7 @@ struct GCSCoreTests {
         let joinActions = learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)
         guard let join = Self.sends(joinActions).first, case .join = join else { Issue.record("no join sent"); return }
         let accepted = tail.handle(join, from: .replica(0), now: 1)
-        #expect(Self.sends(accepted).first == .joinAccepted(epoch: 5, attempt: 1, keep: 2))
+        #expect(Self.sends(accepted).first == .joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0))
         for m in Self.sends(accepted) {
             // The learner's acknowledgements go back to the tail.
             for ack in Self.sends(learner.handle(m, from: .replica(1), now: 2)) { _ = tail.handle(ack, from: .replica(0), now: 2) }
@@ -228,7 +228,7 @@ struct GCSCoreTests {
         #expect(s.lastSeen == [3])
     }
 
-    @Test("10,000 seeds of the whole GCS: lossy network, replica and coordinator crashes, partitions; linearizable, nothing acknowledged lost, subscriptions exact")
+    @Test("10,000 seeds of the whole GCS: lossy network, replica and coordinator crashes, partitions, compaction; linearizable, nothing acknowledged lost, subscriptions exact")
     func simulation() {
         let base = SeededGenerator.seed(fromEnvironment: "CAIRN_GCS_SEED")
         print("GCS simulation base seed: \(base) (replay all with CAIRN_GCS_SEED=\(base); each failing seed prints its own command)")
@@ -243,6 +243,9 @@ struct GCSCoreTests {
                 t.reconfigurations += outcome.reconfigurations
                 t.partitions += outcome.partitions
                 t.completed += outcome.completed
+                t.compactions += outcome.compactions
+                t.snapshotInstalls += outcome.snapshotInstalls
+                t.subscriberSnapshots += outcome.subscriberSnapshots
                 if !outcome.passed { t.failures.append("seed \(outcome.seed): \(outcome.failures.joined(separator: "; ")); replay: \(outcome.replay)") }
             }
             tallies.set(w, t)
@@ -255,12 +258,16 @@ struct GCSCoreTests {
         #expect(partitions > runs / 2, "the runs cut replicas off (\(partitions))")
         #expect(reconfigurations > runs * 3, "the coordinator reconfigured chains (\(reconfigurations))")
         #expect(completed == runs * 76, "every operation completed once the faults stopped")
+        #expect(total.compactions > runs, "replicas compacted their logs (\(total.compactions))")
+        #expect(total.snapshotInstalls > runs / 10, "learners installed snapshots (\(total.snapshotInstalls))")
+        #expect(total.subscriberSnapshots > runs / 10, "subscribers took snapshots (\(total.subscriberSnapshots) keys)")
     }
 }
 
 struct Tally {
     var failures: [String] = []
     var crashes = 0, reconfigurations = 0, partitions = 0, completed = 0
+    var compactions = 0, snapshotInstalls = 0, subscriberSnapshots = 0
 }
 
 /// One slot per worker, each written by its worker only, read after they all finish.
@@ -277,7 +284,207 @@ final class Tallies: @unchecked Sendable {
                 s.reconfigurations += t.reconfigurations
                 s.partitions += t.partitions
                 s.completed += t.completed
+                s.compactions += t.compactions
+                s.snapshotInstalls += t.snapshotInstalls
+                s.subscriberSnapshots += t.subscriberSnapshots
             }
         }
+    }
+}
+
+/// Compaction, driven by hand: a small synchronous network between cores, and a disk per replica
+/// that applies the persist actions as a shell does.
+@Suite("GCS compaction (pure): bases, snapshots for learners and subscribers, restarts")
+struct GCSCompactionTests {
+    struct Disk {
+        var log: [ChainUpdate] = []
+        var snapshot: ChainSnapshot?
+        var config: ChainConfig?
+        var compactions: [ChainCompaction] = []
+        var installs = 0
+
+        mutating func apply(_ actions: [GCSAction]) {
+            for a in actions {
+                switch a {
+                case .persist(let u): log.append(u)
+                case .persistTruncation(let keep): log.removeAll { $0.sequence > keep }
+                case .persistConfig(let c): config = c
+                case .persistCompaction(let c):
+                    var store = snapshot?.store ?? [:]
+                    for (key, value) in c.changes { store[key] = value }
+                    snapshot = ChainSnapshot(base: c.base, store: store)
+                    log.removeAll { $0.sequence <= c.base.sequence }
+                    compactions.append(c)
+                case .persistSnapshot(let s):
+                    snapshot = s
+                    log = []
+                    installs += 1
+                case .send: break
+                }
+            }
+        }
+    }
+
+    struct Net {
+        var replicas: [ReplicaID: ChainReplica]
+        var disks: [ReplicaID: Disk] = [:]
+        /// Messages to clients, in order.
+        var toClients: [(GCSMessage, from: Endpoint)] = []
+        /// Drops the messages this returns true for.
+        var drop: (GCSMessage) -> Bool = { _ in false }
+
+        init(_ replicas: [ChainReplica]) {
+            self.replicas = Dictionary(uniqueKeysWithValues: replicas.map { ($0.id, $0) })
+            for r in replicas { disks[r.id] = Disk(config: r.config) }
+        }
+
+        /// Runs `actions` of `from`, then everything they cause, to quiescence.
+        mutating func run(_ actions: [GCSAction], from: Endpoint, now: UInt64) {
+            var queue: [(GCSAction, Endpoint)] = actions.map { ($0, from) }
+            while !queue.isEmpty {
+                let (action, sender) = queue.removeFirst()
+                if case .replica(let r) = sender { disks[r]!.apply([action]) }
+                guard case .send(let m, let to) = action else { continue }
+                if drop(m) { continue }
+                switch to {
+                case .replica(let r):
+                    guard replicas[r] != nil else { continue }
+                    queue += replicas[r]!.handle(m, from: sender, now: now).map { ($0, to) }
+                case .client:
+                    toClients.append((m, sender))
+                case .coordinator:
+                    break
+                }
+            }
+        }
+
+        mutating func deliver(_ m: GCSMessage, from: Endpoint, to r: ReplicaID, now: UInt64) {
+            let actions = replicas[r]!.handle(m, from: from, now: now)
+            run(actions, from: .replica(r), now: now)
+        }
+
+        mutating func grant(_ r: ReplicaID, now: UInt64) {
+            deliver(.configure(replicas[r]!.config!, leaseFrom: now), from: .coordinator, to: r, now: now)
+        }
+
+        mutating func write(_ n: UInt64, key: String, client: Int = 7, now: UInt64) {
+            let head = replicas.values.first { $0.isHead }!.id
+            deliver(.write(RequestID(client: client, number: n), key: key, value: [UInt8(truncatingIfNeeded: n)]), from: .client(client), to: head, now: now)
+        }
+    }
+
+    static func fold(_ updates: [ChainUpdate]) -> [String: [UInt8]] {
+        var store: [String: [UInt8]] = [:]
+        for u in updates { store[u.key] = u.value }
+        return store
+    }
+
+    @Test("a chain folds committed updates into its base and keeps the newest in its log; a replica restarted from what it persisted has the same store")
+    func compactionKeepsStore() {
+        let options = ChainReplica.Options(leaseDuration: 1_000, compactEvery: 4, retain: 2)
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 1, 2])
+        var net = Net([0, 1, 2].map { ChainReplica(id: $0, shard: 0, options: options, recovering: [], config: config) })
+        net.grant(2, now: 0)
+        net.write(1, key: "solo", client: 8, now: 1)
+        var expected: [String: [UInt8]] = ["solo": [1]]
+        for n in 1...40 as ClosedRange<UInt64> {
+            net.write(n, key: "k\(n % 5)", now: 1)
+            expected["k\(n % 5)"] = [UInt8(n)]
+        }
+        #expect(net.toClients.filter { if case .written = $0.0 { return true } else { return false } }.count == 41, "every write answered")
+        for r in 0...2 {
+            let replica = net.replicas[r]!
+            #expect(replica.store == expected, "replica \(r)'s store")
+            #expect(replica.lastSequence == 41)
+            #expect(replica.base.sequence >= 41 - 4 - 2 - 1, "replica \(r) folded all but the newest updates (base \(replica.base.sequence))")
+            #expect(replica.log.count == Int(41 - replica.base.sequence))
+            let disk = net.disks[r]!
+            #expect(disk.compactions.allSatisfy { $0.base.sequence - $0.previous >= 4 }, "folds at least compactEvery updates at a time")
+            #expect(disk.log.count == replica.log.count, "the persisted log holds only what is after the base")
+            let restarted = ChainReplica(id: r, shard: 0, options: options, recovering: disk.log, config: disk.config, snapshot: disk.snapshot)
+            #expect(restarted.store == expected, "replica \(r) restarted from its base and log")
+            #expect(restarted.lastSequence == 41)
+        }
+        // The head still recognises a retried write that was folded into its base, also after a restart.
+        let disk = net.disks[0]!
+        net.replicas[0] = ChainReplica(id: 0, shard: 0, options: options, recovering: disk.log, config: disk.config, snapshot: disk.snapshot)
+        net.grant(2, now: 2)
+        net.toClients = []
+        net.deliver(.write(RequestID(client: 8, number: 1), key: "solo", value: [99]), from: .client(8), to: 0, now: 2)
+        #expect(net.toClients.map(\.0) == [.written(RequestID(client: 8, number: 1))])
+        #expect(net.replicas[0]!.store["solo"] == [1], "the retry was not applied again")
+        #expect(net.replicas[0]!.lastSequence == 41)
+    }
+
+    @Test("a learner whose missing updates were compacted installs the tail's snapshot in parts, asks again when a part is lost, and catches up")
+    func learnerInstallsSnapshot() {
+        let options = ChainReplica.Options(leaseDuration: 50, compactEvery: 2, retain: 0, snapshotChunkBytes: 3)
+        let first = ChainConfig(shard: 0, epoch: 1, chain: [1])
+        var net = Net([ChainReplica(id: 1, shard: 0, options: options, recovering: [], config: first),
+                       ChainReplica(id: 0, shard: 0, options: options)])
+        net.grant(1, now: 0)
+        for n in 1...12 as ClosedRange<UInt64> { net.write(n, key: "key\(n % 4)", now: 1) }
+        let tailBase = net.replicas[1]!.base.sequence
+        #expect(tailBase >= 10, "the tail compacted (base \(tailBase))")
+
+        // The learner joins; the first snapshot's second part is lost.
+        let joining = ChainConfig(shard: 0, epoch: 2, chain: [1], learner: 0)
+        var lost = 0
+        net.drop = { m in
+            if case .snapshotChunk(_, let attempt, let index, _, _) = m, attempt == 1, index == 1 { lost += 1; return true }
+            return false
+        }
+        net.deliver(.configure(joining, leaseFrom: 2), from: .coordinator, to: 1, now: 2)
+        net.deliver(.configure(joining, leaseFrom: nil), from: .coordinator, to: 0, now: 2)
+        #expect(lost == 1)
+        #expect(net.replicas[0]!.lastSequence == 0, "nothing installed from an incomplete snapshot")
+        // The learner's tick asks again only once the parts have stalled for a lease.
+        net.run(net.replicas[0]!.tick(now: 10), from: .replica(0), now: 10)
+        #expect(net.replicas[0]!.lastSequence == 0)
+        net.run(net.replicas[0]!.tick(now: 60), from: .replica(0), now: 60)
+        #expect(net.disks[0]!.installs == 1, "the second attempt installed the snapshot")
+        // The updates after the base arrive with the tail's retransmissions.
+        for t in [61, 62, 63] as [UInt64] { net.run(net.replicas[1]!.tick(now: t), from: .replica(1), now: t) }
+        let learner = net.replicas[0]!, tail = net.replicas[1]!
+        #expect(learner.lastSequence == tail.lastSequence)
+        #expect(learner.store == tail.store)
+        #expect(learner.base.sequence == tailBase)
+        #expect(net.replicas[1]!.tick(now: 64).contains(.send(.report(ReplicaReport(
+            replica: 1, shard: 0, epoch: 2, sentAt: 64, lastSequence: 12, learnerCaughtUp: true, serving: true)), to: .coordinator)))
+        let disk = net.disks[0]!
+        let restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: disk.log, config: disk.config, snapshot: disk.snapshot)
+        #expect(restarted.store == tail.store, "the learner persisted its snapshot and the log after it")
+    }
+
+    @Test("a subscriber that starts before the tail's compacted base gets every key's value as of the base, then each change after it")
+    func subscriberGetsSnapshot() {
+        let options = ChainReplica.Options(leaseDuration: 1_000, compactEvery: 3, retain: 1)
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0])
+        var net = Net([ChainReplica(id: 0, shard: 0, options: options, recovering: [], config: config)])
+        net.grant(0, now: 0)
+        for n in 1...10 as ClosedRange<UInt64> { net.write(n, key: n % 3 == 0 ? "other" : "obj/\(n % 4)", now: 1) }
+        let base = net.replicas[0]!.base.sequence
+        #expect(base > 0 && base < 10)
+        var subscriber = GCSSubscriber(id: 50, prefix: "obj/", shardCount: 1, resubscribeInterval: 100)
+        net.toClients = []
+        net.run(subscriber.handle(.configs([config]), from: .coordinator, now: 2).actions, from: .client(50), now: 2)
+        var view: [String: [UInt8]] = [:]
+        var fromSnapshot = 0
+        while !net.toClients.isEmpty {
+            let (m, from) = net.toClients.removeFirst()
+            let (changes, actions) = subscriber.handle(m, from: from, now: 3)
+            for u in changes {
+                view[u.key] = u.value
+                if u.request.client < 0 { fromSnapshot += 1 }
+            }
+            net.run(actions, from: .client(50), now: 3)
+        }
+        #expect(fromSnapshot > 0, "the subscriber was sent a snapshot")
+        #expect(view == net.replicas[0]!.store.filter { $0.key.hasPrefix("obj/") })
+        #expect(subscriber.lastSeen == [10])
+        // Later changes follow the snapshot.
+        net.write(11, key: "obj/new", now: 4)
+        let change = net.toClients.first { if case .change = $0.0 { return true } else { return false } }
+        #expect(change.map { subscriber.handle($0.0, from: $0.from, now: 4).changes.map(\.key) } == ["obj/new"])
     }
 }
