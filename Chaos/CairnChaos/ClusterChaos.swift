@@ -13,6 +13,7 @@ struct ClusterChaos: AsyncParsableCommand {
     @Option(help: "SIGKILLs to deliver, one at a time.") var kills: Int = 12
     @Option(help: "Seed of the kill schedule and the actor's messages (default: random, printed).") var seed: UInt64?
     @Option(help: "Keep the durable actor in this directory, shared by the node processes (default: in the GCS chains).") var directory: String?
+    @Option(help: "The GCS replicas compact every this many updates, keeping the newest quarter (0: never).") var gcsCompactEvery: UInt64 = 8
 
     func validate() throws {
         guard kills >= 1 && kills <= 10_000 else { throw ValidationError("--kills must be 1 to 10,000") }
@@ -21,7 +22,9 @@ struct ClusterChaos: AsyncParsableCommand {
     func run() async throws {
         let seed = seed ?? UInt64.random(in: 1...UInt64.max)
         print("cluster chaos seed: \(seed) (replay with --seed \(seed)); the actor's storage: \(directory ?? "the GCS chains")")
-        let report = await ClusterCampaign.run(.init(executable: currentExecutablePath(), seed: seed, kills: kills, storageDirectory: directory))
+        var configuration = ClusterCampaign.Configuration(executable: currentExecutablePath(), seed: seed, kills: kills, storageDirectory: directory)
+        configuration.gcsCompactEvery = gcsCompactEvery
+        let report = await ClusterCampaign.run(configuration)
         report.timeline.forEach { print($0) }
         print("kills: " + report.kills.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
         let sorted = report.recoveries.sorted()
@@ -29,6 +32,7 @@ struct ClusterChaos: AsyncParsableCommand {
             print("back to full strength: median \(Int(sorted[sorted.count / 2])) ms, longest \(Int(sorted.last!)) ms")
         }
         print("checked: \(report.tasksChecked) task results, \(report.callsChecked) actor replies")
+        print("GCS replicas: " + report.gcsReplicas.map { "\($0.replica) applied \($0.lastSequence) (\($0.base) compacted)" }.joined(separator: ", "))
         if report.failures.isEmpty {
             print("PASS: every result and reply right; nothing acknowledged was lost or applied twice")
         } else {

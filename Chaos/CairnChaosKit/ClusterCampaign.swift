@@ -25,6 +25,10 @@ public enum ClusterCampaign {
         public var callsPerRound: Int
         /// How long to wait for the cluster to come back to full strength.
         public var recoveryTimeout: Duration
+        /// The GCS replicas compact every this many updates (keeping the newest quarter), far
+        /// more often than by default, so that kills land on compactions and standbys join
+        /// from snapshots; 0: never.
+        public var gcsCompactEvery: UInt64 = 8
 
         public init(executable: String, seed: UInt64, kills: Int, storageDirectory: String? = nil, tasksPerRound: Int = 300,
                     callsPerRound: Int = 40, recoveryTimeout: Duration = .seconds(60)) {
@@ -47,6 +51,9 @@ public enum ClusterCampaign {
         public var callsChecked = 0
         /// Milliseconds from each kill until the cluster was at full strength again.
         public var recoveries: [Double] = []
+        /// The GCS replicas at the end, as they last reported: updates applied, and how many of
+        /// them compaction folded into their bases.
+        public var gcsReplicas: [EmbeddedGCS.ReplicaStatus] = []
     }
 
     /// Runs the campaign. Never throws: what goes wrong is in ``Report/failures``.
@@ -67,6 +74,8 @@ public enum ClusterCampaign {
         gcsOptions.failureTimeoutMicroseconds = 10_000_000
         gcsOptions.leaseMicroseconds = 2_000_000
         gcsOptions.requestTimeoutMicroseconds = 60_000_000
+        gcsOptions.compactEvery = c.gcsCompactEvery
+        gcsOptions.compactionRetain = c.gcsCompactEvery / 4
         var options = ClusterOptions.uniform(nodes: 4)
         options.processes = true
         options.nodeExecutable = c.executable
@@ -147,6 +156,7 @@ public enum ClusterCampaign {
         }
         let audit = try await cluster.get(try bank.send(.audit, caller: caller, sequence: sequence + 1), timeout: .seconds(120))
         if audit != (try model.receive(.audit)) { report.failures.append("the final audit \(audit) differs from the model's") }
+        report.gcsReplicas = cluster.gcs?.replicaStatuses() ?? []
         report.callsChecked += 1
     }
 

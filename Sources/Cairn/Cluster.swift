@@ -463,10 +463,13 @@ public final class Cluster: Sendable {
             schedulers: schedulers,
             chains: gcs.map { gcs in
                 let hosts = gcs.replicaHosts
+                let statuses = Dictionary(gcs.replicaStatuses().map { ($0.replica, $0) }, uniquingKeysWith: { a, _ in a })
                 return gcs.configurations().sorted { $0.shard < $1.shard }.map { c in
                     let standbys = hosts.values.filter { $0.shard == c.shard && !c.contains($0.id) }.map(\.id).sorted()
+                    let held = statuses[c.tail].map { "; tail applied \($0.lastSequence) updates, holds \($0.heldUpdates) after its compacted base" } ?? ""
                     return "shard \(c.shard) (epoch \(c.epoch)): \(c.chain.map { "\($0)" }.joined(separator: " -> "))"
                         + (c.learner.map { " (learner \($0))" } ?? "") + (standbys.isEmpty ? "" : "; standby \(standbys.map(String.init).joined(separator: ", "))")
+                        + held
                 }
             } ?? [])
     }

@@ -668,12 +668,13 @@ public final class EmbeddedGCS: @unchecked Sendable {
         public var heldUpdates: Int { Int(lastSequence - base) }
     }
 
-    /// The replicas that run on threads of this process (not killed, not in processes of their own).
+    /// Every replica as of its latest report to the coordinator (a tick old at most; replicas
+    /// in processes of their own included).
     public func replicaStatuses() -> [ReplicaStatus] {
-        replicaHosts.sorted { $0.key < $1.key }.compactMap { r, host in
-            host.worker.processing.lock()
-            defer { host.worker.processing.unlock() }
-            return host.core.map { ReplicaStatus(replica: r, shard: host.shard, lastSequence: $0.lastSequence, base: $0.base.sequence) }
+        coordinatorWorker.processing.lock()
+        defer { coordinatorWorker.processing.unlock() }
+        return coordinator.latestReports.values.sorted { $0.replica < $1.replica }.map {
+            ReplicaStatus(replica: $0.replica, shard: $0.shard, lastSequence: $0.lastSequence, base: $0.base)
         }
     }
 

@@ -328,7 +328,7 @@ public struct ChainReplica: Sendable {
     /// The report to the coordinator, which doubles as the heartbeat.
     private func report(now: UInt64) -> GCSAction {
         .send(.report(ReplicaReport(
-            replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence,
+            replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence, base: base.sequence,
             learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
             serving: serving)), to: .coordinator)
     }

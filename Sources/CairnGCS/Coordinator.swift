@@ -43,6 +43,8 @@ public struct Coordinator: Sendable {
     /// Replicas whose process the shell saw exit, until they report again.
     private var exited: Set<ReplicaID> = []
     private var reports: [ReplicaID: ReplicaReport] = [:]
+    /// The latest report of each replica that reported since this coordinator started.
+    public var latestReports: [ReplicaID: ReplicaReport] { reports }
     /// Per shard: the epoch in which its tail reported serving.
     private var servingEpoch: [Int: UInt64] = [:]
 

@@ -159,17 +159,20 @@ public struct ReplicaReport: Hashable, Sendable, Codable {
     /// The replica's clock when it sent this; a lease granted in reply runs from here.
     public var sentAt: UInt64
     public var lastSequence: UInt64
+    /// How many of those its compacted base holds (the rest are held one by one).
+    public var base: UInt64
     /// The tail's learner has every update the tail has.
     public var learnerCaughtUp: Bool
     /// The replica is the tail and may serve reads (given a lease).
     public var serving: Bool
 
-    public init(replica: ReplicaID, shard: Int, epoch: UInt64, sentAt: UInt64, lastSequence: UInt64, learnerCaughtUp: Bool, serving: Bool) {
+    public init(replica: ReplicaID, shard: Int, epoch: UInt64, sentAt: UInt64, lastSequence: UInt64, base: UInt64 = 0, learnerCaughtUp: Bool, serving: Bool) {
         self.replica = replica
         self.shard = shard
         self.epoch = epoch
         self.sentAt = sentAt
         self.lastSequence = lastSequence
+        self.base = base
         self.learnerCaughtUp = learnerCaughtUp
         self.serving = serving
     }

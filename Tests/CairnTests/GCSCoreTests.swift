@@ -450,7 +450,7 @@ struct GCSCompactionTests {
         #expect(learner.store == tail.store)
         #expect(learner.base.sequence == tailBase)
         #expect(net.replicas[1]!.tick(now: 64).contains(.send(.report(ReplicaReport(
-            replica: 1, shard: 0, epoch: 2, sentAt: 64, lastSequence: 12, learnerCaughtUp: true, serving: true)), to: .coordinator)))
+            replica: 1, shard: 0, epoch: 2, sentAt: 64, lastSequence: 12, base: tailBase, learnerCaughtUp: true, serving: true)), to: .coordinator)))
         let disk = net.disks[0]!
         let restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: disk.log, config: disk.config, snapshot: disk.snapshot)
         #expect(restarted.store == tail.store, "the learner persisted its snapshot and the log after it")

@@ -486,7 +486,7 @@ struct ProcessClusterTests {
         for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
     }
 
-    @Test("the cluster chaos campaign: seeded SIGKILLs of nodes, the scheduler and GCS replicas while tasks and a durable actor stored in the GCS run; every result and reply right, full strength after each")
+    @Test("the cluster chaos campaign: seeded SIGKILLs of nodes, the scheduler and GCS replicas (compacting) while tasks and a durable actor stored in the GCS run; every result and reply right, full strength after each")
     func chaosCampaign() async throws {
         let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
         print("cluster chaos campaign: seed \(seed) (CAIRN_PROCESS_SEED replays; swift run cairn-chaos cluster --seed \(seed) runs it alone)")
@@ -495,6 +495,8 @@ struct ProcessClusterTests {
         report.timeline.forEach { print($0) }
         #expect(report.failures.isEmpty, "\(report.failures)")
         #expect(report.kills.values.reduce(0, +) == 4 && report.tasksChecked == 800 && report.callsChecked == 121, "\(report.kills)")
+        // The campaign's GCS compacts every 8 updates: the kills landed on compacting replicas.
+        #expect(report.gcsReplicas.contains { $0.base > 0 }, "the GCS replicas compacted: \(report.gcsReplicas)")
     }
 
     /// Waits until the head's report lists schedulers that satisfy `condition`.
