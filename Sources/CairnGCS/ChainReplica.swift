@@ -52,7 +52,7 @@ public struct ChainReplica: Sendable {
         /// Sequence number of the last change transmitted at least once.
         var transmittedUpTo: UInt64
         /// Sent in place of the changes the log no longer holds, until acknowledged.
-        var snapshot: (upTo: UInt64, entries: [String: [UInt8]], previous: UInt64)?
+        var snapshot: (upTo: UInt64, epoch: UInt64, entries: [String: [UInt8]], previous: UInt64)?
     }
 
     /// As learner: a snapshot being received from the tail.
@@ -455,7 +455,7 @@ public struct ChainReplica: Sendable {
             var sub = Subscription(prefix: prefix, queuedUpTo: after, unacked: [], transmittedUpTo: after)
             if after < base.sequence {
                 // What the subscriber lacks was compacted: the keys' values as of the base instead.
-                sub.snapshot = (base.sequence, baseStore.filter { $0.key.hasPrefix(prefix) }, after)
+                sub.snapshot = (base.sequence, base.epoch, baseStore.filter { $0.key.hasPrefix(prefix) }, after)
                 sub.queuedUpTo = base.sequence
             }
             for u in updates(after: min(after, lastSequence)) where u.key.hasPrefix(prefix) {
@@ -528,7 +528,7 @@ public struct ChainReplica: Sendable {
         for subscriber in subscriptions.keys.sorted() {
             guard var sub = subscriptions[subscriber], sub.transmittedUpTo < sub.queuedUpTo else { continue }
             if let s = sub.snapshot, s.upTo > sub.transmittedUpTo {
-                actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: base.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
+                actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
             }
             for (u, previous) in sub.unacked where u.sequence > sub.transmittedUpTo {
                 actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
@@ -570,7 +570,7 @@ public struct ChainReplica: Sendable {
             // In subscriber order, so that a seeded simulation runs the same in every process.
             for (subscriber, sub) in subscriptions.sorted(by: { $0.key < $1.key }) {
                 if let s = sub.snapshot {
-                    actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: base.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
+                    actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
                 }
                 actions += sub.unacked.map { .send(.change(shard: shard, $0.0, previous: $0.1), to: .client(subscriber)) }
             }
