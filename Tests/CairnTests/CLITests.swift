@@ -185,6 +185,7 @@ struct CLITests {
         #expect(joined.status == 0 && joined.output.contains("GCS replica 4"), "\(joined.output)")
         let table = try await Self.status(dir.path) { $0.contains("standby 3, 4") }
         #expect(table.contains("shard 0"), "\(table)")
+        #expect(table.contains("after its compacted base"), "the chain's line says what its tail holds: \(table)")
         let replica = try #require(Session.pids(dir.path).first { $0.what == "gcs-replica-4" }?.pid)
         let stopped = try Self.run(["stop", "--dir", dir.path])
         #expect(stopped.output.contains("stopped gcs-replica-4"), "\(stopped.output)")
