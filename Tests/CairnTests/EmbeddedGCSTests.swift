@@ -11,13 +11,15 @@ import Testing
 /// The GCS cores on real threads, each replica in its own LMDB environment.
 @Suite("Embedded GCS: chains on threads over LMDB", .serialized)
 struct EmbeddedGCSTests {
-    static func start(_ dir: TemporaryDirectory, shards: Int = 1, timeoutMicroseconds: UInt64 = 20_000_000) throws -> EmbeddedGCS {
+    static func start(_ dir: TemporaryDirectory, shards: Int = 1, timeoutMicroseconds: UInt64 = 20_000_000,
+                      configure: (inout EmbeddedGCS.Options) -> Void = { _ in }) throws -> EmbeddedGCS {
         var o = EmbeddedGCS.Options(shards: shards)
         o.directory = dir.path
         o.requestTimeoutMicroseconds = timeoutMicroseconds
         // A loaded test machine: generous failure detection (kills are reported at once anyway).
         o.failureTimeoutMicroseconds = 2_000_000
         o.leaseMicroseconds = 500_000
+        configure(&o)
         return try EmbeddedGCS.start(o)
     }
 
@@ -249,14 +251,10 @@ struct EmbeddedGCSTests {
     @Test("with compaction, replicas hold the state and only their newest updates, in memory and in LMDB; a standby joins from a snapshot, a killed replica comes back from its base, and a new subscriber gets the state")
     func compaction() throws {
         let dir = try TemporaryDirectory()
-        var o = EmbeddedGCS.Options()
-        o.directory = dir.path
-        o.requestTimeoutMicroseconds = 20_000_000
-        o.failureTimeoutMicroseconds = 2_000_000
-        o.leaseMicroseconds = 500_000
-        o.compactEvery = 40
-        o.compactionRetain = 10
-        let gcs = try EmbeddedGCS.start(o)
+        let gcs = try Self.start(dir) { o in
+            o.compactEvery = 40
+            o.compactionRetain = 10
+        }
         defer { gcs.shutdown() }
         var acknowledged: [String: [UInt8]] = [:]
         var n: UInt64 = 0
