@@ -97,7 +97,12 @@ public struct ChainReplica: Sendable {
     /// (nil until the learner confirms it cut its log to the common prefix).
     private var learnerJoined = false
     private var learnerAcked: UInt64?
-    private var subscriptions: [Int: Subscription] = [:]
+    private var subscriptions: [Int: Subscription] = [:] {
+        didSet { if subscriptions.count != subscribers.count { subscribers = subscriptions.keys.sorted() } }
+    }
+    /// The keys of `subscriptions` in order: what goes to subscribers is sent in this order, so
+    /// that a seeded simulation runs the same in every process (a dictionary's order does not).
+    private var subscribers: [Int] = []
     /// As tail: writes applied but not yet answered, waiting for a lease.
     private var pendingReplies: [RequestID] = []
 
@@ -505,7 +510,7 @@ public struct ChainReplica: Sendable {
             actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(l)))
         }
         pendingReplies.append(u.request)
-        for subscriber in subscriptions.keys.sorted() {
+        for subscriber in subscribers {
             guard var sub = subscriptions[subscriber], u.key.hasPrefix(sub.prefix) else { continue }
             sub.unacked.append((u, sub.queuedUpTo))
             sub.queuedUpTo = u.sequence
@@ -525,7 +530,7 @@ public struct ChainReplica: Sendable {
         }
         actions += pendingReplies.map { .send(.written($0), to: .client($0.client)) }
         pendingReplies = []
-        for subscriber in subscriptions.keys.sorted() {
+        for subscriber in subscribers {
             guard var sub = subscriptions[subscriber], sub.transmittedUpTo < sub.queuedUpTo else { continue }
             if let s = sub.snapshot, s.upTo > sub.transmittedUpTo {
                 actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
@@ -567,8 +572,8 @@ public struct ChainReplica: Sendable {
             }
         }
         if serving && holdsLease(at: now) {
-            // In subscriber order, so that a seeded simulation runs the same in every process.
-            for (subscriber, sub) in subscriptions.sorted(by: { $0.key < $1.key }) {
+            for subscriber in subscribers {
+                guard let sub = subscriptions[subscriber] else { continue }
                 if let s = sub.snapshot {
                     actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
                 }

@@ -456,6 +456,19 @@ struct GCSCompactionTests {
         #expect(restarted.store == tail.store, "the learner persisted its snapshot and the log after it")
     }
 
+    @Test("a subscriber takes a snapshot that starts before its last change (a repeated subscription) and acknowledges an old one without delivering it")
+    func subscriberSnapshotOrder() {
+        var s = GCSSubscriber(id: 50, prefix: "", shardCount: 1, resubscribeInterval: 100)
+        let change = ChainUpdate(epoch: 1, sequence: 3, key: "a", value: [3], request: RequestID(client: 1, number: 1))
+        #expect(s.handle(.change(shard: 0, change, previous: 0), from: .replica(2), now: 0).changes == [change])
+        let taken = s.handle(.snapshot(shard: 0, upTo: 9, epoch: 1, entries: ["a": [7], "b": [8]], previous: 0), from: .replica(2), now: 1)
+        #expect(taken.changes.map(\.key) == ["a", "b"] && taken.changes.allSatisfy { $0.sequence == 9 && $0.request.client < 0 })
+        #expect(taken.actions == [.send(.changeAck(upTo: 9), to: .replica(2))])
+        #expect(s.lastSeen == [9])
+        let old = s.handle(.snapshot(shard: 0, upTo: 5, epoch: 1, entries: ["a": [5]], previous: 0), from: .replica(2), now: 2)
+        #expect(old.changes.isEmpty && old.actions == [.send(.changeAck(upTo: 9), to: .replica(2))], "an older snapshot is only acknowledged")
+    }
+
     @Test("a subscriber that starts before the tail's compacted base gets every key's value as of the base, then each change after it")
     func subscriberGetsSnapshot() {
         let options = ChainReplica.Options(leaseDuration: 1_000, compactEvery: 3, retain: 1)
