@@ -656,7 +656,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Replica IDs by shard, and each shard's current configuration as the coordinator has it.
     public var replicaIDs: [ReplicaID] { replicaHosts.keys.sorted() }
 
-    /// What a replica running in this process holds.
+    /// What a replica holds, as it last reported to the coordinator.
     public struct ReplicaStatus: Sendable, Equatable {
         public var replica: ReplicaID
         public var shard: Int

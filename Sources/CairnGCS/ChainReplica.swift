@@ -481,6 +481,19 @@ public struct ChainReplica: Sendable {
         }
     }
 
+    /// What a subscription holds for its subscriber after sequence number `after`, in order:
+    /// the snapshot (if it reaches past `after`), then the changes.
+    private func transmissions(_ sub: Subscription, to subscriber: Int, after: UInt64) -> [GCSAction] {
+        var actions: [GCSAction] = []
+        if let s = sub.snapshot, s.upTo > after {
+            actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
+        }
+        for (u, previous) in sub.unacked where u.sequence > after {
+            actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
+        }
+        return actions
+    }
+
     /// The base's store in parts of at most ``Options/snapshotChunkBytes`` (at least one part).
     private func snapshotChunks() -> [[String: [UInt8]]] {
         var parts: [[String: [UInt8]]] = [[:]]
@@ -532,12 +545,7 @@ public struct ChainReplica: Sendable {
         pendingReplies = []
         for subscriber in subscribers {
             guard var sub = subscriptions[subscriber], sub.transmittedUpTo < sub.queuedUpTo else { continue }
-            if let s = sub.snapshot, s.upTo > sub.transmittedUpTo {
-                actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
-            }
-            for (u, previous) in sub.unacked where u.sequence > sub.transmittedUpTo {
-                actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
-            }
+            actions += transmissions(sub, to: subscriber, after: sub.transmittedUpTo)
             sub.transmittedUpTo = sub.queuedUpTo
             subscriptions[subscriber] = sub
         }
@@ -574,10 +582,7 @@ public struct ChainReplica: Sendable {
         if serving && holdsLease(at: now) {
             for subscriber in subscribers {
                 guard let sub = subscriptions[subscriber] else { continue }
-                if let s = sub.snapshot {
-                    actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
-                }
-                actions += sub.unacked.map { .send(.change(shard: shard, $0.0, previous: $0.1), to: .client(subscriber)) }
+                actions += transmissions(sub, to: subscriber, after: 0)
             }
         }
         return actions
