@@ -160,13 +160,29 @@ final class EncoderImpl: Encoder {
     private func grow(_ n: Int) {
         var capacity = state.pointee.capacity * 2
         while capacity < state.pointee.count + n { capacity *= 2 }
-        // `realloc` of a large block remaps its pages rather than copying them.
-        guard let bigger = realloc(state.pointee.out, capacity) else {
-            fatalError("out of memory: cannot grow an encoder's buffer to \(capacity) bytes")
+        let old = state.pointee.out
+        let bigger: UnsafeMutableRawPointer?
+        if state.pointee.capacity >= Self.alwaysMapped {
+            // Both blocks are above glibc's largest mmap threshold, so the block is mapped and
+            // `realloc` remaps its pages instead of copying them.
+            bigger = realloc(old, capacity)
+        } else {
+            // Copied here rather than by `realloc`: glibc copies a block kept in an arena while
+            // holding the arena's lock, which stalls every thread sharing that arena (an actor's
+            // worker, while its checkpoint is encoded) for as long as the copy of megabytes takes.
+            bigger = malloc(capacity)
+            if let bigger {
+                bigger.copyMemory(from: old, byteCount: state.pointee.count)
+                free(old)
+            }
         }
+        guard let bigger else { fatalError("out of memory: cannot grow an encoder's buffer to \(capacity) bytes") }
         state.pointee.out = bigger.assumingMemoryBound(to: UInt8.self)
         state.pointee.capacity = capacity
     }
+
+    /// glibc's largest mmap threshold (32 MiB on 64-bit systems): blocks this large are always mapped.
+    static let alwaysMapped = 32 << 20
 
     @inline(__always) func byte(_ b: UInt8) {
         reserve(1).pointee = b

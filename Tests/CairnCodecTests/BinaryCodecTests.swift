@@ -88,6 +88,18 @@ struct BinaryCodecTests {
         try roundTrip(Array(repeating: [UInt8](repeating: 3, count: 200), count: 3))
     }
 
+    @Test("round trip: a value of 40 MiB keeps every byte while its buffer grows by copying and then by remapping")
+    func bufferGrowsPastEveryThreshold() throws {
+        // 640 chunks of 64 KiB, like an actor's large state: the encoder's buffer passes 1 MiB,
+        // then 32 MiB (above which it is grown by `realloc` instead of a copy of its own).
+        var rng = SeededGenerator(seed: 7)
+        let chunks = (0..<640).map { _ in rng.bytes(64 << 10) }
+        let bytes = try encoder.encode(chunks)
+        #expect(bytes.count > 40 << 20)
+        let back = try decoder.decode([[UInt8]].self, from: bytes)
+        #expect(back == chunks)
+    }
+
     @Test("round trip: seeded random rows", arguments: [1 as UInt64, 2, 3])
     func randomRows(seed: UInt64) throws {
         var rng = SeededGenerator(seed: seed)
