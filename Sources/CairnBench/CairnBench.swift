@@ -19,7 +19,7 @@ struct CairnBench: AsyncParsableCommand {
         discussion: "Build with -c release: swift run -c release cairn-bench storage codec",
         subcommands: [])
 
-    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs, wire, tcp, cluster (default: all).")
+    @Argument(help: "Suites to run: tasks, actors, durable, recovery, storage, codec, gcs, wire, tcp, cluster, machine (default: all).")
     var suites: [String] = []
 
     @Option(help: "Directory for on-disk benchmarks (default: a new directory under the system temporary directory, removed afterwards).")
@@ -34,7 +34,7 @@ struct CairnBench: AsyncParsableCommand {
     /// Set when the wire suite re-launches this binary as the peer it kills.
     @Option(help: .hidden) var wirePeer: Int?
 
-    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire", "tcp", "cluster"]
+    static let known = ["tasks", "actors", "durable", "recovery", "storage", "codec", "gcs", "wire", "tcp", "cluster", "machine"]
 
     func validate() throws {
         for s in suites where !Self.known.contains(s) {
@@ -69,6 +69,10 @@ struct CairnBench: AsyncParsableCommand {
                 let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
                 defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
                 try StorageBenchmark(directory: dir).run(report)
+            case "machine":
+                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
+                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+                try MachineBenchmark(directory: dir).run(report)
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
             case "wire":

@@ -81,7 +81,7 @@ struct WireBenchmark {
             let child = try ChildProcess(executable: exe, arguments: ["--wire-peer", String(listener.port)])
             guard child.readLine(timeoutMilliseconds: 10_000) == "ready" else {
                 child.kill()
-                throw CairnBenchError("the wire peer process did not connect")
+                throw BenchError("the wire peer process did not connect")
             }
             while established.value <= round { usleep(100) }
             let t0 = now()
@@ -98,7 +98,7 @@ struct WireBenchmark {
     /// (its event loop sends heartbeats) until it is killed.
     static func peer(port: Int) async throws {
         guard let hex = getenv("CAIRN_BENCH_TOKEN"), let token = try? ClusterToken(hex: String(cString: hex)) else {
-            throw CairnBenchError("--wire-peer needs CAIRN_BENCH_TOKEN")
+            throw BenchError("--wire-peer needs CAIRN_BENCH_TOKEN")
         }
         _ = try await Wire.connect(host: "127.0.0.1", port: port, token: token, name: "peer", epoch: 1,
                                    handlers: WireHandlers(message: { _, _ in }))
@@ -107,7 +107,3 @@ struct WireBenchmark {
     }
 }
 
-struct CairnBenchError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
-}
