@@ -66,7 +66,8 @@ let package = Package(
         .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore", "CairnGCS"], path: "Chaos/CairnChaosKit",
                 swiftSettings: simulationSpeed),
         // The Global Control Store's protocol cores: pure values, no I/O.
-        .target(name: "CairnGCS", path: "Sources/CairnGCS", swiftSettings: simulationSpeed),
+        .target(name: "CairnGCS", dependencies: [.product(name: "DequeModule", package: "swift-collections")],
+                path: "Sources/CairnGCS", swiftSettings: simulationSpeed),
         .executableTarget(name: "CairnChaos", dependencies: [
             "Cairn", "CairnStorage", "CairnCodec", "CairnChaosKit", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -124,7 +124,8 @@ public struct GCSSimulation {
         let compactEvery = o.compactEvery ?? [0, 1, 2, 4, 8][Int.random(in: 0..<5, using: &rng)]
         let replicaOptions = ChainReplica.Options(leaseDuration: leaseDuration, compactEvery: compactEvery,
                                                   retain: UInt64.random(in: 0...3, using: &rng),
-                                                  snapshotChunkBytes: Int.random(in: 1...40, using: &rng))
+                                                  snapshotChunkBytes: Int.random(in: 1...40, using: &rng),
+                                                  window: [1, 2, 3, 64][Int.random(in: 0..<4, using: &rng)])
         let coordinatorOptions = Coordinator.Options(replicationFactor: o.replicationFactor, failureTimeout: failureTimeout, leaseDuration: leaseDuration)
         var shardOf: [ReplicaID: Int] = [:]
         var initial: [ChainConfig] = []
@@ -424,7 +425,7 @@ public struct GCSSimulation {
                 }
             }
         }
-        if o.trace { print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes)") }
+        if o.trace { print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes), window \(replicaOptions.window)") }
         return Outcome(seed: o.seed, history: history, verdict: verdict, failures: failures,
                        completed: history.filter { $0.returned != nil }.count, crashes: crashes,
                        coordinatorCrashes: coordinatorCrashes, partitions: partitions, reconfigurations: reconfigurations,

@@ -1,3 +1,4 @@
+import DequeModule
 /// One replica of one shard's chain, as a pure value: messages and ticks in, actions out.
 ///
 /// Roles follow the replica's current ``ChainConfig``: head (numbers writes), middle, tail
@@ -34,7 +35,15 @@ public struct ChainReplica: Sendable {
         public var retain: UInt64
         /// Largest part, in bytes of values and keys, of a snapshot sent to a learner.
         public var snapshotChunkBytes: Int
-        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0, compactEvery: UInt64 = 0, retain: UInt64 = 0, snapshotChunkBytes: Int = 4 << 20) {
+        /// Most updates in flight from a tail to its learner (sent, not yet acknowledged) at
+        /// once; the rest go as acknowledgements come. A learner catching up on thousands of
+        /// updates then takes them in step with the chain's other traffic instead of flooding
+        /// every queue ahead of it.
+        public var window: Int
+        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0, compactEvery: UInt64 = 0, retain: UInt64 = 0,
+                    snapshotChunkBytes: Int = 4 << 20, window: Int = 64) {
+            precondition(window >= 1, "the window must let at least one update through")
+            self.window = window
             self.leaseDuration = leaseDuration
             self.retransmitInterval = retransmitInterval
             self.compactEvery = compactEvery
@@ -81,10 +90,14 @@ public struct ChainReplica: Sendable {
     /// When a tick last asked to join: asked again only after a retransmit interval, so that a
     /// tail busy sending a large log or snapshot is not asked to send it again meanwhile.
     private var joinAskedAt: UInt64?
-    /// Forwarded downstream (to the successor, or from a tail to its learner), not yet acknowledged.
-    private var sent: [ChainUpdate] = []
-    /// When updates were last resent, and the last sequence number then: what was outstanding.
-    private var retransmitted: (at: UInt64, upTo: UInt64) = (0, 0)
+    /// For downstream (the successor, or a tail's learner), not yet acknowledged; in sequence
+    /// order, so an acknowledgement removes a prefix. The first `transmitted` have been sent;
+    /// the rest wait for the window (``Options/window``) to open.
+    private var sent: Deque<ChainUpdate> = []
+    private var transmitted = 0
+    /// When updates were last resent (or a resend was found unneeded), the last sequence
+    /// number then (what was outstanding), and how far downstream had acknowledged then.
+    private var retransmitted: (at: UInt64, upTo: UInt64, acked: UInt64) = (0, 0, 0)
     /// Every update up to here has reached the tail.
     public private(set) var acknowledged: UInt64 = 0
     private var lease: (epoch: UInt64, until: UInt64)?
@@ -163,6 +176,35 @@ public struct ChainReplica: Sendable {
         return isTail && learnerJoined ? config?.learner : nil
     }
 
+    /// Drops what downstream acknowledged: a prefix of `sent`, so the cost is what is dropped.
+    private mutating func removeAcknowledged(upTo sequence: UInt64) {
+        while let u = sent.first, u.sequence <= sequence {
+            sent.removeFirst()
+            transmitted = max(0, transmitted - 1)
+        }
+    }
+
+    /// Replaces what is owed downstream; nothing of it sent yet.
+    private mutating func resetSent<S: Sequence>(_ updates: S) where S.Element == ChainUpdate {
+        sent = Deque(updates)
+        transmitted = 0
+    }
+
+    /// Sends downstream what the window lets through. The window applies to a tail's learner
+    /// only, which acknowledges every update it takes, even one it had. Within the chain a
+    /// successor may not acknowledge at all for a while (a promoted tail waiting for its
+    /// handoff acknowledges nothing), so everything owed goes at once, as it must for the
+    /// handoff to complete.
+    private mutating func transmit(epoch: UInt64, to d: ReplicaID) -> [GCSAction] {
+        var actions: [GCSAction] = []
+        let window = successor == nil ? options.window : Int.max
+        while transmitted < sent.count && transmitted < window {
+            actions.append(.send(.forward(epoch: epoch, sent[transmitted]), to: .replica(d)))
+            transmitted += 1
+        }
+        return actions
+    }
+
     private mutating func apply(_ u: ChainUpdate) {
         log.append(u)
         store[u.key] = u.value
@@ -179,7 +221,8 @@ public struct ChainReplica: Sendable {
         for u in kept { apply(u) }
         acknowledged = min(acknowledged, lastSequence)
         let last = lastSequence
-        sent.removeAll { $0.sequence > last }
+        while let u = sent.last, u.sequence > last { sent.removeLast() }
+        transmitted = min(transmitted, sent.count)
     }
 
     /// Replaces the log, the store and the client table with `snapshot`.
@@ -189,7 +232,7 @@ public struct ChainReplica: Sendable {
         store = snapshot.store
         applied = snapshot.base.applied
         log = []
-        sent = []
+        resetSent([])
         acknowledged = base.sequence
     }
 
@@ -277,7 +320,7 @@ public struct ChainReplica: Sendable {
             // Everything here is now at the tail; it is acknowledged once a lease arrives, and
             // the writes the old tail had not answered are answered then.
             if !wasTail { pendingReplies += updates(after: acknowledged).map(\.request) }
-            sent = []
+            resetSent([])
         } else if new.chain.contains(id) {
             subscriptions = [:]
             pendingReplies = []
@@ -286,15 +329,15 @@ public struct ChainReplica: Sendable {
                 // (Never below the base: the coordinator promotes only a learner that caught up.)
                 acknowledged = max(base.sequence, min(acknowledged, oldLearnerAcked))
             }
-            sent = Array(updates(after: acknowledged))
+            resetSent(updates(after: acknowledged))
             if let s = successor {
                 if new.handoffFrom == id { actions.append(.send(.handoff(epoch: new.epoch, upTo: lastSequence), to: .replica(s))) }
-                actions += sent.map { .send(.forward(epoch: new.epoch, $0), to: .replica(s)) }
+                actions += transmit(epoch: new.epoch, to: s)
             }
         } else {
             subscriptions = [:]
             pendingReplies = []
-            sent = []
+            resetSent([])
             if new.learner == id {
                 joinAttempt += 1
                 actions.append(joinRequest(new))
@@ -373,32 +416,32 @@ public struct ChainReplica: Sendable {
             if isTail {
                 guard r == c.learner, learnerJoined else { return [] }
                 learnerAcked = max(learnerAcked ?? 0, sequence)
-                sent.removeAll { $0.sequence <= sequence }
-                return []
+                removeAcknowledged(upTo: sequence)
+                return transmit(epoch: epoch, to: r)
             }
             guard r == successor, sequence > acknowledged else { return [] }
             acknowledged = min(sequence, lastSequence)
-            sent.removeAll { $0.sequence <= sequence }
-            return predecessor.map { [.send(.ack(epoch: epoch, acknowledged), to: .replica($0))] } ?? []
+            removeAcknowledged(upTo: sequence)
+            return (predecessor.map { [.send(.ack(epoch: epoch, acknowledged), to: .replica($0))] } ?? []) + transmit(epoch: epoch, to: r)
 
         case .join(let epoch, let attempt, let learnerBase, let ranges):
             guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner else { return [] }
             learnerJoined = true
             learnerAcked = nil
             if let keep = commonPrefix(with: ranges, learnerBase: learnerBase) {
-                sent = Array(updates(after: keep))
+                resetSent(updates(after: keep))
                 return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: keep, snapshotChunks: 0), to: from)]
-                    + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
+                    + transmit(epoch: epoch, to: r)
             }
             // The learner lacks updates this log no longer holds: it gets the base as a
             // snapshot, in parts, then the log after it (resent until acknowledged).
-            sent = log
+            resetSent(log)
             let chunks = snapshotChunks()
             var actions: [GCSAction] = [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: 0, snapshotChunks: chunks.count), to: from)]
             for (i, part) in chunks.enumerated() {
                 actions.append(.send(.snapshotChunk(epoch: epoch, attempt: attempt, index: i, entries: part, base: i == chunks.count - 1 ? base : nil), to: from))
             }
-            return actions + sent.map { .send(.forward(epoch: epoch, $0), to: from) }
+            return actions + transmit(epoch: epoch, to: r)
 
         case .joinAccepted(let epoch, let attempt, let keep, let chunks):
             guard let c = config, epoch == c.epoch, isLearner, !joined, install == nil, attempt == joinAttempt, from == .replica(c.tail) else { return [] }
@@ -515,12 +558,12 @@ public struct ChainReplica: Sendable {
         let c = config!
         if let s = successor {
             sent.append(u)
-            return [.send(.forward(epoch: c.epoch, u), to: .replica(s))]
+            return transmit(epoch: c.epoch, to: s)
         }
         var actions: [GCSAction] = []
         if learnerJoined, let l = c.learner {
             sent.append(u)
-            actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(l)))
+            actions += transmit(epoch: c.epoch, to: l)
         }
         pendingReplies.append(u.request)
         for subscriber in subscribers {
@@ -561,9 +604,19 @@ public struct ChainReplica: Sendable {
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
             if now >= retransmitted.at + options.retransmitInterval {
-                let due = retransmitted.upTo
-                actions += sent.lazy.filter { $0.sequence <= due }.map { .send(.forward(epoch: c.epoch, $0), to: .replica(d)) }
-                retransmitted = (now, lastSequence)
+                // Resent only when downstream acknowledged nothing since the last check: while
+                // acknowledgements come, the stream flows, and a long backlog (a learner catching
+                // up) is not sent again, and again, while it is still on its way. A lost update
+                // stops the acknowledgements, so it goes again one interval later.
+                let acked = successor != nil ? acknowledged : (learnerAcked ?? 0)
+                if acked == retransmitted.acked {
+                    let due = retransmitted.upTo
+                    for u in sent.prefix(transmitted) {
+                        guard u.sequence <= due else { break }
+                        actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(d)))
+                    }
+                }
+                retransmitted = (now, lastSequence, acked)
             }
         }
         if isLearner && !joined {
