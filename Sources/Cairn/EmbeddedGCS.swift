@@ -527,6 +527,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
     }
 
+    /// The connection to replica `r`'s process, when it runs in one.
+    func remote(of r: ReplicaID) -> RemoteReplica? { replicaHosts[r]?.remote }
+
     /// Makes room for a replica that joins from outside (`cairn gcs`): a new replica ID in
     /// `shard` (default: the shard with the fewest replicas), a standby from now on. It runs in
     /// a process the caller starts, with the returned launch, and connects to this GCS's head;

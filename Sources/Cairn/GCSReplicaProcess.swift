@@ -94,7 +94,13 @@ final class RemoteReplica: Sendable {
 
     /// Sends a frame; false (as from a closed connection) when the replica is not connected.
     func send(_ frame: GCSFrame) -> Bool {
-        guard let connection = state.withLock({ $0.connection }), let bytes = try? BinaryEncoder().encode(frame) else { return false }
+        guard let bytes = try? BinaryEncoder().encode(frame) else { return false }
+        return send(encoded: bytes)
+    }
+
+    /// Sends a frame already encoded (one relayed from another replica, checked by decoding it).
+    func send(encoded bytes: [UInt8]) -> Bool {
+        guard let connection = state.withLock({ $0.connection }) else { return false }
         do {
             try connection.send(bytes)
             return true
@@ -174,6 +180,13 @@ final class ReplicaSupervisor: @unchecked Sendable {
                 guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
                     log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
                     connection.close()
+                    continue
+                }
+                // A frame for another replica goes on as it came, decoded above only to check it.
+                // (If that replica is not connected it is lost, as any message between replicas
+                // may be: the sender resends what is not acknowledged.)
+                if case .replica(let to) = frame.to, let remote = gcs.remote(of: to) {
+                    _ = remote.send(encoded: bytes)
                     continue
                 }
                 gcs.route(frame.message, from: frame.from, to: frame.to)
