@@ -98,6 +98,12 @@ public struct ChainReplica: Sendable {
     /// When updates were last resent (or a resend was found unneeded), the last sequence
     /// number then (what was outstanding), and how far downstream had acknowledged then.
     private var retransmitted: (at: UInt64, upTo: UInt64, acked: UInt64) = (0, 0, 0)
+    /// Doublings of the retransmit interval: one more after each resend that brought no
+    /// acknowledgement, back to none once acknowledgements come (see ``maxRetransmitBackoff``).
+    private var retransmitBackoff = 0
+    /// A tail with no lease acknowledges nothing however often it is sent the same updates; a
+    /// flood of resends would then fill the very queue its lease has to come through.
+    static let maxRetransmitBackoff = 4
     /// Every update up to here has reached the tail.
     public private(set) var acknowledged: UInt64 = 0
     private var lease: (epoch: UInt64, until: UInt64)?
@@ -603,11 +609,12 @@ public struct ChainReplica: Sendable {
         guard let c = config else { return actions }
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
-            if now >= retransmitted.at + options.retransmitInterval {
+            if now >= retransmitted.at + (options.retransmitInterval << retransmitBackoff) {
                 // Resent only when downstream acknowledged nothing since the last check: while
                 // acknowledgements come, the stream flows, and a long backlog (a learner catching
                 // up) is not sent again, and again, while it is still on its way. A lost update
-                // stops the acknowledgements, so it goes again one interval later.
+                // stops the acknowledgements, so it goes again one interval later, and less
+                // often while none arrive.
                 let acked = successor != nil ? acknowledged : (learnerAcked ?? 0)
                 if acked == retransmitted.acked {
                     let due = retransmitted.upTo
@@ -615,6 +622,9 @@ public struct ChainReplica: Sendable {
                         guard u.sequence <= due else { break }
                         actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(d)))
                     }
+                    retransmitBackoff = min(retransmitBackoff + 1, Self.maxRetransmitBackoff)
+                } else {
+                    retransmitBackoff = 0
                 }
                 retransmitted = (now, lastSequence, acked)
             }

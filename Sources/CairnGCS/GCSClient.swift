@@ -22,8 +22,12 @@ public struct GCSClient: Sendable {
 
     public let id: Int
     public let shardCount: Int
-    /// Time units to wait for an answer before resending.
+    /// Time units to wait for an answer before resending; doubled after each resend of the
+    /// same request that went unanswered, up to ``maxResendBackoff`` doublings, so that a
+    /// chain that is slow to answer (a learner catching up, a busy machine) is not buried
+    /// under copies of what it is still working on.
     public let resendInterval: UInt64
+    public static let maxResendBackoff = 4
     /// Time units to wait before resending a request a replica turned away (it may be a new
     /// tail waiting for its lease, for example).
     public let turnedAwayInterval: UInt64
@@ -33,6 +37,8 @@ public struct GCSClient: Sendable {
     private var number: UInt64 = 0
     public private(set) var outstanding: (request: RequestID, operation: Operation)?
     private var lastSent: UInt64 = 0
+    /// Resends of the outstanding request for want of an answer.
+    private var resends = 0
 
     public init(id: Int, shardCount: Int, resendInterval: UInt64, turnedAwayInterval: UInt64? = nil, configs: [ChainConfig] = []) {
         self.id = id
@@ -51,6 +57,7 @@ public struct GCSClient: Sendable {
         precondition(outstanding == nil, "a GCS client session has one request outstanding at a time")
         number += 1
         outstanding = (RequestID(client: id, number: number), operation)
+        resends = 0
         return send(now: now)
     }
 
@@ -73,7 +80,9 @@ public struct GCSClient: Sendable {
 
     /// Resends the outstanding request when it has waited long enough, and refreshes the configurations.
     public mutating func tick(now: UInt64) -> [GCSAction] {
-        guard outstanding != nil, now >= lastSent + (turnedAway ? turnedAwayInterval : resendInterval) else { return [] }
+        let wait = turnedAway ? turnedAwayInterval : resendInterval << min(resends, Self.maxResendBackoff)
+        guard outstanding != nil, now >= lastSent + wait else { return [] }
+        if !turnedAway { resends += 1 }
         return [.send(.configQuery, to: .coordinator)] + send(now: now)
     }
 

@@ -168,7 +168,7 @@ struct GCSCoreTests {
         #expect(learner.log == log, "the learner has the tail's whole log")
     }
 
-    @Test("unacknowledged updates are resent only once acknowledgements stop coming, not while they flow")
+    @Test("unacknowledged updates are resent only once acknowledgements stop coming, less often while none come, and not while they flow")
     func resendOnlyWithoutProgress() {
         let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 1])
         let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10)
@@ -176,14 +176,28 @@ struct GCSCoreTests {
         for n in 1...6 as ClosedRange<UInt64> {
             _ = head.handle(.write(RequestID(client: 1, number: n), key: "k", value: [UInt8(n)]), from: .client(1), now: 0)
         }
-        // The first check finds nothing acknowledged and marks what was outstanding; the next, still nothing: resent.
+        // The first check marks what is outstanding; nothing was acknowledged, so the next interval doubles.
         #expect(Self.forwards(head.tick(now: 10)) == [])
-        #expect(Self.forwards(head.tick(now: 20)) == [1, 2, 3, 4, 5, 6])
-        // The tail acknowledges part of it: progress, so nothing is resent at the next check.
-        _ = head.handle(.ack(epoch: 1, 3), from: .replica(1), now: 25)
-        #expect(Self.forwards(head.tick(now: 30)) == [], "acknowledgements came since the last check")
-        // Then they stop (update 4 was lost): the rest goes again.
-        #expect(Self.forwards(head.tick(now: 40)) == [4, 5, 6])
+        #expect(Self.forwards(head.tick(now: 20)) == [], "the interval doubled: the next check is at 30")
+        #expect(Self.forwards(head.tick(now: 30)) == [1, 2, 3, 4, 5, 6])
+        #expect(Self.forwards(head.tick(now: 60)) == [], "doubled again: the next check is at 70")
+        // The tail acknowledges part of it: progress, so nothing is resent at that check, and the interval is back to 10.
+        _ = head.handle(.ack(epoch: 1, 3), from: .replica(1), now: 65)
+        #expect(Self.forwards(head.tick(now: 70)) == [], "acknowledgements came since the last check")
+        // Then they stop (update 4 was lost): the rest goes again one interval later.
+        #expect(Self.forwards(head.tick(now: 80)) == [4, 5, 6])
+    }
+
+    @Test("a client waits twice as long before each resend of a request that goes unanswered, up to a cap")
+    func clientResendBacksOff() {
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0])
+        var client = GCSClient(id: 9, shardCount: 1, resendInterval: 10, configs: [config])
+        _ = client.start(.write(key: "k", value: [1]), now: 0)
+        var resentAt: [UInt64] = []
+        for t in stride(from: 1 as UInt64, through: 700, by: 1) where Self.sends(client.tick(now: t)).contains(where: { if case .write = $0 { true } else { false } }) {
+            resentAt.append(t)
+        }
+        #expect(resentAt == [10, 30, 70, 150, 310, 470, 630], "10, 20, 40, 80, then 160 apart")
     }
 
     static func coordinator(chain: [ReplicaID], standby: [ReplicaID] = [], now: UInt64 = 0) -> Coordinator {
