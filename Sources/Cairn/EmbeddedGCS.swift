@@ -206,7 +206,28 @@ public final class EmbeddedGCS: @unchecked Sendable {
             var actions: [GCSAction] = []
             for case .message(let m, let from) in batch { actions += core!.handle(m, from: from, now: now) }
             if tick { actions += core!.tick(now: now) }
-            return actions
+            return Self.coalescingAcks(actions)
+        }
+
+        /// `actions` without the acknowledgements that a later one in the same list covers (same
+        /// destination and epoch, a sequence number at least as high): an acknowledgement is
+        /// cumulative, and every send of a step goes after all of its persists, so the last says
+        /// all the others did. A learner taking a batch of forwarded updates answers with one
+        /// message instead of one per update.
+        static func coalescingAcks(_ actions: [GCSAction]) -> [GCSAction] {
+            var latest: [ReplicaID: (epoch: UInt64, sequence: UInt64, index: Int)] = [:]
+            var covered = 0
+            for (i, a) in actions.enumerated() {
+                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a else { continue }
+                if let previous = latest[to], previous.epoch == epoch, previous.sequence <= sequence { covered += 1 }
+                latest[to] = (epoch, sequence, i)
+            }
+            guard covered > 0 else { return actions }
+            return actions.enumerated().compactMap { i, a in
+                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a, let last = latest[to], last.index != i,
+                      last.epoch == epoch, last.sequence >= sequence else { return a }
+                return nil
+            }
         }
     }
 
