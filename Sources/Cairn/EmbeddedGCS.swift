@@ -215,17 +215,19 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// all the others did. A learner taking a batch of forwarded updates answers with one
         /// message instead of one per update.
         static func coalescingAcks(_ actions: [GCSAction]) -> [GCSAction] {
-            var latest: [ReplicaID: (epoch: UInt64, sequence: UInt64, index: Int)] = [:]
-            var covered = 0
+            struct Stream: Hashable { let to: ReplicaID, epoch: UInt64 }
+            // The last acknowledgement of each stream: its position and sequence number.
+            var last: [Stream: (index: Int, sequence: UInt64)] = [:]
+            var acks = 0
             for (i, a) in actions.enumerated() {
                 guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a else { continue }
-                if let previous = latest[to], previous.epoch == epoch, previous.sequence <= sequence { covered += 1 }
-                latest[to] = (epoch, sequence, i)
+                last[Stream(to: to, epoch: epoch)] = (i, sequence)
+                acks += 1
             }
-            guard covered > 0 else { return actions }
+            guard acks > last.count else { return actions }
             return actions.enumerated().compactMap { i, a in
-                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a, let last = latest[to], last.index != i,
-                      last.epoch == epoch, last.sequence >= sequence else { return a }
+                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a,
+                      let covering = last[Stream(to: to, epoch: epoch)], covering.index != i, covering.sequence >= sequence else { return a }
                 return nil
             }
         }

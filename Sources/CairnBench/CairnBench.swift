@@ -66,13 +66,9 @@ struct CairnBench: AsyncParsableCommand {
         for suite in chosen {
             switch suite {
             case "storage":
-                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
-                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
-                try StorageBenchmark(directory: dir).run(report)
+                try withScratch { try StorageBenchmark(directory: $0).run(report) }
             case "machine":
-                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
-                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
-                try MachineBenchmark(directory: dir).run(report)
+                try withScratch { try MachineBenchmark(directory: $0).run(report) }
             case "codec":
                 try CodecBenchmark(compareJSON: !noJSON).run(report)
             case "wire":
@@ -82,12 +78,10 @@ struct CairnBench: AsyncParsableCommand {
             case "cluster":
                 try await ClusterBenchmark().run(report)
             case "gcs":
-                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
-                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
-                try GCSBenchmark(directory: dir + "/gcs").run(report)
+                try withScratch { try GCSBenchmark(directory: $0 + "/gcs").run(report) }
             case "durable", "recovery":
-                let dir = directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString)
-                defer { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+                let dir = scratchDirectory()
+                defer { removeScratch(dir) }
                 let bench = DurableBenchmark(directory: dir + "/" + suite)
                 if suite == "durable" { try await bench.durable(report) } else { try await bench.recovery(report) }
             default:
@@ -95,5 +89,17 @@ struct CairnBench: AsyncParsableCommand {
             }
         }
         report.printTable()
+    }
+
+    /// `--directory`, or a new directory under the system temporary directory.
+    func scratchDirectory() -> String { directory ?? (NSTemporaryDirectory() + "cairn-bench-" + UUID().uuidString) }
+
+    /// Removes `dir` unless the user chose it with `--directory`.
+    func removeScratch(_ dir: String) { if directory == nil { try? FileManager.default.removeItem(atPath: dir) } }
+
+    func withScratch(_ body: (String) throws -> Void) throws {
+        let dir = scratchDirectory()
+        defer { removeScratch(dir) }
+        try body(dir)
     }
 }

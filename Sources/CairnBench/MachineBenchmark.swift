@@ -30,6 +30,7 @@ struct MachineBenchmark {
     func stall(busy: Int, fsyncsPerSecond: Int) throws -> Double {
         let stop = Atomic<Bool>(false)
         let started = Atomic<Int>(0)
+        let finished = Atomic<Int>(0)
         var threads: [Thread] = []
         for _ in 0..<busy {
             threads.append(Thread {
@@ -37,6 +38,7 @@ struct MachineBenchmark {
                 var x: UInt64 = 1
                 while !stop.load(ordering: .relaxed) { x = x &* 6364136223846793005 &+ 1 }
                 withExtendedLifetime(x) {}
+                finished.add(1, ordering: .relaxed)
             })
         }
         var fd: Int32 = -1
@@ -60,13 +62,15 @@ struct MachineBenchmark {
                     fdatasync(file)
                     n += 1
                 }
+                finished.add(1, ordering: .relaxed)
             })
         }
         threads.forEach { $0.start() }
         while started.load(ordering: .relaxed) < threads.count { usleep(100) }
         defer {
             stop.store(true, ordering: .relaxed)
-            usleep(20_000)
+            // The file is closed only once its writer is out of its last fdatasync.
+            while finished.load(ordering: .relaxed) < threads.count { usleep(1_000) }
             if fd >= 0 { close(fd) }
         }
         let start = now()
