@@ -109,6 +109,11 @@ public struct ChainReplica: Sendable {
     private var lease: (epoch: UInt64, until: UInt64)?
     /// For a promoted tail: how far the previous tail's log went.
     private var handoffUpTo: UInt64?
+    /// For a promoted tail: its last sequence number when it was promoted. The writes up to
+    /// there that the previous tail had not answered are answered once its handoff says which.
+    private var promotedAt: UInt64 = 0
+    /// For a previous tail owing a handoff: how far it had answered writes, as its tail.
+    private var handoffAnswered: UInt64 = 0
     /// As learner: the join request outstanding, and whether the tail accepted it.
     private var joinAttempt: UInt64 = 0
     private var joined = false
@@ -324,12 +329,22 @@ public struct ChainReplica: Sendable {
         var actions: [GCSAction] = []
         if new.tail == id {
             // Everything here is now at the tail; it is acknowledged once a lease arrives, and
-            // the writes the old tail had not answered are answered then.
-            if !wasTail { pendingReplies += updates(after: acknowledged).map(\.request) }
+            // the writes the old tail had not answered are answered then. A promoted learner
+            // learns which those are from the handoff: what it acknowledged says nothing of
+            // what the previous tail answered, and answering its whole log again would send
+            // thousands of stale replies ahead of everything else.
+            if !wasTail {
+                if new.handoffFrom == nil {
+                    pendingReplies += updates(after: acknowledged).map(\.request)
+                } else {
+                    promotedAt = lastSequence
+                }
+            }
             resetSent([])
         } else if new.chain.contains(id) {
             subscriptions = [:]
             pendingReplies = []
+            if wasTail { handoffAnswered = acknowledged }
             if wasTail, let l = oldLearner, successor == l {
                 // The learner became the tail: it may lack what it had not acknowledged.
                 // (Never below the base: the coordinator promotes only a learner that caught up.)
@@ -337,7 +352,7 @@ public struct ChainReplica: Sendable {
             }
             resetSent(updates(after: acknowledged))
             if let s = successor {
-                if new.handoffFrom == id { actions.append(.send(.handoff(epoch: new.epoch, upTo: lastSequence), to: .replica(s))) }
+                if new.handoffFrom == id { actions.append(.send(.handoff(epoch: new.epoch, upTo: lastSequence, answered: handoffAnswered), to: .replica(s))) }
                 actions += transmit(epoch: new.epoch, to: s)
             }
         } else {
@@ -360,6 +375,7 @@ public struct ChainReplica: Sendable {
 
     /// Handles one message; `now` is the shell's clock (for leases).
     public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
+        if holdIfEarly(message, from: from) { return [] }
         var actions = step(message, from: from, now: now)
         actions += compactIfDue()
         // What the coordinator acts on is reported at once, not at the next tick: a tail that
@@ -378,6 +394,62 @@ public struct ChainReplica: Sendable {
 
     /// The last state reported at once (see ``handle(_:from:now:)``).
     private var urgent: (epoch: UInt64, lease: Bool, caughtUp: Bool) = (0, false, false)
+
+    /// Messages from replicas already in a newer configuration than this one, in the order they
+    /// came. The coordinator sends a new configuration to every member, and the first to adopt
+    /// it starts sending at once (a head resends what is unacknowledged, a previous tail its
+    /// handoff): without this, whatever overtook the configuration would be dropped and go
+    /// again only at the sender's next retransmission. They are taken once this replica adopts
+    /// their epoch, as if the network had delayed them until then; those of an epoch it skips
+    /// are dropped. Bounded by ``maxEarly`` and ``maxEarlyBytes``; beyond that a message is
+    /// dropped, as the network may drop any, and retransmission covers it.
+    private var early: [(message: GCSMessage, from: Endpoint)] = []
+    private var earlyBytes = 0
+    public static let maxEarly = 1_024
+    public static let maxEarlyBytes = 8 << 20
+
+    /// The epoch a message between replicas belongs to (nil for every other message).
+    static func chainEpoch(_ m: GCSMessage) -> UInt64? {
+        switch m {
+        case .forward(let e, _), .ack(let e, _), .join(let e, _, _, _), .joinAccepted(let e, _, _, _),
+             .snapshotChunk(let e, _, _, _, _), .handoff(let e, _, _):
+            return e
+        default:
+            return nil
+        }
+    }
+
+    /// Roughly what holding `m` costs: its keys and values.
+    static func heldBytes(_ m: GCSMessage) -> Int {
+        switch m {
+        case .forward(_, let u): return 64 + u.key.utf8.count + (u.value?.count ?? 0)
+        case .snapshotChunk(_, _, _, let entries, _): return 64 + entries.reduce(0) { $0 + $1.key.utf8.count + $1.value.count }
+        case .join(_, _, _, let ranges): return 64 + 24 * ranges.count
+        default: return 64
+        }
+    }
+
+    /// Holds a message from a newer epoch than this replica's; false if it is from no newer one.
+    private mutating func holdIfEarly(_ m: GCSMessage, from: Endpoint) -> Bool {
+        guard case .replica = from, let e = Self.chainEpoch(m), e > (config?.epoch ?? 0) else { return false }
+        let size = Self.heldBytes(m)
+        if early.count < Self.maxEarly && earlyBytes + size <= Self.maxEarlyBytes {
+            early.append((m, from))
+            earlyBytes += size
+        }
+        return true
+    }
+
+    /// Takes the held messages of the epoch just adopted, in order; drops those of older epochs.
+    private mutating func takeEarly(now: UInt64) -> [GCSAction] {
+        guard let c = config, !early.isEmpty else { return [] }
+        let due = early.filter { Self.chainEpoch($0.message) == c.epoch }
+        early.removeAll { Self.chainEpoch($0.message)! <= c.epoch }
+        earlyBytes = early.reduce(0) { $0 + Self.heldBytes($1.message) }
+        var actions: [GCSAction] = []
+        for (m, from) in due { actions += step(m, from: from, now: now) }
+        return actions
+    }
 
     /// The report to the coordinator, which doubles as the heartbeat.
     private func report(now: UInt64) -> GCSAction {
@@ -485,8 +557,13 @@ public struct ChainReplica: Sendable {
             joined = true
             return [.persistSnapshot(snapshot), .send(.ack(epoch: epoch, lastSequence), to: from)]
 
-        case .handoff(let epoch, let upTo):
+        case .handoff(let epoch, let upTo, let answered):
             guard let c = config, epoch == c.epoch, isTail, from == c.handoffFrom.map(Endpoint.replica) else { return [] }
+            if handoffUpTo == nil && promotedAt > answered {
+                // The writes this replica held when promoted that the previous tail had not
+                // answered (those it took since are answered as they come).
+                pendingReplies += updates(after: answered).prefix { $0.sequence <= promotedAt }.map(\.request)
+            }
             handoffUpTo = max(handoffUpTo ?? 0, upTo)
             return []
 
@@ -496,6 +573,7 @@ public struct ChainReplica: Sendable {
             if config == nil || new.epoch > config!.epoch {
                 actions.append(.persistConfig(new))
                 actions += adopt(new)
+                actions += takeEarly(now: now)
             }
             if let from = leaseFrom, new.epoch == config?.epoch, serving {
                 let until = from + options.leaseDuration
@@ -608,7 +686,7 @@ public struct ChainReplica: Sendable {
         var actions: [GCSAction] = [report(now: now)] + compactIfDue()
         guard let c = config else { return actions }
         if let d = downstream {
-            if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence), to: .replica(d))) }
+            if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence, answered: handoffAnswered), to: .replica(d))) }
             if now >= retransmitted.at + (options.retransmitInterval << retransmitBackoff) {
                 // Resent only when downstream acknowledged nothing since the last check: while
                 // acknowledgements come, the stream flows, and a long backlog (a learner catching
@@ -616,14 +694,16 @@ public struct ChainReplica: Sendable {
                 // stops the acknowledgements, so it goes again one interval later, and less
                 // often while none arrive.
                 let acked = successor != nil ? acknowledged : (learnerAcked ?? 0)
-                if acked == retransmitted.acked {
-                    let due = retransmitted.upTo
+                let due = retransmitted.upTo
+                if acked == retransmitted.acked, let first = sent.first, first.sequence <= due, transmitted > 0 {
                     for u in sent.prefix(transmitted) {
                         guard u.sequence <= due else { break }
                         actions.append(.send(.forward(epoch: c.epoch, u), to: .replica(d)))
                     }
                     retransmitBackoff = min(retransmitBackoff + 1, Self.maxRetransmitBackoff)
                 } else {
+                    // Acknowledgements came, or nothing was outstanding: the next loss is
+                    // resent after one interval, not after a backoff earned while idle.
                     retransmitBackoff = 0
                 }
                 retransmitted = (now, lastSequence, acked)

@@ -220,8 +220,9 @@ public enum GCSMessage: Hashable, Sendable, Codable {
     /// Tail to learner: part `index` of the snapshot of a join (see `joinAccepted`); the keys and
     /// values of the store, and with the last part, the base.
     case snapshotChunk(epoch: UInt64, attempt: UInt64, index: Int, entries: [String: [UInt8]], base: ChainBase?)
-    /// Previous tail to new tail: my log went up to here; serve reads once you have it.
-    case handoff(epoch: UInt64, upTo: UInt64)
+    /// Previous tail to new tail: my log went up to `upTo`; serve reads once you have it. I
+    /// answered the writes up to `answered`: answer those after it.
+    case handoff(epoch: UInt64, upTo: UInt64, answered: UInt64)
 
     // Replicas and the coordinator.
     case report(ReplicaReport)

@@ -90,6 +90,52 @@ struct GCSCoreTests {
         #expect(tail.handle(.forward(epoch: 2, stale), from: .replica(1), now: 1).contains(.persist(stale)))
     }
 
+    @Test("an update or handoff that overtakes its configuration is taken once the configuration comes; one of a skipped epoch is dropped")
+    func earlyMessagesWaitForTheirConfiguration() {
+        let first = ChainConfig(shard: 0, epoch: 1, chain: [0, 1], learner: 2)
+        var tail = Self.replica(1, first)
+        var learner = Self.replica(2, first)
+        let u = ChainUpdate(epoch: 1, sequence: 1, key: "k", value: Self.value(1), request: RequestID(client: 1, number: 1))
+        // The learner is promoted: the head and the previous tail adopt epoch 2 first and send at once.
+        let promoted = ChainConfig(shard: 0, epoch: 2, chain: [0, 1, 2], handoffFrom: 1)
+        #expect(learner.handle(.forward(epoch: 2, u), from: .replica(1), now: 1) == [], "held, not applied, before its configuration")
+        #expect(learner.handle(.handoff(epoch: 2, upTo: 1, answered: 0), from: .replica(1), now: 1) == [])
+        #expect(learner.log.isEmpty && !learner.isTail)
+        let adopted = learner.handle(.configure(promoted, leaseFrom: nil), from: .coordinator, now: 2)
+        #expect(adopted.contains(.persist(u)), "the held update is applied once its epoch is adopted")
+        #expect(learner.serving, "the held handoff counts: the new tail has everything the previous one had")
+        #expect(Self.sends(adopted).contains { if case .report(let r) = $0 { return r.serving && r.epoch == 2 } else { return false } },
+                "and it asks for its lease at once")
+        // Held messages from an epoch this replica never adopts are dropped when it moves past it.
+        let v = ChainUpdate(epoch: 3, sequence: 1, key: "k", value: Self.value(9), request: RequestID(client: 1, number: 2))
+        #expect(tail.handle(.forward(epoch: 3, v), from: .replica(0), now: 3) == [])
+        let skipped = tail.handle(.configure(ChainConfig(shard: 0, epoch: 4, chain: [0, 1]), leaseFrom: nil), from: .coordinator, now: 4)
+        #expect(!skipped.contains(.persist(v)))
+        #expect(tail.handle(.configure(ChainConfig(shard: 0, epoch: 4, chain: [0, 1]), leaseFrom: 4), from: .coordinator, now: 5) == [])
+        #expect(tail.log.isEmpty)
+    }
+
+    @Test("a promoted learner answers only the writes the previous tail had not answered, as its handoff says")
+    func promotedLearnerAnswersOnlyUnanswered() {
+        let updates = (1...5).map { ChainUpdate(epoch: 1, sequence: UInt64($0), key: "k", value: Self.value(UInt8($0)), request: RequestID(client: 9, number: UInt64($0))) }
+        let first = ChainConfig(shard: 0, epoch: 1, chain: [0, 1], learner: 2)
+        var tail = Self.replica(1, first, log: updates)
+        _ = Self.grant(&tail, now: 0)  // answers all five: the tail answered up to 5
+        var learner = Self.replica(2, first, log: updates)
+        let promoted = ChainConfig(shard: 0, epoch: 2, chain: [0, 1, 2], handoffFrom: 1)
+        let fromTail = Self.sends(tail.handle(.configure(promoted, leaseFrom: nil), from: .coordinator, now: 1))
+        #expect(fromTail.contains(.handoff(epoch: 2, upTo: 5, answered: 5)))
+        _ = learner.handle(.configure(promoted, leaseFrom: nil), from: .coordinator, now: 1)
+        // Had the previous tail answered only up to 3, the new tail answers 4 and 5 once it holds a lease.
+        _ = learner.handle(.handoff(epoch: 2, upTo: 5, answered: 3), from: .replica(1), now: 2)
+        #expect(learner.serving)
+        let replies = Self.sends(Self.grant(&learner, now: 3)).filter { if case .written = $0 { return true } else { return false } }
+        #expect(replies == [.written(RequestID(client: 9, number: 4)), .written(RequestID(client: 9, number: 5))])
+        // A write that reaches it after its promotion is answered too.
+        let u6 = ChainUpdate(epoch: 2, sequence: 6, key: "k", value: Self.value(6), request: RequestID(client: 9, number: 6))
+        #expect(Self.sends(learner.handle(.forward(epoch: 2, u6), from: .replica(1), now: 4)).contains(.written(u6.request)))
+    }
+
     @Test("a head and tail restarted with an old configuration do not acknowledge a write: the old tail has no lease")
     func restartedOldChainCannotAcknowledge() {
         let old = ChainConfig(shard: 0, epoch: 3, chain: [0, 2])
@@ -176,16 +222,24 @@ struct GCSCoreTests {
         for n in 1...6 as ClosedRange<UInt64> {
             _ = head.handle(.write(RequestID(client: 1, number: n), key: "k", value: [UInt8(n)]), from: .client(1), now: 0)
         }
-        // The first check marks what is outstanding; nothing was acknowledged, so the next interval doubles.
+        // The first check marks what is outstanding; at the next, nothing was acknowledged: it goes again, and the interval doubles.
         #expect(Self.forwards(head.tick(now: 10)) == [])
-        #expect(Self.forwards(head.tick(now: 20)) == [], "the interval doubled: the next check is at 30")
-        #expect(Self.forwards(head.tick(now: 30)) == [1, 2, 3, 4, 5, 6])
-        #expect(Self.forwards(head.tick(now: 60)) == [], "doubled again: the next check is at 70")
+        #expect(Self.forwards(head.tick(now: 20)) == [1, 2, 3, 4, 5, 6])
+        #expect(Self.forwards(head.tick(now: 30)) == [], "the interval doubled: the next check is at 40")
+        #expect(Self.forwards(head.tick(now: 40)) == [1, 2, 3, 4, 5, 6])
+        #expect(Self.forwards(head.tick(now: 70)) == [], "doubled again: the next check is at 80")
         // The tail acknowledges part of it: progress, so nothing is resent at that check, and the interval is back to 10.
-        _ = head.handle(.ack(epoch: 1, 3), from: .replica(1), now: 65)
-        #expect(Self.forwards(head.tick(now: 70)) == [], "acknowledgements came since the last check")
+        _ = head.handle(.ack(epoch: 1, 3), from: .replica(1), now: 75)
+        #expect(Self.forwards(head.tick(now: 80)) == [], "acknowledgements came since the last check")
         // Then they stop (update 4 was lost): the rest goes again one interval later.
-        #expect(Self.forwards(head.tick(now: 80)) == [4, 5, 6])
+        #expect(Self.forwards(head.tick(now: 90)) == [4, 5, 6])
+        // Everything acknowledged, then a long idle time: checks that find nothing outstanding earn
+        // no backoff, so an update lost after it goes again within two intervals.
+        _ = head.handle(.ack(epoch: 1, 6), from: .replica(1), now: 95)
+        for t in stride(from: 100 as UInt64, through: 1_000, by: 10) { #expect(Self.forwards(head.tick(now: t)) == []) }
+        _ = head.handle(.write(RequestID(client: 1, number: 7), key: "k", value: [7]), from: .client(1), now: 1_001)
+        #expect(Self.forwards(head.tick(now: 1_010)) == [])
+        #expect(Self.forwards(head.tick(now: 1_020)) == [7])
     }
 
     @Test("a client waits twice as long before each resend of a request that goes unanswered, up to a cap")
