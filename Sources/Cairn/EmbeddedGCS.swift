@@ -402,6 +402,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
             }
             if tick { actions += coordinator.tick(now: t) }
             perform(actions, from: .coordinator)
+            // The clients share this process: they learn a new configuration as soon as it is
+            // made, instead of from a replica that turns them away or a resend that times out.
+            let changed = actions.compactMap { a -> ChainConfig? in if case .persistConfig(let c) = a { return c } else { return nil } }
+            if !changed.isEmpty { clientWorker.post(.toClient(.configs(changed), from: .coordinator, id: -1)) }
         }
         clientWorker.start(name: "cairn-gcs-clients") { [self] batch, tick in clientStep(batch, tick: tick) }
         let interval = options.tickIntervalMicroseconds
