@@ -18,6 +18,19 @@ struct GCSFrame: Codable {
     var message: GCSMessage
 }
 
+extension GCSMessage {
+    /// Small messages that keep the chains alive: configurations and leases, reports,
+    /// acknowledgements, handoffs. They are never refused for a connection's pending limit
+    /// (see ``WireConnection/send(_:control:)``): a tail whose lease was dropped behind a flood
+    /// of resent updates acknowledges nothing, which keeps the flood going.
+    var isControl: Bool {
+        switch self {
+        case .configure, .configs, .configQuery, .report, .ack, .handoff: return true
+        default: return false
+        }
+    }
+}
+
 /// Runs each replica of an ``EmbeddedGCS`` in a process of its own (see
 /// ``EmbeddedGCS/Options/replicaProcesses``).
 public struct ReplicaProcesses: Sendable {
@@ -95,14 +108,14 @@ final class RemoteReplica: Sendable {
     /// Sends a frame; false (as from a closed connection) when the replica is not connected.
     func send(_ frame: GCSFrame) -> Bool {
         guard let bytes = try? BinaryEncoder().encode(frame) else { return false }
-        return send(encoded: bytes)
+        return send(encoded: bytes, control: frame.message.isControl)
     }
 
     /// Sends a frame already encoded (one relayed from another replica, checked by decoding it).
-    func send(encoded bytes: [UInt8]) -> Bool {
+    func send(encoded bytes: [UInt8], control: Bool) -> Bool {
         guard let connection = state.withLock({ $0.connection }) else { return false }
         do {
-            try connection.send(bytes)
+            try connection.send(bytes, control: control)
             return true
         } catch {
             let now = monotonicNanoseconds()
@@ -186,7 +199,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
                 // (If that replica is not connected it is lost, as any message between replicas
                 // may be: the sender resends what is not acknowledged.)
                 if case .replica(let to) = frame.to, let remote = gcs.remote(of: to) {
-                    _ = remote.send(encoded: bytes)
+                    _ = remote.send(encoded: bytes, control: frame.message.isControl)
                     continue
                 }
                 gcs.route(frame.message, from: frame.from, to: frame.to)
@@ -347,7 +360,7 @@ enum GCSReplicaProcess {
             let encoder = BinaryEncoder()
             for case .send(let m, let to) in actions {
                 guard let bytes = try? encoder.encode(GCSFrame(from: .replica(r), to: to, message: m)) else { continue }
-                try? connection.send(bytes)
+                try? connection.send(bytes, control: m.isControl)
             }
         }
         let handlers = WireHandlers(message: { _, bytes in

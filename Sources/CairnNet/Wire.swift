@@ -106,7 +106,12 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
     }
 
     /// Queues a message. Messages on one connection arrive in the order sent.
-    public func send(_ payload: [UInt8]) throws(WireSendError) {
+    ///
+    /// A `control` message is never refused for ``WireSendError/backpressure(pendingBytes:)``:
+    /// it still waits behind what is queued, but a peer that reads slowly gets it. For small,
+    /// infrequent messages that keep a protocol alive (leases, reports, configurations), which
+    /// must not be lost because bulk data filled the connection.
+    public func send(_ payload: [UInt8], control: Bool = false) throws(WireSendError) {
         let limit = options.connection.maxPayload
         guard payload.count <= limit else { throw .tooLarge(bytes: payload.count, limit: limit) }
         let size = payload.count + WireFormat.headerSize
@@ -115,7 +120,7 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
             if s.closed { return .failure(.closed) }
             if s.peer == nil { return .failure(.notEstablished) }
             // A message larger than the limit still goes when nothing is pending, or it never could.
-            if s.pendingBytes > 0 && s.pendingBytes + size > options.maxPendingBytes { return .failure(.backpressure(pendingBytes: s.pendingBytes)) }
+            if !control && s.pendingBytes > 0 && s.pendingBytes + size > options.maxPendingBytes { return .failure(.backpressure(pendingBytes: s.pendingBytes)) }
             s.pendingBytes += size
             s.outbox.append(payload)
             guard !s.flushScheduled else { return .success(nil) }

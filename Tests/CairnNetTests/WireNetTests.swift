@@ -129,7 +129,7 @@ struct WireNetTests {
         try await listener.close()
     }
 
-    @Test("sends are refused with typed errors: too large, over the pending limit (a single large one still goes), after close")
+    @Test("sends are refused with typed errors: too large, over the pending limit (a single large one still goes, and control messages always), after close")
     func sendRefusals() async throws {
         let token = ClusterToken.generate()
         let options = WireOptions(connection: .init(maxPayload: 1_000, heartbeatTicks: 5, timeoutTicks: 12_000), maxPendingBytes: 500)
@@ -153,6 +153,12 @@ struct WireNetTests {
             return
         }
         #expect(pending >= 612)
+        // A control message is not refused for the pending limit.
+        var controlRefused: WireSendError?
+        for _ in 0..<100 {
+            do { try connection.send([UInt8](repeating: 1, count: 600), control: true) } catch { controlRefused = error }
+        }
+        #expect(controlRefused == nil, "a control message was refused: \(String(describing: controlRefused))")
         connection.close()
         try await eventually("the close") { connection.isClosed }
         #expect(throws: WireSendError.closed) { try connection.send([1]) }
