@@ -90,7 +90,7 @@ struct GCSCoreTests {
         #expect(tail.handle(.forward(epoch: 2, stale), from: .replica(1), now: 1).contains(.persist(stale)))
     }
 
-    @Test("an update or handoff that overtakes its configuration is taken once the configuration comes; one of a skipped epoch is dropped")
+    @Test("an update or handoff that overtakes its configuration is taken once the configuration comes; one of a skipped epoch is dropped; the held messages are bounded")
     func earlyMessagesWaitForTheirConfiguration() {
         let first = ChainConfig(shard: 0, epoch: 1, chain: [0, 1], learner: 2)
         var tail = Self.replica(1, first)
@@ -113,6 +113,14 @@ struct GCSCoreTests {
         #expect(!skipped.contains(.persist(v)))
         #expect(tail.handle(.configure(ChainConfig(shard: 0, epoch: 4, chain: [0, 1]), leaseFrom: 4), from: .coordinator, now: 5) == [])
         #expect(tail.log.isEmpty)
+        // What is held is bounded: beyond `maxEarly` messages the rest are dropped (retransmission covers them).
+        var bounded = Self.replica(1, ChainConfig(shard: 0, epoch: 4, chain: [0, 1]))
+        for n in 1...(ChainReplica.maxEarly + 6) {
+            let w = ChainUpdate(epoch: 5, sequence: UInt64(n), key: "k", value: Self.value(1), request: RequestID(client: 2, number: UInt64(n)))
+            #expect(bounded.handle(.forward(epoch: 5, w), from: .replica(0), now: 6) == [])
+        }
+        _ = bounded.handle(.configure(ChainConfig(shard: 0, epoch: 5, chain: [0, 1]), leaseFrom: nil), from: .coordinator, now: 7)
+        #expect(bounded.lastSequence == UInt64(ChainReplica.maxEarly))
     }
 
     @Test("a promoted learner answers only the writes the previous tail had not answered, as its handoff says")
