@@ -121,6 +121,12 @@ public struct ChainReplica: Sendable {
     /// (nil until the learner confirms it cut its log to the common prefix).
     private var learnerJoined = false
     private var learnerAcked: UInt64?
+    /// As tail: the join last accepted (the whole request) and the answer given. A learner
+    /// asks again when the answer is slow to come; the same request again gets the same answer,
+    /// without rebuilding the snapshot or restarting the stream the first one started. (A
+    /// learner whose log changed, after a restart for example, asks with other ranges: that
+    /// is a new join.)
+    private var acceptedJoin: (epoch: UInt64, attempt: UInt64, base: UInt64, ranges: [EpochRange], keep: UInt64, chunks: Int)?
     private var subscriptions: [Int: Subscription] = [:] {
         didSet { if subscriptions.count != subscribers.count { subscribers = subscriptions.keys.sorted() } }
     }
@@ -326,6 +332,7 @@ public struct ChainReplica: Sendable {
         install = nil
         learnerJoined = false
         learnerAcked = nil
+        acceptedJoin = nil
         var actions: [GCSAction] = []
         if new.tail == id {
             // Everything here is now at the tail; it is acknowledged once a lease arrives, and
@@ -504,10 +511,16 @@ public struct ChainReplica: Sendable {
 
         case .join(let epoch, let attempt, let learnerBase, let ranges):
             guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner else { return [] }
+            if learnerJoined, let a = acceptedJoin, a.epoch == epoch, a.attempt == attempt, a.base == learnerBase, a.ranges == ranges {
+                // Asked again before the answer arrived. (If the answer was lost, what followed it
+                // is retransmitted, or the learner's install times out and it asks anew.)
+                return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: a.keep, snapshotChunks: a.chunks), to: from)]
+            }
             learnerJoined = true
             learnerAcked = nil
             if let keep = commonPrefix(with: ranges, learnerBase: learnerBase) {
                 resetSent(updates(after: keep))
+                acceptedJoin = (epoch, attempt, learnerBase, ranges, keep, 0)
                 return [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: keep, snapshotChunks: 0), to: from)]
                     + transmit(epoch: epoch, to: r)
             }
@@ -515,6 +528,7 @@ public struct ChainReplica: Sendable {
             // snapshot, in parts, then the log after it (resent until acknowledged).
             resetSent(log)
             let chunks = snapshotChunks()
+            acceptedJoin = (epoch, attempt, learnerBase, ranges, 0, chunks.count)
             var actions: [GCSAction] = [.send(.joinAccepted(epoch: epoch, attempt: attempt, keep: 0, snapshotChunks: chunks.count), to: from)]
             for (i, part) in chunks.enumerated() {
                 actions.append(.send(.snapshotChunk(epoch: epoch, attempt: attempt, index: i, entries: part, base: i == chunks.count - 1 ? base : nil), to: from))
@@ -573,6 +587,8 @@ public struct ChainReplica: Sendable {
             if config == nil || new.epoch > config!.epoch {
                 actions.append(.persistConfig(new))
                 actions += adopt(new)
+                // A learner asked to join just now (in `adopt`): it asks again only after an interval.
+                if new.learner == id { joinAskedAt = now }
                 actions += takeEarly(now: now)
             }
             if let from = leaseFrom, new.epoch == config?.epoch, serving {

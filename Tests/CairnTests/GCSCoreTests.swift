@@ -187,6 +187,31 @@ struct GCSCoreTests {
         #expect(tail.tick(now: 3).contains(.send(.report(ReplicaReport(replica: 1, shard: 0, epoch: 5, sentAt: 3, lastSequence: 4, learnerCaughtUp: true, serving: true)), to: .coordinator)))
     }
 
+    @Test("a learner asks to join again only after an interval, and a join asked again gets the same answer without the stream starting over")
+    func repeatedJoinIsAnsweredCheaply() {
+        let r = { (n: UInt64) in RequestID(client: 1, number: n) }
+        let chainLog = (1...4 as ClosedRange<UInt64>).map { ChainUpdate(epoch: 1, sequence: $0, key: "k", value: [UInt8($0)], request: r($0)) }
+        let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10)
+        let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
+        var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
+        var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
+        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first, case .join = join else {
+            Issue.record("no join sent")
+            return
+        }
+        #expect(!Self.sends(learner.tick(now: 5)).contains(join), "asked at adoption: not again before the interval")
+        #expect(Self.sends(learner.tick(now: 10)).contains(join), "no answer within the interval: the same join again")
+        let first = tail.handle(join, from: .replica(0), now: 11)
+        #expect(Self.sends(first).first == .joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0))
+        #expect(Self.forwards(first) == [3, 4])
+        let again = tail.handle(join, from: .replica(0), now: 12)
+        #expect(Self.sends(again) == [.joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0)], "the same answer, and the stream goes on as it was")
+        // A learner whose log changed asks with other ranges: that is answered as a new join.
+        var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(3)), config: nil)
+        guard let other = Self.sends(restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13)).first else { return }
+        #expect(Self.forwards(tail.handle(other, from: .replica(0), now: 14)) == [4])
+    }
+
     static func forwards(_ actions: [GCSAction]) -> [UInt64] {
         sends(actions).compactMap { if case .forward(_, let u) = $0 { return u.sequence } else { return nil } }
     }
