@@ -18,6 +18,13 @@ struct GCSFrame: Codable {
     var message: GCSMessage
 }
 
+/// Where a ``GCSFrame`` comes from and goes to, decoded without its message (which the
+/// binary format skips by its length).
+struct GCSFrameHeader: Decodable {
+    var from: CairnGCS.Endpoint
+    var to: CairnGCS.Endpoint
+}
+
 extension GCSMessage {
     /// Small messages that keep the chains alive: configurations and leases, reports,
     /// acknowledgements, handoffs. They are never refused for a connection's pending limit
@@ -164,6 +171,10 @@ final class ReplicaSupervisor: @unchecked Sendable {
     private let remotes: RemoteTable
     private let stopping = Atomic<Bool>(false)
     private let inbox: BatchQueue<(ReplicaID, WireConnection, [UInt8])>
+    /// Frames from one replica to another, one queue and thread per destination: a long
+    /// stream to one replica (a learner's snapshot and catch-up, each frame decoded here to check
+    /// it) does not hold up what goes to the others, or the replies to clients.
+    private let relays = Locked<[ReplicaID: BatchQueue<(ReplicaID, WireConnection, [UInt8])>]>([:])
     private let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("cairn gcs: \($0)\n".utf8)) }
 
     /// Told of every exit, before the replica's next process starts.
@@ -186,22 +197,44 @@ final class ReplicaSupervisor: @unchecked Sendable {
         let log = self.log
         // Frames are decoded and routed on a thread of their own, never on an event loop,
         // which must stay free to keep every connection's heartbeats going.
+        // Checks a frame from replica `r` (it decodes, and names `r` as its sender); closes the
+        // connection of a replica that sends one that does not.
+        let check: @Sendable (BinaryDecoder, ReplicaID, WireConnection, [UInt8]) -> GCSFrame? = { decoder, r, connection, bytes in
+            guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
+                log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
+                connection.close()
+                return nil
+            }
+            return frame
+        }
+        let relays = self.relays
         let inbox = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-replicas") { [weak gcs] batch in
             guard let gcs else { return }
             let decoder = BinaryDecoder()
-            for (r, connection, bytes) in batch {
-                guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
-                    log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
-                    connection.close()
+            for item in batch {
+                let (r, connection, bytes) = item
+                // A frame for another replica goes to that replica's relay, which checks it and
+                // sends it on as it came.
+                if let header = try? decoder.decode(GCSFrameHeader.self, from: bytes), case .replica(let to) = header.to,
+                   let remote = gcs.remote(of: to) {
+                    let relay = relays.update { queues in
+                        if let q = queues[to] { return q }
+                        let q = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-relay-\(to)") { batch in
+                            let decoder = BinaryDecoder()
+                            for (r, connection, bytes) in batch {
+                                // (If the replica is not connected the frame is lost, as any message
+                                // between replicas may be: the sender resends what is not acknowledged.)
+                                guard let frame = check(decoder, r, connection, bytes) else { continue }
+                                _ = remote.send(encoded: bytes, control: frame.message.isControl)
+                            }
+                        }
+                        queues[to] = q
+                        return q
+                    }
+                    relay.post(item)
                     continue
                 }
-                // A frame for another replica goes on as it came, decoded above only to check it.
-                // (If that replica is not connected it is lost, as any message between replicas
-                // may be: the sender resends what is not acknowledged.)
-                if case .replica(let to) = frame.to, let remote = gcs.remote(of: to) {
-                    _ = remote.send(encoded: bytes, control: frame.message.isControl)
-                    continue
-                }
+                guard let frame = check(decoder, r, connection, bytes) else { continue }
                 gcs.route(frame.message, from: frame.from, to: frame.to)
             }
         }
@@ -319,6 +352,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         for pid in pids { kill(pid, SIGKILL) }
         listener.closeBlocking()
         inbox.stop()
+        for q in relays.value.values { q.stop() }
         unlink(tokenFile)
     }
 
