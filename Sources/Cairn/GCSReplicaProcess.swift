@@ -174,7 +174,8 @@ final class ReplicaSupervisor: @unchecked Sendable {
     /// Frames from one replica to another, one queue and thread per destination: a long
     /// stream to one replica (a learner's snapshot and catch-up, each frame decoded here to check
     /// it) does not hold up what goes to the others, or the replies to clients.
-    private let relays = Locked<[ReplicaID: BatchQueue<(ReplicaID, WireConnection, [UInt8])>]>([:])
+    /// (None once stopped, so that no relay starts after `stop`.)
+    private let relays = Locked<[ReplicaID: BatchQueue<(ReplicaID, WireConnection, [UInt8])>]?>([:])
     private let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("cairn gcs: \($0)\n".utf8)) }
 
     /// Told of every exit, before the replica's next process starts.
@@ -217,8 +218,9 @@ final class ReplicaSupervisor: @unchecked Sendable {
                 // sends it on as it came.
                 if let header = try? decoder.decode(GCSFrameHeader.self, from: bytes), case .replica(let to) = header.to,
                    let remote = gcs.remote(of: to) {
-                    let relay = relays.update { queues in
-                        if let q = queues[to] { return q }
+                    let relay = relays.update { queues -> BatchQueue<(ReplicaID, WireConnection, [UInt8])>? in
+                        guard queues != nil else { return nil }  // stopped
+                        if let q = queues?[to] { return q }
                         let q = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-relay-\(to)") { batch in
                             let decoder = BinaryDecoder()
                             for (r, connection, bytes) in batch {
@@ -228,10 +230,10 @@ final class ReplicaSupervisor: @unchecked Sendable {
                                 _ = remote.send(encoded: bytes, control: frame.message.isControl)
                             }
                         }
-                        queues[to] = q
+                        queues?[to] = q
                         return q
                     }
-                    relay.post(item)
+                    relay?.post(item)
                     continue
                 }
                 guard let frame = check(decoder, r, connection, bytes) else { continue }
@@ -352,7 +354,11 @@ final class ReplicaSupervisor: @unchecked Sendable {
         for pid in pids { kill(pid, SIGKILL) }
         listener.closeBlocking()
         inbox.stop()
-        for q in relays.value.values { q.stop() }
+        let queues = relays.update { queues in
+            defer { queues = nil }
+            return Array((queues ?? [:]).values)
+        }
+        for q in queues { q.stop() }
         unlink(tokenFile)
     }
 
