@@ -170,12 +170,14 @@ final class ReplicaSupervisor: @unchecked Sendable {
     /// Every replica's connection: those started here, and those that joined.
     private let remotes: RemoteTable
     private let stopping = Atomic<Bool>(false)
-    private let inbox: BatchQueue<(ReplicaID, WireConnection, [UInt8])>
+    /// A frame as it came: from which replica, on which connection, its bytes.
+    typealias Incoming = (ReplicaID, WireConnection, [UInt8])
+    private let inbox: BatchQueue<Incoming>
     /// Frames from one replica to another, one queue and thread per destination: a long
     /// stream to one replica (a learner's snapshot and catch-up, each frame decoded here to check
     /// it) does not hold up what goes to the others, or the replies to clients.
     /// (None once stopped, so that no relay starts after `stop`.)
-    private let relays = Locked<[ReplicaID: BatchQueue<(ReplicaID, WireConnection, [UInt8])>]?>([:])
+    private let relays = Locked<[ReplicaID: BatchQueue<Incoming>]?>([:])
     private let log: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("cairn gcs: \($0)\n".utf8)) }
 
     /// Told of every exit, before the replica's next process starts.
@@ -196,47 +198,28 @@ final class ReplicaSupervisor: @unchecked Sendable {
         for (r, host) in gcs.replicaHosts { host.remote = remotes.add(r) }
         self.remotes = remotes
         let log = self.log
-        // Frames are decoded and routed on a thread of their own, never on an event loop,
-        // which must stay free to keep every connection's heartbeats going.
-        // Checks a frame from replica `r` (it decodes, and names `r` as its sender); closes the
-        // connection of a replica that sends one that does not.
-        let check: @Sendable (BinaryDecoder, ReplicaID, WireConnection, [UInt8]) -> GCSFrame? = { decoder, r, connection, bytes in
-            guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
-                log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
-                connection.close()
-                return nil
-            }
-            return frame
-        }
         let relays = self.relays
-        let inbox = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-replicas") { [weak gcs] batch in
+        // Frames are decoded and routed on threads of their own, never on an event loop,
+        // which must stay free to keep every connection's heartbeats going.
+        let inbox = BatchQueue<Incoming>(name: "gcs-replicas") { [weak gcs] batch in
             guard let gcs else { return }
             let decoder = BinaryDecoder()
             for item in batch {
-                let (r, connection, bytes) = item
                 // A frame for another replica goes to that replica's relay, which checks it and
                 // sends it on as it came.
-                if let header = try? decoder.decode(GCSFrameHeader.self, from: bytes), case .replica(let to) = header.to,
+                if let header = try? decoder.decode(GCSFrameHeader.self, from: item.2), case .replica(let to) = header.to,
                    let remote = gcs.remote(of: to) {
-                    let relay = relays.update { queues -> BatchQueue<(ReplicaID, WireConnection, [UInt8])>? in
+                    let relay = relays.update { queues -> BatchQueue<Incoming>? in
                         guard queues != nil else { return nil }  // stopped
                         if let q = queues?[to] { return q }
-                        let q = BatchQueue<(ReplicaID, WireConnection, [UInt8])>(name: "gcs-relay-\(to)") { batch in
-                            let decoder = BinaryDecoder()
-                            for (r, connection, bytes) in batch {
-                                // (If the replica is not connected the frame is lost, as any message
-                                // between replicas may be: the sender resends what is not acknowledged.)
-                                guard let frame = check(decoder, r, connection, bytes) else { continue }
-                                _ = remote.send(encoded: bytes, control: frame.message.isControl)
-                            }
-                        }
+                        let q = Self.relay(to: remote, log: log)
                         queues?[to] = q
                         return q
                     }
                     relay?.post(item)
                     continue
                 }
-                guard let frame = check(decoder, r, connection, bytes) else { continue }
+                guard let frame = Self.check(item, decoder, log) else { continue }
                 gcs.route(frame.message, from: frame.from, to: frame.to)
             }
         }
@@ -293,6 +276,31 @@ final class ReplicaSupervisor: @unchecked Sendable {
     /// What replica `r`'s process needs to know: its shard, its LMDB directory, the GCS's timings
     /// and where this head listens for replicas.
     let describe: @Sendable (ReplicaID, Int, String) -> GCSReplicaLaunch
+
+    /// Decodes a frame from replica `r` and checks that it names `r` as its sender; closes the
+    /// connection of a replica that sends one that does not.
+    private static func check(_ item: Incoming, _ decoder: BinaryDecoder, _ log: @Sendable (String) -> Void) -> GCSFrame? {
+        let (r, connection, bytes) = item
+        guard let frame = try? decoder.decode(GCSFrame.self, from: bytes), frame.from == .replica(r) else {
+            log("replica \(r) sent a frame that does not decode or claims another sender; closing its connection")
+            connection.close()
+            return nil
+        }
+        return frame
+    }
+
+    /// The relay to `remote`: checks each frame and sends it on as it came. (If the replica is
+    /// not connected the frame is lost, as any message between replicas may be: the sender
+    /// resends what is not acknowledged.)
+    private static func relay(to remote: RemoteReplica, log: @escaping @Sendable (String) -> Void) -> BatchQueue<Incoming> {
+        BatchQueue<Incoming>(name: "gcs-relay-\(remote.id)") { batch in
+            let decoder = BinaryDecoder()
+            for item in batch {
+                guard let frame = check(item, decoder, log) else { continue }
+                _ = remote.send(encoded: item.2, control: frame.message.isControl)
+            }
+        }
+    }
 
     /// A replica that joins from outside: its connection will be accepted.
     func add(_ r: ReplicaID) -> RemoteReplica { remotes.add(r) }
