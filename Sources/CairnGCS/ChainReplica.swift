@@ -450,11 +450,19 @@ public struct ChainReplica: Sendable {
     /// Takes the held messages of the epoch just adopted, in order; drops those of older epochs.
     private mutating func takeEarly(now: UInt64) -> [GCSAction] {
         guard let c = config, !early.isEmpty else { return [] }
-        let due = early.filter { Self.chainEpoch($0.message) == c.epoch }
-        early.removeAll { Self.chainEpoch($0.message)! <= c.epoch }
-        earlyBytes = early.reduce(0) { $0 + Self.heldBytes($1.message) }
+        let held = early
+        early = []
+        earlyBytes = 0
         var actions: [GCSAction] = []
-        for (m, from) in due { actions += step(m, from: from, now: now) }
+        for (m, from) in held {
+            guard let e = Self.chainEpoch(m), e >= c.epoch else { continue }
+            if e == c.epoch {
+                actions += step(m, from: from, now: now)
+            } else {
+                early.append((m, from))
+                earlyBytes += Self.heldBytes(m)
+            }
+        }
         return actions
     }
 

@@ -208,7 +208,10 @@ struct GCSCoreTests {
         #expect(Self.sends(again) == [.joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0)], "the same answer, and the stream goes on as it was")
         // A learner whose log changed asks with other ranges: that is answered as a new join.
         var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(3)), config: nil)
-        guard let other = Self.sends(restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13)).first else { return }
+        guard let other = Self.sends(restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13)).first, case .join = other else {
+            Issue.record("the restarted learner sent no join")
+            return
+        }
         #expect(Self.forwards(tail.handle(other, from: .replica(0), now: 14)) == [4])
     }
 
