@@ -117,4 +117,85 @@ struct TCPTransportTests {
         }
     }
 }
+
+@Suite("Inbox queue: batches in order, run by the caller when idle")
+struct BatchQueueTests {
+    @Test("a caller runs items itself only when nothing is waiting or running; the handler never runs twice at once and order holds")
+    func runIfIdleKeepsOrderAndExclusion() async throws {
+        let seen = Locked<[Int]>([])
+        let running = Locked(0)
+        let overlaps = Locked(0)
+        let queue = BatchQueue<Int>(name: "test") { batch in
+            if running.update({ $0 += 1; return $0 }) > 1 { overlaps.update { $0 += 1 } }
+            seen.update { $0.append(contentsOf: batch) }
+            running.update { $0 -= 1 }
+        }
+        defer { queue.stop() }
+        // Producer 0 is an event loop: a chunk runs on it when the queue is idle, and is posted
+        // otherwise. Producer 1 posts, as local messages are. Items are producer * 1e6 + index.
+        let total = 100_000
+        let inlineRuns = Locked(0)
+        let postedByLoop = Locked(0)
+        DispatchQueue.concurrentPerform(iterations: 2) { producer in
+            var next = 0
+            var chunk = 1
+            while next < total {
+                let items = (next..<min(total, next + chunk)).map { producer * 1_000_000 + $0 }
+                next += items.count
+                chunk = chunk % 7 + 1
+                if producer == 0 && queue.runIfIdle(items) {
+                    inlineRuns.update { $0 += 1 }
+                } else {
+                    for item in items { queue.post(item) }
+                    if producer == 0 { postedByLoop.update { $0 += items.count } }
+                }
+            }
+        }
+        try await eventuallyTrue("every item handled") { seen.value.count == 2 * total }
+        for producer in 0..<2 {
+            let sequence = seen.value.filter { $0 / 1_000_000 == producer }.map { $0 % 1_000_000 }
+            #expect(sequence == Array(0..<total), "producer \(producer)'s items out of order")
+        }
+        #expect(overlaps.value == 0)
+        #expect(inlineRuns.value > 0, "no chunk ran on the caller")
+        #expect(postedByLoop.value > 0, "the caller never found the queue busy; the test did not exercise ordering")
+    }
+
+    @Test("runIfIdle refuses while items wait, and after stop")
+    func runIfIdleRefusesWhenNotIdle() async throws {
+        let release = DispatchSemaphore(value: 0)
+        let started = DispatchSemaphore(value: 0)
+        let handled = Locked<[Int]>([])
+        let queue = BatchQueue<Int>(name: "test") { batch in
+            if batch.contains(0) {
+                started.signal()
+                release.wait()
+            }
+            handled.update { $0.append(contentsOf: batch) }
+        }
+        queue.post(0)
+        started.wait()
+        #expect(!queue.runIfIdle([1]), "ran while the queue's thread was busy")
+        queue.post(2)
+        release.signal()
+        try await eventuallyTrue("both posted items") { handled.value == [0, 2] }
+        // Idle once the thread has returned from the batch.
+        var ran = false
+        try await eventuallyTrue("an idle queue") {
+            ran = ran || queue.runIfIdle([3])
+            return ran
+        }
+        #expect(handled.value == [0, 2, 3])
+        queue.stop()
+        #expect(!queue.runIfIdle([4]))
+    }
+
+    func eventuallyTrue(_ what: String, _ condition: () -> Bool) async throws {
+        for _ in 0..<4_000 {
+            if condition() { return }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        Issue.record("timed out waiting for \(what)")
+    }
+}
 }
