@@ -10,6 +10,11 @@ import Synchronization
 /// A pause figure elsewhere (`checkpoint.pause_max_us`) cannot be lower than what the machine
 /// imposes under the same load: on a virtual machine whose host counts its disk emulation against
 /// the guest's CPU allowance, the whole guest stops for milliseconds at a time.
+///
+/// It also measures the floor under every round trip between threads and processes: a TCP round
+/// trip on loopback between two threads blocked in `read` (each message wakes a thread), the same
+/// with both threads spinning on non-blocking sockets (no wake-up), and a wake-up alone (two
+/// threads handing a token back and forth through a condition variable).
 struct MachineBenchmark {
     let directory: String
     var seconds = 2.0
@@ -22,6 +27,96 @@ struct MachineBenchmark {
         report.add("machine.stall_max_us_fsync_1000_per_s", try stall(busy: 0, fsyncsPerSecond: 1000), "us")
         report.add("machine.stall_max_us_fsync_1000_per_s_cpus_busy", try stall(busy: cpus - 1, fsyncsPerSecond: 1000), "us")
         report.add("machine.stall_max_us_fsync_unpaced_cpus_busy", try stall(busy: cpus - 1, fsyncsPerSecond: .max), "us")
+        report.add("machine.loopback_rtt_p50_us", try loopbackRoundTrip(spinning: false), "us")
+        report.add("machine.loopback_rtt_spinning_p50_us", try loopbackRoundTrip(spinning: true), "us")
+        report.add("machine.thread_wake_p50_us", wakeUp(), "us")
+    }
+
+    /// The median round trip of a 64-byte message over a loopback TCP connection (no delay)
+    /// between this thread and an echoing thread, 20,000 times after 1,000 to warm up. Blocking
+    /// sockets, or non-blocking ones both ends poll without sleeping.
+    func loopbackRoundTrip(spinning: Bool) throws -> Double {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard listener >= 0 else { throw BenchError("socket: errno \(errno)") }
+        defer { close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) == 0 && listen(listener, 1) == 0 && getsockname(listener, $0, &length) == 0 }
+        }
+        guard bound else { throw BenchError("cannot listen on loopback: errno \(errno)") }
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(client) }
+        let connected = withUnsafePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, length) == 0 }
+        }
+        let server = accept(listener, nil, nil)
+        guard connected, server >= 0 else { throw BenchError("cannot connect on loopback: errno \(errno)") }
+        defer { close(server) }
+        var one: Int32 = 1
+        for fd in [client, server] {
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            if spinning { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        }
+        let size = 64
+        /// Reads exactly `size` bytes (false at end of stream).
+        @Sendable func receive(_ fd: Int32, _ buffer: UnsafeMutableRawPointer) -> Bool {
+            var got = 0
+            while got < size {
+                let n = read(fd, buffer + got, size - got)
+                if n > 0 { got += n } else if n == 0 || (errno != EAGAIN && errno != EINTR) { return false }
+            }
+            return true
+        }
+        let echo = Thread {
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+            defer { buffer.deallocate() }
+            while receive(server, buffer) { _ = write(server, buffer, size) }
+        }
+        echo.start()
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        var samples: [Double] = []
+        for i in 0..<21_000 {
+            let t0 = now()
+            guard write(client, buffer, size) == size, receive(client, buffer) else { throw BenchError("loopback echo failed: errno \(errno)") }
+            if i >= 1_000 { samples.append((now() - t0) * 1e6) }
+        }
+        shutdown(client, Int32(SHUT_WR))
+        samples.sort()
+        return samples[samples.count / 2]
+    }
+
+    /// Half the median time for a token to go from this thread to another and back through a
+    /// condition variable: one wake-up of a sleeping thread.
+    func wakeUp() -> Double {
+        let condition = NSCondition()
+        nonisolated(unsafe) var turn = 0
+        let rounds = 20_000
+        let other = Thread {
+            for i in 0..<rounds {
+                condition.lock()
+                while turn != 2 * i + 1 { condition.wait() }
+                turn += 1
+                condition.signal()
+                condition.unlock()
+            }
+        }
+        other.start()
+        var samples: [Double] = []
+        for i in 0..<rounds {
+            let t0 = now()
+            condition.lock()
+            turn += 1
+            condition.signal()
+            while turn != 2 * i + 2 { condition.wait() }
+            condition.unlock()
+            if i >= 1_000 { samples.append((now() - t0) * 1e6 / 2) }
+        }
+        samples.sort()
+        return samples[samples.count / 2]
     }
 
     /// The longest gap, in microseconds, between two clock reads of a spinning thread, while `busy`
