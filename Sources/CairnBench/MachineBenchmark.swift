@@ -70,12 +70,19 @@ struct MachineBenchmark {
             }
             return true
         }
+        let echoEnded = DispatchSemaphore(value: 0)
         let echo = Thread {
             let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
             defer { buffer.deallocate() }
             while receive(server, buffer) { _ = write(server, buffer, size) }
+            echoEnded.signal()
         }
         echo.start()
+        // The echo thread sees the end of the stream and is gone before the sockets close.
+        defer {
+            shutdown(client, Int32(SHUT_WR))
+            echoEnded.wait()
+        }
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
         defer { buffer.deallocate() }
         var samples: [Double] = []
@@ -84,7 +91,6 @@ struct MachineBenchmark {
             guard write(client, buffer, size) == size, receive(client, buffer) else { throw BenchError("loopback echo failed: errno \(errno)") }
             if i >= 1_000 { samples.append((now() - t0) * 1e6) }
         }
-        shutdown(client, Int32(SHUT_WR))
         samples.sort()
         return samples[samples.count / 2]
     }
