@@ -1,6 +1,8 @@
 @testable import Cairn
 import CairnCodec
 import CairnCore
+import CairnNet
+import CairnWire
 import Foundation
 import Testing
 
@@ -101,6 +103,42 @@ struct TCPTransportTests {
         #expect(Set(try await cluster.get(callers)) == [0, 1, 2, 3])
         let seen = try await cluster.get(try recorder.send(.read))
         for caller in 0..<4 { #expect(seen[caller] == Array(0..<200)) }
+    }
+
+    @Test("a peer sending a malformed message, or one for another endpoint, to a node's port is closed with a logged reason; the node keeps serving")
+    func badMessagesCloseTheirConnection() async throws {
+        let token = ClusterToken.generate()
+        let logs = Locked<[String]>([])
+        let received = Locked<[Message]>([])
+        let transport = TCPTransport(token: token, name: "test", log: { line in logs.update { $0.append(line) } })
+        defer { transport.shutdown() }
+        transport.register(.node(NodeID(1))) { batch in received.update { $0 += batch } }
+        guard let address = transport.localAddress(.node(NodeID(1))), let (host, port) = TCPTransport.split(address) else {
+            Issue.record("node 1 has no address")
+            return
+        }
+        let patient = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 12_000))
+        func connect() async throws -> WireConnection {
+            try await Wire.connect(host: host, port: port, token: token, name: "peer", epoch: 1,
+                                   handlers: WireHandlers(message: { _, _ in }, log: { _ in }), options: patient)
+        }
+        let freed = Message.free([ObjectID(owner: NodeID(0), counter: 7)])
+        // Each bad message arrives alone, so it is handled on the event loop, where the close
+        // it causes is reported at once, from inside the handling.
+        let garbage = try await connect()
+        try garbage.send([WireFast.marker, 0x00, 0x02, 0xFF, 0xFF])
+        let misaddressed = try await connect()
+        try misaddressed.send(try WireMessages.encode(freed, to: .node(NodeID(2))))
+        for _ in 0..<4_000 where !(garbage.isClosed && misaddressed.isClosed) { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(garbage.isClosed && misaddressed.isClosed)
+        #expect(logs.value.contains { $0.contains("for node-2 to node-1's port; closing") }, "\(logs.value)")
+        #expect(logs.value.count >= 2, "\(logs.value)")
+        #expect(received.value.isEmpty)
+        let good = try await connect()
+        for _ in 0..<100 { try good.send(try WireMessages.encode(freed, to: .node(NodeID(1)))) }
+        for _ in 0..<4_000 where received.value.count < 100 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(received.value.count == 100)
+        good.close()
     }
 
     @Test("a TCP host this machine cannot listen on is refused with a typed error before anything starts")
