@@ -110,6 +110,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         // goes through the inbox, so a long batch never holds up the loop's other connections
         // (nor their heartbeats). The control store's handler writes to storage: always its inbox.
         let inline = endpoint != .controlStore
+        // (`message` is never called while `batch` is set; it would queue to the inbox too.)
         let handlers = WireHandlers(message: { connection, bytes in inbox.post(.wire(connection, bytes)) },
                                     closed: { [weak self] connection, reason in
                                         if let peer = connection.peer { self?.notifyLost(peer.name, reason) }
