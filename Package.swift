@@ -80,8 +80,7 @@ let package = Package(
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS", "CairnCLI",
-                                                     "CairnNet", "CairnWire"],
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS", "CairnCLI"],
                     path: "Tests/CairnTests"),
         .testTarget(name: "CairnNetTests", dependencies: ["CairnNet", "CairnWire", "CairnCore"],
                     path: "Tests/CairnNetTests"),

@@ -505,18 +505,13 @@ public final class Cluster: Sendable {
     /// Waits for `ref`'s value. Throws the task's ``RemoteError`` if it failed, or
     /// ``CairnError/Code-swift.enum/timeout`` after `timeout`.
     public func get<T: RemoteValue>(_ ref: ObjectRef<T>, timeout: Duration? = nil) async throws -> T {
-        // A short task usually finishes soon: look for the result for a while before
-        // suspending, which costs a thread wake-up (tens of microseconds) to resume. How long
-        // follows what recent single gets took (see ``GetSpin``).
-        let started = monotonicNanoseconds()
-        defer { getSpin.record(monotonicNanoseconds() - started) }
-        if running.load(ordering: .relaxed), let value = driverNode.spinGet(ref.id, microseconds: getSpin.budgetMicroseconds) {
+        // A short task usually finishes within a few microseconds: look for the result briefly
+        // before suspending, which would cost a thread wake-up to resume.
+        if running.load(ordering: .relaxed), let value = driverNode.spinGet(ref.id, microseconds: 20) {
             return try value.value(as: T.self)
         }
         return try await get([ref], timeout: timeout)[0]
     }
-
-    private let getSpin = GetSpin()
 
     /// Waits for every value, returned in the order of `refs`.
     public func get<T: RemoteValue>(_ refs: [ObjectRef<T>], timeout: Duration? = nil) async throws -> [T] {
@@ -882,35 +877,4 @@ enum Submitter {
 public enum TaskContext {
     /// The node running the current task or actor call; nil outside one (on the driver).
     public static var node: NodeID? { WorkerContext.current?.node.id }
-}
-
-/// How long a single `get` looks for its result before suspending: about twice what recent
-/// single gets took, between ``floor`` and ``ceiling`` microseconds; only ``floor`` once they
-/// take longer than the ceiling, so a driver waiting on long tasks does not spin. While it
-/// looks, the thread yields the CPU between looks, so the processes that produce the result
-/// (on a machine with few cores) are not held up by it.
-struct GetSpinPolicy: Sendable, Equatable {
-    static let floor: UInt64 = 20
-    static let ceiling: UInt64 = 500
-
-    /// Smoothed duration of recent single gets, in nanoseconds (0: none yet).
-    var recentNanoseconds: UInt64 = 0
-
-    var budgetMicroseconds: UInt64 {
-        let recent = recentNanoseconds / 1_000
-        guard recent > 0, recent <= Self.ceiling else { return Self.floor }
-        return min(Self.ceiling, max(Self.floor, 2 * recent))
-    }
-
-    /// Takes in one get's duration: an average weighted 1/8 towards the newest.
-    mutating func record(_ nanoseconds: UInt64) {
-        recentNanoseconds = recentNanoseconds == 0 ? nanoseconds : (7 * recentNanoseconds + nanoseconds) / 8
-    }
-}
-
-/// ``GetSpinPolicy`` shared by a cluster's callers.
-final class GetSpin: Sendable {
-    private let policy = Mutex(GetSpinPolicy())
-    var budgetMicroseconds: UInt64 { policy.withLock { $0.budgetMicroseconds } }
-    func record(_ nanoseconds: UInt64) { policy.withLock { $0.record(nanoseconds) } }
 }

@@ -640,8 +640,7 @@ final class Node: @unchecked Sendable {
     }
 
     /// Waits up to `microseconds` for `oid` without suspending: a round trip to a short task
-    /// usually completes within it, which saves the caller a thread wake-up. After the first
-    /// 20 µs it yields the CPU between looks.
+    /// usually completes within it, which saves the caller a thread wake-up.
     func spinGet(_ oid: ObjectID, microseconds: UInt64) -> StoredValue? {
         var out = Outgoing()
         condition.lock()
@@ -650,18 +649,14 @@ final class Node: @unchecked Sendable {
         condition.unlock()
         flush(&out)
         if let present { return present }
-        let start = monotonicNanoseconds()
-        let deadline = start + microseconds * 1000
+        let deadline = monotonicNanoseconds() + microseconds * 1000
         var seen = storedEvents.load(ordering: .acquiring)
-        var now = start
-        while now < deadline {
-            let events = storedEvents.load(ordering: .acquiring)
-            if events != seen {
-                seen = events
+        while monotonicNanoseconds() < deadline {
+            let now = storedEvents.load(ordering: .acquiring)
+            if now != seen {
+                seen = now
                 if let v = peek(oid) { return v }
             }
-            if now - start > 20_000 { sched_yield() }
-            now = monotonicNanoseconds()
         }
         return nil
     }

@@ -321,32 +321,6 @@ struct RuntimeTests {
 }
 }
 
-@Suite("A single get's spin before suspending (pure)")
-struct GetSpinPolicyTests {
-    @Test("it follows recent gets: twice their smoothed time, within 20 to 500 µs, and only 20 once gets take longer than 500 µs")
-    func budgetFollowsRecentGets() {
-        var policy = GetSpinPolicy()
-        #expect(policy.budgetMicroseconds == 20, "no history: the floor")
-        policy.record(200_000)
-        #expect(policy.budgetMicroseconds == 400)
-        // Each new duration counts 1/8.
-        policy.record(1_000_000)
-        #expect(policy.recentNanoseconds == (7 * 200_000 + 1_000_000) / 8)
-        #expect(policy.budgetMicroseconds == 500, "capped at the ceiling")
-        for _ in 0..<40 { policy.record(5_000) }
-        #expect(policy.budgetMicroseconds == 20, "fast gets: never under the floor")
-        // Gets that wait for long tasks stop the spinning within a few of them.
-        var long = GetSpinPolicy()
-        long.record(300_000)
-        var spins: [UInt64] = []
-        for _ in 0..<10 {
-            long.record(50_000_000)
-            spins.append(long.budgetMicroseconds)
-        }
-        #expect(spins.allSatisfy { $0 == 20 }, "\(spins)")
-    }
-}
-
 @Suite("Scheduling policy (pure)")
 struct SchedulingPolicyTests {
     let nodes = [
