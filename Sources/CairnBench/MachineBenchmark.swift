@@ -91,8 +91,7 @@ struct MachineBenchmark {
             guard write(client, buffer, size) == size, receive(client, buffer) else { throw BenchError("loopback echo failed: errno \(errno)") }
             if i >= 1_000 { samples.append((now() - t0) * 1e6) }
         }
-        samples.sort()
-        return samples[samples.count / 2]
+        return median(samples)
     }
 
     /// Half the median time for a token to go from this thread to another and back through a
@@ -121,8 +120,7 @@ struct MachineBenchmark {
             condition.unlock()
             if i >= 1_000 { samples.append((now() - t0) * 1e6 / 2) }
         }
-        samples.sort()
-        return samples[samples.count / 2]
+        return median(samples)
     }
 
     /// The longest gap, in microseconds, between two clock reads of a spinning thread, while `busy`
