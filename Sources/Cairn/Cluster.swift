@@ -353,9 +353,9 @@ public final class Cluster: Sendable {
 
     /// Starts a node process that joins the cluster whose head is at `address` (what
     /// `cairn start --address` does): `executable` (searched in PATH) is started in node mode,
-    /// so it must call ``runNodeIfLaunched(prepare:)`` first thing in `main`. Detached, in a
-    /// session of its own, its output appended to `logFile`. It stops when it loses the head.
-    /// Returns its node and pid.
+    /// so it must call ``runNodeIfLaunched(prepare:)`` first thing in `main`. Detached (a
+    /// process group of its own, hang-ups ignored), its output appended to `logFile`. It stops
+    /// when it loses the head. Returns its node and pid.
     public static func startNode(joining address: String, tokenFile: String, executable: String, resources: Resources = Resources(cpus: 1),
                                  functions: Set<String>? = nil, host: String = "127.0.0.1", logFile: String? = nil) async throws -> (node: NodeID, pid: Int32) {
         let launch = try await launch(asking: .join(resources: resources, functions: functions, host: host), of: address, tokenFile: tokenFile, what: "join")
@@ -397,9 +397,9 @@ public final class Cluster: Sendable {
         return (replica.replica, try launch.start([executable], detached: true, logFile: logFile))
     }
 
-    /// Starts `arguments` (the program first) in a session of its own, standard input on
-    /// `/dev/null`, output and errors appended to `logFile`: how `cairn start --head` puts the
-    /// head in the background. Returns its pid.
+    /// Starts `arguments` (the program first) detached: a process group of its own, hang-ups
+    /// ignored, standard input on `/dev/null`, output and errors appended to `logFile`: how
+    /// `cairn start --head` puts the head in the background. Returns its pid.
     public static func startDetached(_ arguments: [String], logFile: String) throws -> Int32 {
         try spawnProcess(arguments, environment: NodeLaunch.inheritedEnvironment, detached: true, logFile: logFile)
     }

@@ -404,8 +404,8 @@ final class NodeSupervisor: @unchecked Sendable {
 
 extension NodeLaunch {
     /// Starts `command` (searched in PATH, so that a launcher may be given by name) as a node
-    /// process described by this launch; with `detached`, in a session of its own with standard
-    /// input, output and error on `/dev/null` or `logFile`. Returns its pid.
+    /// process described by this launch; with `detached`, in a process group of its own, hang-ups
+    /// ignored, with standard input, output and error on `/dev/null` or `logFile`. Returns its pid.
     func start(_ command: [String], detached: Bool = false, logFile: String? = nil) throws -> pid_t {
         try spawnProcess(command, environment: Self.inheritedEnvironment + ["\(NodeLaunch.variable)=\(try encoded())"],
                          detached: detached, logFile: logFile)
@@ -418,9 +418,9 @@ extension NodeLaunch {
 }
 
 /// Starts `command` with `environment`. The child gets standard input, output and error (or,
-/// `detached`, a session of its own with them on `/dev/null` and `logFile`), and none of this
-/// process's other descriptors: an inherited copy of a connection would keep it open after
-/// this process (or the child) dies, hiding the death from the peer.
+/// `detached`, a process group of its own, hang-ups ignored, with them on `/dev/null` and
+/// `logFile`), and none of this process's other descriptors: an inherited copy of a connection
+/// would keep it open after this process (or the child) dies, hiding the death from the peer.
 func spawnProcess(_ command: [String], environment: [String], detached: Bool = false, logFile: String? = nil) throws -> pid_t {
     let argv: [UnsafeMutablePointer<CChar>?] = command.map { strdup($0) } + [nil]
     let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
@@ -435,8 +435,13 @@ func spawnProcess(_ command: [String], environment: [String], detached: Bool = f
     posix_spawnattr_init(&attributes)
     defer { posix_spawnattr_destroy(&attributes) }
     if detached {
-        // POSIX_SPAWN_SETSID (glibc 2.26), which the Swift module does not import.
-        posix_spawnattr_setflags(&attributes, 0x80)
+        // A process group of its own, hang-ups ignored (below), as `nohup … &` gives: it
+        // outlives the terminal it was started from. Not a session of its own: Linux shares the
+        // CPU between sessions first ("autogroups"), and on a loaded machine the threads of a
+        // new session were measured waiting seconds for a CPU while older sessions' ran, long
+        // enough for the head to declare a joined scheduler or GCS replica dead by silence.
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attributes, 0)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         let out = logFile ?? "/dev/null"
         posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_APPEND, 0o644)
@@ -444,12 +449,26 @@ func spawnProcess(_ command: [String], environment: [String], detached: Bool = f
     }
     try closeInheritedDescriptors(&actions)
     var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, command[0], &actions, &attributes, argv, envp)
+    let rc: Int32
+    if detached {
+        // An ignored signal stays ignored across exec: the child starts ignoring SIGHUP. This
+        // process ignores it only while it spawns (one detached spawn at a time).
+        rc = detachedSpawns.withLock { _ in
+            let previous = signal(SIGHUP, SIG_IGN)
+            defer { signal(SIGHUP, previous) }
+            return posix_spawnp(&pid, command[0], &actions, &attributes, argv, envp)
+        }
+    } else {
+        rc = posix_spawnp(&pid, command[0], &actions, &attributes, argv, envp)
+    }
     guard rc == 0 else {
         throw CairnError(.invalidArgument, "cannot start \(command.joined(separator: " ")): posix_spawn error \(rc)")
     }
     return pid
 }
+
+/// Held while a detached process is spawned, with SIGHUP ignored.
+private let detachedSpawns = Mutex(())
 
 /// glibc's `posix_spawn_file_actions_addclosefrom_np` (2.34 and later), which the Swift
 /// module does not import: looked up once by name.

@@ -134,8 +134,8 @@ struct Start: AsyncParsableCommand {
         try await runHead(session, program: program)
     }
 
-    /// Starts `cairn start --head --foreground …` in a session of its own and waits until it
-    /// has written its address.
+    /// Starts `cairn start --head --foreground …` detached (``Cluster/startDetached(_:logFile:)``)
+    /// and waits until it has written its address.
     private func startInBackground(_ session: Session) throws {
         if let pid = session.pids().first(where: { $0.what == "head" })?.pid, !processHasExited(pid) {
             throw ValidationError("a head (pid \(pid)) already runs for \(dir); stop it with `cairn stop --dir \(dir)`")

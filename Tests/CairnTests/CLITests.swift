@@ -61,6 +61,31 @@ struct CLITests {
         table.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map(String.init)
     }
 
+    @Test("a detached process leads a process group of its own in this session, survives a hang-up, and writes to its log file")
+    func detachedProcess() throws {
+        let files = try TemporaryDirectory()
+        let log = files.path + "/detached.log"
+        let pid = try Cluster.startDetached(["/bin/sh", "-c", "echo started; sleep 30"], logFile: log)
+        defer {
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+        }
+        #expect(getpgid(pid) == pid, "a process group of its own")
+        // In this session, not one of its own: a new session gets a CPU share of its own, which
+        // a loaded machine was measured to starve for seconds.
+        #expect(getsid(pid) == getsid(0))
+        kill(pid, SIGHUP)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while (try? String(contentsOfFile: log, encoding: .utf8))?.contains("started") != true && ContinuousClock.now < deadline {
+            usleep(2_000)
+        }
+        #expect(try String(contentsOfFile: log, encoding: .utf8) == "started\n")
+        usleep(50_000)
+        var status: Int32 = 0
+        #expect(waitpid(pid, &status, WNOHANG) == 0, "still running after SIGHUP")
+    }
+
     @Test("a head in the background, a node joining it, a driver running tasks and a durable actor through it, then stop")
     func headJoinDriverStop() async throws {
         let dir = try TemporaryDirectory()
