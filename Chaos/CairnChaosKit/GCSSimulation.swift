@@ -50,6 +50,9 @@ public struct GCSSimulation {
         public var failureTimeout: UInt64?
         /// Drawn from the seed when nil (20–48); it must outlast a report's round trip.
         public var leaseDuration: UInt64?
+        /// Drawn from the seed when nil (0–10): how long a shortened chain waits for a learner
+        /// (``Coordinator/Options/learnerDelay``).
+        public var learnerDelay: UInt64?
         public var resendInterval: UInt64 = 14
         /// Compaction (``ChainReplica/Options/compactEvery``); drawn from the seed when nil
         /// (never, or every 1 to 8 updates), with `retain` 0–3 and snapshot parts of 1–40 bytes.
@@ -126,7 +129,9 @@ public struct GCSSimulation {
                                                   retain: UInt64.random(in: 0...3, using: &rng),
                                                   snapshotChunkBytes: Int.random(in: 1...40, using: &rng),
                                                   window: [1, 2, 3, 64][Int.random(in: 0..<4, using: &rng)])
-        let coordinatorOptions = Coordinator.Options(replicationFactor: o.replicationFactor, failureTimeout: failureTimeout, leaseDuration: leaseDuration)
+        let learnerDelay = o.learnerDelay ?? UInt64.random(in: 0...10, using: &rng)
+        let coordinatorOptions = Coordinator.Options(replicationFactor: o.replicationFactor, failureTimeout: failureTimeout, leaseDuration: leaseDuration,
+                                                     learnerDelay: learnerDelay)
         var shardOf: [ReplicaID: Int] = [:]
         var initial: [ChainConfig] = []
         for s in 0..<o.shards {

@@ -79,6 +79,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// A replica silent this long has failed (a replica known to have exited fails at once).
         public var failureTimeoutMicroseconds: UInt64 = 300_000
         public var leaseMicroseconds: UInt64 = 100_000
+        /// How long after a chain loses a replica a standby joins it as a learner
+        /// (``Coordinator/Options/learnerDelay``).
+        public var learnerDelayMicroseconds: UInt64 = 20_000
         public var resendIntervalMicroseconds: UInt64 = 10_000
         /// How often a replica resends updates its successor has not acknowledged.
         public var retransmitIntervalMicroseconds: UInt64 = 5_000
@@ -358,7 +361,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
         let coordinatorOptions = Coordinator.Options(replicationFactor: options.replicationFactor,
                                                      failureTimeout: options.failureTimeoutMicroseconds,
-                                                     leaseDuration: options.leaseMicroseconds)
+                                                     leaseDuration: options.leaseMicroseconds, learnerDelay: options.learnerDelayMicroseconds)
         coordinator = Coordinator(configs: configs, replicas: shardOf, options: coordinatorOptions, now: 0)
         nextReplicaID = (shardOf.keys.max() ?? -1) + 1
         precondition(options.sessions < 1 << 15, "at most 32,767 sessions")

@@ -9,8 +9,9 @@
 ///   only once every read lease granted to it has run out, so a tail that is cut out but still
 ///   alive has stopped serving reads before its successor starts.
 /// - When a chain is shorter than the replication factor and a standby replica of the shard is
-///   alive, it is added as a learner behind the tail. Once the tail reports that the learner has
-///   caught up, the learner becomes the tail, after a handoff from the previous tail.
+///   alive, it is added as a learner behind the tail, `learnerDelay` after the chain last lost
+///   a replica. Once the tail reports that the learner has caught up, the learner becomes the
+///   tail, after a handoff from the previous tail.
 /// - The last replica of a chain is never removed: the shard waits for it to come back.
 ///
 /// The configurations are persisted (`persistConfig`) before they are sent; a restarted
@@ -24,12 +25,18 @@ public struct Coordinator: Sendable {
         public var failureTimeout: UInt64
         /// Must equal the replicas' ``ChainReplica/Options/leaseDuration``.
         public var leaseDuration: UInt64
+        /// How long after a chain loses a replica a standby is added as a learner. Bringing a
+        /// learner up costs the new tail a step (a snapshot, the log after it, a commit); made
+        /// at once, that step delays the writes the failure held up, which go through the
+        /// shortened chain first this way.
+        public var learnerDelay: UInt64
 
-        public init(replicationFactor: Int = 3, failureTimeout: UInt64, leaseDuration: UInt64) {
+        public init(replicationFactor: Int = 3, failureTimeout: UInt64, leaseDuration: UInt64, learnerDelay: UInt64 = 0) {
             precondition(replicationFactor >= 1, "a chain needs at least one replica")
             self.replicationFactor = replicationFactor
             self.failureTimeout = failureTimeout
             self.leaseDuration = leaseDuration
+            self.learnerDelay = learnerDelay
         }
     }
 
@@ -47,6 +54,8 @@ public struct Coordinator: Sendable {
     public var latestReports: [ReplicaID: ReplicaReport] { reports }
     /// Per shard: the epoch in which its tail reported serving.
     private var servingEpoch: [Int: UInt64] = [:]
+    /// Per shard: when its chain last lost a replica (see ``Options/learnerDelay``).
+    private var shrunkAt: [Int: UInt64] = [:]
 
     /// A coordinator for shards whose first configurations are `configs` (shard i at index i).
     /// `replicas` maps every replica, in a chain or standing by, to its shard.
@@ -129,6 +138,12 @@ public struct Coordinator: Sendable {
         return now > granted + options.leaseDuration
     }
 
+    /// Whether `learnerDelay` has passed since the shard's chain last lost a replica.
+    func learnerMayJoin(_ shard: Int, now: UInt64) -> Bool {
+        guard let shrunk = shrunkAt[shard] else { return true }
+        return now >= shrunk && now - shrunk >= options.learnerDelay
+    }
+
     /// Decides the shard's next configuration, if it needs one, and announces it.
     mutating func reconfigure(_ shard: Int, now: UInt64) -> [GCSAction] {
         let c = configs[shard]
@@ -161,12 +176,13 @@ public struct Coordinator: Sendable {
             guard removed.allSatisfy({ leaseExpired($0, now: now) }) else { return [] }
             chain = remaining
             if learner.map(removed.contains) == true { learner = nil }
+            shrunkAt[shard] = now
         } else if let l = learner, handoff == nil, let r = reports[c.tail], r.epoch == c.epoch, r.learnerCaughtUp,
                   reports[l]?.epoch == c.epoch {
             handoff = c.tail
             chain.append(l)
             learner = nil
-        } else if learner == nil, chain.count < options.replicationFactor,
+        } else if learner == nil, chain.count < options.replicationFactor, learnerMayJoin(shard, now: now),
                   let standby = replicas.keys.sorted().first(where: { replicas[$0] == shard && !chain.contains($0) && alive($0, now: now) && reports[$0] != nil }) {
             learner = standby
         }

@@ -353,6 +353,24 @@ struct GCSCoreTests {
         #expect(served == [.send(.configure(c.configs[0], leaseFrom: 5), to: .replica(5))])
     }
 
+    @Test("after a chain loses a replica, a standby joins as learner only once learnerDelay has passed")
+    func coordinatorDelaysLearner() {
+        var c = Coordinator(configs: [ChainConfig(shard: 0, epoch: 1, chain: [0, 1, 2])], replicas: [0: 0, 1: 0, 2: 0, 5: 0],
+                            options: Coordinator.Options(replicationFactor: 3, failureTimeout: 30, leaseDuration: Self.lease, learnerDelay: 50), now: 0)
+        for r in [1, 2, 5] { _ = c.handle(Self.report(r, epoch: r == 5 ? 0 : 1, at: 100), from: .replica(r), now: 100) }
+        #expect(c.configs[0].learner == nil, "a full chain takes no learner")
+        _ = c.replicaExited(0, now: 100)
+        #expect(c.configs[0] == ChainConfig(shard: 0, epoch: 2, chain: [1, 2]), "the dead head is removed at once")
+        for t in stride(from: 101 as UInt64, through: 149, by: 4) {
+            for r in [1, 2, 5] { _ = c.handle(Self.report(r, epoch: 2, at: t), from: .replica(r), now: t) }
+            _ = c.tick(now: t)
+        }
+        #expect(c.configs[0].learner == nil && c.configs[0].epoch == 2, "no learner within 50 of the removal")
+        let joined = c.tick(now: 150)
+        #expect(c.configs[0] == ChainConfig(shard: 0, epoch: 3, chain: [1, 2], learner: 5))
+        #expect(joined.contains(.send(.configure(c.configs[0], leaseFrom: nil), to: .replica(5))))
+    }
+
     @Test("keys route to shards by FNV-1a, the same in every process")
     func shardRouting() {
         #expect(shard(of: "", shards: 1_000_003) == Int(UInt64(0xcbf2_9ce4_8422_2325) % 1_000_003))
