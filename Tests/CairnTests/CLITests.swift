@@ -75,6 +75,11 @@ struct CLITests {
         // In this session, not one of its own: a new session gets a CPU share of its own, which
         // a loaded machine was measured to starve for seconds.
         #expect(getsid(pid) == getsid(0))
+        // SIGHUP (bit 0) among the signals it ignores.
+        let ignored = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("SigIgn:") }
+            .flatMap { UInt64($0.dropFirst("SigIgn:".count).trimmingCharacters(in: .whitespaces), radix: 16) }
+        #expect(ignored.map { $0 & 1 == 1 } == true, "SigIgn: \(String(describing: ignored))")
         kill(pid, SIGHUP)
         let deadline = ContinuousClock.now + .seconds(30)
         while (try? String(contentsOfFile: log, encoding: .utf8))?.contains("started") != true && ContinuousClock.now < deadline {
