@@ -287,6 +287,15 @@ public struct GCSSimulation {
             return true
         }
 
+        /// Every shard's tail has taken its configuration and serves: one still owed its handoff
+        /// may lack updates its predecessor holds (and will send it), so the checks would read
+        /// a log that is about to grow.
+        func tailsServe() -> Bool {
+            coordinatorConfigs.allSatisfy { c in
+                replicas[c.tail].map { $0.config?.epoch == c.epoch && $0.serving } == true
+            }
+        }
+
         for c in clients.indices { startNext(c) }
 
         while now < o.timeLimit {
@@ -394,7 +403,7 @@ public struct GCSSimulation {
             }
             for c in clients.indices { perform(clients[c].tick(now: now), from: .client(c)) }
             for i in subscribers.indices { perform(subscribers[i].tick(now: now), from: .client(subscriberBase + i)) }
-            if !faults && plan.allSatisfy(\.isEmpty) && open.allSatisfy({ $0 == nil }) && caughtUp() { break }
+            if !faults && plan.allSatisfy(\.isEmpty) && open.allSatisfy({ $0 == nil }) && caughtUp() && tailsServe() { break }
         }
 
         // The checks.
