@@ -11,7 +11,7 @@ import Testing
 /// The GCS cores on real threads, each replica in its own LMDB environment.
 @Suite("Embedded GCS: chains on threads over LMDB", .serialized)
 struct EmbeddedGCSTests {
-    static func start(_ dir: TemporaryDirectory, shards: Int = 1, timeoutMicroseconds: UInt64 = 20_000_000,
+    static func start(_ dir: TemporaryDirectory, shards: Int = 1, timeoutMicroseconds: UInt64 = 60_000_000,
                       configure: (inout EmbeddedGCS.Options) -> Void = { _ in }) throws -> EmbeddedGCS {
         var o = EmbeddedGCS.Options(shards: shards)
         o.directory = dir.path
@@ -159,6 +159,10 @@ struct EmbeddedGCSTests {
         var o = EmbeddedGCS.Options()
         o.directory = dir.path
         o.failureTimeoutMicroseconds = 500_000
+        // Patient as the suite's other GCSs: on a loaded machine (the whole suite in parallel)
+        // this one's writes went unanswered for 10 s with a 100 ms lease (see the README).
+        o.leaseMicroseconds = 500_000
+        o.requestTimeoutMicroseconds = 60_000_000
         do {
             let gcs = try EmbeddedGCS.start(o)
             try gcs.put("k", [1])
