@@ -453,9 +453,13 @@ func spawnProcess(_ command: [String], environment: [String], detached: Bool = f
     if detached {
         // An ignored signal stays ignored across exec: the child starts ignoring SIGHUP. This
         // process ignores it only while it spawns (one detached spawn at a time).
+        // (sigaction, not signal: the program's own handler comes back with its flags.)
         rc = detachedSpawns.withLock { _ in
-            let previous = signal(SIGHUP, SIG_IGN)
-            defer { signal(SIGHUP, previous) }
+            var ignore = sigaction()
+            ignore.__sigaction_handler.sa_handler = SIG_IGN
+            var previous = sigaction()
+            sigaction(SIGHUP, &ignore, &previous)
+            defer { sigaction(SIGHUP, &previous, nil) }
             return posix_spawnp(&pid, command[0], &actions, &attributes, argv, envp)
         }
     } else {
