@@ -53,6 +53,10 @@ public struct GCSSimulation {
         /// Drawn from the seed when nil (0–10): how long a shortened chain waits for a learner
         /// (``Coordinator/Options/learnerDelay``).
         public var learnerDelay: UInt64?
+        /// Time between a replica's reports (``ChainReplica/Options/reportInterval``); drawn
+        /// from the seed when nil (0, every tick, up to half the failure timeout and the lease).
+        /// The retransmit interval is drawn too (0–8).
+        public var reportInterval: UInt64?
         public var resendInterval: UInt64 = 14
         /// Compaction (``ChainReplica/Options/compactEvery``); drawn from the seed when nil
         /// (never, or every 1 to 8 updates), with `retain` 0–3 and snapshot parts of 1–40 bytes.
@@ -125,11 +129,13 @@ public struct GCSSimulation {
         let failureTimeout = o.failureTimeout ?? UInt64.random(in: 12...40, using: &rng)
         let leaseDuration = o.leaseDuration ?? UInt64.random(in: 20...48, using: &rng)
         let compactEvery = o.compactEvery ?? [0, 1, 2, 4, 8][Int.random(in: 0..<5, using: &rng)]
-        let replicaOptions = ChainReplica.Options(leaseDuration: leaseDuration, compactEvery: compactEvery,
+        var replicaOptions = ChainReplica.Options(leaseDuration: leaseDuration, compactEvery: compactEvery,
                                                   retain: UInt64.random(in: 0...3, using: &rng),
                                                   snapshotChunkBytes: Int.random(in: 1...40, using: &rng),
                                                   window: [1, 2, 3, 64][Int.random(in: 0..<4, using: &rng)])
         let learnerDelay = o.learnerDelay ?? UInt64.random(in: 0...10, using: &rng)
+        replicaOptions.reportInterval = o.reportInterval ?? UInt64.random(in: 0...min(12, failureTimeout / 2, leaseDuration / 2), using: &rng)
+        replicaOptions.retransmitInterval = UInt64.random(in: 0...8, using: &rng)
         let coordinatorOptions = Coordinator.Options(replicationFactor: o.replicationFactor, failureTimeout: failureTimeout, leaseDuration: leaseDuration,
                                                      learnerDelay: learnerDelay)
         var shardOf: [ReplicaID: Int] = [:]
@@ -439,7 +445,9 @@ public struct GCSSimulation {
                 }
             }
         }
-        if o.trace { print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes), window \(replicaOptions.window)") }
+        if o.trace {
+            print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes), window \(replicaOptions.window), reports every \(replicaOptions.reportInterval), resends every \(replicaOptions.retransmitInterval)")
+        }
         return Outcome(seed: o.seed, history: history, verdict: verdict, failures: failures,
                        completed: history.filter { $0.returned != nil }.count, crashes: crashes,
                        coordinatorCrashes: coordinatorCrashes, partitions: partitions, reconfigurations: reconfigurations,

@@ -22,10 +22,15 @@ public struct ChainReplica: Sendable {
     public struct Options: Sendable {
         /// How long a lease runs, in the shell's time units, from the report that earned it.
         public var leaseDuration: UInt64
-        /// How often unacknowledged updates are resent downstream; only updates already
-        /// outstanding at the previous resend go again, so a busy pipeline is not flooded with
-        /// copies of what is still on its way. 0: at every tick.
+        /// How often unacknowledged updates are resent downstream, and unacknowledged changes
+        /// to a subscriber; only what was already outstanding at the previous resend goes again,
+        /// and only when nothing was acknowledged since, so a busy pipeline or a subscriber that
+        /// lags is not flooded with copies of what is still on its way. 0: at every tick.
         public var retransmitInterval: UInt64
+        /// How often the report (the heartbeat, which renews a tail's lease) goes to the
+        /// coordinator; 0: at every tick. Keep it well under the lease and the coordinator's
+        /// failure timeout. What the coordinator must act on is reported at once regardless.
+        public var reportInterval: UInt64
         /// Compaction: once this many updates that reached the tail are in the log beyond the
         /// `retain` newest, they are folded into the base (the store as of them) and dropped,
         /// so memory and storage hold the state rather than its history. 0: never.
@@ -40,9 +45,11 @@ public struct ChainReplica: Sendable {
         /// updates then takes them in step with the chain's other traffic instead of flooding
         /// every queue ahead of it.
         public var window: Int
-        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0, compactEvery: UInt64 = 0, retain: UInt64 = 0,
-                    snapshotChunkBytes: Int = 4 << 20, window: Int = 64) {
+        public init(leaseDuration: UInt64, retransmitInterval: UInt64 = 0, reportInterval: UInt64 = 0, compactEvery: UInt64 = 0,
+                    retain: UInt64 = 0, snapshotChunkBytes: Int = 4 << 20, window: Int = 64) {
             precondition(window >= 1, "the window must let at least one update through")
+            precondition(reportInterval < leaseDuration, "a report interval of \(reportInterval) would let the tail's lease (\(leaseDuration)) run out between reports")
+            self.reportInterval = reportInterval
             self.window = window
             self.leaseDuration = leaseDuration
             self.retransmitInterval = retransmitInterval
@@ -62,6 +69,13 @@ public struct ChainReplica: Sendable {
         var transmittedUpTo: UInt64
         /// Sent in place of the changes the log no longer holds, until acknowledged.
         var snapshot: (upTo: UInt64, epoch: UInt64, entries: [String: [UInt8]], previous: UInt64)?
+        /// The highest sequence number the subscriber acknowledged.
+        var acked: UInt64 = 0
+        /// Resends, as for updates downstream: when the last check was, what had been
+        /// transmitted and acknowledged then, and the doublings of the interval earned by
+        /// resends that brought no acknowledgement.
+        var checked: (at: UInt64, transmittedUpTo: UInt64, acked: UInt64) = (0, 0, 0)
+        var backoff = 0
     }
 
     /// As learner: a snapshot being received from the tail.
@@ -130,6 +144,8 @@ public struct ChainReplica: Sendable {
     private var subscriptions: [Int: Subscription] = [:] {
         didSet { if subscriptions.count != subscribers.count { subscribers = subscriptions.keys.sorted() } }
     }
+    /// When the last report went to the coordinator.
+    private var reportedAt: UInt64?
     /// The keys of `subscriptions` in order: what goes to subscribers is sent in this order, so
     /// that a seeded simulation runs the same in every process (a dictionary's order does not).
     private var subscribers: [Int] = []
@@ -467,8 +483,9 @@ public struct ChainReplica: Sendable {
     }
 
     /// The report to the coordinator, which doubles as the heartbeat.
-    private func report(now: UInt64) -> GCSAction {
-        .send(.report(ReplicaReport(
+    private mutating func report(now: UInt64) -> GCSAction {
+        reportedAt = now
+        return .send(.report(ReplicaReport(
             replica: id, shard: shard, epoch: config?.epoch ?? 0, sentAt: now, lastSequence: lastSequence, base: base.sequence,
             learnerCaughtUp: isTail && learnerJoined && learnerAcked == lastSequence,
             serving: serving)), to: .coordinator)
@@ -495,9 +512,12 @@ public struct ChainReplica: Sendable {
             guard let c = config, epoch == c.epoch, case .replica(let p) = from, p == predecessor else { return [] }
             if isLearner && !joined { return [] }
             if u.sequence <= lastSequence {
-                // Seen before: the end of the stream acknowledges again, in case that was lost.
+                // Seen before: acknowledged again, in case that was lost, by the end of the
+                // stream and by a middle too. A predecessor that restarted forgot what reached
+                // the tail and resends it; a middle that has nothing left to send downstream
+                // hears no new acknowledgement to pass on, so it answers from what it knows.
                 if isLearner { return [.send(.ack(epoch: epoch, lastSequence), to: from)] }
-                return isTail && acknowledged > 0 ? [.send(.ack(epoch: epoch, acknowledged), to: from)] : []
+                return acknowledged > 0 ? [.send(.ack(epoch: epoch, acknowledged), to: from)] : []
             }
             guard u.sequence == lastSequence + 1 else { return [] }  // a gap: retransmission fills it
             apply(u)
@@ -624,6 +644,7 @@ public struct ChainReplica: Sendable {
         case .changeAck(let upTo):
             guard case .client(let subscriber) = from else { return [] }
             subscriptions[subscriber]?.unacked.removeAll { $0.0.sequence <= upTo }
+            if let acked = subscriptions[subscriber]?.acked, upTo > acked { subscriptions[subscriber]?.acked = upTo }
             if let s = subscriptions[subscriber]?.snapshot, s.upTo <= upTo { subscriptions[subscriber]?.snapshot = nil }
             return []
 
@@ -634,12 +655,13 @@ public struct ChainReplica: Sendable {
 
     /// What a subscription holds for its subscriber after sequence number `after`, in order:
     /// the snapshot (if it reaches past `after`), then the changes.
-    private func transmissions(_ sub: Subscription, to subscriber: Int, after: UInt64) -> [GCSAction] {
+    private func transmissions(_ sub: Subscription, to subscriber: Int, after: UInt64, upTo: UInt64 = .max) -> [GCSAction] {
         var actions: [GCSAction] = []
         if let s = sub.snapshot, s.upTo > after {
             actions.append(.send(.snapshot(shard: shard, upTo: s.upTo, epoch: s.epoch, entries: s.entries, previous: s.previous), to: .client(subscriber)))
         }
         for (u, previous) in sub.unacked where u.sequence > after {
+            guard u.sequence <= upTo else { break }
             actions.append(.send(.change(shard: shard, u, previous: previous), to: .client(subscriber)))
         }
         return actions
@@ -707,7 +729,8 @@ public struct ChainReplica: Sendable {
 
     /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
     public mutating func tick(now: UInt64) -> [GCSAction] {
-        var actions: [GCSAction] = [report(now: now)] + compactIfDue()
+        var actions: [GCSAction] = compactIfDue()
+        if reportedAt.map({ now >= $0 + options.reportInterval }) ?? true { actions.append(report(now: now)) }
         guard let c = config else { return actions }
         if let d = downstream {
             if c.handoffFrom == id { actions.append(.send(.handoff(epoch: c.epoch, upTo: lastSequence, answered: handoffAnswered), to: .replica(d))) }
@@ -748,8 +771,19 @@ public struct ChainReplica: Sendable {
         }
         if serving && holdsLease(at: now) {
             for subscriber in subscribers {
-                guard let sub = subscriptions[subscriber] else { continue }
-                actions += transmissions(sub, to: subscriber, after: 0)
+                guard var sub = subscriptions[subscriber], now >= sub.checked.at + (options.retransmitInterval << sub.backoff) else { continue }
+                // As downstream: resent only when the subscriber acknowledged nothing since the
+                // last check, and only what had been sent by then.
+                let due = sub.checked.transmittedUpTo
+                let outstanding = (sub.snapshot.map { $0.upTo <= due } ?? false) || (sub.unacked.first.map { $0.0.sequence <= due } ?? false)
+                if sub.acked == sub.checked.acked && outstanding {
+                    actions += transmissions(sub, to: subscriber, after: 0, upTo: due)
+                    sub.backoff = min(sub.backoff + 1, Self.maxRetransmitBackoff)
+                } else {
+                    sub.backoff = 0
+                }
+                sub.checked = (now, sub.transmittedUpTo, sub.acked)
+                subscriptions[subscriber] = sub
             }
         }
         return actions

@@ -77,7 +77,7 @@ public struct Coordinator: Sendable {
         }
     }
 
-    /// The configuration and lease to send to a replica that reported.
+    /// The configuration, to a replica that reported with another, and the lease, to the tail.
     public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
         switch message {
         case .report(let r):
@@ -92,7 +92,12 @@ public struct Coordinator: Sendable {
                 lastGrant[id] = now
                 leaseFrom = r.sentAt
             }
-            var actions: [GCSAction] = [.send(.configure(c, leaseFrom: leaseFrom), to: from)]
+            // Answered only with something new: the configuration, to a replica that lacks it,
+            // or a lease. A replica that has the current configuration and no lease to take
+            // needs no answer, and a coordinator answering every heartbeat of every replica
+            // spends its time on answers nobody uses.
+            var actions: [GCSAction] = []
+            if r.epoch != c.epoch || leaseFrom != nil { actions.append(.send(.configure(c, leaseFrom: leaseFrom), to: from)) }
             actions += reconfigure(shard, now: now)
             return actions
         case .configQuery:

@@ -77,6 +77,81 @@ struct GCSCoreTests {
         #expect(tail.store["k"] == Self.value(2))
     }
 
+    @Test("a middle sent an update it already passed on acknowledges what reached the tail, so a head that restarted learns it")
+    func middleAcknowledgesResentUpdate() {
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 1, 2])
+        var middle = Self.replica(1, config)
+        let u = ChainUpdate(epoch: 1, sequence: 1, key: "k", value: Self.value(1), request: RequestID(client: 7, number: 1))
+        _ = middle.handle(.forward(epoch: 1, u), from: .replica(0), now: 0)
+        #expect(middle.handle(.ack(epoch: 1, 1), from: .replica(2), now: 1) == [.send(.ack(epoch: 1, 1), to: .replica(0))])
+        // The head restarts before that acknowledgement arrives: it knows nothing acknowledged,
+        // resends the update, and without an answer would resend it (and hold the client's
+        // retry) forever, since the middle has nothing left to pass on for a new acknowledgement.
+        var head = Self.replica(0, config, log: [u])
+        #expect(head.acknowledged == 0)
+        let again = middle.handle(.forward(epoch: 1, u), from: .replica(0), now: 2)
+        #expect(again == [.send(.ack(epoch: 1, 1), to: .replica(0))])
+        _ = head.handle(.ack(epoch: 1, 1), from: .replica(1), now: 3)
+        #expect(head.handle(.write(u.request, key: "k", value: Self.value(1)), from: .client(7), now: 4) == [.send(.written(u.request), to: .client(7))],
+                "the client's retry is answered")
+        let fresh = Self.replica(1, config)
+        var unacknowledged = fresh
+        _ = unacknowledged.handle(.forward(epoch: 1, u), from: .replica(0), now: 0)
+        #expect(unacknowledged.handle(.forward(epoch: 1, u), from: .replica(0), now: 1) == [], "nothing is acknowledged before the tail has it")
+    }
+
+    @Test("a replica reports once per report interval, and at once when it can serve but holds no lease for its configuration")
+    func reportsPaced() {
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 1])
+        let options = ChainReplica.Options(leaseDuration: Self.lease, reportInterval: 10)
+        var head = ChainReplica(id: 0, shard: 0, options: options, recovering: [], config: config)
+        let reports = { (actions: [GCSAction]) in Self.sends(actions).filter { if case .report = $0 { return true } else { return false } }.count }
+        #expect(reports(head.tick(now: 0)) == 1)
+        #expect((1..<10).map { reports(head.tick(now: UInt64($0))) } == Array(repeating: 0, count: 9))
+        #expect(reports(head.tick(now: 10)) == 1)
+        #expect(reports(head.tick(now: 15)) == 0)
+        var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: [], config: config)
+        _ = tail.tick(now: 0)
+        let u = ChainUpdate(epoch: 1, sequence: 1, key: "k", value: Self.value(1), request: RequestID(client: 7, number: 1))
+        #expect(reports(tail.handle(.forward(epoch: 1, u), from: .replica(0), now: 2)) == 1, "a tail without a lease asks between reports")
+        _ = tail.handle(.configure(config, leaseFrom: 2), from: .coordinator, now: 3)
+        #expect(reports(tail.tick(now: 5)) == 0)
+        #expect(reports(tail.tick(now: 12)) == 1, "the next one renews the lease")
+    }
+
+    @Test("the tail resends a subscriber's unacknowledged changes once per retransmit interval, doubling it while none is acknowledged, and not while acknowledgements come")
+    func subscriptionResendsPaced() {
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0])
+        var tail = ChainReplica(id: 0, shard: 0, options: ChainReplica.Options(leaseDuration: 1_000, retransmitInterval: 10), recovering: [], config: config)
+        _ = Self.grant(&tail, now: 0)
+        _ = tail.handle(.subscribe(prefix: "", after: 0), from: .client(50), now: 0)
+        let changes = { (actions: [GCSAction]) in Self.sends(actions).filter { if case .change = $0 { return true } else { return false } }.count }
+        var sent = 0
+        for n in 1...3 as ClosedRange<UInt64> {
+            sent += changes(tail.handle(.write(RequestID(client: 7, number: n), key: "k\(n)", value: [UInt8(n)]), from: .client(7), now: n))
+        }
+        #expect(sent == 3, "each change goes once at commit")
+        // The subscriber acknowledges nothing: the three go again at 10 (what was outstanding at the
+        // check at 0 is none, so nothing at 0), then at 20, then 20 later, then 40 later.
+        var resentAt: [UInt64: Int] = [:]
+        for t in 4...100 as ClosedRange<UInt64> {
+            let n = changes(tail.tick(now: t))
+            if n > 0 { resentAt[t] = n }
+        }
+        #expect(resentAt == [20: 3, 40: 3, 80: 3], "\(resentAt.sorted { $0.key < $1.key })")
+        // Acknowledgements come: no more resends of what is acknowledged, and the interval is back to 10.
+        _ = tail.handle(.changeAck(upTo: 3), from: .client(50), now: 101)
+        sent = changes(tail.handle(.write(RequestID(client: 7, number: 4), key: "k4", value: [4]), from: .client(7), now: 102))
+        #expect(sent == 1)
+        var later: [UInt64: Int] = [:]
+        for t in 103...200 as ClosedRange<UInt64> {
+            let n = changes(tail.tick(now: t))
+            if n > 0 { later[t] = n }
+        }
+        #expect(later.values.allSatisfy { $0 == 1 }, "only the unacknowledged change goes again")
+        #expect(later.keys.min().map { $0 <= 101 + 80 + 20 } == true)
+    }
+
     @Test("a message from another epoch is dropped, so a replica cut out of the chain cannot change it")
     func staleEpochRejected() {
         let new = ChainConfig(shard: 0, epoch: 2, chain: [1, 2])
@@ -348,7 +423,7 @@ struct GCSCoreTests {
         #expect(c.configs[0] == ChainConfig(shard: 0, epoch: 3, chain: [0, 1, 5], handoffFrom: 1))
         // No lease for the new tail until it reports serving, i.e. after the handoff.
         let early = c.handle(Self.report(5, epoch: 3, at: 4), from: .replica(5), now: 4)
-        #expect(early == [.send(.configure(c.configs[0], leaseFrom: nil), to: .replica(5))])
+        #expect(early == [], "a replica with the current configuration and no lease to take is not answered")
         let served = c.handle(Self.report(5, epoch: 3, at: 5, serving: true), from: .replica(5), now: 5)
         #expect(served == [.send(.configure(c.configs[0], leaseFrom: 5), to: .replica(5))])
     }
