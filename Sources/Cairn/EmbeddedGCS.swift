@@ -22,6 +22,8 @@ public struct GCSError: Error, CustomStringConvertible, Sendable, Equatable {
         /// What was asked needs the GCS started otherwise (replicas join only when each runs
         /// in a process of its own).
         case unsupported
+        /// The options contradict each other; the detail says which and how to fix them.
+        case invalidOptions
     }
 
     public let code: Code
@@ -76,9 +78,17 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// removed at shutdown.
         public var directory: String?
         public var tickIntervalMicroseconds: UInt64 = 1_000
+        /// How often each replica reports to the coordinator (its heartbeat, which renews the
+        /// tail's lease), and how often a component with nothing in flight is ticked. Must be
+        /// under the lease and the failure timeout.
+        public var reportIntervalMicroseconds: UInt64 = 10_000
         /// A replica silent this long has failed (a replica known to have exited fails at once).
         public var failureTimeoutMicroseconds: UInt64 = 300_000
-        public var leaseMicroseconds: UInt64 = 100_000
+        /// How long a tail may serve after the report that earned its lease. As long as the
+        /// failure timeout by default: a silent tail is removed only once both have run out, so
+        /// a longer lease would delay failover, while a shorter one only makes a tail whose
+        /// commits a loaded disk slows lose its lease, and stall every write, for nothing.
+        public var leaseMicroseconds: UInt64 = 300_000
         /// How long after a chain loses a replica a standby joins it as a learner
         /// (``Coordinator/Options/learnerDelay``); nil: 20 ms with ``replicaProcesses``, where
         /// the new tail's step for a learner (a snapshot and the first updates, relayed through
@@ -87,6 +97,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// loaded runs, which is not explained yet.
         public var learnerDelayMicroseconds: UInt64?
         public var resendIntervalMicroseconds: UInt64 = 10_000
+        /// How long a subscriber waits, hearing nothing from a shard, before it subscribes
+        /// there again in case its subscription was lost. (A subscriber moves to a new tail as
+        /// soon as the configuration changes; this is for a subscription lost otherwise.)
+        public var resubscribeIntervalMicroseconds: UInt64 = 100_000
         /// How often a replica resends updates its successor has not acknowledged.
         public var retransmitIntervalMicroseconds: UInt64 = 5_000
         /// Compaction: once this many committed updates are in a replica's log beyond the
@@ -109,7 +123,20 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// What each replica's core is given.
         var replica: ChainReplica.Options {
             ChainReplica.Options(leaseDuration: leaseMicroseconds, retransmitInterval: retransmitIntervalMicroseconds,
-                                 compactEvery: compactEvery, retain: compactionRetain)
+                                 reportInterval: reportIntervalMicroseconds, compactEvery: compactEvery, retain: compactionRetain)
+        }
+
+        /// Throws ``GCSError/Code-swift.enum/invalidOptions`` for options that cannot work.
+        func validate() throws {
+            guard shards >= 1, replicationFactor >= 1, standbysPerShard >= 0, sessions >= 1 else {
+                throw GCSError(.invalidOptions, "an embedded GCS needs at least one shard, one replica per chain and one session (got \(shards) shards, replication factor \(replicationFactor), \(standbysPerShard) standbys per shard, \(sessions) sessions)")
+            }
+            guard tickIntervalMicroseconds >= 1, tickIntervalMicroseconds <= reportIntervalMicroseconds else {
+                throw GCSError(.invalidOptions, "the tick interval (\(tickIntervalMicroseconds) µs) must be at least 1 µs and at most the report interval (\(reportIntervalMicroseconds) µs)")
+            }
+            guard reportIntervalMicroseconds * 2 <= leaseMicroseconds, reportIntervalMicroseconds * 2 <= failureTimeoutMicroseconds else {
+                throw GCSError(.invalidOptions, "the report interval (\(reportIntervalMicroseconds) µs) must be at most half the lease (\(leaseMicroseconds) µs) and half the failure timeout (\(failureTimeoutMicroseconds) µs), or a live tail loses its lease or a live replica is declared failed between two reports; lower reportIntervalMicroseconds or raise the others")
+            }
         }
     }
 
@@ -153,6 +180,13 @@ public final class EmbeddedGCS: @unchecked Sendable {
             return true
         }
 
+        /// Until when (``monotonicNanoseconds()``) the worker counts as busy: it handled work
+        /// recently, so it is ticked at every tick; otherwise only at the idle ticks (see
+        /// ``tick(at:idle:)``). Under `condition`.
+        var busyUntil: UInt64 = 0
+        /// How long a batch that did work keeps a worker on the fast ticks.
+        static let busyNanoseconds: UInt64 = 30_000_000
+
         func tick() {
             condition.lock()
             tickDue = true
@@ -160,7 +194,25 @@ public final class EmbeddedGCS: @unchecked Sendable {
             condition.unlock()
         }
 
-        func start(name: String, handle: @escaping @Sendable ([Event], Bool) -> Void) {
+        /// Ticks the worker if it is busy at `now`, or at an idle tick. A component with nothing
+        /// in flight needs a tick only to report and to notice silence; waking every thread of
+        /// every component every millisecond for that kept a fair part of a core busy per GCS.
+        /// Says whether the worker is busy.
+        @discardableResult
+        func tick(at now: UInt64, idle: Bool) -> Bool {
+            condition.lock()
+            defer { condition.unlock() }
+            let busy = now < busyUntil
+            if idle || busy {
+                tickDue = true
+                condition.signal()
+            }
+            return busy
+        }
+
+        /// Starts the thread. `handle` takes a batch and whether a tick is due, and says whether
+        /// it did work that wants the fast ticks (see ``busyUntil``).
+        func start(name: String, handle: @escaping @Sendable ([Event], Bool) -> Bool) {
             let t = Thread { [self] in
                 while true {
                     condition.lock()
@@ -175,8 +227,14 @@ public final class EmbeddedGCS: @unchecked Sendable {
                     condition.lock()
                     let stopping = stopped
                     condition.unlock()
-                    if !stopping { handle(batch, tick) }
+                    let busy = !stopping && handle(batch, tick)
                     processing.unlock()
+                    if busy {
+                        let until = monotonicNanoseconds() + Self.busyNanoseconds
+                        condition.lock()
+                        busyUntil = until
+                        condition.unlock()
+                    }
                 }
             }
             t.name = name
@@ -205,6 +263,18 @@ public final class EmbeddedGCS: @unchecked Sendable {
             self.id = id
             self.shard = shard
             self.directory = directory
+        }
+
+        /// Whether a batch holds work for a replica that its ticks may have to follow up (resend,
+        /// ask again): anything but a configuration, which comes when the chain changes or the
+        /// lease is renewed, and a subscription, which an idle subscriber renews now and then.
+        static func busy(_ batch: [Event]) -> Bool {
+            batch.contains { e in
+                switch e {
+                case .message(.configure, _), .message(.subscribe, _): return false
+                default: return true
+                }
+            }
         }
 
         /// Runs a batch of its inbox, and a tick if one is due, through the core (which must be
@@ -300,8 +370,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
     }
 
     init(_ options: Options) throws {
-        precondition(options.shards >= 1 && options.replicationFactor >= 1 && options.standbysPerShard >= 0 && options.sessions >= 1,
-                     "an embedded GCS needs at least one shard, one replica per chain and one session")
+        try options.validate()
         self.options = options
         if let d = options.directory {
             directory = d
@@ -400,11 +469,16 @@ public final class EmbeddedGCS: @unchecked Sendable {
         coordinatorWorker.start(name: "cairn-gcs-coordinator") { [self] batch, tick in
             var actions: [GCSAction] = []
             let t = now
-            for e in batch {
+            var busy = false
+            for e in Self.latestReports(batch) {
                 switch e {
                 case .message(let m, let from): actions += coordinator.handle(m, from: from, now: t)
-                case .exited(let r): actions += coordinator.replicaExited(r, now: t)
-                case .joined(let r, let shard): coordinator.addReplica(r, shard: shard, now: t)
+                case .exited(let r):
+                    busy = true
+                    actions += coordinator.replicaExited(r, now: t)
+                case .joined(let r, let shard):
+                    busy = true
+                    coordinator.addReplica(r, shard: shard, now: t)
                 case .wake, .toClient: break
                 }
             }
@@ -414,15 +488,23 @@ public final class EmbeddedGCS: @unchecked Sendable {
             // made, instead of from a replica that turns them away or a resend that times out.
             let changed = actions.compactMap { a -> ChainConfig? in if case .persistConfig(let c) = a { return c } else { return nil } }
             if !changed.isEmpty { clientWorker.post(.toClient(.configs(changed), from: .coordinator, id: -1)) }
+            // A chain that changed may change again soon (a learner joins, then is promoted).
+            return busy || !changed.isEmpty
         }
         clientWorker.start(name: "cairn-gcs-clients") { [self] batch, tick in clientStep(batch, tick: tick) }
-        let interval = options.tickIntervalMicroseconds
+        let (interval, idleInterval) = (options.tickIntervalMicroseconds, options.reportIntervalMicroseconds)
         let t = Thread { [self] in
+            var idleTickAt = monotonicNanoseconds()
+            var anyBusy = false
             while !stopped.value {
-                usleep(UInt32(interval))
-                for h in replicaHosts.values { h.worker.tick() }
-                coordinatorWorker.tick()
-                clientWorker.tick()
+                // With every component idle, the ticker itself sleeps until the next idle tick.
+                usleep(UInt32(anyBusy ? interval : idleInterval))
+                let at = monotonicNanoseconds()
+                let idle = at >= idleTickAt + (idleInterval - interval / 2) * 1_000
+                if idle { idleTickAt = at }
+                let workers = replicaHosts.values.map(\.worker) + [coordinatorWorker, clientWorker]
+                anyBusy = false
+                for w in workers { anyBusy = w.tick(at: at, idle: idle) || anyBusy }
             }
         }
         t.name = "cairn-gcs-ticker"
@@ -478,8 +560,26 @@ public final class EmbeddedGCS: @unchecked Sendable {
 
     func startReplica(_ host: ReplicaHost) {
         host.worker.start(name: "cairn-gcs-replica-\(host.id)") { [self, host] batch, tick in
-            guard host.core != nil else { return }
+            guard host.core != nil else { return false }
             perform(host.step(batch, tick: tick, now: now), from: .replica(host.id), store: host.store)
+            return ReplicaHost.busy(batch)
+        }
+    }
+
+    /// `batch` without the reports that a later report of the same replica in it supersedes.
+    /// A report is a heartbeat and a bid for a lease that runs from when it was sent: of a
+    /// replica's reports waiting together, only the newest says anything the coordinator still
+    /// needs. A coordinator that fell behind thus catches up in one batch instead of granting
+    /// leases from stale reports, already run out when they arrive, for as long as it lags.
+    static func latestReports(_ batch: [Event]) -> [Event] {
+        var last: [ReplicaID: Int] = [:]
+        for (i, e) in batch.enumerated() {
+            if case .message(.report(let r), _) = e { last[r.replica] = i }
+        }
+        guard last.count < batch.lazy.filter({ if case .message(.report, _) = $0 { return true } else { return false } }).count else { return batch }
+        return batch.enumerated().compactMap { i, e in
+            if case .message(.report(let r), _) = e, last[r.replica] != i { return nil }
+            return e
         }
     }
 
@@ -494,7 +594,19 @@ public final class EmbeddedGCS: @unchecked Sendable {
             if case .replica(let r) = from { killAsync(r) }
             return
         }
-        for case .send(let m, let to) in actions { route(m, from: from, to: to) }
+        let t = now
+        for case .send(let m, let to) in actions { route(Self.stamped(m, at: t), from: from, to: to) }
+    }
+
+    /// `m`, and if it is a report, stamped with `t`, the time it is sent. The core stamped it
+    /// when its step began, before the step's commit; the lease granted in reply runs from the
+    /// stamp, and a commit slowed by a loaded disk would otherwise have used up the lease
+    /// before the report even left. A later stamp is still one before the coordinator hears
+    /// the report, which is what keeps its count of the lease the longer one.
+    static func stamped(_ m: GCSMessage, at t: UInt64) -> GCSMessage {
+        guard case .report(var r) = m else { return m }
+        r.sentAt = max(r.sentAt, t)
+        return .report(r)
     }
 
     /// Makes what `actions` ask to persist durable in `store`, in one fsync'd commit.
@@ -783,7 +895,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
     }
 
     /// One batch on the client thread: new requests, replies, resends, timeouts.
-    func clientStep(_ batch: [Event], tick: Bool) {
+    /// Says whether requests are in flight or waiting (which want the fast ticks: resends and
+    /// timeouts).
+    func clientStep(_ batch: [Event], tick: Bool) -> Bool {
         let t = now
         var actions: [(GCSAction, CairnGCS.Endpoint)] = []
         let (incoming, incomingSubscribers) = requests.withLock { () -> ([Pending], [(prefix: String, handler: @Sendable (ChainUpdate) -> Void)]) in
@@ -794,7 +908,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         for (prefix, handler) in incomingSubscribers {
             let id = clientBase + (1 << 15) + subscriberCount
             subscriberCount += 1
-            var core = GCSSubscriber(id: id, prefix: prefix, shardCount: options.shards, resubscribeInterval: options.resendIntervalMicroseconds)
+            var core = GCSSubscriber(id: id, prefix: prefix, shardCount: options.shards, resubscribeInterval: options.resubscribeIntervalMicroseconds)
             // Learning the configurations, the subscriber subscribes at each shard's tail.
             for a in core.handle(.configs(Array(sessions[0].configs.values)), from: .coordinator, now: t).actions { actions.append((a, .client(id))) }
             subscribers[id] = (core, handler)
@@ -878,8 +992,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
             }
             route(m, from: from, to: to)
         }
+        return !inFlight.isEmpty || !queued.isEmpty
     }
 }
+
 /// One result, waited for by one thread.
 final class ResultBox<T: Sendable>: @unchecked Sendable {
     private let condition = NSCondition()

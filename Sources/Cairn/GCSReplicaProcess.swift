@@ -79,6 +79,7 @@ struct GCSReplicaLaunch: Codable, Equatable {
     var directory: String
     var leaseMicroseconds: UInt64
     var retransmitIntervalMicroseconds: UInt64
+    var reportIntervalMicroseconds: UInt64
     var compactEvery: UInt64
     var compactionRetain: UInt64
     var tickIntervalMicroseconds: UInt64
@@ -248,6 +249,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         let describe: @Sendable (ReplicaID, Int, String) -> GCSReplicaLaunch = { [options = gcs.options, hub = "\(processes.host):\(listener.port)"] r, shard, directory in
             GCSReplicaLaunch(replica: r, shard: shard, directory: directory, leaseMicroseconds: options.leaseMicroseconds,
                              retransmitIntervalMicroseconds: options.retransmitIntervalMicroseconds,
+                             reportIntervalMicroseconds: options.reportIntervalMicroseconds,
                              compactEvery: options.compactEvery, compactionRetain: options.compactionRetain,
                              tickIntervalMicroseconds: processes.tickIntervalMicroseconds, hub: hub)
         }
@@ -382,6 +384,7 @@ enum GCSReplicaProcess {
             let persisted = try EmbeddedGCS.openStore(host)
             host.core = ChainReplica(id: g.replica, shard: g.shard,
                                      options: ChainReplica.Options(leaseDuration: g.leaseMicroseconds, retransmitInterval: g.retransmitIntervalMicroseconds,
+                                                                   reportInterval: g.reportIntervalMicroseconds,
                                                                    compactEvery: g.compactEvery, retain: g.compactionRetain),
                                      recovering: persisted.log, config: persisted.config, snapshot: persisted.snapshot)
         } catch {
@@ -404,12 +407,14 @@ enum GCSReplicaProcess {
                 log("cannot persist: \(error); exiting")
                 exit(4)
             }
-            guard let connection = link.withLock({ $0 }) else { return }
+            guard let connection = link.withLock({ $0 }) else { return false }
             let encoder = BinaryEncoder()
+            let sentAt = (monotonicNanoseconds() - start) / 1_000
             for case .send(let m, let to) in actions {
-                guard let bytes = try? encoder.encode(GCSFrame(from: .replica(r), to: to, message: m)) else { continue }
+                guard let bytes = try? encoder.encode(GCSFrame(from: .replica(r), to: to, message: EmbeddedGCS.stamped(m, at: sentAt))) else { continue }
                 try? connection.send(bytes, control: m.isControl)
             }
+            return false  // this process ticks at its own pace, busy or not
         }
         let handlers = WireHandlers(message: { _, bytes in
             guard let frame = try? BinaryDecoder().decode(GCSFrame.self, from: bytes) else {

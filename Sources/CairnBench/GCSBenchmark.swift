@@ -37,12 +37,31 @@ struct GCSBenchmark {
                 report.add("\(label).updates_held_max", Double(statuses.map(\.heldUpdates).max() ?? 0), "updates",
                            goal: "<= \(options.compactEvery + options.compactionRetain)")
             }
+            if shards == 1 {
+                // What an idle GCS costs, with one subscriber as a cluster's control store has:
+                // its threads wake for reports, renewals and resubscriptions only.
+                gcs.subscribe(prefix: "idle/") { _ in }
+                usleep(200_000)
+                report.add("gcs.idle_cpu_percent", Self.cpuPercent(over: 3), "% of a core")
+            }
         }
         try failover(report)
         // The same with each replica in a process of its own (this binary started again),
         // SIGKILLed for real and started again from its LMDB by the head.
         try failover(report, processes: ReplicaProcesses(executable: currentExecutablePath(), token: .generate()))
         try overload(report)
+    }
+
+    /// This process's CPU time over `seconds` of wall time, in percent of one core.
+    static func cpuPercent(over seconds: Double) -> Double {
+        func cpu() -> Double {
+            var u = rusage()
+            getrusage(Int32(RUSAGE_SELF.rawValue), &u)
+            return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+        }
+        let (c0, t0) = (cpu(), now())
+        usleep(UInt32(seconds * 1e6))
+        return (cpu() - c0) / (now() - t0) * 100
     }
 
     /// 20,000 writes with 256 in flight against replicas in processes: the load that could

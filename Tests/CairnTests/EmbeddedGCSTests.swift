@@ -39,6 +39,51 @@ struct EmbeddedGCSTests {
         ])
     }
 
+    @Test("of a replica's reports waiting in one batch, the coordinator takes only the newest; other messages and replicas stay, in order")
+    func reportsCoalesce() {
+        let report = { (r: ReplicaID, at: UInt64) in
+            EmbeddedGCS.Event.message(.report(ReplicaReport(replica: r, shard: 0, epoch: 1, sentAt: at, lastSequence: 0, learnerCaughtUp: false, serving: false)),
+                                      from: .replica(r))
+        }
+        let batch = [report(1, 10), report(2, 11), .exited(3), report(1, 12), .message(.configQuery, from: .client(9)), report(1, 13)]
+        let kept = EmbeddedGCS.latestReports(batch).map { e -> String in
+            switch e {
+            case .message(.report(let r), _): return "report \(r.replica)@\(r.sentAt)"
+            case .message(let m, _): return "\(m)"
+            case .exited(let r): return "exited \(r)"
+            default: return "other"
+            }
+        }
+        #expect(kept == ["report 2@11", "exited 3", "configQuery", "report 1@13"])
+    }
+
+    @Test("a report leaves stamped with the time it is sent, never earlier than the core stamped it; other messages are untouched")
+    func reportsStampedWhenSent() {
+        let r = ReplicaReport(replica: 1, shard: 0, epoch: 1, sentAt: 100, lastSequence: 0, learnerCaughtUp: false, serving: true)
+        guard case .report(let late) = EmbeddedGCS.stamped(.report(r), at: 250) else { Issue.record("not a report"); return }
+        #expect(late.sentAt == 250)
+        guard case .report(let same) = EmbeddedGCS.stamped(.report(r), at: 50) else { Issue.record("not a report"); return }
+        #expect(same.sentAt == 100)
+        #expect(EmbeddedGCS.stamped(.configQuery, at: 250) == .configQuery)
+    }
+
+    @Test("options that cannot work are a typed error saying which and what to change")
+    func invalidOptions() {
+        var o = EmbeddedGCS.Options()
+        o.leaseMicroseconds = 15_000
+        #expect {
+            try EmbeddedGCS.start(o)
+        } throws: { e in
+            guard let e = e as? GCSError, e.code == .invalidOptions else { return false }
+            return e.detail.contains("report interval") && e.detail.contains("reportIntervalMicroseconds")
+        }
+        var zero = EmbeddedGCS.Options(shards: 0)
+        zero.sessions = 1
+        #expect(throws: GCSError(.invalidOptions, "an embedded GCS needs at least one shard, one replica per chain and one session (got 0 shards, replication factor 3, 1 standbys per shard, 1 sessions)")) {
+            try EmbeddedGCS.start(zero)
+        }
+    }
+
     @Test("put, get and delete across four shards and every table; bad keys and oversized values get typed errors")
     func roundTrip() throws {
         let dir = try TemporaryDirectory()
