@@ -90,12 +90,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// commits a loaded disk slows lose its lease, and stall every write, for nothing.
         public var leaseMicroseconds: UInt64 = 300_000
         /// How long after a chain loses a replica a standby joins it as a learner
-        /// (``Coordinator/Options/learnerDelay``); nil: 20 ms with ``replicaProcesses``, where
-        /// the new tail's step for a learner (a snapshot and the first updates, relayed through
-        /// the head) delayed the writes the failover held up by 3–4 ms, and none on threads:
-        /// with it there, two tests saw a write go unanswered for its whole timeout in some
-        /// loaded runs, which is not explained yet.
-        public var learnerDelayMicroseconds: UInt64?
+        /// (``Coordinator/Options/learnerDelay``). The new tail's step for a learner (a snapshot
+        /// and the first updates) would otherwise run before the writes the failover held up.
+        public var learnerDelayMicroseconds: UInt64 = 20_000
         public var resendIntervalMicroseconds: UInt64 = 10_000
         /// How long a subscriber waits, hearing nothing from a shard, before it subscribes
         /// there again in case its subscription was lost. (A subscriber moves to a new tail as
@@ -435,7 +432,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         let coordinatorOptions = Coordinator.Options(replicationFactor: options.replicationFactor,
                                                      failureTimeout: options.failureTimeoutMicroseconds,
                                                      leaseDuration: options.leaseMicroseconds,
-                                                     learnerDelay: options.learnerDelayMicroseconds ?? (options.replicaProcesses == nil ? 0 : 20_000))
+                                                     learnerDelay: options.learnerDelayMicroseconds)
         coordinator = Coordinator(configs: configs, replicas: shardOf, options: coordinatorOptions, now: 0)
         nextReplicaID = (shardOf.keys.max() ?? -1) + 1
         precondition(options.sessions < 1 << 15, "at most 32,767 sessions")
