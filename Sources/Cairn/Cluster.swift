@@ -176,6 +176,8 @@ public final class Cluster: Sendable {
             }
             do {
                 gcs = try EmbeddedGCS.start(gcsOptions)
+            } catch let e as GCSError where e.code == .invalidOptions {
+                throw CairnError(.invalidArgument, "the chain-replicated control store's options: \(e.detail)")
             } catch {
                 throw CairnError(.storage, "the chain-replicated control store could not start: \(error)")
             }

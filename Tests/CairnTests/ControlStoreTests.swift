@@ -259,6 +259,22 @@ extension ClusterSuites {
             return options
         }
 
+        @Test("a cluster whose GCS options cannot work does not start: a typed invalid-argument error says which option to change")
+        func invalidGCSOptions() async throws {
+            var options = Self.options()
+            guard case .chainReplicated(var gcsOptions) = options.controlStore else { Issue.record("no GCS options"); return }
+            gcsOptions.reportIntervalMicroseconds = 400_000
+            options.controlStore = .chainReplicated(gcsOptions)
+            do {
+                let cluster = try await Cluster.local(options)
+                cluster.shutdown()
+                Issue.record("a cluster started with a report interval longer than its lease")
+            } catch let e as CairnError {
+                #expect(e.code == .invalidArgument)
+                #expect(e.detail.contains("reportIntervalMicroseconds"), "\(e.detail)")
+            }
+        }
+
         @Test("the node and actor tables land in the GCS, and an actor's row follows its progress")
         func tablesInGCS() async throws {
             let dir = try TemporaryDirectory()
