@@ -348,10 +348,18 @@ final class ReplicaSupervisor: @unchecked Sendable {
                 log("replica \(r)'s process exited and cannot be started again")
                 return
             }
+            // Started at a low priority: the chain has failed over already, and the CPU a
+            // starting process takes (loading, opening its LMDB, reading its log) would
+            // otherwise come out of the requests in flight. It restores its own priority once
+            // it is connected (see ``GCSReplicaProcess/run``). Only where it may raise it again.
+            if geteuid() == 0 { setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(next), Self.startingNice) }
             remote.started(next)
             pid = next
         }
     }
+
+    /// The nice value a restarted replica process starts with.
+    static let startingNice: Int32 = 10
 
     /// Stops every replica process (SIGTERM, then SIGKILL after a second) and the listener.
     func stop() {
@@ -439,6 +447,17 @@ enum GCSReplicaProcess {
             connected.signal()
         }
         connected.wait()
+        // Started again at a low priority by the head (see ``ReplicaSupervisor``): loaded and
+        // connected, it takes its share again. A nice value is per thread here, inherited by
+        // the threads a thread starts; the dispatch pool's threads set their own, and keep them.
+        let which = __priority_which_t(PRIO_PROCESS.rawValue)
+        if getpriority(which, 0) == ReplicaSupervisor.startingNice, let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") {
+            for t in tasks {
+                guard let tid = id_t(t) else { continue }
+                errno = 0
+                if getpriority(which, tid) == ReplicaSupervisor.startingNice && errno == 0 { setpriority(which, tid, 0) }
+            }
+        }
         let ticker = Thread {
             while true {
                 usleep(UInt32(g.tickIntervalMicroseconds))

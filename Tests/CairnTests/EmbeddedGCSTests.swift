@@ -196,6 +196,32 @@ struct EmbeddedGCSTests {
             #expect(gcs.replicaProcesses.first { $0.replica == victim }?.pid != pid, "the \(position)'s process was started again")
         }
         for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
+        // A process started again begins at a low priority (as root), and takes its share
+        // back, on every thread, once it is connected: none stays behind its chain.
+        let deadline = Date().addingTimeInterval(60)
+        var niced: [Int32: [Int32]] = [:]
+        repeat {
+            niced = [:]
+            for p in gcs.replicaProcesses {
+                let values = Self.threadNiceValues(p.pid).filter { $0 == ReplicaSupervisor.startingNice }
+                if !values.isEmpty { niced[p.pid] = values }
+            }
+            if niced.isEmpty { break }
+            Thread.sleep(forTimeInterval: 0.05)
+        } while Date() < deadline
+        #expect(niced.isEmpty, "threads still at a lower priority: \(niced)")
+    }
+
+    /// The nice value of each thread of process `pid` (from `/proc/<pid>/task/*/stat`).
+    static func threadNiceValues(_ pid: Int32) -> [Int32] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap { tid in
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { return nil }
+            // After the command's closing parenthesis: field 3 (state) onwards; nice is field 19.
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            return fields.count > 16 ? Int32(fields[16]) : nil
+        }
     }
 
     @Test("a GCS whose stored configuration names a replica that had joined from outside starts, cuts it out, and keeps every write")
