@@ -403,11 +403,14 @@ enum GCSReplicaProcess {
             log("bad hub address \(g.hub)")
             exit(2)
         }
-        let start = monotonicNanoseconds()
+        // The replica's clock: the machine's monotonic clock in µs, not one from this process's
+        // start, so that it keeps running across the replica's restarts (see
+        // ``ChainReplica``'s join numbering).
+        let clock: @Sendable () -> UInt64 = { monotonicNanoseconds() / 1_000 }
         let link = Mutex<WireConnection?>(nil)
         let r = g.replica
         host.worker.start(name: "cairn-gcs-replica-\(r)") { batch, tick in
-            let actions = host.step(batch, tick: tick, now: (monotonicNanoseconds() - start) / 1_000)
+            let actions = host.step(batch, tick: tick, now: clock())
             do {
                 try EmbeddedGCS.persist(actions, coordinator: false, to: host.store)
             } catch {
@@ -417,7 +420,7 @@ enum GCSReplicaProcess {
             }
             guard let connection = link.withLock({ $0 }) else { return false }
             let encoder = BinaryEncoder()
-            let sentAt = (monotonicNanoseconds() - start) / 1_000
+            let sentAt = clock()
             for case .send(let m, let to) in actions {
                 guard let bytes = try? encoder.encode(GCSFrame(from: .replica(r), to: to, message: EmbeddedGCS.stamped(m, at: sentAt))) else { continue }
                 try? connection.send(bytes, control: m.isControl)

@@ -128,7 +128,8 @@ public struct ChainReplica: Sendable {
     private var promotedAt: UInt64 = 0
     /// For a previous tail owing a handoff: how far it had answered writes, as its tail.
     private var handoffAnswered: UInt64 = 0
-    /// As learner: the join request outstanding, and whether the tail accepted it.
+    /// As learner: the join request outstanding (0: none numbered yet in this life; see
+    /// ``nextJoinAttempt(now:)``), and whether the tail accepted it.
     private var joinAttempt: UInt64 = 0
     private var joined = false
     /// As tail: the learner's join was accepted, and how far the learner has acknowledged
@@ -170,7 +171,7 @@ public struct ChainReplica: Sendable {
             precondition(u.sequence == lastSequence + 1, "persisted log of replica \(id) has a gap before \(u.sequence)")
             apply(u)
         }
-        if let config, config.shard == shard { _ = adopt(config) }
+        if let config, config.shard == shard { _ = adopt(config, now: nil) }
     }
 
     // MARK: roles
@@ -334,7 +335,9 @@ public struct ChainReplica: Sendable {
     // MARK: configuration
 
     /// Switches to a newer configuration and returns what the new role must send at once.
-    private mutating func adopt(_ new: ChainConfig) -> [GCSAction] {
+    /// `now` is nil for a replica restarted from what it persisted: a join it owes is
+    /// numbered and sent at its first tick.
+    private mutating func adopt(_ new: ChainConfig, now: UInt64?) -> [GCSAction] {
         let old = config
         let wasTail = old?.tail == id
         let oldLearner = old?.learner
@@ -383,14 +386,28 @@ public struct ChainReplica: Sendable {
             pendingReplies = []
             resetSent([])
             if new.learner == id {
-                joinAttempt += 1
-                actions.append(joinRequest(new))
+                if let now {
+                    nextJoinAttempt(now: now)
+                    actions.append(joinRequest(new))
+                } else {
+                    joinAttempt = 0
+                }
             }
         }
         return actions
     }
 
     // MARK: messages
+
+    /// Numbers a new join request. A replica that crashed and restarts forgets the numbers of
+    /// its previous life, while the tail's answers to them (acceptances, snapshot parts) may
+    /// still be on their way: taken for answers to its new request, one would make it cut its
+    /// log to what the tail found in common with its old one. So numbers come from the
+    /// clock, which the shells keep running across a replica's restarts, scaled so that the
+    /// few attempts of one life within one time unit stay below the next unit's numbers.
+    private mutating func nextJoinAttempt(now: UInt64) {
+        joinAttempt = max(joinAttempt + 1, now << 8)
+    }
 
     private func joinRequest(_ c: ChainConfig) -> GCSAction {
         .send(.join(epoch: c.epoch, attempt: joinAttempt, base: base.sequence, log: epochRanges()), to: .replica(c.tail))
@@ -564,7 +581,8 @@ public struct ChainReplica: Sendable {
             return actions + transmit(epoch: epoch, to: r)
 
         case .joinAccepted(let epoch, let attempt, let keep, let chunks):
-            guard let c = config, epoch == c.epoch, isLearner, !joined, install == nil, attempt == joinAttempt, from == .replica(c.tail) else { return [] }
+            guard let c = config, epoch == c.epoch, isLearner, !joined, install == nil, joinAttempt != 0, attempt == joinAttempt,
+                  from == .replica(c.tail) else { return [] }
             if chunks > 0 {
                 install = Install(chunks: chunks, progressAt: now)
                 return []
@@ -580,7 +598,7 @@ public struct ChainReplica: Sendable {
             return actions + [.send(.ack(epoch: epoch, lastSequence), to: from)]
 
         case .snapshotChunk(let epoch, let attempt, let index, let entries, let snapshotBase):
-            guard let c = config, epoch == c.epoch, isLearner, !joined, attempt == joinAttempt, from == .replica(c.tail),
+            guard let c = config, epoch == c.epoch, isLearner, !joined, joinAttempt != 0, attempt == joinAttempt, from == .replica(c.tail),
                   var pending = install, index == pending.next else { return [] }
             pending.entries.merge(entries) { _, new in new }
             pending.next += 1
@@ -590,7 +608,7 @@ public struct ChainReplica: Sendable {
             guard let snapshotBase else {
                 // The last part must carry the base; ask again.
                 install = nil
-                joinAttempt += 1
+                nextJoinAttempt(now: now)
                 return [joinRequest(c)]
             }
             let snapshot = ChainSnapshot(base: snapshotBase, store: pending.entries)
@@ -614,7 +632,7 @@ public struct ChainReplica: Sendable {
             var actions: [GCSAction] = []
             if config == nil || new.epoch > config!.epoch {
                 actions.append(.persistConfig(new))
-                actions += adopt(new)
+                actions += adopt(new, now: now)
                 // A learner asked to join just now (in `adopt`): it asks again only after an interval.
                 if new.learner == id { joinAskedAt = now }
                 actions += takeEarly(now: now)
@@ -761,10 +779,11 @@ public struct ChainReplica: Sendable {
                 // Parts of a snapshot stopped coming (one was lost): the join starts again.
                 if now >= pending.progressAt + options.leaseDuration {
                     install = nil
-                    joinAttempt += 1
+                    nextJoinAttempt(now: now)
                     actions.append(joinRequest(c))
                 }
             } else if joinAskedAt.map({ now >= $0 + options.retransmitInterval }) ?? true {
+                if joinAttempt == 0 { nextJoinAttempt(now: now) }
                 joinAskedAt = now
                 actions.append(joinRequest(c))
             }

@@ -262,6 +262,43 @@ struct GCSCoreTests {
         #expect(tail.tick(now: 3).contains(.send(.report(ReplicaReport(replica: 1, shard: 0, epoch: 5, sentAt: 3, lastSequence: 4, learnerCaughtUp: true, serving: true)), to: .coordinator)))
     }
 
+    @Test("a learner that crashed during its join and restarted ignores the tail's answers to its previous life's request, and joins with a number of its own")
+    func restartedLearnerIgnoresStaleAcceptance() {
+        let r = { (n: UInt64) in RequestID(client: 1, number: n) }
+        let chainLog = (1...4 as ClosedRange<UInt64>).map { ChainUpdate(epoch: 1, sequence: $0, key: "k", value: [UInt8($0)], request: r($0)) }
+        let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10)
+        let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
+        var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
+        var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
+        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 100)).first,
+              case .join(_, let firstAttempt, _, _) = join else {
+            Issue.record("no join sent")
+            return
+        }
+        // The tail answers the first life's join: keep 2, then updates 3 and 4 on their way.
+        let answer = Self.sends(tail.handle(join, from: .replica(0), now: 101))
+        guard let accepted = answer.first, case .joinAccepted(_, firstAttempt, 2, 0) = accepted else {
+            Issue.record("the first join was not accepted as expected: \(answer)")
+            return
+        }
+        // Before the answer arrives, the learner took update 3 from an earlier stream, persisted
+        // it, and crashed: it restarts from its log of three, still the learner.
+        var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(3)), config: config)
+        let stale = restarted.handle(accepted, from: .replica(1), now: 102)
+        #expect(stale.isEmpty, "the previous life's acceptance was taken: \(stale)")
+        #expect(restarted.lastSequence == 3, "the log was cut to what the tail found in common with the previous life's")
+        guard let rejoin = Self.sends(restarted.tick(now: 103)).first(where: { if case .join = $0 { return true } else { return false } }),
+              case .join(_, let secondAttempt, _, _) = rejoin else {
+            Issue.record("the restarted learner did not ask to join")
+            return
+        }
+        #expect(secondAttempt > firstAttempt, "the new request reuses the previous life's number")
+        let fresh = Self.sends(tail.handle(rejoin, from: .replica(0), now: 104))
+        #expect(fresh.first == .joinAccepted(epoch: 5, attempt: secondAttempt, keep: 3, snapshotChunks: 0))
+        for m in fresh { _ = restarted.handle(m, from: .replica(1), now: 105) }
+        #expect(restarted.log == chainLog)
+    }
+
     @Test("a learner asks to join again only after an interval, and a join asked again gets the same answer without the stream starting over")
     func repeatedJoinIsAnsweredCheaply() {
         let r = { (n: UInt64) in RequestID(client: 1, number: n) }
@@ -680,8 +717,11 @@ struct GCSCompactionTests {
         // The learner joins; the first snapshot's second part is lost.
         let joining = ChainConfig(shard: 0, epoch: 2, chain: [1], learner: 0)
         var lost = 0
+        var firstAttempt: UInt64?
         net.drop = { m in
-            if case .snapshotChunk(_, let attempt, let index, _, _) = m, attempt == 1, index == 1 { lost += 1; return true }
+            guard case .snapshotChunk(_, let attempt, let index, _, _) = m else { return false }
+            if firstAttempt == nil { firstAttempt = attempt }
+            if attempt == firstAttempt, index == 1 { lost += 1; return true }
             return false
         }
         net.deliver(.configure(joining, leaseFrom: 2), from: .coordinator, to: 1, now: 2)
