@@ -404,9 +404,10 @@ public struct ChainReplica: Sendable {
     /// still be on their way: taken for answers to its new request, one would make it cut its
     /// log to what the tail found in common with its old one. So numbers come from the
     /// clock, which the shells keep running across a replica's restarts, scaled so that the
-    /// few attempts of one life within one time unit stay below the next unit's numbers.
+    /// few attempts of one life within one time unit stay below the next unit's numbers; a
+    /// life's first number is past the current unit's, in case the previous life asked in it.
     private mutating func nextJoinAttempt(now: UInt64) {
-        joinAttempt = max(joinAttempt + 1, now << 8)
+        joinAttempt = max(joinAttempt + 1, (joinAttempt == 0 ? now + 1 : now) << 8)
     }
 
     private func joinRequest(_ c: ChainConfig) -> GCSAction {

@@ -250,9 +250,9 @@ struct GCSCoreTests {
         var tail = Self.replica(1, config, log: chainLog)
         var learner = ChainReplica(id: 0, shard: 0, options: Self.options, recovering: divergent, config: nil)
         let joinActions = learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)
-        guard let join = Self.sends(joinActions).first, case .join = join else { Issue.record("no join sent"); return }
+        guard let join = Self.sends(joinActions).first, case .join(_, let attempt, _, _) = join else { Issue.record("no join sent"); return }
         let accepted = tail.handle(join, from: .replica(0), now: 1)
-        #expect(Self.sends(accepted).first == .joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0))
+        #expect(Self.sends(accepted).first == .joinAccepted(epoch: 5, attempt: attempt, keep: 2, snapshotChunks: 0))
         for m in Self.sends(accepted) {
             // The learner's acknowledgements go back to the tail.
             for ack in Self.sends(learner.handle(m, from: .replica(1), now: 2)) { _ = tail.handle(ack, from: .replica(0), now: 2) }
@@ -307,17 +307,18 @@ struct GCSCoreTests {
         let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
-        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first, case .join = join else {
+        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first,
+              case .join(_, let attempt, _, _) = join else {
             Issue.record("no join sent")
             return
         }
         #expect(!Self.sends(learner.tick(now: 5)).contains(join), "asked at adoption: not again before the interval")
         #expect(Self.sends(learner.tick(now: 10)).contains(join), "no answer within the interval: the same join again")
         let first = tail.handle(join, from: .replica(0), now: 11)
-        #expect(Self.sends(first).first == .joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0))
+        #expect(Self.sends(first).first == .joinAccepted(epoch: 5, attempt: attempt, keep: 2, snapshotChunks: 0))
         #expect(Self.forwards(first) == [3, 4])
         let again = tail.handle(join, from: .replica(0), now: 12)
-        #expect(Self.sends(again) == [.joinAccepted(epoch: 5, attempt: 1, keep: 2, snapshotChunks: 0)], "the same answer, and the stream goes on as it was")
+        #expect(Self.sends(again) == [.joinAccepted(epoch: 5, attempt: attempt, keep: 2, snapshotChunks: 0)], "the same answer, and the stream goes on as it was")
         // A learner whose log changed asks with other ranges: that is answered as a new join.
         var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(3)), config: nil)
         guard let other = Self.sends(restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13)).first, case .join = other else {
