@@ -262,12 +262,16 @@ struct GCSCoreTests {
         #expect(tail.tick(now: 3).contains(.send(.report(ReplicaReport(replica: 1, shard: 0, epoch: 5, sentAt: 3, lastSequence: 4, learnerCaughtUp: true, serving: true)), to: .coordinator)))
     }
 
+    /// A tail (1) with four updates in epoch 1, and a learner (0) added in epoch 5, whose log
+    /// holds the first two.
+    static let learnerJoin: (log: [ChainUpdate], options: ChainReplica.Options, config: ChainConfig) = (
+        (1...4 as ClosedRange<UInt64>).map { ChainUpdate(epoch: 1, sequence: $0, key: "k", value: [UInt8($0)], request: RequestID(client: 1, number: $0)) },
+        ChainReplica.Options(leaseDuration: lease, retransmitInterval: 10),
+        ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0))
+
     @Test("a learner that crashed during its join and restarted ignores the tail's answers to its previous life's request, and joins with a number of its own")
     func restartedLearnerIgnoresStaleAcceptance() {
-        let r = { (n: UInt64) in RequestID(client: 1, number: n) }
-        let chainLog = (1...4 as ClosedRange<UInt64>).map { ChainUpdate(epoch: 1, sequence: $0, key: "k", value: [UInt8($0)], request: r($0)) }
-        let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10)
-        let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
+        let (chainLog, options, config) = Self.learnerJoin
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
         guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 100)).first,
@@ -301,10 +305,7 @@ struct GCSCoreTests {
 
     @Test("a learner asks to join again only after an interval, and a join asked again gets the same answer without the stream starting over")
     func repeatedJoinIsAnsweredCheaply() {
-        let r = { (n: UInt64) in RequestID(client: 1, number: n) }
-        let chainLog = (1...4 as ClosedRange<UInt64>).map { ChainUpdate(epoch: 1, sequence: $0, key: "k", value: [UInt8($0)], request: r($0)) }
-        let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10)
-        let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
+        let (chainLog, options, config) = Self.learnerJoin
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
         guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first,
