@@ -570,10 +570,14 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// leases from stale reports, already run out when they arrive, for as long as it lags.
     static func latestReports(_ batch: [Event]) -> [Event] {
         var last: [ReplicaID: Int] = [:]
+        var reports = 0
         for (i, e) in batch.enumerated() {
-            if case .message(.report(let r), _) = e { last[r.replica] = i }
+            if case .message(.report(let r), _) = e {
+                last[r.replica] = i
+                reports += 1
+            }
         }
-        guard last.count < batch.lazy.filter({ if case .message(.report, _) = $0 { return true } else { return false } }).count else { return batch }
+        guard reports > last.count else { return batch }  // none superseded
         return batch.enumerated().compactMap { i, e in
             if case .message(.report(let r), _) = e, last[r.replica] != i { return nil }
             return e
