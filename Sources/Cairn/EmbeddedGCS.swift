@@ -289,19 +289,30 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// all the others did. A learner taking a batch of forwarded updates answers with one
         /// message instead of one per update.
         static func coalescingAcks(_ actions: [GCSAction]) -> [GCSAction] {
-            struct Stream: Hashable { let to: ReplicaID, epoch: UInt64 }
+            // A learner's acknowledgements are a stream of their own per join attempt.
+            struct Stream: Hashable { let to: ReplicaID, epoch: UInt64, attempt: UInt64? }
+            func acknowledgement(_ a: GCSAction) -> (Stream, UInt64)? {
+                switch a {
+                case .send(.ack(let epoch, let sequence), .replica(let to)):
+                    return (Stream(to: to, epoch: epoch, attempt: nil), sequence)
+                case .send(.learnerAck(let epoch, let attempt, let sequence), .replica(let to)):
+                    return (Stream(to: to, epoch: epoch, attempt: attempt), sequence)
+                default:
+                    return nil
+                }
+            }
             // The last acknowledgement of each stream: its position and sequence number.
             var last: [Stream: (index: Int, sequence: UInt64)] = [:]
             var acks = 0
             for (i, a) in actions.enumerated() {
-                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a else { continue }
-                last[Stream(to: to, epoch: epoch)] = (i, sequence)
+                guard let (stream, sequence) = acknowledgement(a) else { continue }
+                last[stream] = (i, sequence)
                 acks += 1
             }
             guard acks > last.count else { return actions }
             return actions.enumerated().compactMap { i, a in
-                guard case .send(.ack(let epoch, let sequence), .replica(let to)) = a,
-                      let covering = last[Stream(to: to, epoch: epoch)], covering.index != i, covering.sequence >= sequence else { return a }
+                guard let (stream, sequence) = acknowledgement(a), let covering = last[stream], covering.index != i,
+                      covering.sequence >= sequence else { return a }
                 return nil
             }
         }

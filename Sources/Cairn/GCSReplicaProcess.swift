@@ -32,7 +32,7 @@ extension GCSMessage {
     /// of resent updates acknowledges nothing, which keeps the flood going.
     var isControl: Bool {
         switch self {
-        case .configure, .configs, .configQuery, .report, .ack, .handoff: return true
+        case .configure, .configs, .configQuery, .report, .ack, .learnerAck, .handoff: return true
         default: return false
         }
     }

@@ -452,7 +452,7 @@ public struct ChainReplica: Sendable {
     /// The epoch a message between replicas belongs to (nil for every other message).
     static func chainEpoch(_ m: GCSMessage) -> UInt64? {
         switch m {
-        case .forward(let e, _), .ack(let e, _), .join(let e, _, _, _), .joinAccepted(let e, _, _, _),
+        case .forward(let e, _), .ack(let e, _), .learnerAck(let e, _, _), .join(let e, _, _, _), .joinAccepted(let e, _, _, _),
              .snapshotChunk(let e, _, _, _, _), .handoff(let e, _, _):
             return e
         default:
@@ -534,26 +534,29 @@ public struct ChainReplica: Sendable {
                 // stream and by a middle too. A predecessor that restarted forgot what reached
                 // the tail and resends it; a middle that has nothing left to send downstream
                 // hears no new acknowledgement to pass on, so it answers from what it knows.
-                if isLearner { return [.send(.ack(epoch: epoch, lastSequence), to: from)] }
+                if isLearner { return [.send(.learnerAck(epoch: epoch, attempt: joinAttempt, upTo: lastSequence), to: from)] }
                 return acknowledged > 0 ? [.send(.ack(epoch: epoch, acknowledged), to: from)] : []
             }
             guard u.sequence == lastSequence + 1 else { return [] }  // a gap: retransmission fills it
             apply(u)
-            if isLearner { return [.persist(u), .send(.ack(epoch: epoch, u.sequence), to: from)] }
+            if isLearner { return [.persist(u), .send(.learnerAck(epoch: epoch, attempt: joinAttempt, upTo: u.sequence), to: from)] }
             return [.persist(u)] + passOn(u, now: now)
 
         case .ack(let epoch, let sequence):
-            guard let c = config, epoch == c.epoch, case .replica(let r) = from else { return [] }
-            if isTail {
-                guard r == c.learner, learnerJoined else { return [] }
-                learnerAcked = max(learnerAcked ?? 0, sequence)
-                removeAcknowledged(upTo: sequence)
-                return transmit(epoch: epoch, to: r)
-            }
-            guard r == successor, sequence > acknowledged else { return [] }
+            guard let c = config, epoch == c.epoch, case .replica(let r) = from, r == successor, sequence > acknowledged else { return [] }
             acknowledged = min(sequence, lastSequence)
             removeAcknowledged(upTo: sequence)
             return (predecessor.map { [.send(.ack(epoch: epoch, acknowledged), to: .replica($0))] } ?? []) + transmit(epoch: epoch, to: r)
+
+        case .learnerAck(let epoch, let attempt, let sequence):
+            // Only for the join accepted last: a learner that restarted may still have
+            // acknowledgements of its previous life on their way, for updates it has since
+            // dropped (cutting its log, or installing a snapshot in their place).
+            guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner, learnerJoined,
+                  let a = acceptedJoin, a.epoch == epoch, a.attempt == attempt else { return [] }
+            learnerAcked = max(learnerAcked ?? 0, sequence)
+            removeAcknowledged(upTo: sequence)
+            return transmit(epoch: epoch, to: r)
 
         case .join(let epoch, let attempt, let learnerBase, let ranges):
             guard let c = config, epoch == c.epoch, isTail, case .replica(let r) = from, r == c.learner else { return [] }
@@ -596,7 +599,7 @@ public struct ChainReplica: Sendable {
                 actions.append(.persistTruncation(keep: keep))
             }
             // Tells the tail the log is now a prefix of its own, so it may count this learner caught up.
-            return actions + [.send(.ack(epoch: epoch, lastSequence), to: from)]
+            return actions + [.send(.learnerAck(epoch: epoch, attempt: attempt, upTo: lastSequence), to: from)]
 
         case .snapshotChunk(let epoch, let attempt, let index, let entries, let snapshotBase):
             guard let c = config, epoch == c.epoch, isLearner, !joined, joinAttempt != 0, attempt == joinAttempt, from == .replica(c.tail),
@@ -616,7 +619,7 @@ public struct ChainReplica: Sendable {
             install = nil
             installSnapshot(snapshot)
             joined = true
-            return [.persistSnapshot(snapshot), .send(.ack(epoch: epoch, lastSequence), to: from)]
+            return [.persistSnapshot(snapshot), .send(.learnerAck(epoch: epoch, attempt: attempt, upTo: lastSequence), to: from)]
 
         case .handoff(let epoch, let upTo, let answered):
             guard let c = config, epoch == c.epoch, isTail, from == c.handoffFrom.map(Endpoint.replica) else { return [] }

@@ -207,8 +207,13 @@ public enum GCSMessage: Hashable, Sendable, Codable {
 
     // Between replicas of one chain; dropped unless the epoch is the receiver's.
     case forward(epoch: UInt64, ChainUpdate)
-    /// Every update up to this sequence number reached the tail (or, from a learner, the learner).
+    /// Every update up to this sequence number reached the tail.
     case ack(epoch: UInt64, UInt64)
+    /// Learner to tail: my log holds every update up to `upTo`, in the join numbered `attempt`.
+    /// The attempt tells the tail an acknowledgement of the join it accepted from one sent
+    /// earlier (before the learner restarted, say), which says nothing of the log since cut to
+    /// a common prefix or replaced by a snapshot.
+    case learnerAck(epoch: UInt64, attempt: UInt64, upTo: UInt64)
     /// Learner to tail: here is my log, by epoch, after the `base` updates compaction folded
     /// (those reached a tail, so every later log has them); start streaming.
     case join(epoch: UInt64, attempt: UInt64, base: UInt64, log: [EpochRange])

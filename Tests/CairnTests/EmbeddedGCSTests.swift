@@ -25,16 +25,20 @@ struct EmbeddedGCSTests {
 
     static func bytes(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
 
-    @Test("a step's acknowledgements to one replica in one epoch go as the last of them; other epochs, replicas and messages stay")
+    @Test("a step's acknowledgements to one replica in one epoch (and, from a learner, one join) go as the last of them; other epochs, joins, replicas and messages stay")
     func acknowledgementsCoalesce() {
         let u = ChainUpdate(epoch: 2, sequence: 5, key: "k", value: [1], request: RequestID(client: 1, number: 1))
         let actions: [GCSAction] = [
             .persist(u), .send(.ack(epoch: 2, 4), to: .replica(1)), .send(.ack(epoch: 2, 3), to: .replica(7)),
+            .send(.learnerAck(epoch: 2, attempt: 8, upTo: 3), to: .replica(3)), .send(.learnerAck(epoch: 2, attempt: 9, upTo: 3), to: .replica(3)),
             .send(.ack(epoch: 1, 9), to: .replica(1)), .send(.forward(epoch: 2, u), to: .replica(1)),
+            .send(.learnerAck(epoch: 2, attempt: 9, upTo: 5), to: .replica(3)),
             .send(.ack(epoch: 2, 5), to: .replica(1)), .send(.ack(epoch: 2, 6), to: .replica(7)),
         ]
         #expect(EmbeddedGCS.ReplicaHost.coalescingAcks(actions) == [
-            .persist(u), .send(.ack(epoch: 1, 9), to: .replica(1)), .send(.forward(epoch: 2, u), to: .replica(1)),
+            .persist(u), .send(.learnerAck(epoch: 2, attempt: 8, upTo: 3), to: .replica(3)),
+            .send(.ack(epoch: 1, 9), to: .replica(1)), .send(.forward(epoch: 2, u), to: .replica(1)),
+            .send(.learnerAck(epoch: 2, attempt: 9, upTo: 5), to: .replica(3)),
             .send(.ack(epoch: 2, 5), to: .replica(1)), .send(.ack(epoch: 2, 6), to: .replica(7)),
         ])
     }

@@ -304,6 +304,60 @@ struct GCSCoreTests {
         #expect(restarted.log == chainLog)
     }
 
+    @Test("a learner's acknowledgement from before its restart, arriving after a snapshot replaced its log, does not count it caught up; the tail streams it what the snapshot lacks")
+    func staleLearnerAckIsIgnored() {
+        let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10, compactEvery: 2)
+        let chainLog = (1...4 as ClosedRange<UInt64>).map {
+            ChainUpdate(epoch: 1, sequence: $0, key: "k\($0)", value: [UInt8($0)], request: RequestID(client: 1, number: $0))
+        }
+        let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
+        var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
+        _ = Self.grant(&tail, now: 0)
+        func caughtUp(_ actions: [GCSAction]) -> Bool? {
+            Self.sends(actions).compactMap { if case .report(let r) = $0 { return r.learnerCaughtUp } else { return nil } }.last
+        }
+        // First life: the learner holds 1 and 2, keeps them, and takes 3 and 4. Of its
+        // acknowledgements only the first arrives for now, and the tail folds 1 and 2.
+        var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
+        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 1)).first,
+              case .join(_, let firstAttempt, _, _) = join else {
+            Issue.record("no join sent")
+            return
+        }
+        var acks: [GCSMessage] = []
+        for m in Self.sends(tail.handle(join, from: .replica(0), now: 2)) { acks += Self.sends(learner.handle(m, from: .replica(1), now: 3)) }
+        #expect(acks.first == .learnerAck(epoch: 5, attempt: firstAttempt, upTo: 2))
+        #expect(acks.last == .learnerAck(epoch: 5, attempt: firstAttempt, upTo: 4))
+        _ = tail.handle(acks[0], from: .replica(0), now: 4)
+        #expect(tail.base.sequence == 2, "the tail folded what its learner acknowledged")
+        // The learner restarts from its log of four. Its new join finds 1 and 2 folded at the
+        // tail: a snapshot as of 2 replaces its log, and the updates after it are lost on the way.
+        var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: chainLog, config: config)
+        guard let rejoin = Self.sends(restarted.tick(now: 5)).first(where: { if case .join = $0 { return true } else { return false } }) else {
+            Issue.record("the restarted learner did not ask to join")
+            return
+        }
+        for m in Self.sends(tail.handle(rejoin, from: .replica(0), now: 6)) {
+            if case .forward = m { continue }
+            for ack in Self.sends(restarted.handle(m, from: .replica(1), now: 7)) { _ = tail.handle(ack, from: .replica(0), now: 7) }
+        }
+        #expect(restarted.lastSequence == 2, "the snapshot replaced the log")
+        // The first life's last acknowledgement arrives now: it must not count.
+        let stale = tail.handle(acks.last!, from: .replica(0), now: 8)
+        #expect(stale.isEmpty, "the previous life's acknowledgement was taken: \(stale)")
+        #expect(caughtUp(tail.tick(now: 9)) == false, "counted caught up while it lacks 3 and 4")
+        // Retransmission brings 3 and 4.
+        for t in stride(from: 20 as UInt64, through: 200, by: 20) {
+            for m in Self.sends(tail.tick(now: t)) {
+                guard case .forward = m else { continue }
+                for ack in Self.sends(restarted.handle(m, from: .replica(1), now: t)) { _ = tail.handle(ack, from: .replica(0), now: t) }
+            }
+        }
+        #expect(restarted.lastSequence == 4)
+        #expect(restarted.store == tail.store)
+        #expect(caughtUp(tail.tick(now: 201)) == true)
+    }
+
     @Test("a learner asks to join again only after an interval, and a join asked again gets the same answer without the stream starting over")
     func repeatedJoinIsAnsweredCheaply() {
         let (chainLog, options, config) = Self.learnerJoin
@@ -355,7 +409,7 @@ struct GCSCoreTests {
             var next: [GCSAction] = []
             for m in Self.sends(inFlight) {
                 for reply in Self.sends(learner.handle(m, from: .replica(1), now: 2)) {
-                    if case .ack = reply { next += tail.handle(reply, from: .replica(0), now: 2) }
+                    if case .learnerAck = reply { next += tail.handle(reply, from: .replica(0), now: 2) }
                 }
                 if case .forward = m { delivered += 1 }
             }
