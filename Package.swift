@@ -80,7 +80,8 @@ let package = Package(
         .executableTarget(name: "CairnExample", dependencies: ["Cairn", "CairnStorage", "CairnCodec"],
                           path: "Sources/CairnExample"),
 
-        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS", "CairnCLI"],
+        .testTarget(name: "CairnTests", dependencies: ["Cairn", "CairnCore", "CairnCodec", "CairnStorage", "CairnChaos", "CairnChaosKit", "CairnGCS", "CairnCLI",
+                                                     "CairnNet", "CairnWire"],
                     path: "Tests/CairnTests"),
         .testTarget(name: "CairnNetTests", dependencies: ["CairnNet", "CairnWire", "CairnCore"],
                     path: "Tests/CairnNetTests"),

@@ -104,11 +104,23 @@ final class TCPTransport: Transport, @unchecked Sendable {
             }
             if !messages.isEmpty { handler(messages) }
         }
+        // A read that brought a little, to an endpoint whose handler only updates memory and
+        // sends, is handled on the event loop when the inbox is idle: a message's way through a
+        // process then costs no thread wake-up. A larger read, or one behind earlier messages,
+        // goes through the inbox, so a long batch never holds up the loop's other connections
+        // (nor their heartbeats). The control store's handler writes to storage: always its inbox.
+        let inline = endpoint != .controlStore
+        // (`message` is never called while `batch` is set; it would queue to the inbox too.)
         let handlers = WireHandlers(message: { connection, bytes in inbox.post(.wire(connection, bytes)) },
                                     closed: { [weak self] connection, reason in
                                         if let peer = connection.peer { self?.notifyLost(peer.name, reason) }
                                     },
-                                    log: { log("transport: \($0)") })
+                                    log: { log("transport: \($0)") },
+                                    batch: { connection, payloads in
+                                        let deliveries = payloads.map { Delivery.wire(connection, $0) }
+                                        if inline && Self.isSmall(payloads) && inbox.runIfIdle(deliveries) { return }
+                                        for delivery in deliveries { inbox.post(delivery) }
+                                    })
         let listener: WireListener
         do {
             listener = try Wire.listenBlocking(host: host, port: 0, token: token, epoch: epoch, handlers: handlers, options: wire)
@@ -130,6 +142,14 @@ final class TCPTransport: Transport, @unchecked Sendable {
         previousOutbound?.stop()
         previousListener?.closeBlocking()
         for bytes in held { sendEncoded(bytes, to: endpoint) }
+    }
+
+    /// Reads up to this many messages and bytes may be handled on the event loop.
+    static let inlineMessages = 16
+    static let inlineBytes = 16 << 10
+
+    static func isSmall(_ payloads: [[UInt8]]) -> Bool {
+        payloads.count <= inlineMessages && payloads.reduce(0, { $0 + $1.count }) <= inlineBytes
     }
 
     /// `host:port` of an endpoint registered in this process (what a node puts in its record).

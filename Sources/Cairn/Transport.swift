@@ -239,10 +239,14 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 typealias Inbox = BatchQueue<Message>
 
 /// A batched queue drained by one thread: items posted from any thread are handed to the
-/// handler in batches, in the order posted.
+/// handler in batches, in the order posted. ``runIfIdle(_:)`` lets a caller with a few items
+/// run them itself when nothing is waiting, saving the thread's wake-up; the handler never
+/// runs on two threads at once.
 final class BatchQueue<Item>: @unchecked Sendable {
     private let condition = NSCondition()
     private var pending: [Item] = []
+    /// The handler is running (on the queue's thread or a caller's).
+    private var busy = false
     private var stopped = false
     private let handler: @Sendable ([Item]) -> Void
 
@@ -256,8 +260,26 @@ final class BatchQueue<Item>: @unchecked Sendable {
     func post(_ item: Item) {
         condition.lock()
         pending.append(item)
-        if pending.count == 1 { condition.signal() }
+        if pending.count == 1 && !busy { condition.signal() }
         condition.unlock()
+    }
+
+    /// Hands `items` to the handler on the calling thread if nothing posted earlier is waiting
+    /// or being handled, and returns true; otherwise does nothing and returns false (post them).
+    func runIfIdle(_ items: [Item]) -> Bool {
+        condition.lock()
+        guard pending.isEmpty && !busy && !stopped else {
+            condition.unlock()
+            return false
+        }
+        busy = true
+        condition.unlock()
+        handler(items)
+        condition.lock()
+        busy = false
+        if !pending.isEmpty || stopped { condition.signal() }
+        condition.unlock()
+        return true
     }
 
     func stop() {
@@ -271,15 +293,19 @@ final class BatchQueue<Item>: @unchecked Sendable {
         var batch: [Item] = []
         while true {
             condition.lock()
-            while pending.isEmpty && !stopped { condition.wait() }
+            while (pending.isEmpty || busy) && !stopped { condition.wait() }
             if stopped {
                 condition.unlock()
                 return
             }
             swap(&batch, &pending)
+            busy = true
             condition.unlock()
             handler(batch)
             batch.removeAll(keepingCapacity: true)
+            condition.lock()
+            busy = false
+            condition.unlock()
         }
     }
 }

@@ -39,6 +39,10 @@ public struct WireHandlers: Sendable {
 
     public var established: @Sendable (WireConnection) -> Void
     public var message: @Sendable (WireConnection, [UInt8]) -> Void
+    /// If set, messages are delivered here instead of to ``message``: everything one read off
+    /// the socket brought, in order, as one batch (at the end of the read, and before a close
+    /// is reported).
+    public var batch: (@Sendable (WireConnection, [[UInt8]]) -> Void)?
     public var closed: @Sendable (WireConnection, CloseReason) -> Void
     /// One line per refused or lost connection, with the reason.
     public var log: @Sendable (String) -> Void
@@ -46,9 +50,11 @@ public struct WireHandlers: Sendable {
     public init(established: @escaping @Sendable (WireConnection) -> Void = { _ in },
                 message: @escaping @Sendable (WireConnection, [UInt8]) -> Void,
                 closed: @escaping @Sendable (WireConnection, CloseReason) -> Void = { _, _ in },
-                log: @escaping @Sendable (String) -> Void = WireHandlers.standardError) {
+                log: @escaping @Sendable (String) -> Void = WireHandlers.standardError,
+                batch: (@Sendable (WireConnection, [[UInt8]]) -> Void)? = nil) {
         self.established = established
         self.message = message
+        self.batch = batch
         self.closed = closed
         self.log = log
     }
@@ -128,11 +134,10 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
             return .success(s.handler)
         }
         guard let handler = try queued.get() else { return }
-        if channel.eventLoop.inEventLoop {
-            handler.value.flush()
-        } else {
-            channel.eventLoop.execute { handler.value.flush() }
-        }
+        // Even on the event loop the write waits for the loop's next turn (which costs no
+        // wake-up): a sender called from a delivery may hold its own locks, and a failed write
+        // reports the close at once, into code that may take them again.
+        channel.eventLoop.execute { handler.value.flush() }
     }
 
     /// Closes the connection; ``WireHandlers/closed`` is called with the reason.
@@ -151,6 +156,8 @@ final class WireHandler: ChannelInboundHandler {
     private let handlers: WireHandlers
     private var context: ChannelHandlerContext?
     private var ticker: RepeatedTask?
+    /// Messages of the current read, for ``WireHandlers/batch``.
+    private var delivered: [[UInt8]] = []
     /// Completed when the handshake succeeds, failed if the connection ends first (clients only).
     var established: EventLoopPromise<WireConnection>?
 
@@ -176,6 +183,18 @@ final class WireHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = Self.unwrapInboundIn(data)
         perform(core.received(buffer.readableBytesView))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        deliverBatch()
+        context.fireChannelReadComplete()
+    }
+
+    private func deliverBatch() {
+        guard !delivered.isEmpty, let batch = handlers.batch else { return }
+        let messages = delivered
+        delivered = []
+        batch(connection, messages)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -226,8 +245,9 @@ final class WireHandler: ChannelInboundHandler {
                 established?.succeed(connection)
                 established = nil
             case .deliver(let payload):
-                handlers.message(connection, payload)
+                if handlers.batch != nil { delivered.append(payload) } else { handlers.message(connection, payload) }
             case .closed(let reason):
+                deliverBatch()
                 connection.status.update { s in
                     s.closed = true
                     s.handler = nil  // the handler and the connection refer to each other

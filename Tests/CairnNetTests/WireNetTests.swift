@@ -207,6 +207,31 @@ struct WireNetTests {
     }
 }
 
+extension WireNetTests {
+    @Test("with a batch handler, messages come in batches, whole and in order, and never one by one")
+    func batchDelivery() async throws {
+        let token = ClusterToken.generate()
+        let batches = Locked<[[[UInt8]]]>([])
+        let singles = Locked(0)
+        let handlers = WireHandlers(message: { _, _ in singles.update { $0 += 1 } },
+                                    batch: { _, messages in batches.update { $0.append(messages) } })
+        let listener = try await Wire.listen(host: "127.0.0.1", port: 0, token: token, epoch: 1, handlers: handlers, options: patient)
+        let connection = try await Wire.connect(host: "127.0.0.1", port: listener.port, token: token, name: "node-1", epoch: 1,
+                                                handlers: Inbox().handlers(), options: patient)
+        let total = 20_000
+        for i in 0..<total { try connection.send(withUnsafeBytes(of: UInt32(i).littleEndian, Array.init), control: true) }
+        try await eventually("every message") { batches.value.reduce(0) { $0 + $1.count } == total }
+        let received = batches.value.flatMap { $0 }.map { m in m.reversed().reduce(0) { $0 << 8 | Int($1) } }
+        #expect(received == Array(0..<total))
+        #expect(singles.value == 0)
+        #expect(batches.value.allSatisfy { !$0.isEmpty })
+        // 20,000 messages sent at once are read in far fewer reads than messages.
+        #expect(batches.value.count < total, "\(batches.value.count) batches")
+        connection.close()
+        try await listener.close()
+    }
+}
+
 @Suite("Net: token files")
 struct TokenFileTests {
     @Test("a token round trips through a new 0600 file, which is never overwritten")

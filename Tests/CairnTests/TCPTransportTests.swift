@@ -1,6 +1,8 @@
 @testable import Cairn
 import CairnCodec
 import CairnCore
+import CairnNet
+import CairnWire
 import Foundation
 import Testing
 
@@ -103,6 +105,42 @@ struct TCPTransportTests {
         for caller in 0..<4 { #expect(seen[caller] == Array(0..<200)) }
     }
 
+    @Test("a peer sending a malformed message, or one for another endpoint, to a node's port is closed with a logged reason; the node keeps serving")
+    func badMessagesCloseTheirConnection() async throws {
+        let token = ClusterToken.generate()
+        let logs = Locked<[String]>([])
+        let received = Locked<[Message]>([])
+        let transport = TCPTransport(token: token, name: "test", log: { line in logs.update { $0.append(line) } })
+        defer { transport.shutdown() }
+        transport.register(.node(NodeID(1))) { batch in received.update { $0 += batch } }
+        guard let address = transport.localAddress(.node(NodeID(1))), let (host, port) = TCPTransport.split(address) else {
+            Issue.record("node 1 has no address")
+            return
+        }
+        let patient = WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 12_000))
+        func connect() async throws -> WireConnection {
+            try await Wire.connect(host: host, port: port, token: token, name: "peer", epoch: 1,
+                                   handlers: WireHandlers(message: { _, _ in }, log: { _ in }), options: patient)
+        }
+        let freed = Message.free([ObjectID(owner: NodeID(0), counter: 7)])
+        // Each bad message arrives alone, so it is handled on the event loop, where the close
+        // it causes is reported at once, from inside the handling.
+        let garbage = try await connect()
+        try garbage.send([WireFast.marker, 0x00, 0x02, 0xFF, 0xFF])
+        let misaddressed = try await connect()
+        try misaddressed.send(try WireMessages.encode(freed, to: .node(NodeID(2))))
+        for _ in 0..<4_000 where !(garbage.isClosed && misaddressed.isClosed) { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(garbage.isClosed && misaddressed.isClosed)
+        #expect(logs.value.contains { $0.contains("for node-2 to node-1's port; closing") }, "\(logs.value)")
+        #expect(logs.value.count >= 2, "\(logs.value)")
+        #expect(received.value.isEmpty)
+        let good = try await connect()
+        for _ in 0..<100 { try good.send(try WireMessages.encode(freed, to: .node(NodeID(1)))) }
+        for _ in 0..<4_000 where received.value.count < 100 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(received.value.count == 100)
+        good.close()
+    }
+
     @Test("a TCP host this machine cannot listen on is refused with a typed error before anything starts")
     func badHostRefused() async throws {
         var options = Self.tcpOptions()
@@ -115,6 +153,87 @@ struct TCPTransportTests {
             #expect(error.code == .invalidArgument)
             #expect(error.detail.contains("192.0.2.1"))
         }
+    }
+}
+
+@Suite("Inbox queue: batches in order, run by the caller when idle")
+struct BatchQueueTests {
+    @Test("a caller runs items itself only when nothing is waiting or running; the handler never runs twice at once and order holds")
+    func runIfIdleKeepsOrderAndExclusion() async throws {
+        let seen = Locked<[Int]>([])
+        let running = Locked(0)
+        let overlaps = Locked(0)
+        let queue = BatchQueue<Int>(name: "test") { batch in
+            if running.update({ $0 += 1; return $0 }) > 1 { overlaps.update { $0 += 1 } }
+            seen.update { $0.append(contentsOf: batch) }
+            running.update { $0 -= 1 }
+        }
+        defer { queue.stop() }
+        // Producer 0 is an event loop: a chunk runs on it when the queue is idle, and is posted
+        // otherwise. Producer 1 posts, as local messages are. Items are producer * 1e6 + index.
+        let total = 100_000
+        let inlineRuns = Locked(0)
+        let postedByLoop = Locked(0)
+        DispatchQueue.concurrentPerform(iterations: 2) { producer in
+            var next = 0
+            var chunk = 1
+            while next < total {
+                let items = (next..<min(total, next + chunk)).map { producer * 1_000_000 + $0 }
+                next += items.count
+                chunk = chunk % 7 + 1
+                if producer == 0 && queue.runIfIdle(items) {
+                    inlineRuns.update { $0 += 1 }
+                } else {
+                    for item in items { queue.post(item) }
+                    if producer == 0 { postedByLoop.update { $0 += items.count } }
+                }
+            }
+        }
+        try await eventuallyTrue("every item handled") { seen.value.count == 2 * total }
+        for producer in 0..<2 {
+            let sequence = seen.value.filter { $0 / 1_000_000 == producer }.map { $0 % 1_000_000 }
+            #expect(sequence == Array(0..<total), "producer \(producer)'s items out of order")
+        }
+        #expect(overlaps.value == 0)
+        #expect(inlineRuns.value > 0, "no chunk ran on the caller")
+        #expect(postedByLoop.value > 0, "the caller never found the queue busy; the test did not exercise ordering")
+    }
+
+    @Test("runIfIdle refuses while items wait, and after stop")
+    func runIfIdleRefusesWhenNotIdle() async throws {
+        let release = DispatchSemaphore(value: 0)
+        let started = DispatchSemaphore(value: 0)
+        let handled = Locked<[Int]>([])
+        let queue = BatchQueue<Int>(name: "test") { batch in
+            if batch.contains(0) {
+                started.signal()
+                release.wait()
+            }
+            handled.update { $0.append(contentsOf: batch) }
+        }
+        queue.post(0)
+        started.wait()
+        #expect(!queue.runIfIdle([1]), "ran while the queue's thread was busy")
+        queue.post(2)
+        release.signal()
+        try await eventuallyTrue("both posted items") { handled.value == [0, 2] }
+        // Idle once the thread has returned from the batch.
+        var ran = false
+        try await eventuallyTrue("an idle queue") {
+            ran = ran || queue.runIfIdle([3])
+            return ran
+        }
+        #expect(handled.value == [0, 2, 3])
+        queue.stop()
+        #expect(!queue.runIfIdle([4]))
+    }
+
+    func eventuallyTrue(_ what: String, _ condition: () -> Bool) async throws {
+        for _ in 0..<4_000 {
+            if condition() { return }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        Issue.record("timed out waiting for \(what)")
     }
 }
 }
