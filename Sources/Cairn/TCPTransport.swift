@@ -105,10 +105,12 @@ final class TCPTransport: Transport, @unchecked Sendable {
             if !messages.isEmpty { handler(messages) }
         }
         // A read that brought a little, to an endpoint whose handler only updates memory and
-        // sends, is handled on the event loop when the inbox is idle: a message's way through a
-        // process then costs no thread wake-up. A larger read, or one behind earlier messages,
-        // goes through the inbox, so a long batch never holds up the loop's other connections
-        // (nor their heartbeats). The control store's handler writes to storage: always its inbox.
+        // sends, is handled on the event loop when the inbox is idle and the read before came a
+        // while ago: a message's way through a process then costs no thread wake-up. A larger
+        // read, one behind earlier messages, or one of a stream goes through the inbox, so a
+        // long batch never holds up the loop's other connections (nor their heartbeats), and a
+        // busy endpoint's thread takes what accumulated at once. The control store's handler
+        // writes to storage: always its inbox.
         let inline = endpoint != .controlStore
         // (`message` is never called while `batch` is set; it would queue to the inbox too.)
         let handlers = WireHandlers(message: { connection, bytes in inbox.post(.wire(connection, bytes)) },
@@ -118,7 +120,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
                                     log: { log("transport: \($0)") },
                                     batch: { connection, payloads in
                                         let deliveries = payloads.map { Delivery.wire(connection, $0) }
-                                        if inline && Self.isSmall(payloads) && inbox.runIfIdle(deliveries) { return }
+                                        if inline && Self.isSmall(payloads) && inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
                                         for delivery in deliveries { inbox.post(delivery) }
                                     })
         let listener: WireListener
@@ -147,6 +149,11 @@ final class TCPTransport: Transport, @unchecked Sendable {
     /// Reads up to this many messages and bytes may be handled on the event loop.
     static let inlineMessages = 16
     static let inlineBytes = 16 << 10
+
+    /// ... and only when the read before it, on any of the endpoint's connections, came at
+    /// least this long before: one message at a time. A stream of small reads (a busy cluster)
+    /// goes through the inbox, whose thread takes what accumulated in one batch.
+    static let inlineQuietNanoseconds: UInt64 = 100_000
 
     static func isSmall(_ payloads: [[UInt8]]) -> Bool {
         payloads.count <= inlineMessages && payloads.reduce(0, { $0 + $1.count }) <= inlineBytes

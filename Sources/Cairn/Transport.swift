@@ -239,7 +239,7 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 typealias Inbox = BatchQueue<Message>
 
 /// A batched queue drained by one thread: items posted from any thread are handed to the
-/// handler in batches, in the order posted. ``runIfIdle(_:)`` lets a caller with a few items
+/// handler in batches, in the order posted. ``runIfIdle(_:quietNanoseconds:)`` lets a caller with a few items
 /// run them itself when nothing is waiting, saving the thread's wake-up; the handler never
 /// runs on two threads at once.
 final class BatchQueue<Item>: @unchecked Sendable {
@@ -264,11 +264,18 @@ final class BatchQueue<Item>: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// When ``runIfIdle(_:quietNanoseconds:)`` was last offered items (nil: never).
+    private var lastOffered: UInt64?
+
     /// Hands `items` to the handler on the calling thread if nothing posted earlier is waiting
-    /// or being handled, and returns true; otherwise does nothing and returns false (post them).
-    func runIfIdle(_ items: [Item]) -> Bool {
+    /// or being handled, and the last offer came at least `quietNanoseconds` ago, and returns
+    /// true; otherwise does nothing and returns false (post them).
+    func runIfIdle(_ items: [Item], quietNanoseconds: UInt64 = 0) -> Bool {
+        let now = DispatchTime.now().uptimeNanoseconds
         condition.lock()
-        guard pending.isEmpty && !busy && !stopped else {
+        let quiet = lastOffered.map { now &- $0 >= quietNanoseconds } ?? true
+        lastOffered = now
+        guard quiet && pending.isEmpty && !busy && !stopped else {
             condition.unlock()
             return false
         }

@@ -228,6 +228,20 @@ struct BatchQueueTests {
         #expect(!queue.runIfIdle([4]))
     }
 
+    @Test("with a quiet interval, runIfIdle refuses an offer that follows the one before it too closely, whether or not that one ran")
+    func runIfIdleWaitsForQuiet() async throws {
+        let handled = Locked<[Int]>([])
+        let queue = BatchQueue<Int>(name: "test") { batch in handled.update { $0.append(contentsOf: batch) } }
+        defer { queue.stop() }
+        let second: UInt64 = 1_000_000_000
+        #expect(queue.runIfIdle([1], quietNanoseconds: 10 * second), "the first offer, on an idle queue")
+        #expect(!queue.runIfIdle([2], quietNanoseconds: 10 * second), "ran right after the offer before it")
+        #expect(!queue.runIfIdle([3], quietNanoseconds: 10 * second), "a refused offer counts too: a stream stays refused")
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(queue.runIfIdle([4], quietNanoseconds: second / 1_000), "20 ms after the last offer, with 1 ms asked")
+        #expect(handled.value == [1, 4])
+    }
+
     func eventuallyTrue(_ what: String, _ condition: () -> Bool) async throws {
         for _ in 0..<4_000 {
             if condition() { return }
