@@ -120,7 +120,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
                                     log: { log("transport: \($0)") },
                                     batch: { connection, payloads in
                                         let deliveries = payloads.map { Delivery.wire(connection, $0) }
-                                        if inline && Self.isSmall(payloads) && inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
+                                        if inline && Self.isSmall(payloads),
+                                           inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
                                         for delivery in deliveries { inbox.post(delivery) }
                                     })
         let listener: WireListener

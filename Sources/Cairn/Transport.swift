@@ -239,9 +239,9 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 typealias Inbox = BatchQueue<Message>
 
 /// A batched queue drained by one thread: items posted from any thread are handed to the
-/// handler in batches, in the order posted. ``runIfIdle(_:quietNanoseconds:)`` lets a caller with a few items
-/// run them itself when nothing is waiting, saving the thread's wake-up; the handler never
-/// runs on two threads at once.
+/// handler in batches, in the order posted. ``runIfIdle(_:quietNanoseconds:)`` lets a caller
+/// with a few items run them itself when nothing is waiting, saving the thread's wake-up; the
+/// handler never runs on two threads at once.
 final class BatchQueue<Item>: @unchecked Sendable {
     private let condition = NSCondition()
     private var pending: [Item] = []
