@@ -239,7 +239,7 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 typealias Inbox = BatchQueue<Message>
 
 /// A batched queue drained by one thread: items posted from any thread are handed to the
-/// handler in batches, in the order posted. ``runIfIdle(_:quietNanoseconds:)`` lets a caller
+/// handler in batches, in the order posted. ``runIfIdle(_:quietNanoseconds:now:)`` lets a caller
 /// with a few items run them itself when nothing is waiting, saving the thread's wake-up; the
 /// handler never runs on two threads at once.
 final class BatchQueue<Item>: @unchecked Sendable {
@@ -264,14 +264,13 @@ final class BatchQueue<Item>: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// When ``runIfIdle(_:quietNanoseconds:)`` was last offered items (nil: never).
+    /// When ``runIfIdle(_:quietNanoseconds:now:)`` was last offered items (nil: never).
     private var lastOffered: UInt64?
 
     /// Hands `items` to the handler on the calling thread if nothing posted earlier is waiting
-    /// or being handled, and the last offer came at least `quietNanoseconds` ago, and returns
-    /// true; otherwise does nothing and returns false (post them).
-    func runIfIdle(_ items: [Item], quietNanoseconds: UInt64 = 0) -> Bool {
-        let now = DispatchTime.now().uptimeNanoseconds
+    /// or being handled, and the last offer came at least `quietNanoseconds` before `now`, and
+    /// returns true; otherwise does nothing and returns false (post them).
+    func runIfIdle(_ items: [Item], quietNanoseconds: UInt64 = 0, now: UInt64 = DispatchTime.now().uptimeNanoseconds) -> Bool {
         condition.lock()
         let quiet = lastOffered.map { now &- $0 >= quietNanoseconds } ?? true
         lastOffered = now

@@ -25,6 +25,13 @@ struct GCSCoreTests {
 
     static func value(_ v: UInt8) -> [UInt8] { [v] }
 
+    /// The join request among a step's sends, and its number; records an issue if there is none.
+    static func join(in actions: [GCSAction], _ what: String = "no join sent") -> (message: GCSMessage, attempt: UInt64)? {
+        for m in sends(actions) { if case .join(_, let attempt, _, _) = m { return (m, attempt) } }
+        Issue.record("\(what): \(actions)")
+        return nil
+    }
+
     @Test("a write flows head to tail; the tail answers it and acknowledges it up the chain only while it holds a lease")
     func writeNeedsTailLease() {
         let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 1, 2])
@@ -250,8 +257,7 @@ struct GCSCoreTests {
         let config = ChainConfig(shard: 0, epoch: 5, chain: [1], learner: 0)
         var tail = Self.replica(1, config, log: chainLog)
         var learner = ChainReplica(id: 0, shard: 0, options: Self.options, recovering: divergent, config: nil)
-        let joinActions = learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)
-        guard let join = Self.sends(joinActions).first, case .join(_, let attempt, _, _) = join else { Issue.record("no join sent"); return }
+        guard let (join, attempt) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)) else { return }
         let accepted = tail.handle(join, from: .replica(0), now: 1)
         #expect(Self.sends(accepted).first == .joinAccepted(epoch: 5, attempt: attempt, keep: 2, snapshotChunks: 0))
         for m in Self.sends(accepted) {
@@ -275,11 +281,7 @@ struct GCSCoreTests {
         let (chainLog, options, config) = Self.learnerJoin
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
-        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 100)).first,
-              case .join(_, let firstAttempt, _, _) = join else {
-            Issue.record("no join sent")
-            return
-        }
+        guard let (join, firstAttempt) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 100)) else { return }
         // The tail answers the first life's join: keep 2, then updates 3 and 4 on their way.
         let answer = Self.sends(tail.handle(join, from: .replica(0), now: 101))
         guard let accepted = answer.first, case .joinAccepted(_, firstAttempt, 2, 0) = accepted else {
@@ -292,11 +294,7 @@ struct GCSCoreTests {
         let stale = restarted.handle(accepted, from: .replica(1), now: 102)
         #expect(stale.isEmpty, "the previous life's acceptance was taken: \(stale)")
         #expect(restarted.lastSequence == 3, "the log was cut to what the tail found in common with the previous life's")
-        guard let rejoin = Self.sends(restarted.tick(now: 103)).first(where: { if case .join = $0 { return true } else { return false } }),
-              case .join(_, let secondAttempt, _, _) = rejoin else {
-            Issue.record("the restarted learner did not ask to join")
-            return
-        }
+        guard let (rejoin, secondAttempt) = Self.join(in: restarted.tick(now: 103), "the restarted learner did not ask to join") else { return }
         #expect(secondAttempt > firstAttempt, "the new request reuses the previous life's number")
         let fresh = Self.sends(tail.handle(rejoin, from: .replica(0), now: 104))
         #expect(fresh.first == .joinAccepted(epoch: 5, attempt: secondAttempt, keep: 3, snapshotChunks: 0))
@@ -319,11 +317,7 @@ struct GCSCoreTests {
         // First life: the learner holds 1 and 2, keeps them, and takes 3 and 4. Of its
         // acknowledgements only the first arrives for now, and the tail folds 1 and 2.
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
-        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 1)).first,
-              case .join(_, let firstAttempt, _, _) = join else {
-            Issue.record("no join sent")
-            return
-        }
+        guard let (join, firstAttempt) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 1)) else { return }
         var acks: [GCSMessage] = []
         for m in Self.sends(tail.handle(join, from: .replica(0), now: 2)) { acks += Self.sends(learner.handle(m, from: .replica(1), now: 3)) }
         #expect(acks.first == .learnerAck(epoch: 5, attempt: firstAttempt, upTo: 2))
@@ -333,10 +327,7 @@ struct GCSCoreTests {
         // The learner restarts from its log of four. Its new join finds 1 and 2 folded at the
         // tail: a snapshot as of 2 replaces its log, and the updates after it are lost on the way.
         var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: chainLog, config: config)
-        guard let rejoin = Self.sends(restarted.tick(now: 5)).first(where: { if case .join = $0 { return true } else { return false } }) else {
-            Issue.record("the restarted learner did not ask to join")
-            return
-        }
+        guard let (rejoin, _) = Self.join(in: restarted.tick(now: 5), "the restarted learner did not ask to join") else { return }
         for m in Self.sends(tail.handle(rejoin, from: .replica(0), now: 6)) {
             if case .forward = m { continue }
             for ack in Self.sends(restarted.handle(m, from: .replica(1), now: 7)) { _ = tail.handle(ack, from: .replica(0), now: 7) }
@@ -363,11 +354,7 @@ struct GCSCoreTests {
         let (chainLog, options, config) = Self.learnerJoin
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
-        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first,
-              case .join(_, let attempt, _, _) = join else {
-            Issue.record("no join sent")
-            return
-        }
+        guard let (join, attempt) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)) else { return }
         #expect(!Self.sends(learner.tick(now: 5)).contains(join), "asked at adoption: not again before the interval")
         #expect(Self.sends(learner.tick(now: 10)).contains(join), "no answer within the interval: the same join again")
         let first = tail.handle(join, from: .replica(0), now: 11)
@@ -377,10 +364,8 @@ struct GCSCoreTests {
         #expect(Self.sends(again) == [.joinAccepted(epoch: 5, attempt: attempt, keep: 2, snapshotChunks: 0)], "the same answer, and the stream goes on as it was")
         // A learner whose log changed asks with other ranges: that is answered as a new join.
         var restarted = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(3)), config: nil)
-        guard let other = Self.sends(restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13)).first, case .join = other else {
-            Issue.record("the restarted learner sent no join")
-            return
-        }
+        guard let (other, _) = Self.join(in: restarted.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 13),
+                                         "the restarted learner sent no join") else { return }
         #expect(Self.forwards(tail.handle(other, from: .replica(0), now: 14)) == [4])
     }
 
@@ -397,10 +382,7 @@ struct GCSCoreTests {
         let options = ChainReplica.Options(leaseDuration: Self.lease, retransmitInterval: 10, window: 4)
         var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: log, config: config)
         var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: [], config: nil)
-        guard let join = Self.sends(learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)).first else {
-            Issue.record("no join sent")
-            return
-        }
+        guard let (join, _) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 0)) else { return }
         var inFlight = tail.handle(join, from: .replica(0), now: 1)
         #expect(Self.forwards(inFlight) == [1, 2, 3, 4], "only the window goes at first")
         var delivered = 0

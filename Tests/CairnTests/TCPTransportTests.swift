@@ -166,6 +166,9 @@ struct BatchQueueTests {
         let queue = BatchQueue<Int>(name: "test") { batch in
             if running.update({ $0 += 1; return $0 }) > 1 { overlaps.update { $0 += 1 } }
             seen.update { $0.append(contentsOf: batch) }
+            // Each batch takes a while, so that producer 0 finds the queue busy now and then
+            // and has to post (the ordering case), not only by luck of the interleaving.
+            usleep(20)
             running.update { $0 -= 1 }
         }
         defer { queue.stop() }
@@ -229,16 +232,15 @@ struct BatchQueueTests {
     }
 
     @Test("with a quiet interval, runIfIdle refuses an offer that follows the one before it too closely, whether or not that one ran")
-    func runIfIdleWaitsForQuiet() async throws {
+    func runIfIdleWaitsForQuiet() {
         let handled = Locked<[Int]>([])
         let queue = BatchQueue<Int>(name: "test") { batch in handled.update { $0.append(contentsOf: batch) } }
         defer { queue.stop() }
-        let second: UInt64 = 1_000_000_000
-        #expect(queue.runIfIdle([1], quietNanoseconds: 10 * second), "the first offer, on an idle queue")
-        #expect(!queue.runIfIdle([2], quietNanoseconds: 10 * second), "ran right after the offer before it")
-        #expect(!queue.runIfIdle([3], quietNanoseconds: 10 * second), "a refused offer counts too: a stream stays refused")
-        try await Task.sleep(for: .milliseconds(20))
-        #expect(queue.runIfIdle([4], quietNanoseconds: second / 1_000), "20 ms after the last offer, with 1 ms asked")
+        let quiet: UInt64 = 100
+        #expect(queue.runIfIdle([1], quietNanoseconds: quiet, now: 1_000), "the first offer, on an idle queue")
+        #expect(!queue.runIfIdle([2], quietNanoseconds: quiet, now: 1_099), "ran 99 ns after the offer before it")
+        #expect(!queue.runIfIdle([3], quietNanoseconds: quiet, now: 1_150), "a refused offer counts too: a stream stays refused")
+        #expect(queue.runIfIdle([4], quietNanoseconds: quiet, now: 1_250), "100 ns after the last offer")
         #expect(handled.value == [1, 4])
     }
 
