@@ -222,7 +222,8 @@ public final class Cluster: Sendable {
             }
         case .tcp(let host):
             // A 10 s silence timeout: within one process a silent connection means a starved
-            // event loop, not a dead peer, and a closed connection would lose what it carried.
+            // event loop, not a dead peer. (A closed connection loses nothing, its sender carries
+            // again what was not acknowledged, but it is remade for nothing.)
             transport = TCPTransport(host: host, token: options.token ?? .generate(), wire: WireOptions(connection: .init(heartbeatTicks: 5, timeoutTicks: 1_000)),
                                      log: options.log)
         }

@@ -1,6 +1,7 @@
 import CairnCore
 import CairnNet
 import CairnWire
+import DequeModule
 import Foundation
 import Synchronization
 
@@ -45,6 +46,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
     private let lock = NSLock()
     private var addresses: [Endpoint: (host: String, port: Int)] = [:]
     private var inboxes: [Endpoint: BatchQueue<Delivery>] = [:]
+    private var inboundStreams: [Endpoint: InboundStreams] = [:]
     private var listeners: [Endpoint: WireListener] = [:]
     private var outbound: [Endpoint: Outbound] = [:]
     /// Messages for endpoints whose address is not known yet, in order.
@@ -112,17 +114,23 @@ final class TCPTransport: Transport, @unchecked Sendable {
         // busy endpoint's thread takes what accumulated at once. The control store's handler
         // writes to storage: always its inbox.
         let inline = endpoint != .controlStore
-        // (`message` is never called while `batch` is set; it would queue to the inbox too.)
-        let handlers = WireHandlers(message: { connection, bytes in inbox.post(.wire(connection, bytes)) },
+        // Which messages are new is decided as they are read, before they reach the inbox
+        // (see ``TransportStream``).
+        let streams = InboundStreams(log: log)
+        // (`message` is never called while `batch` is set.)
+        let handlers = WireHandlers(message: { connection, bytes in streams.receive(connection, [bytes]) { for p in $0 { inbox.post(.wire(connection, p)) } } },
                                     closed: { [weak self] connection, reason in
+                                        streams.closed(connection)
                                         if let peer = connection.peer { self?.notifyLost(peer.name, reason) }
                                     },
                                     log: { log("transport: \($0)") },
                                     batch: { connection, payloads in
-                                        let deliveries = payloads.map { Delivery.wire(connection, $0) }
-                                        if inline && Self.isSmall(payloads),
-                                           inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
-                                        for delivery in deliveries { inbox.post(delivery) }
+                                        streams.receive(connection, payloads) { payloads in
+                                            let deliveries = payloads.map { Delivery.wire(connection, $0) }
+                                            if inline && Self.isSmall(payloads),
+                                               inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
+                                            for delivery in deliveries { inbox.post(delivery) }
+                                        }
                                     })
         let listener: WireListener
         do {
@@ -134,6 +142,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         }
         lock.lock()
         let previousInbox = inboxes.updateValue(inbox, forKey: endpoint)
+        inboundStreams[endpoint] = streams
         let previousListener = listeners.updateValue(listener, forKey: endpoint)
         addresses[endpoint] = (host, listener.port)
         forgotten.remove(endpoint)
@@ -275,6 +284,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         let outs = Array(outbound.values)
         let ls = Array(listeners.values)
         inboxes = [:]
+        inboundStreams = [:]
         outbound = [:]
         listeners = [:]
         addresses = [:]
@@ -283,6 +293,19 @@ final class TCPTransport: Transport, @unchecked Sendable {
         outs.forEach { $0.stop() }
         all.forEach { $0.stop() }
         ls.forEach { $0.closeBlocking() }
+    }
+
+    /// Closes every connection to `endpoint`, here and in this process's senders, as a network
+    /// fault would (for tests of what a lost connection loses).
+    func dropConnections(to endpoint: Endpoint) {
+        let (streams, out) = lock.withLock { (inboundStreams[endpoint], outbound[endpoint]) }
+        streams?.closeAll()
+        out?.dropConnection()
+    }
+
+    /// Messages for `endpoint` a connection took and it did not acknowledge (for tests).
+    func unacknowledged(to endpoint: Endpoint) -> Int {
+        lock.withLock { outbound[endpoint] }?.unacknowledgedCount ?? 0
     }
 
     fileprivate func report(_ line: String) { log("transport: \(line)") }
@@ -302,7 +325,10 @@ final class Flag: Sendable {
 }
 
 /// The queue and connection to one endpoint. Messages wait here while the connection is being
-/// made and while the connection pushes back; one drain at a time keeps them in order.
+/// made and while the connection pushes back; one drain at a time keeps them in order. The
+/// messages a connection took are kept until the endpoint acknowledges them, and a new
+/// connection carries those again first (see ``TransportStream``): a connection lost while
+/// both ends live loses nothing, and the endpoint delivers nothing twice.
 ///
 /// Thread safety (why `@unchecked Sendable` is sound): every field is guarded by `lock`.
 final class Outbound: @unchecked Sendable {
@@ -315,7 +341,10 @@ final class Outbound: @unchecked Sendable {
 
     private let lock = NSLock()
     private var state = State.idle
-    private var queue: [[UInt8]] = []
+    private var queue: Deque<[UInt8]> = []
+    private var stream = OutboundStream(id: UInt64.random(in: 1...UInt64.max))
+    /// Set when a connection is made: its first message is the stream's hello.
+    private var helloPending = false
     private var draining = false
     private let endpoint: Endpoint
     private let host: String
@@ -324,6 +353,10 @@ final class Outbound: @unchecked Sendable {
     private let retry = DispatchQueue(label: "cairn-outbound-retry")
     /// Failed connection attempts in a row (only the first of a streak is logged).
     private var failures = 0
+
+    /// New messages wait in the queue while this many bytes are unacknowledged (an endpoint
+    /// that reads but falls behind in acknowledging).
+    static let maxUnacknowledgedBytes = 64 << 20
 
     init(endpoint: Endpoint, host: String, port: Int, transport: TCPTransport) {
         self.endpoint = endpoint
@@ -343,20 +376,28 @@ final class Outbound: @unchecked Sendable {
         drain()
     }
 
-    /// Stops for good; returns the messages no connection had taken.
+    /// Stops for good; returns the messages no connection had taken. (Those a connection took
+    /// and the endpoint did not acknowledge are not among them: the endpoint's process may have
+    /// handled them before it went.)
     @discardableResult
     func stop() -> [[UInt8]] {
         lock.lock()
         let previous = state
         state = .stopped
-        let left = queue
+        let left = Array(queue)
         queue = []
+        stream = OutboundStream(id: stream.id)
         lock.unlock()
         if case .connected(let c) = previous { c.close() }
         return left
     }
 
-    /// Sends what is queued, in order, until the queue is empty or the connection pushes back.
+    /// Messages taken by a connection and not acknowledged (for tests).
+    var unacknowledgedCount: Int { lock.withLock { stream.unacknowledged.count } }
+
+    /// Sends, in order, the stream's hello on a new connection, what earlier connections took
+    /// and the endpoint did not acknowledge, then the queue, until everything went or the
+    /// connection pushes back.
     private func drain() {
         lock.lock()
         guard !draining else {
@@ -374,34 +415,58 @@ final class Outbound: @unchecked Sendable {
             return
         case .connected(let connection):
             draining = true
-            while !queue.isEmpty {
-                do {
-                    try connection.send(queue[0])
-                    queue.removeFirst()
-                } catch WireSendError.backpressure {
-                    draining = false
-                    lock.unlock()
-                    retry.asyncAfter(deadline: .now() + .microseconds(200)) { self.drain() }
-                    return
-                } catch {
-                    // Closed under us: reconnect and resend what has not been handed over.
-                    state = .idle
-                    draining = false
-                    lock.unlock()
-                    retry.asyncAfter(deadline: .now() + .milliseconds(10)) { self.drain() }
-                    return
+            do {
+                if helloPending {
+                    try connection.send(stream.connected(), control: true)
+                    helloPending = false
                 }
+                while let bytes = stream.nextResend() {
+                    do {
+                        try connection.send(bytes)
+                    } catch {
+                        stream.uncarry()
+                        throw error
+                    }
+                }
+                while let bytes = queue.first, stream.unacknowledgedBytes < Self.maxUnacknowledgedBytes {
+                    do {
+                        try connection.send(bytes)
+                    } catch WireSendError.tooLarge(let size, let limit) {
+                        // No connection will ever take it.
+                        queue.removeFirst()
+                        transport?.report("dropped a message of \(size) bytes for \(endpoint): frames carry at most \(limit)")
+                        continue
+                    }
+                    queue.removeFirst()
+                    stream.sent(bytes)
+                }
+                draining = false
+                let waiting = !queue.isEmpty
+                lock.unlock()
+                // Full of unacknowledged messages: an acknowledgement drains again, or this.
+                if waiting { retry.asyncAfter(deadline: .now() + .milliseconds(1)) { self.drain() } }
+            } catch WireSendError.backpressure {
+                draining = false
+                lock.unlock()
+                retry.asyncAfter(deadline: .now() + .microseconds(200)) { self.drain() }
+            } catch {
+                // Closed under us: a new connection carries again what was not acknowledged.
+                if case .connected(let c) = state, c === connection { state = .idle }
+                draining = false
+                lock.unlock()
+                connection.close()
+                retry.asyncAfter(deadline: .now() + .milliseconds(10)) { self.drain() }
             }
-            draining = false
-            lock.unlock()
         }
     }
 
     private func connect() {
         guard let transport else { return }
         let (host, port, endpoint) = (self.host, self.port, self.endpoint)
-        let handlers = WireHandlers(message: { _, _ in }, closed: { [weak self, weak transport] _, reason in
-            self?.closed(reason)
+        let handlers = WireHandlers(message: { [weak self] _, bytes in
+            self?.acknowledged(bytes)
+        }, closed: { [weak self, weak transport] connection, reason in
+            self?.closed(connection)
             transport?.lost(endpoint, reason)
         }, log: { [weak transport] in transport?.report($0) })
         let (token, epoch, wire, name) = (transport.token, transport.epoch, transport.wire, transport.name)
@@ -409,10 +474,14 @@ final class Outbound: @unchecked Sendable {
             do {
                 let connection = try await Wire.connect(host: host, port: port, token: token, name: name, epoch: epoch,
                                                         serverName: endpoint.description, handlers: handlers, options: wire)
-                lock.withLock {
+                let stopped: Bool = lock.withLock {
                     failures = 0
-                    if case .connecting = state { state = .connected(connection) }
+                    guard case .connecting = state else { return true }
+                    state = .connected(connection)
+                    helloPending = true
+                    return false
                 }
+                if stopped { connection.close() }
                 drain()
             } catch {
                 let (first, stopped): (Bool, Bool) = lock.withLock {
@@ -431,14 +500,31 @@ final class Outbound: @unchecked Sendable {
         }
     }
 
-    private func closed(_ reason: CloseReason) {
+    /// A frame from the endpoint: an acknowledgement of the stream (nothing else comes this way).
+    private func acknowledged(_ bytes: [UInt8]) {
+        guard case .ack(let id, let upTo)? = TransportStream.decode(bytes) else {
+            transport?.report("\(endpoint) sent something other than an acknowledgement; ignored")
+            return
+        }
+        let waiting: Bool = lock.withLock {
+            let full = stream.unacknowledgedBytes >= Self.maxUnacknowledgedBytes
+            stream.acknowledged(stream: id, upTo: upTo)
+            return full && !queue.isEmpty
+        }
+        if waiting { drain() }
+    }
+
+    private func closed(_ connection: WireConnection) {
         let again: Bool = lock.withLock {
-            if case .connected = state {
-                state = .idle
-                return !queue.isEmpty
-            }
-            return false
+            guard case .connected(let c) = state, c === connection else { return false }
+            state = .idle
+            return !queue.isEmpty || !stream.unacknowledged.isEmpty
         }
         if again { drain() }
+    }
+
+    /// Closes the current connection, as a network fault would (for tests).
+    func dropConnection() {
+        if case .connected(let c) = lock.withLock({ state }) { c.close() }
     }
 }

@@ -140,6 +140,12 @@ public final class WireConnection: @unchecked Sendable, CustomStringConvertible 
         channel.eventLoop.execute { handler.value.flush() }
     }
 
+    /// Runs `body` on the connection's event loop after `microseconds` (a timer of the loop's
+    /// own, which costs no thread of its own).
+    public func schedule(afterMicroseconds microseconds: Int64, _ body: @escaping @Sendable () -> Void) {
+        channel.eventLoop.scheduleTask(in: .microseconds(microseconds), body)
+    }
+
     /// Closes the connection; ``WireHandlers/closed`` is called with the reason.
     public func close() {
         channel.close(promise: nil)

@@ -606,6 +606,51 @@ struct ProcessClusterTests {
         }
     }
 
+    @Test("connections between live node processes, cut for real (ss -K) while nested tasks run across them, lose nothing: every result right, no node declared dead")
+    func cutConnectionsLoseNothing() async throws {
+        if let reason = SocketCutter.unavailable() {
+            print("cutConnectionsLoseNothing: skipped: \(reason)")
+            return
+        }
+        let seed: UInt64 = 2_026_112_805
+        print("cutConnectionsLoseNothing: seed \(seed)")
+        ClusterWorkload.register()  // the head's node runs some of the nested tasks too
+        let cluster = try await Cluster.local(Self.options())
+        defer { cluster.shutdown() }
+        let children = cluster.nodeProcesses
+        let pids = Set(children.map { Int($0.pid) })
+        let stop = Locked(false)
+        let cuts = Locked(0)
+        // Every few milliseconds (seeded), every connection from one node process to another's
+        // port is destroyed by the kernel: both ends see it reset, as after a network fault.
+        let cutter = Thread {
+            var random = SeededGenerator(seed: seed)
+            while !stop.value {
+                usleep(UInt32.random(in: 1_000...5_000, using: &random))
+                cuts.update { $0 += SocketCutter.cutConnections(among: pids) }
+            }
+        }
+        cutter.start()
+        var round = 0
+        // Rounds until the cuts have hit many connections in use (and at least 3 rounds).
+        while round < 3 || (cuts.value < 100 && round < 40) {
+            round += 1
+            let sums = try (0..<12).map { try ClusterWorkload.sumOfSquares.remote(100 + $0) }
+            let fans = try (0..<6).map { try ClusterWorkload.fanOut.remote(1_000 + $0) }
+            let totals = try await cluster.get(sums, timeout: .seconds(120))
+            #expect(totals == (0..<12).map { n in (0..<(100 + n)).reduce(0) { $0 + $1 * $1 } }, "round \(round)")
+            let fanned = try await cluster.get(fans, timeout: .seconds(120))
+            #expect(fanned == (0..<6).map { n in (0..<(1_000 + n)).reduce(0, +) }, "round \(round)")
+        }
+        stop.update { $0 = true }
+        while !cutter.isFinished { usleep(1_000) }
+        print("cutConnectionsLoseNothing: \(cuts.value) connections cut over \(round) rounds")
+        #expect(cuts.value >= 100, "only \(cuts.value) connections between node processes were cut")
+        // A cut is not a death: the same processes serve, and none was declared dead.
+        #expect(cluster.nodeProcesses.map(\.pid) == children.map(\.pid))
+        #expect(cluster.aliveNodes.count == 4)
+    }
+
     @Test("a bad node executable is refused before anything starts")
     func badExecutableIsRefused() async throws {
         var options = Self.options()
@@ -679,5 +724,82 @@ struct NamespaceNetwork {
         guard process.terminationStatus == 0 else {
             throw Failed(description: "ip \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)")
         }
+    }
+}
+
+/// Destroys TCP connections between processes of this machine with `ss -K` (the kernel's
+/// SOCK_DESTROY): the socket is aborted and the peer reset, as after a network fault, while
+/// both processes live on.
+enum SocketCutter {
+    static let ss = ["/usr/bin/ss", "/bin/ss", "/usr/sbin/ss", "/sbin/ss"].first { FileManager.default.isExecutableFile(atPath: $0) }
+
+    /// Why connections cannot be cut here, or nil if they can: tried on a loopback connection
+    /// of this process.
+    static func unavailable() -> String? {
+        guard ss != nil else { return "no ss executable (iproute2)" }
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer {
+            close(listener)
+            close(client)
+        }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { a in
+                bind(listener, a, length) == 0 && listen(listener, 1) == 0 && getsockname(listener, a, &length) == 0
+                    && connect(client, a, length) == 0
+            }
+        }
+        guard bound else { return "cannot make a loopback connection to try ss -K on" }
+        let accepted = accept(listener, nil, nil)
+        defer { close(accepted) }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        guard (try? run(["-K", "-t", "-n", "dport", "=", ":\(port)"])) != nil else { return "ss -K failed" }
+        var byte: UInt8 = 0
+        let received = recv(client, &byte, 1, Int32(MSG_DONTWAIT))
+        guard received < 0 && errno == ECONNABORTED else { return "ss -K did not destroy a socket (a kernel without CONFIG_INET_DIAG_DESTROY?)" }
+        return nil
+    }
+
+    /// Cuts every connection from one of `pids` to a port another of them listens on; returns
+    /// how many.
+    static func cutConnections(among pids: Set<Int>) -> Int {
+        guard let listening = try? run(["-t", "-l", "-n", "-p", "-H"]), let established = try? run(["-t", "-n", "-p", "-H"]) else { return 0 }
+        // State, queues, local address, peer address (`*` for a listener's port), the process.
+        func rows(_ text: String) -> [(local: Int, peer: Int?, pid: Int)] {
+            text.split(separator: "\n").compactMap { line in
+                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard fields.count >= 6, let pidField = line.range(of: "pid="),
+                      let pid = Int(line[pidField.upperBound...].prefix { $0.isNumber }),
+                      let local = fields[3].split(separator: ":").last.flatMap({ Int($0) }) else { return nil }
+                return (local, fields[4].split(separator: ":").last.flatMap { Int($0) }, pid)
+            }
+        }
+        let ports = Set(rows(listening).filter { pids.contains($0.pid) }.map(\.local))
+        var cut = 0
+        for row in rows(established) where pids.contains(row.pid) {
+            guard let peer = row.peer, ports.contains(peer) else { continue }
+            if (try? run(["-K", "-t", "-n", "sport", "=", ":\(row.local)", "and", "dport", "=", ":\(peer)"])) != nil { cut += 1 }
+        }
+        return cut
+    }
+
+    /// `ss` with `arguments`; its standard output.
+    @discardableResult
+    static func run(_ arguments: [String]) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ss ?? "ss")
+        process.arguments = arguments
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw NamespaceNetwork.Failed(description: "ss \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)") }
+        return String(decoding: data, as: UTF8.self)
     }
 }

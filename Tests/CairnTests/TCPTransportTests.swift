@@ -154,6 +154,61 @@ struct TCPTransportTests {
             #expect(error.detail.contains("192.0.2.1"))
         }
     }
+
+    @Test("connections lost between two live transports, at seeded moments, lose no message and deliver none twice, in order")
+    func lostConnectionsLoseNothing() async throws {
+        let seed: UInt64 = 20_261_128
+        print("lostConnectionsLoseNothing: seed \(seed)")
+        var random = SeededGenerator(seed: seed)
+        let token = ClusterToken.generate()
+        let receiver = TCPTransport(token: token, name: "receiver", log: { _ in })
+        let sender = TCPTransport(token: token, name: "sender", log: { _ in })
+        defer {
+            sender.shutdown()
+            receiver.shutdown()
+        }
+        let destination = Endpoint.node(NodeID(1))
+        let got = Locked<[Int]>([])
+        receiver.register(destination) { messages in
+            for case .control(.reportLoad(_, let queued)) in messages { got.update { $0.append(queued) } }
+        }
+        guard let address = receiver.localAddress(destination), let (host, port) = TCPTransport.split(address) else {
+            Issue.record("the receiver has no address")
+            return
+        }
+        sender.setAddress(destination, host: host, port: port)
+        let count = 200_000
+        var drops = 0
+        for i in 0..<count {
+            sender.send(.control(.reportLoad(NodeID(3), queued: i)), to: destination)
+            // Now and then a connection is cut while messages are in flight: by the receiver
+            // (what it had not read is gone) or by the sender (what it had queued on the
+            // connection is gone).
+            if i % 1_000 == 999 && Int.random(in: 0..<4, using: &random) == 0 {
+                (Bool.random(using: &random) ? receiver : sender).dropConnections(to: destination)
+                drops += 1
+            }
+        }
+        // Waits while messages keep arriving (a slow machine is not a failure; a stall is).
+        var seen = 0
+        var quiet = 0
+        let deadline = ContinuousClock.now + .seconds(120)
+        while got.value.count < count && quiet < 2_000 && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+            let now = got.value.count
+            quiet = now == seen ? quiet + 1 : 0
+            seen = now
+        }
+        let received = got.value
+        #expect(drops >= 20, "the seed cut only \(drops) connections")
+        #expect(received.count == count, "\(received.count) of \(count) messages arrived after \(drops) lost connections")
+        #expect(Set(received).count == received.count, "some messages arrived twice")
+        let misplaced = zip(received, 0...).first { $0.0 != $0.1 }
+        #expect(misplaced == nil, "message \(misplaced?.0 ?? 0) arrived at position \(misplaced?.1 ?? 0)")
+        // Everything is acknowledged in the end: the sender holds nothing more.
+        for _ in 0..<2_000 where sender.unacknowledged(to: destination) > 0 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(sender.unacknowledged(to: destination) == 0)
+    }
 }
 
 @Suite("Inbox queue: batches in order, run by the caller when idle")
@@ -252,4 +307,113 @@ struct BatchQueueTests {
         Issue.record("timed out waiting for \(what)")
     }
 }
+}
+
+@Suite("Streams: numbered messages, acknowledgements and resends across lost connections, as pure values")
+struct TransportStreamTests {
+    @Test("stream frames round trip; malformed ones do not decode")
+    func framesRoundTrip() {
+        for frame in [TransportStream.Frame.hello(stream: 9, first: 1), .hello(stream: .max, first: .max), .ack(stream: 1, upTo: 0), .ack(stream: 77, upTo: 123_456_789)] {
+            let bytes = TransportStream.encode(frame)
+            #expect(bytes.first == TransportStream.marker)
+            #expect(TransportStream.decode(bytes) == frame)
+            #expect(TransportStream.decode(Array(bytes.dropLast())) == nil)
+        }
+        var unknownKind = TransportStream.encode(.ack(stream: 1, upTo: 2))
+        unknownKind[1] = 3
+        #expect(TransportStream.decode(unknownKind) == nil)
+        #expect(TransportStream.decode(TransportStream.encode(.hello(stream: 1, first: 0))) == nil, "messages are numbered from 1")
+        #expect(TransportStream.decode([WireFast.marker] + Array(repeating: 0, count: 17)) == nil)
+    }
+
+    @Test("the sender keeps what is not acknowledged and carries it again, oldest first, on a new connection")
+    func senderResends() {
+        var out = OutboundStream(id: 5)
+        #expect(TransportStream.decode(out.connected()) == .hello(stream: 5, first: 1))
+        for i in 1...5 { out.sent([UInt8(i)]) }
+        out.acknowledged(stream: 5, upTo: 3)
+        #expect(Array(out.unacknowledged) == [[4], [5]])
+        #expect(out.firstUnacknowledged == 4)
+        // Acknowledgements of another stream, of what is gone already, or past what was sent change nothing.
+        out.acknowledged(stream: 6, upTo: 5)
+        out.acknowledged(stream: 5, upTo: 2)
+        out.acknowledged(stream: 5, upTo: 9)
+        #expect(Array(out.unacknowledged) == [[4], [5]])
+        #expect(TransportStream.decode(out.connected()) == .hello(stream: 5, first: 4))
+        #expect(out.nextResend() == [4])
+        // Pushed back: the same message is next again.
+        out.uncarry()
+        #expect(out.nextResend() == [4])
+        // Acknowledged while being carried again: what is left still goes, once.
+        out.acknowledged(stream: 5, upTo: 4)
+        #expect(out.nextResend() == [5])
+        #expect(out.nextResend() == nil)
+        out.sent([6])
+        out.acknowledged(stream: 5, upTo: 6)
+        #expect(out.unacknowledged.isEmpty && out.unacknowledgedBytes == 0)
+        #expect(TransportStream.decode(out.connected()) == .hello(stream: 5, first: 7))
+    }
+
+    @Test("the receiver delivers each number once: what a new connection carries again is dropped up to the last delivered")
+    func receiverDropsWhatItHas() {
+        var stream = InboundStream(first: 1)
+        #expect((1...4).map { stream.accept($0) } == [true, true, true, true])
+        #expect(TransportStream.decode(stream.acknowledgement(stream: 8)!) == .ack(stream: 8, upTo: 4))
+        #expect(stream.acknowledgement(stream: 8) == nil, "nothing new to acknowledge")
+        // A new connection from 3: 3 and 4 were delivered, 5 is new.
+        #expect((3...5).map { stream.accept($0) } == [false, false, true])
+        #expect(TransportStream.decode(stream.acknowledgementAgain(stream: 8)!) == .ack(stream: 8, upTo: 5))
+        // A stream first seen from 40 (its earlier messages went to another process) starts there.
+        var later = InboundStream(first: 40)
+        #expect(later.accept(39) == false && later.accept(40) == true)
+    }
+
+    @Test("over a seeded lossy link (connections cut, acknowledgements lost), every message is delivered once, in order")
+    func lossyLinkDeliversEachOnce() {
+        for seed: UInt64 in [1, 2, 3, 41, 977] {
+            var random = SeededGenerator(seed: seed)
+            var out = OutboundStream(id: 3)
+            var stream: InboundStream?
+            var next: UInt64 = 0          // the number of the next message the receiver reads on this connection
+            var link: [[UInt8]] = [out.connected()]   // in flight on the current connection, in order
+            var delivered: [Int] = []
+            var queued = 0                // messages given to the sender so far
+            let total = 3_000
+            var steps = 0
+            while delivered.count < total && steps < 200_000 {
+                steps += 1
+                switch Int.random(in: 0..<100, using: &random) {
+                case 0..<40 where queued < total:
+                    // Sent: resends first, then a new one.
+                    if let again = out.nextResend() { link.append(again); continue }
+                    let bytes = withUnsafeBytes(of: UInt32(queued)) { Array($0) }
+                    out.sent(bytes)
+                    link.append(bytes)
+                    queued += 1
+                case 0..<80:
+                    // The receiver reads what is first on the link.
+                    guard !link.isEmpty else { continue }
+                    let bytes = link.removeFirst()
+                    if case .hello(_, let first)? = TransportStream.decode(bytes) {
+                        if stream == nil { stream = InboundStream(first: first) }
+                        next = first
+                        continue
+                    }
+                    if stream!.accept(next) { delivered.append(Int(bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })) }
+                    next += 1
+                case 80..<92:
+                    // An acknowledgement, which may be lost.
+                    if let ack = stream?.acknowledgement(stream: 3), Bool.random(using: &random),
+                       case .ack(let id, let upTo)? = TransportStream.decode(ack) {
+                        out.acknowledged(stream: id, upTo: upTo)
+                    }
+                default:
+                    // The connection is cut: what was in flight is gone; a new one starts.
+                    link = [out.connected()]
+                    while let again = out.nextResend() { link.append(again) }
+                }
+            }
+            #expect(delivered == Array(0..<total), "seed \(seed): \(delivered.count) delivered")
+        }
+    }
 }
