@@ -10,7 +10,10 @@ import Glibc
 /// `Bank` actor while a seeded schedule SIGKILLs one process at a time: a node, the
 /// scheduler, or a GCS replica. After each kill every task result and every reply of the
 /// actor is checked against the model, and the cluster must come back to full strength
-/// (four live nodes, a scheduler, every chain whole) before the next kill.
+/// (four live nodes, a scheduler, every chain whole) before the next kill. With
+/// ``Configuration/cutsPerRound``, the connections between node processes are also destroyed
+/// (`ss -K`) a few times a round while nested tasks send messages across them: a cut is not
+/// a death, and nothing may be lost to it.
 public enum ClusterCampaign {
     public struct Configuration: Sendable {
         /// The program the cluster's processes run: it calls `Cluster.runNodeIfLaunched` with
@@ -29,6 +32,13 @@ public enum ClusterCampaign {
         /// more often than by default, so that kills land on compactions and standbys join
         /// from snapshots; 0: never.
         public var gcsCompactEvery: UInt64 = 8
+        /// Times per round every connection from one node process to another is destroyed
+        /// (`ss -K`), a few milliseconds apart, before the kill; 0: none. Needs `ss` and a
+        /// kernel that can destroy sockets (``ConnectionCutter/unavailable()``).
+        public var cutsPerRound = 0
+        /// Nested tasks per round: each submits 200 small tasks from its node, whose results
+        /// come back across the node processes' connections.
+        public var fanOutsPerRound = 4
 
         public init(executable: String, seed: UInt64, kills: Int, storageDirectory: String? = nil, tasksPerRound: Int = 300,
                     callsPerRound: Int = 40, recoveryTimeout: Duration = .seconds(60)) {
@@ -48,6 +58,8 @@ public enum ClusterCampaign {
         /// Kills by what was killed: `node`, `scheduler`, `gcs head`, `gcs middle`, `gcs tail`, `gcs standby`.
         public var kills: [String: Int] = [:]
         public var tasksChecked = 0
+        /// Connections between node processes destroyed, over the whole campaign.
+        public var connectionsCut = 0
         public var callsChecked = 0
         /// Milliseconds from each kill until the cluster was at full strength again.
         public var recoveries: [Double] = []
@@ -86,7 +98,11 @@ public enum ClusterCampaign {
         options.log = { _ in }
         // The driver's node runs nothing, and cannot host the actor: all of it is in the processes.
         options.nodes[0].resources = Resources(cpus: 0)
-        for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
+        for i in 1..<options.nodes.count {
+            options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1])
+            // Nested tasks spill to the other node processes early: messages cross their connections.
+            options.nodes[i].spillThreshold = 4
+        }
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         guard let gcs = cluster.gcs else { throw CairnError(.invalidArgument, "the cluster has no GCS") }
@@ -111,7 +127,13 @@ public enum ClusterCampaign {
                 let expected = Result { try model.receive(message) }.mapError { $0 as! Bank.InsufficientFunds }
                 calls.append((try bank.send(message, caller: caller, sequence: sequence), expected))
             }
+            let fans = try (0..<c.fanOutsPerRound).map { try ClusterWorkload.fanOut.remote(200 + $0) }
             try await Task.sleep(for: .milliseconds(Int.random(in: 0...20, using: &random)))
+            let nodePids = Set(cluster.nodeProcesses.map { Int($0.pid) })
+            for _ in 0..<c.cutsPerRound {
+                report.connectionsCut += ConnectionCutter.cutConnections(among: nodePids)
+                try await Task.sleep(for: .milliseconds(Int.random(in: 1...5, using: &random)))
+            }
 
             // The victim: a node process, the scheduler's process, or a GCS replica's.
             let config = gcs.configurations()[0]
@@ -131,6 +153,10 @@ public enum ClusterCampaign {
             let wrongTasks = zip(0..., results).filter { $0.1 != (base + $0.0) * (base + $0.0) }.count
             if wrongTasks > 0 { report.failures.append("round \(round): \(wrongTasks) task results wrong after killing the \(victim.what)") }
             report.tasksChecked += results.count
+            let fanned = try await cluster.get(fans, timeout: .seconds(120))
+            let wrongFans = zip(0..., fanned).filter { $0.1 != (0..<(200 + $0.0)).reduce(0, +) }.count
+            if wrongFans > 0 { report.failures.append("round \(round): \(wrongFans) nested task results wrong") }
+            report.tasksChecked += fanned.count
             for (i, (ref, expected)) in calls.enumerated() {
                 do {
                     let reply = try await cluster.get(ref, timeout: .seconds(120))
@@ -151,7 +177,7 @@ public enum ClusterCampaign {
             let ms = seconds(ContinuousClock.now - killedAt) * 1e3
             report.recoveries.append(ms)
             let status = try await cluster.status(of: bank)
-            report.timeline.append("\(elapsed())  kill \(round)/\(c.kills): \(victim.what) (pid \(victim.pid)); \(results.count) tasks and \(calls.count) calls right; full strength after \(Int(ms)) ms; the actor on \(status.node), restored \(status.restarts) times")
+            report.timeline.append("\(elapsed())  kill \(round)/\(c.kills): \(victim.what) (pid \(victim.pid)); \(results.count + fanned.count) tasks and \(calls.count) calls right; full strength after \(Int(ms)) ms; the actor on \(status.node), restored \(status.restarts) times")
             if !report.failures.isEmpty { return }
         }
         let audit = try await cluster.get(try bank.send(.audit, caller: caller, sequence: sequence + 1), timeout: .seconds(120))

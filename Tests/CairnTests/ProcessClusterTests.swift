@@ -493,15 +493,20 @@ struct ProcessClusterTests {
         for (key, value) in acknowledged { #expect(try gcs.get(key) == value, "\(key)") }
     }
 
-    @Test("the cluster chaos campaign: seeded SIGKILLs of nodes, the scheduler and GCS replicas (compacting) while tasks and a durable actor stored in the GCS run; every result and reply right, full strength after each")
+    @Test("the cluster chaos campaign: seeded SIGKILLs of nodes, the scheduler and GCS replicas (compacting) and cuts of the connections between node processes, while tasks, nested tasks and a durable actor stored in the GCS run; every result and reply right, full strength after each")
     func chaosCampaign() async throws {
         let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
         print("cluster chaos campaign: seed \(seed) (CAIRN_PROCESS_SEED replays; swift run cairn-chaos cluster --seed \(seed) runs it alone)")
-        let report = await ClusterCampaign.run(.init(executable: executableDirectory() + "/cairn-chaos", seed: seed, kills: 4,
-                                                     tasksPerRound: 200, callsPerRound: 30))
+        var configuration = ClusterCampaign.Configuration(executable: executableDirectory() + "/cairn-chaos", seed: seed, kills: 4,
+                                                          tasksPerRound: 200, callsPerRound: 30)
+        let cutting = ConnectionCutter.unavailable() == nil
+        if !cutting { print("cluster chaos campaign: no connection cuts: \(ConnectionCutter.unavailable() ?? "")") }
+        configuration.cutsPerRound = cutting ? 3 : 0
+        let report = await ClusterCampaign.run(configuration)
         report.timeline.forEach { print($0) }
+        print("cluster chaos campaign: \(report.connectionsCut) connections between node processes cut")
         #expect(report.failures.isEmpty, "\(report.failures)")
-        #expect(report.kills.values.reduce(0, +) == 4 && report.tasksChecked == 800 && report.callsChecked == 121, "\(report.kills)")
+        #expect(report.kills.values.reduce(0, +) == 4 && report.tasksChecked == 4 * (200 + 4) && report.callsChecked == 121, "\(report.kills)")
         // The campaign's GCS compacts every 8 updates: the kills landed on compacting replicas.
         #expect(report.gcsReplicas.contains { $0.base > 0 }, "the GCS replicas compacted: \(report.gcsReplicas)")
     }
@@ -608,7 +613,7 @@ struct ProcessClusterTests {
 
     @Test("connections between live node processes, cut for real (ss -K) while nested tasks run across them, lose nothing: every result right, no node declared dead")
     func cutConnectionsLoseNothing() async throws {
-        if let reason = SocketCutter.unavailable() {
+        if let reason = ConnectionCutter.unavailable() {
             print("cutConnectionsLoseNothing: skipped: \(reason)")
             return
         }
@@ -627,7 +632,7 @@ struct ProcessClusterTests {
             var random = SeededGenerator(seed: seed)
             while !stop.value {
                 usleep(UInt32.random(in: 1_000...5_000, using: &random))
-                cuts.update { $0 += SocketCutter.cutConnections(among: pids) }
+                cuts.update { $0 += ConnectionCutter.cutConnections(among: pids) }
             }
         }
         cutter.start()
@@ -724,82 +729,5 @@ struct NamespaceNetwork {
         guard process.terminationStatus == 0 else {
             throw Failed(description: "ip \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)")
         }
-    }
-}
-
-/// Destroys TCP connections between processes of this machine with `ss -K` (the kernel's
-/// SOCK_DESTROY): the socket is aborted and the peer reset, as after a network fault, while
-/// both processes live on.
-enum SocketCutter {
-    static let ss = ["/usr/bin/ss", "/bin/ss", "/usr/sbin/ss", "/sbin/ss"].first { FileManager.default.isExecutableFile(atPath: $0) }
-
-    /// Why connections cannot be cut here, or nil if they can: tried on a loopback connection
-    /// of this process.
-    static func unavailable() -> String? {
-        guard ss != nil else { return "no ss executable (iproute2)" }
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer {
-            close(listener)
-            close(client)
-        }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { a in
-                bind(listener, a, length) == 0 && listen(listener, 1) == 0 && getsockname(listener, a, &length) == 0
-                    && connect(client, a, length) == 0
-            }
-        }
-        guard bound else { return "cannot make a loopback connection to try ss -K on" }
-        let accepted = accept(listener, nil, nil)
-        defer { close(accepted) }
-        let port = Int(UInt16(bigEndian: address.sin_port))
-        guard (try? run(["-K", "-t", "-n", "dport", "=", ":\(port)"])) != nil else { return "ss -K failed" }
-        var byte: UInt8 = 0
-        let received = recv(client, &byte, 1, Int32(MSG_DONTWAIT))
-        guard received < 0 && errno == ECONNABORTED else { return "ss -K did not destroy a socket (a kernel without CONFIG_INET_DIAG_DESTROY?)" }
-        return nil
-    }
-
-    /// Cuts every connection from one of `pids` to a port another of them listens on; returns
-    /// how many.
-    static func cutConnections(among pids: Set<Int>) -> Int {
-        guard let listening = try? run(["-t", "-l", "-n", "-p", "-H"]), let established = try? run(["-t", "-n", "-p", "-H"]) else { return 0 }
-        // State, queues, local address, peer address (`*` for a listener's port), the process.
-        func rows(_ text: String) -> [(local: Int, peer: Int?, pid: Int)] {
-            text.split(separator: "\n").compactMap { line in
-                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
-                guard fields.count >= 6, let pidField = line.range(of: "pid="),
-                      let pid = Int(line[pidField.upperBound...].prefix { $0.isNumber }),
-                      let local = fields[3].split(separator: ":").last.flatMap({ Int($0) }) else { return nil }
-                return (local, fields[4].split(separator: ":").last.flatMap { Int($0) }, pid)
-            }
-        }
-        let ports = Set(rows(listening).filter { pids.contains($0.pid) }.map(\.local))
-        var cut = 0
-        for row in rows(established) where pids.contains(row.pid) {
-            guard let peer = row.peer, ports.contains(peer) else { continue }
-            if (try? run(["-K", "-t", "-n", "sport", "=", ":\(row.local)", "and", "dport", "=", ":\(peer)"])) != nil { cut += 1 }
-        }
-        return cut
-    }
-
-    /// `ss` with `arguments`; its standard output.
-    @discardableResult
-    static func run(_ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: ss ?? "ss")
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw NamespaceNetwork.Failed(description: "ss \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)") }
-        return String(decoding: data, as: UTF8.self)
     }
 }
