@@ -73,16 +73,28 @@ public enum ConnectionCutter {
     /// `ss` with `arguments`; its standard output.
     @discardableResult
     static func run(_ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: ss ?? "ss")
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw CairnError(.invalidArgument, "ss \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)") }
-        return String(decoding: data, as: UTF8.self)
+        try runTool(ss ?? "ss", arguments)
     }
+}
+
+/// Runs `executable` with `arguments` and waits for it; its standard output. Throws
+/// ``CairnError`` if it cannot start or exits with a status other than 0.
+@discardableResult
+public func runTool(_ executable: String, _ arguments: [String]) throws -> String {
+    let command = ([executable] + arguments).joined(separator: " ")
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = FileHandle.nullDevice
+    do {
+        try process.run()
+    } catch {
+        throw CairnError(.invalidArgument, "\(command): \(error)")
+    }
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw CairnError(.invalidArgument, "\(command) exited with status \(process.terminationStatus)") }
+    return String(decoding: data, as: UTF8.self)
 }

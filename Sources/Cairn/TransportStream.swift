@@ -110,7 +110,8 @@ struct OutboundStream {
     mutating func acknowledged(stream: UInt64, upTo: UInt64) {
         guard stream == id, upTo >= firstUnacknowledged, upTo < firstUnacknowledged + UInt64(unacknowledged.count) else { return }
         let count = Int(upTo - firstUnacknowledged + 1)
-        for _ in 0..<count { unacknowledgedBytes -= unacknowledged.removeFirst().count }
+        unacknowledgedBytes -= unacknowledged.prefix(count).reduce(0) { $0 + $1.count }
+        unacknowledged.removeFirst(count)
         firstUnacknowledged = upTo + 1
         carried = max(0, carried - count)
     }
@@ -137,17 +138,11 @@ struct InboundStream {
         return true
     }
 
-    /// The acknowledgement to send for `stream`, if anything was delivered since the last.
-    mutating func acknowledgement(stream: UInt64) -> [UInt8]? {
-        guard unacknowledged > 0 else { return nil }
-        unacknowledged = 0
-        return TransportStream.encode(.ack(stream: stream, upTo: delivered))
-    }
-
-    /// An acknowledgement of everything delivered, whether or not it was acknowledged before
-    /// (for a new connection, whose sender may not have heard the last one).
-    mutating func acknowledgementAgain(stream: UInt64) -> [UInt8]? {
-        guard delivered > 0 else { return nil }
+    /// The acknowledgement to send for `stream`, if anything was delivered since the last;
+    /// `again`: if anything was delivered at all (for a new connection, whose sender may not
+    /// have heard the last one).
+    mutating func acknowledgement(stream: UInt64, again: Bool = false) -> [UInt8]? {
+        guard again ? delivered > 0 : unacknowledged > 0 else { return nil }
         unacknowledged = 0
         return TransportStream.encode(.ack(stream: stream, upTo: delivered))
     }
@@ -180,12 +175,14 @@ final class InboundStreams: @unchecked Sendable {
         }
     }
 
-    /// A connection's stream and the number of the next message it brings.
+    /// A connection, its stream and the number of the next message it brings.
     final class Reader: @unchecked Sendable {
+        let connection: WireConnection
         let stream: Stream
         var next: UInt64  // guarded by stream.lock
 
-        init(stream: Stream, next: UInt64) {
+        init(connection: WireConnection, stream: Stream, next: UInt64) {
+            self.connection = connection
             self.stream = stream
             self.next = next
         }
@@ -194,7 +191,6 @@ final class InboundStreams: @unchecked Sendable {
     private let lock = NSLock()
     private var streams: [UInt64: Stream] = [:]
     private var readers: [ObjectIdentifier: Reader] = [:]
-    private var connections: [ObjectIdentifier: WireConnection] = [:]
     private let log: @Sendable (String) -> Void
 
     /// An acknowledgement goes when this many messages were delivered since the last, or this
@@ -276,14 +272,13 @@ final class InboundStreams: @unchecked Sendable {
                 streams[id] = stream
             }
             stream.readers += 1
-            connections[key] = connection
             return stream
         }
         stream.lock.lock()
         stream.connection = connection
-        let reader = Reader(stream: stream, next: first)
+        let reader = Reader(connection: connection, stream: stream, next: first)
         lock.withLock { readers[key] = reader }
-        if first <= stream.core.delivered, let ack = stream.core.acknowledgementAgain(stream: id) { try? connection.send(ack, control: true) }
+        if first <= stream.core.delivered, let ack = stream.core.acknowledgement(stream: id, again: true) { try? connection.send(ack, control: true) }
         return reader
     }
 
@@ -291,7 +286,6 @@ final class InboundStreams: @unchecked Sendable {
     func closed(_ connection: WireConnection) {
         let key = ObjectIdentifier(connection)
         lock.withLock {
-            connections[key] = nil
             guard let stream = readers.removeValue(forKey: key)?.stream else { return }
             stream.readers -= 1
             if stream.readers == 0 { stream.closedAt = monotonicNanoseconds() }
@@ -301,6 +295,6 @@ final class InboundStreams: @unchecked Sendable {
     /// Closes every connection that said hello here (for tests: a connection lost between two
     /// live processes).
     func closeAll() {
-        for c in lock.withLock({ Array(connections.values) }) { c.close() }
+        for c in lock.withLock({ readers.values.map(\.connection) }) { c.close() }
     }
 }

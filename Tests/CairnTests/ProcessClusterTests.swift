@@ -499,9 +499,9 @@ struct ProcessClusterTests {
         print("cluster chaos campaign: seed \(seed) (CAIRN_PROCESS_SEED replays; swift run cairn-chaos cluster --seed \(seed) runs it alone)")
         var configuration = ClusterCampaign.Configuration(executable: executableDirectory() + "/cairn-chaos", seed: seed, kills: 4,
                                                           tasksPerRound: 200, callsPerRound: 30)
-        let cutting = ConnectionCutter.unavailable() == nil
-        if !cutting { print("cluster chaos campaign: no connection cuts: \(ConnectionCutter.unavailable() ?? "")") }
-        configuration.cutsPerRound = cutting ? 3 : 0
+        let noCuts = ConnectionCutter.unavailable()
+        if let noCuts { print("cluster chaos campaign: no connection cuts: \(noCuts)") }
+        configuration.cutsPerRound = noCuts == nil ? 3 : 0
         let report = await ClusterCampaign.run(configuration)
         report.timeline.forEach { print($0) }
         print("cluster chaos campaign: \(report.connectionsCut) connections between node processes cut")
@@ -710,24 +710,7 @@ struct NamespaceNetwork {
         try? Self.ip(["link", "del", bridge])
     }
 
-    struct Failed: Error, CustomStringConvertible {
-        let description: String
-    }
-
     static func ip(_ arguments: [String]) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        process.arguments = arguments
-        process.standardError = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw Failed(description: "ip \(arguments.joined(separator: " ")): \(error)")
-        }
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw Failed(description: "ip \(arguments.joined(separator: " ")) exited with status \(process.terminationStatus)")
-        }
+        try runTool("/usr/sbin/ip", arguments)
     }
 }

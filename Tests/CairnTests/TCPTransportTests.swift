@@ -362,7 +362,7 @@ struct TransportStreamTests {
         #expect(stream.acknowledgement(stream: 8) == nil, "nothing new to acknowledge")
         // A new connection from 3: 3 and 4 were delivered, 5 is new.
         #expect((3...5).map { stream.accept($0) } == [false, false, true])
-        #expect(TransportStream.decode(stream.acknowledgementAgain(stream: 8)!) == .ack(stream: 8, upTo: 5))
+        #expect(TransportStream.decode(stream.acknowledgement(stream: 8, again: true)!) == .ack(stream: 8, upTo: 5))
         // A stream first seen from 40 (its earlier messages went to another process) starts there.
         var later = InboundStream(first: 40)
         #expect(later.accept(39) == false && later.accept(40) == true)
