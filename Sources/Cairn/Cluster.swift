@@ -830,7 +830,7 @@ final class Housekeeper: @unchecked Sendable {
     private var done = false
 
     init(intervalMs: Int, _ body: @escaping @Sendable () -> Void) {
-        let thread = Thread { [self] in
+        startThread(named: "cairn-housekeep") { [self] in
             while true {
                 condition.lock()
                 if !stopped { _ = condition.wait(until: Date(timeIntervalSinceNow: Double(intervalMs) / 1000)) }
@@ -844,8 +844,6 @@ final class Housekeeper: @unchecked Sendable {
             condition.broadcast()
             condition.unlock()
         }
-        thread.name = "cairn-housekeeping"
-        thread.start()
     }
 
     func stop() {

@@ -334,9 +334,7 @@ final class BackgroundWriter: @unchecked Sendable {
     private var finished = false
 
     init() {
-        let thread = Thread { [self] in run() }
-        thread.name = "cairn-checkpoint-writer"
-        thread.start()
+        startThread(named: "cairn-ckpt") { [self] in run() }
     }
 
     func enqueue(_ job: @escaping () -> Void) {

@@ -210,7 +210,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         /// Starts the thread. `handle` takes a batch and whether a tick is due, and says whether
         /// it did work that wants the fast ticks (see ``busyUntil``).
         func start(name: String, handle: @escaping @Sendable ([Event], Bool) -> Bool) {
-            let t = Thread { [self] in
+            startThread(named: name) { [self] in
                 while true {
                     condition.lock()
                     while inbox.isEmpty && !tickDue && !stopped { condition.wait() }
@@ -234,8 +234,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
                     }
                 }
             }
-            t.name = name
-            t.start()
         }
 
         func stop() {
@@ -501,7 +499,7 @@ public final class EmbeddedGCS: @unchecked Sendable {
         }
         clientWorker.start(name: "cairn-gcs-clients") { [self] batch, tick in clientStep(batch, tick: tick) }
         let (interval, idleInterval) = (options.tickIntervalMicroseconds, options.reportIntervalMicroseconds)
-        let t = Thread { [self] in
+        startThread(named: "cairn-gcs-tick") { [self] in
             var idleTickAt = monotonicNanoseconds()
             var anyBusy = false
             while !stopped.value {
@@ -515,8 +513,6 @@ public final class EmbeddedGCS: @unchecked Sendable {
                 for w in workers { anyBusy = w.tick(at: at, idle: idle) || anyBusy }
             }
         }
-        t.name = "cairn-gcs-ticker"
-        t.start()
     }
 
     // MARK: replicas

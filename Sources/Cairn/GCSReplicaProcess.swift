@@ -316,9 +316,7 @@ final class ReplicaSupervisor: @unchecked Sendable {
         guard let launch = launches[r], let remote = remotes.get(r) else { return }
         let pid = try launch.start([processes.executable])
         remote.started(pid)
-        let watcher = Thread { [self] in watch(r, pid) }
-        watcher.name = "cairn-gcs-watch-\(r)"
-        watcher.start()
+        startThread(named: "cairn-gcs-w-\(r)") { [self] in watch(r, pid) }
     }
 
     /// Waits for the replica's process to exit, then starts it again from its LMDB, unless the
@@ -461,14 +459,12 @@ enum GCSReplicaProcess {
                 if getpriority(which, tid) == ReplicaSupervisor.startingNice && errno == 0 { setpriority(which, tid, 0) }
             }
         }
-        let ticker = Thread {
+        startThread(named: "cairn-gcs-tick") {
             while true {
                 usleep(UInt32(g.tickIntervalMicroseconds))
                 host.worker.tick()
             }
         }
-        ticker.name = "cairn-gcs-ticker"
-        ticker.start()
         NodeProcess.waitForHead(launch, log)
     }
 }

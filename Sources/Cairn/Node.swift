@@ -758,7 +758,7 @@ final class Node: @unchecked Sendable {
             record.relocation = ActorRelocation(durability: WireDurability(restorable), resources: resources)
         }
         let template = record
-        let thread = Thread { [self] in
+        startThread(named: "cairn-restore") { [self] in
             var record = template
             let storage: ActorStorage
             do {
@@ -808,8 +808,6 @@ final class Node: @unchecked Sendable {
                 done(.failure(e))
             }
         }
-        thread.name = "cairn-\(id)-restore"
-        thread.start()
     }
 
     private func install(_ instance: ActorInstance, record: ActorRecord) {
@@ -1214,10 +1212,7 @@ final class Node: @unchecked Sendable {
     /// Sends what the locked section gathered: encodes values leaving the node (outside the lock).
     private func flush(_ out: inout Outgoing) {
         for _ in 0..<out.spawnWorkers {
-            let thread = Thread { [self] in workerLoop() }
-            thread.name = "cairn-\(id)-worker"
-            thread.stackSize = 4 << 20
-            thread.start()
+            startThread(named: "cairn-worker", stackSize: 4 << 20) { [self] in workerLoop() }
         }
         for (message, endpoint) in out.messages { transport.send(message, to: endpoint) }
         for (node, objects) in out.objects {

@@ -339,9 +339,7 @@ final class NodeSupervisor: @unchecked Sendable {
         let pid = try launch.start(launcher + [executable])
         let child = Child(node: launch.role == .node ? launch.node : nil, pid: pid)
         lock.withLock { children[pid] = child }
-        let watcher = Thread { [self] in watch(child, configuration) }
-        watcher.name = "cairn-watch-\(pid)"
-        watcher.start()
+        startThread(named: "cairn-watch-\(pid)") { [self] in watch(child, configuration) }
         return child
     }
 

@@ -1,3 +1,4 @@
+import CairnCore
 import Foundation
 
 /// Where a message goes: a node, the global scheduler, or the control store.
@@ -252,9 +253,7 @@ final class BatchQueue<Item>: @unchecked Sendable {
 
     init(name: String, handler: @escaping @Sendable ([Item]) -> Void) {
         self.handler = handler
-        let thread = Thread { [self] in run() }
-        thread.name = "cairn-inbox-\(name)"
-        thread.start()
+        startThread(named: "cairn-inbox-\(name)") { [self] in run() }
     }
 
     func post(_ item: Item) {

@@ -1,3 +1,4 @@
+import CairnCore
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -140,12 +141,8 @@ public final class AppendLog: @unchecked Sendable {
         recovery = Recovery(tornBytes: torn, segments: found.count)
         // The next segment is prepared once the active one is half full.
         wantSpare = lastOffset > segmentSize / 2
-        let committer = Thread { [self] in runCommitter() }
-        committer.name = "cairn-append-log"
-        committer.start()
-        let preparer = Thread { [self] in runPreparer() }
-        preparer.name = "cairn-append-log-prepare"
-        preparer.start()
+        startThread(named: "cairn-logcommit") { [self] in runCommitter() }
+        startThread(named: "cairn-log-prep") { [self] in runPreparer() }
     }
 
     /// Finishes queued appends, then closes every segment. Later calls fail with ``StorageError/Code-swift.enum/closed``.

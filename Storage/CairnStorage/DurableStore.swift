@@ -1,3 +1,4 @@
+import CairnCore
 import CairnCodec
 import Foundation
 
@@ -712,9 +713,7 @@ final class PartWriter: @unchecked Sendable {
 
     init(store: DurableStore) {
         self.store = store
-        let thread = Thread { [self] in run() }
-        thread.name = "cairn-checkpoint-parts"
-        thread.start()
+        startThread(named: "cairn-ckptparts") { [self] in run() }
     }
 
     /// Queues `batch`; throws the error of an earlier part, if one failed.

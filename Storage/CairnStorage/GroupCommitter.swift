@@ -1,3 +1,4 @@
+import CairnCore
 import Foundation
 
 /// Gathers concurrent writers' batches into one fsync'd transaction.
@@ -34,12 +35,8 @@ final class GroupCommitter: @unchecked Sendable {
         self.maxOperations = maxOperations
         self.execute = execute
         self.sync = sync
-        let thread = Thread { [self] in run() }
-        thread.name = "cairn-group-commit"
-        thread.start()
-        let syncer = Thread { [self] in runSyncer() }
-        syncer.name = "cairn-group-sync"
-        syncer.start()
+        startThread(named: "cairn-gcommit") { [self] in run() }
+        startThread(named: "cairn-gsync") { [self] in runSyncer() }
     }
 
     func submit(_ batch: WriteBatch, _ completion: @escaping Completion) {

@@ -1,0 +1,31 @@
+import CairnCore
+import Foundation
+import Testing
+
+/// Starts a thread named `name` and returns the name the kernel gives it, as the thread reads it.
+private func kernelName(ofThreadNamed name: String) -> String {
+    let seen = Locked("")
+    let done = DispatchSemaphore(value: 0)
+    startThread(named: name) {
+        let comm = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "(unreadable)"
+        seen.update { $0 = comm.trimmingCharacters(in: .newlines) }
+        done.signal()
+    }
+    done.wait()
+    return seen.value
+}
+
+@Suite struct ThreadNameTests {
+    @Test func aStartedThreadCarriesItsNameToTheKernel() throws {
+        try #require(FileManager.default.fileExists(atPath: "/proc/thread-self/comm"), "no /proc/thread-self on this system")
+        #expect(kernelName(ofThreadNamed: "cairn-worker") == "cairn-worker")
+    }
+
+    @Test func aLongNameIsCutToTheKernelsFifteenBytesWithoutSplittingACharacter() throws {
+        try #require(FileManager.default.fileExists(atPath: "/proc/thread-self/comm"), "no /proc/thread-self on this system")
+        #expect(kernelName(ofThreadNamed: "cairn-checkpoint-writer") == "cairn-checkpoin")
+        // "é" is two bytes: after 13 bytes it fits exactly; after 14 the cut would split it, so it goes.
+        #expect(kernelName(ofThreadNamed: "cairn-inbox-né") == "cairn-inbox-né")
+        #expect(kernelName(ofThreadNamed: "cairn-inbox-noé") == "cairn-inbox-no")
+    }
+}
