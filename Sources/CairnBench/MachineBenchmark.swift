@@ -30,6 +30,85 @@ struct MachineBenchmark {
         report.add("machine.loopback_rtt_p50_us", try loopbackRoundTrip(spinning: false), "us")
         report.add("machine.loopback_rtt_spinning_p50_us", try loopbackRoundTrip(spinning: true), "us")
         report.add("machine.thread_wake_p50_us", wakeUp(), "us")
+        report.add("machine.pipeline_gap_max_us", pipelineGap(background: false), "us")
+        report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true), "us")
+    }
+
+    /// The longest gap, in microseconds, between two replies in a pipeline of two threads with
+    /// 16 requests outstanding: a caller hands requests to a server through a queue and a
+    /// condition variable, the server answers each after ~1 us of work, and both sleep when
+    /// their queue is empty (as a driver and an actor's worker do). With `background`, a third
+    /// thread at nice 10 computes all the while, as a checkpoint writer does: the floor of
+    /// `checkpoint.pause_max_us` on this machine, with no Cairn code.
+    func pipelineGap(background: Bool) -> Double {
+        final class Queue: @unchecked Sendable {
+            let condition = NSCondition()
+            var items = 0
+            var closed = false
+            func put(_ n: Int) {
+                condition.lock()
+                items += n
+                condition.signal()
+                condition.unlock()
+            }
+            /// Everything queued (waiting for something), or 0 once closed.
+            func takeAll() -> Int {
+                condition.lock()
+                defer { condition.unlock() }
+                while items == 0 && !closed { condition.wait() }
+                let n = items
+                items = 0
+                return n
+            }
+            func close() {
+                condition.lock()
+                closed = true
+                condition.broadcast()
+                condition.unlock()
+            }
+        }
+        let requests = Queue()
+        let replies = Queue()
+        let stop = Atomic<Bool>(false)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            while true {
+                let n = requests.takeAll()
+                if n == 0 { break }
+                var x: UInt64 = 1
+                for _ in 0..<(n * 300) { x = x &* 6364136223846793005 &+ 1 }
+                withExtendedLifetime(x) {}
+                replies.put(n)
+            }
+            done.signal()
+        }.start()
+        if background {
+            Thread {
+                // On Linux the nice value is per thread, and `who == 0` means the calling thread.
+                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+                var x: UInt64 = 1
+                while !stop.load(ordering: .relaxed) { x = x &* 6364136223846793005 &+ 1 }
+                withExtendedLifetime(x) {}
+                done.signal()
+            }.start()
+        }
+        requests.put(16)
+        // Timed after a tenth of a second of warming up.
+        let start = now()
+        var last = start
+        var worst = 0.0
+        while last - start < seconds + 0.1 {
+            let n = replies.takeAll()
+            let t = now()
+            if t - start > 0.1 { worst = max(worst, t - last) }
+            last = t
+            requests.put(n)
+        }
+        stop.store(true, ordering: .relaxed)
+        requests.close()
+        done.wait()
+        if background { done.wait() }
+        return worst * 1e6
     }
 
     /// The median round trip of a 64-byte message over a loopback TCP connection (no delay)
