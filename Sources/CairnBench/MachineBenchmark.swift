@@ -14,7 +14,9 @@ import Synchronization
 /// It also measures the floor under every round trip between threads and processes: a TCP round
 /// trip on loopback between two threads blocked in `read` (each message wakes a thread), the same
 /// with both threads spinning on non-blocking sockets (no wake-up), and a wake-up alone (two
-/// threads handing a token back and forth through a condition variable).
+/// threads handing a token back and forth through a condition variable). And the longest gap
+/// between replies in a pipeline of two threads that sleep when idle, alone and beside a thread
+/// that computes at nice 10 (see ``pipelineGap(background:)``).
 struct MachineBenchmark {
     let directory: String
     var seconds = 2.0
