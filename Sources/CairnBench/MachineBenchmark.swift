@@ -38,7 +38,7 @@ struct MachineBenchmark {
 
     /// The longest gap, in microseconds, between two replies in a pipeline of two threads with
     /// 16 requests outstanding: a caller hands requests to a server through a queue and a
-    /// condition variable, the server answers each after ~1 us of work, and both sleep when
+    /// condition variable, the server answers each after 300 multiply-adds, and both sleep when
     /// their queue is empty (as a driver and an actor's worker do). With `background`, a third
     /// thread at nice 10 computes all the while, as a checkpoint writer does: the floor of
     /// `checkpoint.pause_max_us` on this machine, with no Cairn code.
