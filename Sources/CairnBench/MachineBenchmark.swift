@@ -36,6 +36,13 @@ struct MachineBenchmark {
         report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true), "us")
     }
 
+    /// Keeps a CPU busy computing until `stop` is set.
+    static func spin(until stop: borrowing Atomic<Bool>) {
+        var x: UInt64 = 1
+        while !stop.load(ordering: .relaxed) { x = x &* 6364136223846793005 &+ 1 }
+        withExtendedLifetime(x) {}
+    }
+
     /// The longest gap, in microseconds, between two replies in a pipeline of two threads with
     /// 16 requests outstanding: a caller hands requests to a server through a queue and a
     /// condition variable, the server answers each after 300 multiply-adds, and both sleep when
@@ -88,9 +95,7 @@ struct MachineBenchmark {
             Thread {
                 // On Linux the nice value is per thread, and `who == 0` means the calling thread.
                 _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
-                var x: UInt64 = 1
-                while !stop.load(ordering: .relaxed) { x = x &* 6364136223846793005 &+ 1 }
-                withExtendedLifetime(x) {}
+                Self.spin(until: stop)
                 done.signal()
             }.start()
         }
@@ -215,9 +220,7 @@ struct MachineBenchmark {
         for _ in 0..<busy {
             threads.append(Thread {
                 started.add(1, ordering: .relaxed)
-                var x: UInt64 = 1
-                while !stop.load(ordering: .relaxed) { x = x &* 6364136223846793005 &+ 1 }
-                withExtendedLifetime(x) {}
+                Self.spin(until: stop)
                 finished.add(1, ordering: .relaxed)
             })
         }

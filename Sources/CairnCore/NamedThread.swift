@@ -32,4 +32,3 @@ public func nameCurrentThread(_ name: String) {
     close(fd)
     #endif
 }
-
