@@ -16,7 +16,8 @@ import Synchronization
 /// with both threads spinning on non-blocking sockets (no wake-up), and a wake-up alone (two
 /// threads handing a token back and forth through a condition variable). And the longest gap
 /// between replies in a pipeline of two threads that sleep when idle, alone and beside a thread
-/// that computes at nice 10 (see ``pipelineGap(background:)``).
+/// that computes at nice 10, with the threads placed by the kernel and pinned (the pipeline to
+/// one CPU, the computing thread to another; see ``pipelineGap(background:pinning:)``).
 struct MachineBenchmark {
     let directory: String
     var seconds = 2.0
@@ -34,6 +35,11 @@ struct MachineBenchmark {
         report.add("machine.thread_wake_p50_us", wakeUp(), "us")
         report.add("machine.pipeline_gap_max_us", pipelineGap(background: false), "us")
         report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true), "us")
+        if cpus >= 2, let pin = ThreadAffinity.shared {
+            report.add("machine.pipeline_gap_max_us_one_cpu", pipelineGap(background: false, pinning: pin), "us")
+            report.add("machine.pipeline_gap_max_us_one_cpu_background_nice10_other_cpu",
+                       pipelineGap(background: true, pinning: pin), "us")
+        }
     }
 
     /// Keeps a CPU busy computing until `stop` is set.
@@ -49,7 +55,11 @@ struct MachineBenchmark {
     /// their queue is empty (as a driver and an actor's worker do). With `background`, a third
     /// thread at nice 10 computes all the while, as a checkpoint writer does: the floor of
     /// `checkpoint.pause_max_us` on this machine, with no Cairn code.
-    func pipelineGap(background: Bool) -> Double {
+    ///
+    /// With `pinning`, the caller and the server may run only on CPU 0 and the background thread
+    /// only on CPU 1: every hand-off in the pipeline is then a switch on one CPU, never a wake-up
+    /// of another, and the background thread never shares their CPU.
+    func pipelineGap(background: Bool, pinning: ThreadAffinity? = nil) -> Double {
         final class Queue: @unchecked Sendable {
             let condition = NSCondition()
             var items = 0
@@ -81,6 +91,7 @@ struct MachineBenchmark {
         let stop = Atomic<Bool>(false)
         let done = DispatchSemaphore(value: 0)
         Thread {
+            pinning?.pinCurrentThread(to: 0)
             while true {
                 let n = requests.takeAll()
                 if n == 0 { break }
@@ -95,27 +106,37 @@ struct MachineBenchmark {
             Thread {
                 // On Linux the nice value is per thread, and `who == 0` means the calling thread.
                 _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+                pinning?.pinCurrentThread(to: 1)
                 Self.spin(until: stop)
                 done.signal()
             }.start()
         }
-        requests.put(16)
-        // Timed after a tenth of a second of warming up.
-        let start = now()
-        var last = start
-        var worst = 0.0
-        while last - start < seconds + 0.1 {
-            let n = replies.takeAll()
-            let t = now()
-            if t - start > 0.1 { worst = max(worst, t - last) }
-            last = t
-            requests.put(n)
-        }
-        stop.store(true, ordering: .relaxed)
-        requests.close()
+        // The caller, on a thread of its own (this one may not be pinned).
+        let seconds = self.seconds
+        let worst = Atomic<UInt64>(0)
+        Thread {
+            pinning?.pinCurrentThread(to: 0)
+            requests.put(16)
+            // Timed after a tenth of a second of warming up.
+            let start = now()
+            var last = start
+            var longest = 0.0
+            while last - start < seconds + 0.1 {
+                let n = replies.takeAll()
+                let t = now()
+                if t - start > 0.1 { longest = max(longest, t - last) }
+                last = t
+                requests.put(n)
+            }
+            worst.store(UInt64(longest * 1e9), ordering: .relaxed)
+            stop.store(true, ordering: .relaxed)
+            requests.close()
+            done.signal()
+        }.start()
+        done.wait()
         done.wait()
         if background { done.wait() }
-        return worst * 1e6
+        return Double(worst.load(ordering: .relaxed)) / 1e3
     }
 
     /// The median round trip of a 64-byte message over a loopback TCP connection (no delay)
@@ -265,5 +286,25 @@ struct MachineBenchmark {
             last = t
         }
         return worst * 1e6
+    }
+}
+
+/// glibc's `sched_setaffinity`, which the Swift module does not import: looked up once by name.
+struct ThreadAffinity: Sendable {
+    typealias SetAffinity = @convention(c) (Int32, Int, UnsafeRawPointer) -> Int32
+    let setAffinity: SetAffinity
+
+    static let shared: ThreadAffinity? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "sched_setaffinity") else { return nil }
+        return ThreadAffinity(setAffinity: unsafeBitCast(symbol, to: SetAffinity.self))
+    }()
+
+    /// Lets the calling thread run only on `cpu` (below 64); false if the kernel refused.
+    @discardableResult
+    func pinCurrentThread(to cpu: Int) -> Bool {
+        // A `cpu_set_t` is 1,024 bits; pid 0 is the calling thread.
+        var mask = [UInt64](repeating: 0, count: 16)
+        mask[0] = 1 << UInt64(cpu)
+        return mask.withUnsafeBytes { setAffinity(0, $0.count, $0.baseAddress!) } == 0
     }
 }
