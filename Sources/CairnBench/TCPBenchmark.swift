@@ -4,8 +4,8 @@ import Foundation
 let onRemoteNode = RemoteFunction<Int, Int>("bench.onRemoteNode", resources: Resources(cpus: 1, custom: ["remote": 1])) { $0 }
 
 /// `cairn-bench tcp`: the embedded 4-node cluster with its components talking over TCP on
-/// loopback (`ClusterOptions.transport = .tcp`), all in this process. An early measure of the
-/// wire under the runtime; the multi-process cluster is not built yet.
+/// loopback (`ClusterOptions.transport = .tcp`), all in this process: the wire's cost under the
+/// runtime without the cost of separate processes (`cairn-bench cluster` measures those).
 struct TCPBenchmark {
     func run(_ report: Report) async throws {
         var options = ClusterOptions.uniform(nodes: 4)
