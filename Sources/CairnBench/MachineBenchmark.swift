@@ -33,12 +33,15 @@ struct MachineBenchmark {
         report.add("machine.loopback_rtt_p50_us", try loopbackRoundTrip(spinning: false), "us")
         report.add("machine.loopback_rtt_spinning_p50_us", try loopbackRoundTrip(spinning: true), "us")
         report.add("machine.thread_wake_p50_us", wakeUp(), "us")
-        report.add("machine.pipeline_gap_max_us", pipelineGap(background: false), "us")
-        report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true), "us")
-        if cpus >= 2, let pin = ThreadAffinity.shared {
-            report.add("machine.pipeline_gap_max_us_one_cpu", pipelineGap(background: false, pinning: pin), "us")
-            report.add("machine.pipeline_gap_max_us_one_cpu_background_nice10_other_cpu",
-                       pipelineGap(background: true, pinning: pin), "us")
+        report.add("machine.pipeline_gap_max_us", pipelineGap(background: false)!, "us")
+        report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true)!, "us")
+        // Pinned to CPUs 0 and 1, where this process may run on both.
+        if cpus >= 2, let pin = ThreadAffinity.shared,
+           let alone = pipelineGap(background: false, pinning: pin), let beside = pipelineGap(background: true, pinning: pin) {
+            report.add("machine.pipeline_gap_max_us_one_cpu", alone, "us")
+            report.add("machine.pipeline_gap_max_us_one_cpu_background_nice10_other_cpu", beside, "us")
+        } else {
+            FileHandle.standardError.write(Data("machine: threads cannot be pinned to CPUs 0 and 1 here; the pinned pipeline figures are left out\n".utf8))
         }
     }
 
@@ -53,13 +56,15 @@ struct MachineBenchmark {
     /// 16 requests outstanding: a caller hands requests to a server through a queue and a
     /// condition variable, the server answers each after 300 multiply-adds, and both sleep when
     /// their queue is empty (as a driver and an actor's worker do). With `background`, a third
-    /// thread at nice 10 computes all the while, as a checkpoint writer does: the floor of
-    /// `checkpoint.pause_max_us` on this machine, with no Cairn code.
+    /// thread at nice 10 computes all the while, as a checkpoint writer does: what
+    /// `checkpoint.pause_max_us` meets on this machine with no Cairn code, for a driver and a
+    /// worker the kernel places freely.
     ///
     /// With `pinning`, the caller and the server may run only on CPU 0 and the background thread
     /// only on CPU 1: every hand-off in the pipeline is then a switch on one CPU, never a wake-up
-    /// of another, and the background thread never shares their CPU.
-    func pipelineGap(background: Bool, pinning: ThreadAffinity? = nil) -> Double {
+    /// of another, and the background thread never shares their CPU. Nil if a thread could not
+    /// be pinned.
+    func pipelineGap(background: Bool, pinning: ThreadAffinity? = nil) -> Double? {
         final class Queue: @unchecked Sendable {
             let condition = NSCondition()
             var items = 0
@@ -89,9 +94,10 @@ struct MachineBenchmark {
         let requests = Queue()
         let replies = Queue()
         let stop = Atomic<Bool>(false)
+        let unpinned = Atomic<Bool>(false)
         let done = DispatchSemaphore(value: 0)
         Thread {
-            pinning?.pinCurrentThread(to: 0)
+            if let pinning, !pinning.pinCurrentThread(to: 0) { unpinned.store(true, ordering: .relaxed) }
             while true {
                 let n = requests.takeAll()
                 if n == 0 { break }
@@ -106,7 +112,7 @@ struct MachineBenchmark {
             Thread {
                 // On Linux the nice value is per thread, and `who == 0` means the calling thread.
                 _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
-                pinning?.pinCurrentThread(to: 1)
+                if let pinning, !pinning.pinCurrentThread(to: 1) { unpinned.store(true, ordering: .relaxed) }
                 Self.spin(until: stop)
                 done.signal()
             }.start()
@@ -115,7 +121,7 @@ struct MachineBenchmark {
         let seconds = self.seconds
         let worst = Atomic<UInt64>(0)
         Thread {
-            pinning?.pinCurrentThread(to: 0)
+            if let pinning, !pinning.pinCurrentThread(to: 0) { unpinned.store(true, ordering: .relaxed) }
             requests.put(16)
             // Timed after a tenth of a second of warming up.
             let start = now()
@@ -136,6 +142,7 @@ struct MachineBenchmark {
         done.wait()
         done.wait()
         if background { done.wait() }
+        if unpinned.load(ordering: .relaxed) { return nil }
         return Double(worst.load(ordering: .relaxed)) / 1e3
     }
 
@@ -300,7 +307,6 @@ struct ThreadAffinity: Sendable {
     }()
 
     /// Lets the calling thread run only on `cpu` (below 64); false if the kernel refused.
-    @discardableResult
     func pinCurrentThread(to cpu: Int) -> Bool {
         // A `cpu_set_t` is 1,024 bits; pid 0 is the calling thread.
         var mask = [UInt64](repeating: 0, count: 16)
