@@ -35,7 +35,7 @@ struct MachineBenchmark {
         report.add("machine.thread_wake_p50_us", wakeUp(), "us")
         report.add("machine.pipeline_gap_max_us", pipelineGap(background: false)!, "us")
         report.add("machine.pipeline_gap_max_us_background_nice10", pipelineGap(background: true)!, "us")
-        // Pinned to CPUs 0 and 1, where this process may run on both.
+        // The same pipelines pinned to CPUs 0 and 1, if this machine lets threads be pinned there.
         if cpus >= 2, let pin = ThreadAffinity.shared,
            let alone = pipelineGap(background: false, pinning: pin), let beside = pipelineGap(background: true, pinning: pin) {
             report.add("machine.pipeline_gap_max_us_one_cpu", alone, "us")
