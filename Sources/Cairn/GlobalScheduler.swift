@@ -18,7 +18,12 @@ final class GlobalScheduler: @unchecked Sendable {
     init(transport: any Transport, seed: UInt64) {
         self.transport = transport
         random = SeededGenerator(seed: seed)
-        transport.register(.scheduler) { [self] batch in handle(batch) }
+        // Its state is touched only by whoever holds its inbox, so a read handled on the event
+        // loop waits for nothing.
+        transport.register(.scheduler, { [self] batch in handle(batch) }, onEventLoop: { [self] batch in
+            handle(batch)
+            return true
+        })
         transport.send(.control(.subscribeNodes(.scheduler)), to: .controlStore)
     }
 

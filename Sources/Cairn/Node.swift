@@ -135,7 +135,7 @@ final class Node: @unchecked Sendable {
 
     // Everything below is guarded by `condition`, which already makes each access exclusive:
     // the runtime's dynamic exclusivity checks (4% of all samples on the task path) are off for them.
-    private let condition = NSCondition()
+    private let condition = ConditionLock()
     /// Everything this node knows about each object, in one table: one hash lookup per step
     /// of a task's life instead of one per collection (hashing was the largest cost per task).
     @exclusivity(unchecked) private var objects: [ObjectID: ObjectEntry] = [:]
@@ -205,7 +205,7 @@ final class Node: @unchecked Sendable {
         self.mint = IDMint(node: id)
         self.workersTarget = max(1, Int(configuration.resources.cpus.rounded(.down)))
         self.releaseObject = release
-        transport.register(.node(id)) { [self] batch in handle(batch) }
+        transport.register(.node(id), { [self] batch in handle(batch) }, onEventLoop: { [self] batch in tryHandle(batch) })
         transport.send(.control(.registerNode(NodeRecord(id: id, resources: configuration.resources, functions: configuration.functions,
                                                          queued: 0, alive: true, address: transport.localAddress(.node(id))))), to: .controlStore)
         transport.send(.control(.subscribeNodes(.node(id))), to: .controlStore)
@@ -941,12 +941,33 @@ final class Node: @unchecked Sendable {
     // MARK: messages
 
     private func handle(_ batch: [Message]) {
+        condition.lock()
+        handleLocked(batch)
+    }
+
+    /// Handles `batch` on an event loop, only if that costs no wait: when the node's lock is
+    /// free now and nothing in it does more than update memory and send. Otherwise returns
+    /// false, and the transport leaves the batch to the node's inbox thread. An event loop
+    /// that waited for the lock (which workers and the inbox thread take all the time on a
+    /// busy node) would stop every connection it serves, heartbeats included, for as long:
+    /// waits of 100–255 ms were measured under load, enough for peers to declare the node dead.
+    private func tryHandle(_ batch: [Message]) -> Bool {
+        for message in batch {
+            // Hosting an actor opens its storage and may replay its log.
+            if case .createActor = message { return false }
+        }
+        guard condition.tryLock() else { return false }
+        handleLocked(batch)
+        return true
+    }
+
+    /// Entered with the lock held; releases it.
+    private func handleLocked(_ batch: [Message]) {
         var out = Outgoing()
         var created: [(@Sendable (Result<NodeID, CairnError>) -> Void, Result<NodeID, CairnError>)] = []
         var hostLater: [(ActorSpawn, ErasedActorType)] = []
         var described: [(@Sendable (ActorRecord?) -> Void, ActorRecord?)] = []
         var located: [(@Sendable (ObjectLocation?) -> Void, ObjectLocation?)] = []
-        condition.lock()
         for message in batch {
             switch message {
             case .runTasks(let specs):

@@ -77,11 +77,10 @@ final class TCPTransport: Transport, @unchecked Sendable {
         quiet.set()
     }
 
-    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void,
+                  onEventLoop: (@Sendable ([Message]) -> Bool)?) {
         let log = self.log
-        // Messages are decoded on the endpoint's own thread, not on the event loop, which
-        // serves every connection of its share.
-        let inbox = BatchQueue<Delivery>(name: endpoint.description) { [weak self] batch in
+        let decode: @Sendable ([Delivery]) -> [Message] = { [weak self] batch in
             var messages: [Message] = []
             messages.reserveCapacity(batch.count)
             for delivery in batch {
@@ -104,16 +103,30 @@ final class TCPTransport: Transport, @unchecked Sendable {
                     }
                 }
             }
+            return messages
+        }
+        // Messages are decoded on the endpoint's own thread, not on the event loop, which
+        // serves every connection of its share.
+        let inbox = BatchQueue<Delivery>(name: endpoint.description) { batch in
+            let messages = decode(batch)
             if !messages.isEmpty { handler(messages) }
         }
-        // A read that brought a little, to an endpoint whose handler only updates memory and
-        // sends, is handled on the event loop when the inbox is idle and the read before came a
+        // A read that brought a little, to an endpoint that takes reads on the event loop
+        // (`onEventLoop`), is offered to it when the inbox is idle and the read before came a
         // while ago: a message's way through a process then costs no thread wake-up. A larger
         // read, one behind earlier messages, or one of a stream goes through the inbox, so a
         // long batch never holds up the loop's other connections (nor their heartbeats), and a
-        // busy endpoint's thread takes what accumulated at once. The control store's handler
-        // writes to storage: always its inbox.
-        let inline = endpoint != .controlStore
+        // busy endpoint's thread takes what accumulated at once. What `onEventLoop` declines
+        // (it would have to wait) goes to the inbox's thread, ahead of anything queued since.
+        var attempt: (@Sendable ([Delivery]) -> [Delivery]?)?
+        if let onEventLoop {
+            attempt = { deliveries in
+                let messages = decode(deliveries)
+                if messages.isEmpty || onEventLoop(messages) { return nil }
+                return messages.map { Delivery.local($0) }
+            }
+        }
+        let offer = attempt
         // Which messages are new is decided as they are read, before they reach the inbox
         // (see ``TransportStream``).
         let streams = InboundStreams(log: log)
@@ -127,8 +140,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
                                     batch: { connection, payloads in
                                         streams.receive(connection, payloads) { payloads in
                                             let deliveries = payloads.map { Delivery.wire(connection, $0) }
-                                            if inline && Self.isSmall(payloads),
-                                               inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds) { return }
+                                            if let offer, Self.isSmall(payloads),
+                                               inbox.runIfIdle(deliveries, quietNanoseconds: Self.inlineQuietNanoseconds, attempt: offer) { return }
                                             for delivery in deliveries { inbox.post(delivery) }
                                         }
                                     })

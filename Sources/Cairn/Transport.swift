@@ -169,7 +169,13 @@ enum Message: Sendable {
 /// receives messages in batches on the endpoint's own thread. The embedded cluster uses
 /// ``InMemoryTransport``; a TCP transport implements the same contract between processes.
 protocol Transport: Sendable {
-    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void)
+    /// Registers `endpoint`'s handler. `onEventLoop`, if given, is offered a read of a few
+    /// messages on the event loop that read them, to save the endpoint thread's wake-up; it
+    /// must never wait (no contended lock, no I/O), and returns false to leave the batch to the
+    /// endpoint's thread, which then hands it to `handler` in order. A transport without event
+    /// loops ignores it.
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void,
+                  onEventLoop: (@Sendable ([Message]) -> Bool)?)
     func send(_ message: Message, to endpoint: Endpoint)
     func shutdown()
     /// `host:port` where another process reaches `endpoint`, if it is registered here and
@@ -180,6 +186,9 @@ protocol Transport: Sendable {
 }
 
 extension Transport {
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
+        register(endpoint, handler, onEventLoop: nil)
+    }
     func localAddress(_ endpoint: Endpoint) -> String? { nil }
     func forget(_ endpoint: Endpoint) {}
 }
@@ -194,7 +203,8 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
 
     /// Registers `endpoint`'s handler; one registered before is stopped, with whatever was
     /// still queued for it (as when the process behind an endpoint is replaced).
-    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
+    func register(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void,
+                  onEventLoop: (@Sendable ([Message]) -> Bool)?) {
         let inbox = Inbox(name: endpoint.description, handler: handler)
         lock.lock()
         let previous = inboxes.updateValue(inbox, forKey: endpoint)
@@ -269,7 +279,12 @@ final class BatchQueue<Item>: @unchecked Sendable {
     /// Hands `items` to the handler on the calling thread if nothing posted earlier is waiting
     /// or being handled, and the last offer came at least `quietNanoseconds` before `now`, and
     /// returns true; otherwise does nothing and returns false (post them).
-    func runIfIdle(_ items: [Item], quietNanoseconds: UInt64 = 0, now: UInt64 = DispatchTime.now().uptimeNanoseconds) -> Bool {
+    ///
+    /// With `attempt`, that runs instead of the handler, with the same exclusion, and returns
+    /// what it left (nil if nothing): those items go to the head of the queue, ahead of any
+    /// posted meanwhile, for the queue's thread.
+    func runIfIdle(_ items: [Item], quietNanoseconds: UInt64 = 0, now: UInt64 = DispatchTime.now().uptimeNanoseconds,
+                   attempt: (([Item]) -> [Item]?)? = nil) -> Bool {
         condition.lock()
         let quiet = lastOffered.map { now &- $0 >= quietNanoseconds } ?? true
         lastOffered = now
@@ -279,8 +294,10 @@ final class BatchQueue<Item>: @unchecked Sendable {
         }
         busy = true
         condition.unlock()
-        handler(items)
+        var left: [Item]?
+        if let attempt { left = attempt(items) } else { handler(items) }
         condition.lock()
+        if let left, !left.isEmpty { pending.insert(contentsOf: left, at: 0) }
         busy = false
         if !pending.isEmpty || stopped { condition.signal() }
         condition.unlock()

@@ -209,6 +209,96 @@ struct TCPTransportTests {
         for _ in 0..<2_000 where sender.unacknowledged(to: destination) > 0 { try await Task.sleep(for: .milliseconds(5)) }
         #expect(sender.unacknowledged(to: destination) == 0)
     }
+
+    @Test("a read the event loop's handler declines (it would have to wait) is handled on the endpoint's thread, in order with the reads after it, exactly once")
+    func declinedReadsGoToTheEndpointThread() async throws {
+        let token = ClusterToken.generate()
+        let lost = Locked<[String]>([])
+        let receiver = TCPTransport(token: token, name: "receiver", log: { _ in })
+        let sender = TCPTransport(token: token, name: "sender", log: { _ in }, peerLost: { peer, _ in lost.update { $0.append(peer) } })
+        defer {
+            sender.shutdown()
+            receiver.shutdown()
+        }
+        let destination = Endpoint.node(NodeID(1))
+        // `gate` stands for a lock another thread holds: the event loop's handler declines while
+        // it is held, and the endpoint's thread waits for it, as a node's inbox thread waits for
+        // the node's lock.
+        let gate = Gate()
+        struct Handled: Equatable {
+            let value: Int
+            let onEventLoop: Bool
+        }
+        let handled = Locked<[Handled]>([])
+        let offers = Locked(0)
+        receiver.register(destination, { messages in
+            gate.waitOpen()
+            // The endpoint's own thread is named for its inbox; an event loop's is not.
+            let thread = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? ""
+            let onLoop = !thread.hasPrefix("cairn-inbox")
+            for case .control(.reportLoad(_, let queued)) in messages { handled.update { $0.append(Handled(value: queued, onEventLoop: onLoop)) } }
+        }, onEventLoop: { messages in
+            offers.update { $0 += 1 }
+            guard !gate.isHeld else { return false }
+            for case .control(.reportLoad(_, let queued)) in messages { handled.update { $0.append(Handled(value: queued, onEventLoop: true)) } }
+            return true
+        })
+        guard let address = receiver.localAddress(destination), let (host, port) = TCPTransport.split(address) else {
+            Issue.record("the receiver has no address")
+            return
+        }
+        sender.setAddress(destination, host: host, port: port)
+
+        func waitFor(_ count: Int) async throws {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while handled.value.count < count && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(2)) }
+        }
+        // Free: a lone message is taken on the event loop.
+        sender.send(.control(.reportLoad(NodeID(2), queued: 0)), to: destination)
+        try await waitFor(1)
+        #expect(handled.value == [Handled(value: 0, onEventLoop: true)])
+
+        // Held for longer than a silent peer is given (250 ms): messages sent one at a time are
+        // declined on the loop and wait for the endpoint's thread, which waits for the holder.
+        gate.hold()
+        let offeredBefore = offers.value
+        for i in 1...5 {
+            try await Task.sleep(for: .milliseconds(2))
+            sender.send(.control(.reportLoad(NodeID(2), queued: i)), to: destination)
+        }
+        try await Task.sleep(for: .milliseconds(400))
+        #expect(handled.value.count == 1, "a message was handled while the holder held on")
+        #expect(offers.value > offeredBefore, "no read was offered to the event loop while held")
+        gate.open()
+        try await waitFor(6)
+        let after = handled.value
+        #expect(after.map(\.value) == Array(0...5), "handled \(after.map(\.value))")
+        #expect(after.dropFirst().allSatisfy { !$0.onEventLoop }, "the handler that waits ran on an event loop: \(after)")
+        #expect(lost.value.isEmpty, "the sender lost the receiver: \(lost.value)")
+    }
+}
+
+/// A gate threads wait at while it is held.
+final class Gate: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var held = false
+
+    var isHeld: Bool { condition.withLock { held } }
+
+    func hold() { condition.withLock { held = true } }
+
+    func open() {
+        condition.withLock {
+            held = false
+            condition.broadcast()
+        }
+    }
+
+    func waitOpen() {
+        condition.lock()
+        while held { condition.wait() }
+        condition.unlock()
+    }
 }
 
 @Suite("Inbox queue: batches in order, run by the caller when idle")
