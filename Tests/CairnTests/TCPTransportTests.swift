@@ -389,6 +389,63 @@ struct BatchQueueTests {
         #expect(handled.value == [1, 4])
     }
 
+    @Test("what a caller's attempt leaves goes to the head of the queue, ahead of items posted while it ran; the handler takes them in that order")
+    func attemptLeftoversGoFirst() async throws {
+        let seen = Locked<[Int]>([])
+        let queue = BatchQueue<Int>(name: "test") { batch in seen.update { $0.append(contentsOf: batch) } }
+        defer { queue.stop() }
+        let taken = queue.runIfIdle([1, 2, 3]) { items in
+            // Posted meanwhile, from the attempt's own thread: it must wait behind what is left.
+            queue.post(4)
+            return Array(items.dropFirst())  // took 1, left 2 and 3
+        }
+        #expect(taken)
+        try await eventuallyTrue("the leftovers and the later item handled") { seen.value.count == 3 }
+        #expect(seen.value == [2, 3, 4])
+        // An attempt that takes everything leaves nothing for the thread.
+        #expect(queue.runIfIdle([5]) { _ in nil })
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(seen.value == [2, 3, 4])
+    }
+
+    @Test("a ConditionLock can be tried: it fails while another thread holds the lock and succeeds once released; wait and signal hand over")
+    func conditionLockTries() async throws {
+        let lock = ConditionLock()
+        let holding = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        startThread(named: "test-holder") {
+            lock.lock()
+            holding.signal()
+            release.wait()
+            lock.unlock()
+        }
+        holding.wait()
+        #expect(!lock.tryLock(), "taken while another thread held it")
+        release.signal()
+        var taken = false
+        for _ in 0..<2_000 where !taken {
+            taken = lock.tryLock()
+            if !taken { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        #expect(taken, "never taken after the holder released it")
+        if taken { lock.unlock() }
+        // A waiter wakes when signalled, with the lock held again.
+        let ready = Locked(false)
+        let woke = DispatchSemaphore(value: 0)
+        startThread(named: "test-waiter") {
+            lock.lock()
+            while !ready.value { lock.wait() }
+            lock.unlock()
+            woke.signal()
+        }
+        try await Task.sleep(for: .milliseconds(10))
+        lock.lock()
+        ready.update { $0 = true }
+        lock.signal()
+        lock.unlock()
+        #expect(woke.wait(timeout: .now() + 30) == .success, "the waiter was not woken")
+    }
+
     func eventuallyTrue(_ what: String, _ condition: () -> Bool) async throws {
         for _ in 0..<4_000 {
             if condition() { return }
