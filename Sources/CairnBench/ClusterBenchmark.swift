@@ -26,6 +26,7 @@ struct ClusterBenchmark {
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         report.add("cluster.process_start_ms", (now() - t0) * 1000, "ms")
+        let started = Set(cluster.nodeProcesses.map(\.node))
 
         // Tasks from the driver, placed by the global scheduler on the node processes.
         _ = try await cluster.get(try (0..<20_000).map { try ClusterWorkload.identity.remote($0) })
@@ -74,6 +75,10 @@ struct ClusterBenchmark {
             calls.append(Double(n) / (now() - t))
         }
         report.add("cluster.actor_calls_per_s", median(calls), "calls/s")
+        // Nothing was killed so far: a node process gone now was declared dead while alive
+        // (busy, its peers heard nothing from it for the failure timeout) and replaced.
+        let lost = started.subtracting(cluster.nodeProcesses.map(\.node)).count
+        report.add("cluster.live_nodes_declared_dead", Double(lost), "nodes", goal: "0")
         try await detect(report, cluster)
     }
 
