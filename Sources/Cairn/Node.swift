@@ -953,8 +953,16 @@ final class Node: @unchecked Sendable {
     /// waits of 100–255 ms were measured under load, enough for peers to declare the node dead.
     private func tryHandle(_ batch: [Message]) -> Bool {
         for message in batch {
-            // Hosting an actor opens its storage and may replay its log.
-            if case .createActor = message { return false }
+            switch message {
+            case .createActor:
+                // Hosting an actor opens its storage and may replay its log.
+                return false
+            case .nodeTable:
+                // A node's death, when the table brings one, is a pass over every object here.
+                return false
+            default:
+                continue
+            }
         }
         guard condition.tryLock() else { return false }
         handleLocked(batch)
