@@ -118,15 +118,13 @@ final class TCPTransport: Transport, @unchecked Sendable {
         // long batch never holds up the loop's other connections (nor their heartbeats), and a
         // busy endpoint's thread takes what accumulated at once. What `onEventLoop` declines
         // (it would have to wait) goes to the inbox's thread, ahead of anything queued since.
-        var attempt: (@Sendable ([Delivery]) -> [Delivery]?)?
-        if let onEventLoop {
-            attempt = { deliveries in
+        let offer: (@Sendable ([Delivery]) -> [Delivery]?)? = onEventLoop.map { onEventLoop in
+            { @Sendable (deliveries: [Delivery]) -> [Delivery]? in
                 let messages = decode(deliveries)
                 if messages.isEmpty || onEventLoop(messages) { return nil }
                 return messages.map { Delivery.local($0) }
             }
         }
-        let offer = attempt
         // Which messages are new is decided as they are read, before they reach the inbox
         // (see ``TransportStream``).
         let streams = InboundStreams(log: log)
