@@ -12,7 +12,9 @@
 ///   alive, it is added as a learner behind the tail, `learnerDelay` after the chain last lost
 ///   a replica. Once the tail reports that the learner has caught up, the learner becomes the
 ///   tail, after a handoff from the previous tail.
-/// - The last replica of a chain is never removed: the shard waits for it to come back.
+/// - The last replica of a chain is never removed: the shard waits for it to come back, and
+///   when it does, issues a new configuration with the same members, so that a replica that
+///   restarted and its learner begin their parts again.
 ///
 /// The configurations are persisted (`persistConfig`) before they are sent; a restarted
 /// coordinator starts from them and treats every replica as holding a fresh lease, because it
@@ -56,6 +58,8 @@ public struct Coordinator: Sendable {
     private var servingEpoch: [Int: UInt64] = [:]
     /// Per shard: when its chain last lost a replica (see ``Options/learnerDelay``).
     private var shrunkAt: [Int: UInt64] = [:]
+    /// Shards that need a new configuration even if their chain stays the same.
+    private var renew: Set<Int> = []
 
     /// A coordinator for shards whose first configurations are `configs` (shard i at index i).
     /// `replicas` maps every replica, in a chain or standing by, to its shard.
@@ -82,6 +86,11 @@ public struct Coordinator: Sendable {
         switch message {
         case .report(let r):
             guard case .replica(let id) = from, id == r.replica, let shard = replicas[id], shard == r.shard else { return [] }
+            // A chain member heard from again after it was counted failed (the last replica,
+            // which is never removed): it may have restarted and lost what it held in memory,
+            // such as its learner's join or its subscribers. A new configuration makes every
+            // member start its part again.
+            if !alive(id, now: now) && configs[shard].chain.contains(id) { renew.insert(shard) }
             lastHeard[id] = now
             exited.remove(id)
             reports[id] = r
@@ -192,7 +201,8 @@ public struct Coordinator: Sendable {
             learner = standby
         }
 
-        guard chain != c.chain || learner != c.learner else { return [] }
+        guard chain != c.chain || learner != c.learner || renew.contains(shard) else { return [] }
+        renew.remove(shard)
         let next = ChainConfig(shard: shard, epoch: c.epoch + 1, chain: chain, learner: learner, handoffFrom: handoff)
         configs[shard] = next
         var actions: [GCSAction] = [.persistConfig(next)]

@@ -349,6 +349,56 @@ struct GCSCoreTests {
         #expect(caughtUp(tail.tick(now: 201)) == true)
     }
 
+    @Test("the last replica of a chain, restarted while its learner caught up, comes back in a new configuration: the learner joins again and catches up")
+    func restartedLastReplicaRenewsConfiguration() {
+        let (chainLog, options, config) = Self.learnerJoin
+        var coordinator = Coordinator(configs: [config], replicas: [0: 0, 1: 0],
+                                      options: Coordinator.Options(replicationFactor: 2, failureTimeout: 30, leaseDuration: Self.lease), now: 0)
+        var tail = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
+        var learner = ChainReplica(id: 0, shard: 0, options: options, recovering: Array(chainLog.prefix(2)), config: nil)
+        guard let (join, _) = Self.join(in: learner.handle(.configure(config, leaseFrom: nil), from: .coordinator, now: 1)) else { return }
+        // The tail accepts the join and dies before the updates it streams arrive.
+        for m in Self.sends(tail.handle(join, from: .replica(0), now: 2)) {
+            if case .joinAccepted = m { _ = learner.handle(m, from: .replica(1), now: 3) }
+        }
+        #expect(coordinator.replicaExited(1, now: 4).isEmpty, "the last replica is kept; the shard waits for it")
+        var restarted = ChainReplica(id: 1, shard: 0, options: options, recovering: chainLog, config: config)
+        /// Delivers messages between the two replicas, and ticks both, until `t` reaches `until`.
+        func run(_ first: [GCSAction], from t0: UInt64, until: UInt64) {
+            var queue = first.compactMap { a -> (GCSMessage, Endpoint, Endpoint)? in
+                if case .send(let m, let to) = a { return (m, .coordinator, to) } else { return nil }
+            }
+            var t = t0
+            while t < until {
+                t += 1
+                var next: [(GCSMessage, Endpoint, Endpoint)] = []
+                func step(_ actions: [GCSAction], from: Endpoint) {
+                    for case .send(let m, let to) in actions { next.append((m, from, to)) }
+                }
+                for (m, from, to) in queue {
+                    if to == .replica(0) { step(learner.handle(m, from: from, now: t), from: .replica(0)) }
+                    if to == .replica(1) { step(restarted.handle(m, from: from, now: t), from: .replica(1)) }
+                }
+                step(learner.tick(now: t), from: .replica(0))
+                step(restarted.tick(now: t), from: .replica(1))
+                queue = next
+            }
+        }
+        // In the same configuration the restarted tail knows nothing of the join, and the
+        // learner, which was accepted, never asks again: nothing moves.
+        run([], from: 4, until: 200)
+        #expect(learner.lastSequence == 2, "the learner took updates from a tail that forgot it")
+        // The tail reports: the coordinator, which saw it exit, issues a new configuration.
+        _ = coordinator.handle(Self.report(0, epoch: 5, at: 200), from: .replica(0), now: 200)
+        #expect(coordinator.configs[0] == config, "a learner's report changes nothing")
+        let renewed = coordinator.handle(Self.report(1, epoch: 5, at: 201, serving: true), from: .replica(1), now: 201)
+        #expect(coordinator.configs[0] == ChainConfig(shard: 0, epoch: 6, chain: [1], learner: 0))
+        #expect(renewed.contains(.persistConfig(coordinator.configs[0])))
+        run(renewed, from: 201, until: 400)
+        #expect(learner.log == chainLog, "the learner caught up in the new configuration")
+        #expect(Self.sends(restarted.tick(now: 401)).contains { if case .report(let r) = $0 { return r.learnerCaughtUp } else { return false } })
+    }
+
     @Test("a learner asks to join again only after an interval, and a join asked again gets the same answer without the stream starting over")
     func repeatedJoinIsAnsweredCheaply() {
         let (chainLog, options, config) = Self.learnerJoin
