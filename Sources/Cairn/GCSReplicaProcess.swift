@@ -153,6 +153,12 @@ final class RemoteReplica: Sendable {
         }
     }
 
+    /// Forgets the connection of a process that exited: what still comes on it is not delivered.
+    func exited() { state.withLock { $0.connection = nil } }
+
+    /// Whether `connection` is the replica's current one (frames from another are stale).
+    func isCurrent(_ connection: WireConnection) -> Bool { state.withLock { $0.connection === connection } }
+
     /// SIGKILLs the replica's process (one this head started).
     func kill() {
         let pid = state.withLock { $0.pid }
@@ -173,7 +179,15 @@ final class ReplicaSupervisor: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     /// A frame as it came: from which replica, on which connection, its bytes.
     typealias Incoming = (ReplicaID, WireConnection, [UInt8])
-    private let inbox: BatchQueue<Incoming>
+    /// What the inbox takes, in order: frames, and the end of a replica's process or connection.
+    /// A replica's end goes through the same queue as its frames, and frames from a connection
+    /// that is no longer the replica's are dropped, so the coordinator never hears from a
+    /// replica after it heard that it exited (a late report would make it alive again).
+    enum Arrival {
+        case frame(Incoming)
+        case gone(ReplicaID)
+    }
+    private let inbox: BatchQueue<Arrival>
     /// Frames from one replica to another, one queue and thread per destination: a long
     /// stream to one replica (a learner's snapshot and catch-up, each frame decoded here to check
     /// it) does not hold up what goes to the others, or the replies to clients.
@@ -202,10 +216,20 @@ final class ReplicaSupervisor: @unchecked Sendable {
         let relays = self.relays
         // Frames are decoded and routed on threads of their own, never on an event loop,
         // which must stay free to keep every connection's heartbeats going.
-        let inbox = BatchQueue<Incoming>(name: "gcs-replicas") { [weak gcs] batch in
+        let inbox = BatchQueue<Arrival>(name: "gcs-replicas") { [weak gcs] batch in
             guard let gcs else { return }
             let decoder = BinaryDecoder()
-            for item in batch {
+            for arrival in batch {
+                let item: Incoming
+                switch arrival {
+                case .gone(let r):
+                    gcs.coordinatorWorker.post(.exited(r))
+                    gcs.clientWorker.post(.exited(r))
+                    continue
+                case .frame(let frame):
+                    guard remotes.get(frame.0)?.isCurrent(frame.1) == true else { continue }  // from a connection that ended
+                    item = frame
+                }
                 // A frame for another replica goes to that replica's relay, which checks it and
                 // sends it on as it came.
                 if let header = try? decoder.decode(GCSFrameHeader.self, from: item.2), case .replica(let to) = header.to,
@@ -234,11 +258,10 @@ final class ReplicaSupervisor: @unchecked Sendable {
             remote.connected(connection)
         }, message: { connection, bytes in
             guard let r = Self.replica(connection) else { return }
-            inbox.post((r, connection, bytes))
-        }, closed: { [weak gcs] connection, _ in
-            guard let gcs, let r = Self.replica(connection), let remote = remotes.get(r), remote.disconnected(connection) else { return }
-            gcs.coordinatorWorker.post(.exited(r))
-            gcs.clientWorker.post(.exited(r))
+            inbox.post(.frame((r, connection, bytes)))
+        }, closed: { connection, _ in
+            guard let r = Self.replica(connection), let remote = remotes.get(r), remote.disconnected(connection) else { return }
+            inbox.post(.gone(r))
         }, log: { log($0) })
         do {
             listener = try Wire.listenBlocking(host: processes.host, port: 0, token: processes.token, epoch: 1, handlers: handlers,
@@ -332,7 +355,9 @@ final class ReplicaSupervisor: @unchecked Sendable {
             // The coordinator hears of the exit before the next process can report: a replica
             // that came back in the same configuration would have lost what it held in memory
             // (updates not yet acknowledged downstream, subscriptions), and the chain would stall.
-            gcs?.coordinatorWorker.post(.exited(r))
+            // Nothing the dead process sent is delivered after this.
+            remotes.get(r)?.exited()
+            inbox.post(.gone(r))
             let selfExit = status & 0x7F == 0
             log("replica \(r)'s process (pid \(pid)) \(selfExit ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"); starting it again from its LMDB")
             quickExits = selfExit && ContinuousClock.now - started < .seconds(2) ? quickExits + 1 : 0
