@@ -466,7 +466,10 @@ struct ProcessClusterTests {
         // alive, so it catches up and becomes the tail. The head starts the killed ones again
         // 100 ms later; if the head was held up that long (a loaded machine), one of them may
         // take the place first, which is right too, and the round is repeated.
-        func chainIsWhole() -> Bool { gcs.configurations()[0].chain.count == 3 && gcs.configurations()[0].learner == nil }
+        func chainIsWhole() -> Bool {
+            let c = gcs.configurations()[0]  // one reading: the chain and the learner of the same configuration
+            return c.chain.count == 3 && c.learner == nil
+        }
         var rounds: [String] = []
         while rounds.count < 5 && !gcs.configurations()[0].chain.contains(joined) {
             let whole = ContinuousClock.now + .seconds(60)
