@@ -211,10 +211,15 @@ final class NodeSupervisor: @unchecked Sendable {
         /// The node it runs; nil for the global scheduler.
         let node: NodeID?
         let pid: pid_t
+        /// What it was started with (nil for the global scheduler), for its replacement.
+        let configuration: NodeConfiguration?
     }
 
     private let lock = NSLock()
     private var children: [pid_t: Child] = [:]
+    /// Children whose node was declared dead (and killed) before their process was reaped:
+    /// their replacement, if any, was decided then, not when the process is reaped.
+    private var retired: Set<pid_t> = []
     private var nextID: Int
     private var stopping = false
     /// Node processes in a row that exited (not killed) within ``quickExit`` of starting: after three, no
@@ -263,7 +268,7 @@ final class NodeSupervisor: @unchecked Sendable {
     }
 
     /// The node processes running now, by node.
-    var running: [Child] { lock.withLock { children.values.filter { $0.node != nil }.sorted { $0.node! < $1.node! } } }
+    var running: [Child] { lock.withLock { children.values.filter { $0.node != nil && !retired.contains($0.pid) }.sorted { $0.node! < $1.node! } } }
 
     /// The pid of the global scheduler's process, if it runs.
     var schedulerPID: pid_t? { lock.withLock { children.values.first { $0.node == nil }?.pid } }
@@ -337,48 +342,64 @@ final class NodeSupervisor: @unchecked Sendable {
 
     private func spawn(_ launch: NodeLaunch, configuration: NodeConfiguration?, launcher: [String]) throws -> Child {
         let pid = try launch.start(launcher + [executable])
-        let child = Child(node: launch.role == .node ? launch.node : nil, pid: pid)
+        let child = Child(node: launch.role == .node ? launch.node : nil, pid: pid, configuration: configuration)
         lock.withLock { children[pid] = child }
-        startThread(named: "cairn-watch-\(pid)") { [self] in watch(child, configuration) }
+        startThread(named: "cairn-watch-\(pid)") { [self] in watch(child) }
         return child
     }
 
-    private func watch(_ child: Child, _ configuration: NodeConfiguration?) {
+    private func watch(_ child: Child) {
         let started = ContinuousClock.now
         var status: Int32 = 0
         while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
         let how = status & 0x7F == 0 ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"
         // A kill is the chaos harness's or the operator's; an exit this soon is the program's.
         let quick = status & 0x7F == 0 && ContinuousClock.now - started < Self.quickExit
-        let (stopping, restart, quickExits) = lock.withLock { () -> (Bool, Bool, Int) in
+        let (stopping, restart, quickExits, retired) = lock.withLock { () -> (Bool, Bool, Int, Bool) in
             children[child.pid] = nil
             self.quickExits = quick ? self.quickExits + 1 : 0
-            return (self.stopping, self.restart, self.quickExits)
+            return (self.stopping, self.restart, self.quickExits, self.retired.remove(child.pid) != nil)
         }
         guard !stopping else { return }
         let what = child.node?.description ?? "the global scheduler"
         if let node = child.node {
             exited(node, "its process (pid \(child.pid)) \(how)")
-            guard restart else { return }
+            // Declared dead before it was reaped: replaced (or not) then.
+            guard restart, !retired else { return }
         }
         guard quickExits < 3 else {
             log("\(what)'s process \(how), the third node process in a row to end within \(Self.quickExit) of starting; no replacement (is \(executable) calling Cluster.runNodeIfLaunched first thing in main?)")
             return
         }
+        replace(child, because: "\(what)'s process \(how)")
+    }
+
+    /// Starts a process in place of `child`, logging why.
+    private func replace(_ child: Child, because why: String) {
         do {
-            let replacement = try start(configuration)
-            log("\(what)'s process \(how); started \(replacement.node?.description ?? "another") (pid \(replacement.pid)) in its place")
+            let replacement = try start(child.configuration)
+            log("\(why); started \(replacement.node?.description ?? "another") (pid \(replacement.pid)) in its place")
         } catch {
-            log("\(what)'s process \(how); no replacement: \(error)")
+            log("\(why); no replacement: \(error)")
         }
     }
 
     /// SIGKILLs the process of a node the cluster declared dead, if it still runs (its
     /// connections fell silent but it lives on): it must not keep a durable actor's lock, or
-    /// act for a node the others consider gone.
+    /// act for a node the others consider gone. Its replacement starts now, not once the
+    /// process is reaped: a killed process can take seconds to end on a loaded machine (a
+    /// thread finishing a sync, its memory torn down), and a test saw one take over a minute.
     func fence(_ node: NodeID) {
-        lock.withLock {
-            for child in children.values where child.node == node { kill(child.pid, SIGKILL) }
+        let replaced: Child? = lock.withLock {
+            guard let child = children.values.first(where: { $0.node == node }), !retired.contains(child.pid) else { return nil }
+            kill(child.pid, SIGKILL)
+            retired.insert(child.pid)
+            return restart && !stopping && quickExits < 3 ? child : nil
+        }
+        // On a thread of its own: starting a process takes a while, and the caller may be an
+        // event loop.
+        if let replaced {
+            startThread(named: "cairn-replace") { [self] in replace(replaced, because: "\(node) was declared dead and its process (pid \(replaced.pid)) killed") }
         }
     }
 

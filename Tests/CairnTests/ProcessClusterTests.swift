@@ -297,12 +297,16 @@ struct ProcessClusterTests {
         let status = try await cluster.status(of: counter)
         #expect(status.node != hostNode && status.state == .alive && status.restarts >= 1, "\(status)")
         // The stopped process was killed (a SIGKILL ends even a stopped process), not left holding
-        // the lock: its supervisor reaps it (on a loaded machine, some time after the actor moved).
-        let deadline = ContinuousClock.now + .seconds(30)
-        while cluster.nodeProcesses.contains(where: { $0.pid == host.pid }) && ContinuousClock.now < deadline {
+        // the lock, and is no longer listed as running. Its supervisor reaps it (on a loaded
+        // machine, some time after the actor moved): then no process has its pid any more.
+        #expect(!cluster.nodeProcesses.contains { $0.pid == host.pid })
+        let deadline = ContinuousClock.now + .seconds(60)
+        while kill(host.pid, 0) == 0 && ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(5))
         }
-        #expect(!cluster.nodeProcesses.contains { $0.pid == host.pid })
+        #expect(kill(host.pid, 0) == -1 && errno == ESRCH, "the stopped node's process (pid \(host.pid)) was not killed")
+        // A replacement joined in its place.
+        _ = try await Self.waitForAlive(cluster, count: options.nodes.count, excluding: [hostNode])
     }
 
     @Test("GCS replicas in their own processes under a cluster of processes: the chain's head, middle and tail SIGKILLed in turn while tasks and a durable actor run; nothing is lost")
