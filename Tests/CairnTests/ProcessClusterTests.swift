@@ -309,6 +309,52 @@ struct ProcessClusterTests {
         _ = try await Self.waitForAlive(cluster, count: options.nodes.count, excluding: [hostNode])
     }
 
+    @Test("a node declared dead is replaced at once, while its killed process cannot be reaped yet")
+    func replacementDoesNotWaitForTheReap() async throws {
+        let cluster = try await Cluster.local(Self.options())
+        defer { cluster.shutdown() }
+        let victim = try #require(cluster.nodeProcesses.first)
+        // A process traced by another is reported to its parent only once the tracer has let
+        // it go: the killed node stays a zombie the head cannot reap, as a killed process whose
+        // threads take long to end does on a loaded machine. The tracer is a few lines of
+        // Python (ptrace is variadic in C, so Swift cannot call it).
+        let tracer = Process()
+        tracer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        tracer.arguments = ["python3", "-c", """
+            import ctypes, os, sys
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+                print("cannot trace: " + os.strerror(ctypes.get_errno()), flush=True); sys.exit(1)
+            print("traced", flush=True)
+            sys.stdin.read()
+            """, String(victim.pid)]
+        let input = Pipe(), output = Pipe()
+        tracer.standardInput = input
+        tracer.standardOutput = output
+        tracer.standardError = output
+        try tracer.run()
+        let said = String(decoding: output.fileHandleForReading.availableData, as: UTF8.self)
+        guard said.hasPrefix("traced") else {
+            print("replacement without the reap: skipped, no tracer (\(said.isEmpty ? "python3 did not start" : said.trimmingCharacters(in: .whitespacesAndNewlines)))")
+            try? input.fileHandleForWriting.close()
+            tracer.waitUntilExit()
+            return
+        }
+        kill(victim.pid, SIGKILL)
+        _ = try await Self.waitForAlive(cluster, count: Self.options().nodes.count, excluding: [victim.node])
+        #expect(kill(victim.pid, 0) == 0, "the killed node's process was reaped before its replacement joined; the test proves nothing")
+        #expect(!cluster.nodeProcesses.contains { $0.pid == victim.pid })
+        // The tracer lets go; the head reaps the process.
+        try input.fileHandleForWriting.close()
+        tracer.waitUntilExit()
+        let deadline = ContinuousClock.now + .seconds(60)
+        while kill(victim.pid, 0) == 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(kill(victim.pid, 0) == -1 && errno == ESRCH, "the killed node's process (pid \(victim.pid)) was never reaped")
+        // Nothing starts a second replacement once it is reaped.
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(cluster.nodeProcesses.count == Self.options().nodes.count - 1, "node processes after the reap: \(cluster.nodeProcesses)")
+    }
+
     @Test("GCS replicas in their own processes under a cluster of processes: the chain's head, middle and tail SIGKILLed in turn while tasks and a durable actor run; nothing is lost")
     func gcsReplicaProcessesKilled() async throws {
         let directory = try TemporaryDirectory()
