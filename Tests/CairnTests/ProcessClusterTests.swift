@@ -311,7 +311,8 @@ struct ProcessClusterTests {
 
     @Test("a node declared dead is replaced at once, while its killed process cannot be reaped yet")
     func replacementDoesNotWaitForTheReap() async throws {
-        let cluster = try await Cluster.local(Self.options())
+        let options = Self.options()
+        let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         let victim = try #require(cluster.nodeProcesses.first)
         // A process traced by another is reported to its parent only once the tracer has let
@@ -341,7 +342,7 @@ struct ProcessClusterTests {
             return
         }
         kill(victim.pid, SIGKILL)
-        _ = try await Self.waitForAlive(cluster, count: Self.options().nodes.count, excluding: [victim.node])
+        _ = try await Self.waitForAlive(cluster, count: options.nodes.count, excluding: [victim.node])
         #expect(kill(victim.pid, 0) == 0, "the killed node's process was reaped before its replacement joined; the test proves nothing")
         #expect(!cluster.nodeProcesses.contains { $0.pid == victim.pid })
         // The tracer lets go; the head reaps the process.
@@ -352,7 +353,7 @@ struct ProcessClusterTests {
         #expect(kill(victim.pid, 0) == -1 && errno == ESRCH, "the killed node's process (pid \(victim.pid)) was never reaped")
         // Nothing starts a second replacement once it is reaped.
         try await Task.sleep(for: .milliseconds(200))
-        #expect(cluster.nodeProcesses.count == Self.options().nodes.count - 1, "node processes after the reap: \(cluster.nodeProcesses)")
+        #expect(cluster.nodeProcesses.count == options.nodes.count - 1, "node processes after the reap: \(cluster.nodeProcesses)")
     }
 
     @Test("GCS replicas in their own processes under a cluster of processes: the chain's head, middle and tail SIGKILLed in turn while tasks and a durable actor run; nothing is lost")
