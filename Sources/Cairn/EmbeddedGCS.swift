@@ -504,8 +504,11 @@ public final class EmbeddedGCS: @unchecked Sendable {
             var anyBusy = false
             while !stopped.value {
                 // With every component idle, the ticker itself sleeps until the next idle tick.
-                usleep(UInt32(anyBusy ? interval : idleInterval))
+                let asked = anyBusy ? interval : idleInterval
+                let before = monotonicNanoseconds()
+                usleep(UInt32(asked))
                 let at = monotonicNanoseconds()
+                if let warning = GCSStall.lateTick(askedMicroseconds: asked, sleptNanoseconds: at - before) { GCSStall.log(warning) }
                 let idle = at >= idleTickAt + (idleInterval - interval / 2) * 1_000
                 if idle { idleTickAt = at }
                 let workers = replicaHosts.values.map(\.worker) + [coordinatorWorker, clientWorker]
@@ -594,7 +597,9 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Persists what the actions ask, in one fsync'd commit, then sends the messages.
     func perform(_ actions: [GCSAction], from: CairnGCS.Endpoint, store: DurableStore? = nil) {
         do {
+            let started = monotonicNanoseconds()
             try Self.persist(actions, coordinator: from == .coordinator, to: from == .coordinator ? coordinatorStore : store)
+            if let warning = GCSStall.slowCommit(by: "\(from)", nanoseconds: monotonicNanoseconds() - started) { GCSStall.log(warning) }
         } catch {
             // A replica that cannot persist must not send what depends on it: it stops, as a
             // crashed process would, and the coordinator replaces it.
@@ -1019,5 +1024,34 @@ final class ResultBox<T: Sendable>: @unchecked Sendable {
         defer { condition.unlock() }
         while result == nil { condition.wait() }
         return result!
+    }
+}
+
+/// Warnings for waits far longer than asked. A tick thread that wakes seconds late stops every
+/// replica's reports, so the tails' leases lapse and writes go unanswered; a commit that takes
+/// seconds holds up its replica's whole chain. Either shows as a GCS that stops answering,
+/// and the warning in the log says which it was, and for how long.
+enum GCSStall {
+    /// Waits longer than this (beyond what was asked) are reported.
+    static let thresholdNanoseconds: UInt64 = 1_000_000_000
+
+    /// The warning for a tick thread that asked to sleep `askedMicroseconds` and slept
+    /// `sleptNanoseconds`; nil if it woke in time.
+    static func lateTick(askedMicroseconds: UInt64, sleptNanoseconds: UInt64) -> String? {
+        let late = sleptNanoseconds &- min(sleptNanoseconds, askedMicroseconds * 1_000)
+        guard late > thresholdNanoseconds else { return nil }
+        return "the tick thread woke \(milliseconds(late)) ms late (it asked to sleep \(askedMicroseconds) µs): reports, leases and resends waited as long; this process or the machine was stalled"
+    }
+
+    /// The warning for a commit by `component` that took `nanoseconds`; nil if it was quick enough.
+    static func slowCommit(by component: String, nanoseconds: UInt64) -> String? {
+        guard nanoseconds > thresholdNanoseconds else { return nil }
+        return "\(component)'s fsync'd commit took \(milliseconds(nanoseconds)) ms; its chain waited as long: the disk, or the machine, is overloaded"
+    }
+
+    static func milliseconds(_ nanoseconds: UInt64) -> String { String(nanoseconds / 1_000_000) }
+
+    static func log(_ warning: String) {
+        FileHandle.standardError.write(Data("cairn gcs: warning: \(warning)\n".utf8))
     }
 }

@@ -61,7 +61,7 @@ struct Session {
     func record(pid: Int32, _ what: String, executable: String) throws {
         let line = "\(pid) \(what) \(executable)\n"
         guard let handle = FileHandle(forWritingAtPath: pidsFile) ?? {
-            FileManager.default.createFile(atPath: pidsFile, contents: nil)
+            _ = FileManager.default.createFile(atPath: pidsFile, contents: nil)
             return FileHandle(forWritingAtPath: pidsFile)
         }() else { throw ValidationError("cannot write \(pidsFile)") }
         defer { try? handle.close() }

@@ -43,6 +43,19 @@ struct EmbeddedGCSTests {
         ])
     }
 
+    @Test("a tick that wakes over a second late, or a commit over a second, is reported with how long it took; shorter waits are not")
+    func stallsAreReported() throws {
+        #expect(GCSStall.lateTick(askedMicroseconds: 10_000, sleptNanoseconds: 900_000_000) == nil)
+        #expect(GCSStall.lateTick(askedMicroseconds: 10_000, sleptNanoseconds: 1_010_000_000) == nil)
+        #expect(GCSStall.lateTick(askedMicroseconds: 2_000_000, sleptNanoseconds: 2_500_000_000) == nil)
+        let late = try #require(GCSStall.lateTick(askedMicroseconds: 10_000, sleptNanoseconds: 11_410_000_000))
+        #expect(late.contains("11400 ms late"))
+        #expect(late.contains("10000 µs"))
+        #expect(GCSStall.slowCommit(by: "replica 2", nanoseconds: 999_000_000) == nil)
+        let slow = try #require(GCSStall.slowCommit(by: "replica 2", nanoseconds: 3_200_000_000))
+        #expect(slow.hasPrefix("replica 2's fsync'd commit took 3200 ms"))
+    }
+
     @Test("of a replica's reports waiting in one batch, the coordinator takes only the newest; other messages and replicas stay, in order")
     func reportsCoalesce() {
         let report = { (r: ReplicaID, at: UInt64) in
