@@ -467,6 +467,10 @@ func spawnProcess(_ command: [String], environment: [String], detached: Bool = f
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
     }
     try closeInheritedDescriptors(&actions)
+    // A child starts at the spawning thread's nice value: at the process's, not that of a
+    // low-priority task that happens to start a cluster (see ``takeProcessPriority()``).
+    let nice = takeProcessPriority()
+    defer { restoreThreadPriority(nice) }
     var pid: pid_t = 0
     let rc: Int32
     if detached {

@@ -11,6 +11,7 @@ import Glibc
 public func startThread(named name: String, stackSize: Int? = nil, _ body: @escaping @Sendable () -> Void) -> Thread {
     let thread = Thread {
         nameCurrentThread(name)
+        takeProcessPriority()
         body()
     }
     thread.name = name
@@ -30,5 +31,53 @@ public func nameCurrentThread(_ name: String) {
     guard fd >= 0 else { return }
     _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     close(fd)
+    #endif
+}
+
+/// The process's scheduling priority: its main thread's nice value.
+public func processNiceValue() -> Int32 {
+    #if os(Linux)
+    errno = 0
+    let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()))
+    return errno == 0 ? value : 0
+    #else
+    return 0
+    #endif
+}
+
+/// The calling thread's nice value.
+public func threadNiceValue() -> Int32 {
+    #if os(Linux)
+    errno = 0
+    let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+    return errno == 0 ? value : 0
+    #else
+    return 0
+    #endif
+}
+
+/// Gives the calling thread the process's priority (``processNiceValue()``), and returns the
+/// nice value it had.
+///
+/// On Linux a thread starts with the nice value of the thread that started it (and a process
+/// with that of the thread that spawned it), and Swift's tasks and dispatch queues below the
+/// default priority run at nice 2 (utility) to 10 (background) there. Every thread Cairn
+/// starts takes the process's priority, so that a cluster started from a background task does
+/// not run its schedulers, event loops and GCS at nice 10. Raising a thread's priority needs
+/// the privilege to (root, or `RLIMIT_NICE`); without it the thread keeps what it inherited.
+@discardableResult
+public func takeProcessPriority() -> Int32 {
+    let own = threadNiceValue()
+    #if os(Linux)
+    let base = processNiceValue()
+    if own != base { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, base) }
+    #endif
+    return own
+}
+
+/// Gives the calling thread back a nice value ``takeProcessPriority()`` returned.
+public func restoreThreadPriority(_ nice: Int32) {
+    #if os(Linux)
+    if threadNiceValue() != nice { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, nice) }
     #endif
 }

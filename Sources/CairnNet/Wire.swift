@@ -300,6 +300,15 @@ public final class WireListener: Sendable {
 
 /// Entry points of the TCP shell.
 public enum Wire {
+    /// The event loops connections run on by default: NIO's shared group, each loop at the
+    /// process's priority. Its threads start at the nice value of the thread that first uses
+    /// the group, which may be a low-priority task's (see ``takeProcessPriority()``).
+    public static let eventLoops: MultiThreadedEventLoopGroup = {
+        let group = MultiThreadedEventLoopGroup.singleton
+        for loop in group.makeIterator() { loop.execute { takeProcessPriority() } }
+        return group
+    }()
+
     static func nonce() -> [UInt8] {
         var rng = SystemRandomNumberGenerator()
         return (0..<Handshake.nonceSize).map { _ in UInt8.random(in: 0...255, using: &rng) }
@@ -310,7 +319,7 @@ public enum Wire {
     public static func listen(host: String, port: Int, token: ClusterToken, epoch: UInt64,
                               acceptEpoch: @escaping @Sendable (PeerIdentity) -> Bool = { _ in true },
                               handlers: WireHandlers, options: WireOptions = WireOptions(),
-                              group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> WireListener {
+                              group: any EventLoopGroup = Wire.eventLoops) async throws -> WireListener {
         WireListener(channel: try await bind(host: host, port: port, token: token, epoch: epoch, acceptEpoch: acceptEpoch,
                                              handlers: handlers, options: options, group: group).get())
     }
@@ -320,7 +329,7 @@ public enum Wire {
     public static func listenBlocking(host: String, port: Int, token: ClusterToken, epoch: UInt64,
                                       acceptEpoch: @escaping @Sendable (PeerIdentity) -> Bool = { _ in true },
                                       handlers: WireHandlers, options: WireOptions = WireOptions(),
-                                      group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> WireListener {
+                                      group: any EventLoopGroup = Wire.eventLoops) throws -> WireListener {
         WireListener(channel: try bind(host: host, port: port, token: token, epoch: epoch, acceptEpoch: acceptEpoch,
                                        handlers: handlers, options: options, group: group).wait())
     }
@@ -349,7 +358,7 @@ public enum Wire {
     /// server has proved the token too; throws ``WireRefused`` if it does not.
     public static func connect(host: String, port: Int, token: ClusterToken, name: String, epoch: UInt64,
                                serverName: String? = nil, handlers: WireHandlers, options: WireOptions = WireOptions(),
-                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> WireConnection {
+                               group: any EventLoopGroup = Wire.eventLoops) async throws -> WireConnection {
         let promise = group.next().makePromise(of: WireConnection.self)
         let server = serverName ?? "\(host):\(port)"
         let channel: any Channel
