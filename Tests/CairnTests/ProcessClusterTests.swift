@@ -26,6 +26,17 @@ struct ProcessClusterTests {
         return options
     }
 
+    /// GCS options for durable actors kept in the GCS on a loaded test machine: a request waits
+    /// up to 60 s. Under two busy loops the replicas' and the coordinator's fsync'd commits were
+    /// seen taking 10 s all at once (logged as stall warnings); with the default 10 s, the
+    /// actor's store then refuses further writes and its callers get `storageFailed`, as it
+    /// should on a GCS that long unavailable, which is not what these tests are about.
+    static func patientGCSOptions() -> EmbeddedGCS.Options {
+        var gcsOptions = EmbeddedGCS.Options()
+        gcsOptions.requestTimeoutMicroseconds = 60_000_000
+        return gcsOptions
+    }
+
     /// ``options(spillThreshold:)`` with the GCS's replicas in processes of their own, patient
     /// as a loaded 2-core machine needs (a killed replica's connection closes at once).
     static func gcsProcessOptions() -> ClusterOptions {
@@ -173,7 +184,7 @@ struct ProcessClusterTests {
         var options = Self.options()
         // Replicated: the node processes share no directory; the actor's storage is in the GCS.
         options.storage = ActorStorageOptions(location: storage == "shared directory" ? .directory(directory.path) : .replicated, logSegmentBytes: 1 << 20)
-        if options.storage.location == .replicated { options.controlStore = .chainReplicated(EmbeddedGCS.Options()) }
+        if options.storage.location == .replicated { options.controlStore = .chainReplicated(Self.patientGCSOptions()) }
         // Only the node processes can host it (the head's node lacks `far`).
         for i in 1..<options.nodes.count { options.nodes[i].resources = Resources(cpus: 1, custom: ["far": 1]) }
         let cluster = try await Cluster.local(options)
@@ -418,7 +429,7 @@ struct ProcessClusterTests {
         var options = Self.options()
         options.transport = .tcp(host: network.headAddress)
         // As on separate machines, the nodes share no storage: durable actors live in the GCS.
-        options.controlStore = .chainReplicated(EmbeddedGCS.Options())
+        options.controlStore = .chainReplicated(Self.patientGCSOptions())
         options.storage = ActorStorageOptions(location: .replicated)
         for k in 1...3 {
             options.nodes[k].host = network.nodeAddresses[k - 1]
