@@ -56,6 +56,25 @@ public func threadNiceValue() -> Int32 {
     #endif
 }
 
+/// The nice value of each thread of process `pid` whose name (as the kernel shows it) starts
+/// with `prefix`, or of every thread; empty where `/proc` cannot be read.
+public func threadNiceValues(of pid: Int32, namedWith prefix: String? = nil) -> [Int32] {
+    #if os(Linux)
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.compactMap { task -> Int32? in
+        guard let tid = id_t(task) else { return nil }
+        if let prefix {
+            guard let name = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8), name.hasPrefix(prefix) else { return nil }
+        }
+        errno = 0
+        let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid)
+        return errno == 0 ? value : nil
+    }
+    #else
+    return []
+    #endif
+}
+
 /// Gives the calling thread the process's priority (``processNiceValue()``), and returns the
 /// nice value it had.
 ///

@@ -275,19 +275,6 @@ struct TokenFileTests {
 
 @Suite("Net: event loop priority")
 struct EventLoopPriorityTests {
-    /// The nice value of each thread of this process named `prefix…`.
-    static func niceValues(ofThreadsNamed prefix: String) -> [Int32] {
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
-        return tasks.compactMap { tid in
-            guard let comm = try? String(contentsOfFile: "/proc/self/task/\(tid)/comm", encoding: .utf8), comm.hasPrefix(prefix),
-                  let stat = try? String(contentsOfFile: "/proc/self/task/\(tid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return nil }
-            // After the command's closing parenthesis: field 3 (state) onwards; nice is field 19.
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            return fields.count > 16 ? Int32(fields[16]) : nil
-        }
-    }
-
     @Test("the wire's event loops run at the process's priority, also when a background task uses them first",
           .enabled(if: geteuid() == 0, "raising a thread's priority back needs root (or RLIMIT_NICE)"))
     func eventLoopsTakeTheProcessPriority() async throws {
@@ -295,7 +282,7 @@ struct EventLoopPriorityTests {
         let loops = await Task.detached(priority: .background) { Wire.eventLoops.makeIterator().map { $0 } }.value
         // Each loop sets its priority from a task of its own: wait for those to have run.
         for loop in loops { try await loop.submit {}.get() }
-        let values = Self.niceValues(ofThreadsNamed: "NIO-SGLTN")
+        let values = threadNiceValues(of: getpid(), namedWith: "NIO-SGLTN")
         #expect(!values.isEmpty && values.allSatisfy { $0 == base }, "event loop threads at nice \(values), the process at \(base)")
     }
 }

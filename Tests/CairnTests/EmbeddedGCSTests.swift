@@ -220,7 +220,7 @@ struct EmbeddedGCSTests {
         repeat {
             niced = [:]
             for p in gcs.replicaProcesses {
-                let values = Self.threadNiceValues(p.pid).filter { $0 == ReplicaSupervisor.startingNice }
+                let values = threadNiceValues(of: p.pid).filter { $0 == ReplicaSupervisor.startingNice }
                 if !values.isEmpty { niced[p.pid] = values }
             }
             if niced.isEmpty { break }
@@ -243,20 +243,9 @@ struct EmbeddedGCSTests {
             waitpid(pid, &status, 0)
         }
         try #require(spawner > base, "a background task runs at nice \(spawner), the process at \(base)")
-        #expect(Self.threadNiceValues(pid) == [base])
+        #expect(threadNiceValues(of: pid) == [base])
     }
 
-    /// The nice value of each thread of process `pid` (from `/proc/<pid>/task/*/stat`).
-    static func threadNiceValues(_ pid: Int32) -> [Int32] {
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-        return tasks.compactMap { tid in
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return nil }
-            // After the command's closing parenthesis: field 3 (state) onwards; nice is field 19.
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            return fields.count > 16 ? Int32(fields[16]) : nil
-        }
-    }
 
     @Test("a GCS whose stored configuration names a replica that had joined from outside starts, cuts it out, and keeps every write")
     func storedJoinedReplicaIsCutOut() throws {
