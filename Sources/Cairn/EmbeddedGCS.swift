@@ -504,11 +504,8 @@ public final class EmbeddedGCS: @unchecked Sendable {
             var anyBusy = false
             while !stopped.value {
                 // With every component idle, the ticker itself sleeps until the next idle tick.
-                let asked = anyBusy ? interval : idleInterval
-                let before = monotonicNanoseconds()
-                usleep(UInt32(asked))
+                if let warning = GCSStall.sleep(microseconds: anyBusy ? interval : idleInterval) { GCSStall.log(warning) }
                 let at = monotonicNanoseconds()
-                if let warning = GCSStall.lateTick(askedMicroseconds: asked, sleptNanoseconds: at - before) { GCSStall.log(warning) }
                 let idle = at >= idleTickAt + (idleInterval - interval / 2) * 1_000
                 if idle { idleTickAt = at }
                 let workers = replicaHosts.values.map(\.worker) + [coordinatorWorker, clientWorker]
@@ -597,9 +594,10 @@ public final class EmbeddedGCS: @unchecked Sendable {
     /// Persists what the actions ask, in one fsync'd commit, then sends the messages.
     func perform(_ actions: [GCSAction], from: CairnGCS.Endpoint, store: DurableStore? = nil) {
         do {
-            let started = monotonicNanoseconds()
-            try Self.persist(actions, coordinator: from == .coordinator, to: from == .coordinator ? coordinatorStore : store)
-            if let warning = GCSStall.slowCommit(by: "\(from)", nanoseconds: monotonicNanoseconds() - started) { GCSStall.log(warning) }
+            let warning = try GCSStall.commit(by: "\(from)") {
+                try Self.persist(actions, coordinator: from == .coordinator, to: from == .coordinator ? coordinatorStore : store)
+            }
+            if let warning { GCSStall.log(warning) }
         } catch {
             // A replica that cannot persist must not send what depends on it: it stops, as a
             // crashed process would, and the coordinator replaces it.
@@ -1050,6 +1048,20 @@ enum GCSStall {
     }
 
     static func milliseconds(_ nanoseconds: UInt64) -> String { String(nanoseconds / 1_000_000) }
+
+    /// Sleeps `microseconds`; returns the warning if the thread woke over a second late.
+    static func sleep(microseconds: UInt64) -> String? {
+        let before = monotonicNanoseconds()
+        usleep(UInt32(microseconds))
+        return lateTick(askedMicroseconds: microseconds, sleptNanoseconds: monotonicNanoseconds() - before)
+    }
+
+    /// Runs `persist`; returns the warning if it took over a second.
+    static func commit(by component: String, _ persist: () throws -> Void) rethrows -> String? {
+        let started = monotonicNanoseconds()
+        try persist()
+        return slowCommit(by: component, nanoseconds: monotonicNanoseconds() - started)
+    }
 
     static func log(_ warning: String) {
         FileHandle.standardError.write(Data("cairn gcs: warning: \(warning)\n".utf8))

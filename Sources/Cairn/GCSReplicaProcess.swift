@@ -435,9 +435,8 @@ enum GCSReplicaProcess {
         host.worker.start(name: "cairn-gcs-replica-\(r)") { batch, tick in
             let actions = host.step(batch, tick: tick, now: clock())
             do {
-                let started = monotonicNanoseconds()
-                try EmbeddedGCS.persist(actions, coordinator: false, to: host.store)
-                if let warning = GCSStall.slowCommit(by: "replica \(r)", nanoseconds: monotonicNanoseconds() - started) { log("warning: " + warning) }
+                let warning = try GCSStall.commit(by: "replica \(r)") { try EmbeddedGCS.persist(actions, coordinator: false, to: host.store) }
+                if let warning { log("warning: " + warning) }
             } catch {
                 // Nothing that depends on the failed commit may be sent: stop, as a crash would.
                 log("cannot persist: \(error); exiting")
@@ -488,10 +487,7 @@ enum GCSReplicaProcess {
         }
         startThread(named: "cairn-gcs-tick") {
             while true {
-                let before = monotonicNanoseconds()
-                usleep(UInt32(g.tickIntervalMicroseconds))
-                let slept = monotonicNanoseconds() - before
-                if let warning = GCSStall.lateTick(askedMicroseconds: g.tickIntervalMicroseconds, sleptNanoseconds: slept) { log("warning: " + warning) }
+                if let warning = GCSStall.sleep(microseconds: g.tickIntervalMicroseconds) { log("warning: " + warning) }
                 host.worker.tick()
             }
         }

@@ -34,45 +34,34 @@ public func nameCurrentThread(_ name: String) {
     #endif
 }
 
-/// The process's scheduling priority: its main thread's nice value.
-public func processNiceValue() -> Int32 {
+/// The nice value of thread `tid` (0: the calling thread); nil if it cannot be read.
+private func niceValue(ofThread tid: id_t) -> Int32? {
     #if os(Linux)
     errno = 0
-    let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(getpid()))
-    return errno == 0 ? value : 0
+    let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid)
+    return errno == 0 ? value : nil
     #else
-    return 0
+    return nil
     #endif
 }
 
+/// The process's scheduling priority: its main thread's nice value.
+public func processNiceValue() -> Int32 { niceValue(ofThread: id_t(getpid())) ?? 0 }
+
 /// The calling thread's nice value.
-public func threadNiceValue() -> Int32 {
-    #if os(Linux)
-    errno = 0
-    let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
-    return errno == 0 ? value : 0
-    #else
-    return 0
-    #endif
-}
+public func threadNiceValue() -> Int32 { niceValue(ofThread: 0) ?? 0 }
 
 /// The nice value of each thread of process `pid` whose name (as the kernel shows it) starts
 /// with `prefix`, or of every thread; empty where `/proc` cannot be read.
 public func threadNiceValues(of pid: Int32, namedWith prefix: String? = nil) -> [Int32] {
-    #if os(Linux)
     let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
     return tasks.compactMap { task -> Int32? in
         guard let tid = id_t(task) else { return nil }
         if let prefix {
             guard let name = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8), name.hasPrefix(prefix) else { return nil }
         }
-        errno = 0
-        let value = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid)
-        return errno == 0 ? value : nil
+        return niceValue(ofThread: tid)
     }
-    #else
-    return []
-    #endif
 }
 
 /// Gives the calling thread the process's priority (``processNiceValue()``), and returns the
