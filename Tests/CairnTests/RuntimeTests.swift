@@ -321,6 +321,56 @@ struct RuntimeTests {
 }
 }
 
+@Suite("Object IDs (pure)")
+struct ObjectIDHashTests {
+    /// The bucket an ID falls in, in a table of 2^`bits` buckets, as `Dictionary` picks it.
+    func bucket(_ id: ObjectID, seed: Int, bits: Int) -> Int { id._rawHashValue(seed: seed) & (1 << bits - 1) }
+
+    @Test("hashing: 8 IDs minted in a row share a group of 8 buckets, each its own")
+    func runsOfEightStayTogether() {
+        for seed in [0, 1, 0x5EED, -7] {
+            for start in stride(from: UInt64(0), to: 4_096, by: 8) {
+                let buckets = (0..<UInt64(8)).map { bucket(ObjectID(owner: NodeID(3), counter: start + $0), seed: seed, bits: 16) }
+                #expect(Set(buckets).count == 8, "seed \(seed), IDs from \(start)")
+                #expect(Set(buckets.map { $0 >> 3 }).count == 1, "seed \(seed), IDs from \(start)")
+            }
+        }
+    }
+
+    @Test("hashing: runs of IDs from several owners, and the same counters under different seeds, are scattered")
+    func groupsAreScattered() {
+        // 4 owners × 8,192 IDs (1,024 groups each) in a table of 2^16 buckets (8,192 groups):
+        // scattered at random, about 8,192 × (1 - e^(-0.5)) = 3,223 distinct groups are hit.
+        // Owners laid on top of each other would hit only 1,024.
+        let ids = (0..<4).flatMap { owner in (0..<UInt64(8_192)).map { ObjectID(owner: NodeID(owner), counter: $0) } }
+        let groups = Set(ids.map { bucket($0, seed: 42, bits: 16) >> 3 })
+        #expect(groups.count > 3_000 && groups.count < 3_450, "\(groups.count) groups hit")
+        // Another seed (another dictionary) orders the same groups differently.
+        let a = (0..<UInt64(64)).map { bucket(ObjectID(owner: NodeID(0), counter: $0 * 8), seed: 1, bits: 16) >> 3 }
+        let b = (0..<UInt64(64)).map { bucket(ObjectID(owner: NodeID(0), counter: $0 * 8), seed: 2, bits: 16) >> 3 }
+        #expect(a != b)
+    }
+
+    @Test("a table of 1,000,000 IDs from 4 owners, dense runs and strided ones, finds each and only those")
+    func denseTablesWork() {
+        var table: [ObjectID: Int] = [:]
+        for owner in 0..<4 {
+            for i in 0..<200_000 { table[ObjectID(owner: NodeID(owner), counter: UInt64(i))] = owner * 1_000_000 + i }
+            for i in 0..<50_000 { table[ObjectID(owner: NodeID(owner), counter: UInt64(1_000_000 + i * 8))] = -1 }
+        }
+        #expect(table.count == 1_000_000)
+        for owner in 0..<4 {
+            for i in stride(from: 0, to: 200_000, by: 997) {
+                #expect(table[ObjectID(owner: NodeID(owner), counter: UInt64(i))] == owner * 1_000_000 + i)
+            }
+            #expect(table[ObjectID(owner: NodeID(owner), counter: 1_000_001)] == nil)
+        }
+        for i in 0..<100_000 { table.removeValue(forKey: ObjectID(owner: NodeID(1), counter: UInt64(i))) }
+        #expect(table.count == 900_000)
+        #expect(table[ObjectID(owner: NodeID(1), counter: 100_000)] == 1_100_000)
+    }
+}
+
 @Suite("Scheduling policy (pure)")
 struct SchedulingPolicyTests {
     let nodes = [
