@@ -26,6 +26,19 @@ final class SubmissionBuffer: Sendable {
 /// Resource requests known to be feasible, by function; cleared when the node table changes.
 struct FeasibilityCache {
     var known: [String: [Resources]] = [:]
+    /// The pair asked last, answered without hashing the function's name: a program usually
+    /// submits many tasks of one function in a row.
+    var last: (function: String, resources: Resources)?
+
+    mutating func learn(_ function: String, _ resources: Resources) {
+        if !(known[function]?.contains(resources) ?? false) { known[function, default: []].append(resources) }
+        last = (function, resources)
+    }
+
+    mutating func forget() {
+        known = [:]
+        last = nil
+    }
 }
 
 /// How one node is set up.
@@ -294,7 +307,12 @@ final class Node: @unchecked Sendable {
 
     /// Throws unless some node could ever run `function` with `resources`.
     private func checkFeasible(function: String, resources: Resources) throws {
-        let known = feasibility.withLock { cache -> Bool in cache.known[function]?.contains(resources) ?? false }
+        let known = feasibility.withLock { cache -> Bool in
+            if let last = cache.last, last.function == function, last.resources == resources { return true }
+            guard cache.known[function]?.contains(resources) ?? false else { return false }
+            cache.last = (function, resources)
+            return true
+        }
         if known { return }
         condition.lock()
         let stopped = self.stopped
@@ -304,7 +322,7 @@ final class Node: @unchecked Sendable {
         // A node process that has not yet heard the node table cannot judge: the scheduler will.
         if loads.isEmpty { return }
         if SchedulingPolicy.feasible(.init(resources: resources, function: function), nodes: loads) {
-            feasibility.withLock { $0.known[function, default: []].append(resources) }
+            feasibility.withLock { $0.learn(function, resources) }
             return
         }
         if !SchedulingPolicy.feasible(.init(resources: resources, function: nil), nodes: loads) {
@@ -405,7 +423,7 @@ final class Node: @unchecked Sendable {
                 completeLocked(spec.id, .failed(error), &out)
                 return
             }
-            spec.args[i] = .value(value)
+            spec.resolve(i, with: value)
         }
         let runnable = accepts(spec.function) && configuration.resources.satisfies(spec.resources)
         if placed || (runnable && !spillLocked(spec)) {
@@ -1085,7 +1103,7 @@ final class Node: @unchecked Sendable {
                 }
             case .nodeTable(let table):
                 if table.map(\.id) != nodeLoads.map(\.id) || table.map(\.alive) != nodeLoads.map(\.alive) {
-                    feasibility.withLock { $0.known = [:] }
+                    feasibility.withLock { $0.forget() }
                 }
                 for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
                     deadNodes.insert(record.id)

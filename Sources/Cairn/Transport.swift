@@ -28,8 +28,11 @@ final class TaskSpec: @unchecked Sendable {
     /// The task's result ID (and so the task's ID).
     let id: ObjectID
     let function: String
-    /// Arguments; references are replaced by values before the task runs.
-    var args: [TaskArg]
+    /// Arguments; references are replaced by values before the task runs (``resolve(_:with:)``).
+    private(set) var args: [TaskArg]
+    /// References among ``args``: kept, not counted, since walking the arguments copies each
+    /// one, and ``resolved`` is asked on every hop of every task.
+    private var references: Int
     let resources: Resources
     /// The function's code, when the spec has not left the process that submitted it.
     var local: ErasedFunction?
@@ -44,12 +47,20 @@ final class TaskSpec: @unchecked Sendable {
         self.args = args
         self.resources = resources
         self.local = local
+        references = args.reduce(0) { n, arg in
+            if case .ref = arg { return n + 1 }
+            return n
+        }
     }
 
     /// Whether every argument is a value (no reference left to resolve).
-    var resolved: Bool {
-        for a in args { if case .ref = a { return false } }
-        return true
+    var resolved: Bool { references == 0 }
+
+    /// Replaces argument `index`, a reference, with its value.
+    func resolve(_ index: Int, with value: StoredValue) {
+        guard case .ref = args[index] else { return }
+        args[index] = .value(value)
+        references -= 1
     }
 
     /// A spec read from another process: its values are encoded bytes and its references

@@ -371,6 +371,29 @@ struct ObjectIDHashTests {
     }
 }
 
+@Suite("Task specs (pure)")
+struct TaskSpecTests {
+    @Test("a spec is resolved once every reference among its arguments is replaced by a value, and not before")
+    func resolvedCountsReferences() {
+        let a = ObjectID(owner: NodeID(1), counter: 1), b = ObjectID(owner: NodeID(2), counter: 7)
+        let spec = TaskSpec(id: ObjectID(owner: NodeID(0), counter: 9), function: "f",
+                            args: [.ref(a, nil), .value(.int(3)), .ref(b, nil)], resources: Resources(cpus: 1))
+        #expect(!spec.resolved)
+        spec.resolve(0, with: .int(10))
+        #expect(!spec.resolved)
+        spec.resolve(1, with: .int(99))  // already a value: left as it is
+        if case .value(.int(let v)) = spec.args[1] { #expect(v == 3) } else { Issue.record("argument 1 changed kind") }
+        #expect(!spec.resolved)
+        spec.resolve(2, with: .int(20))
+        #expect(spec.resolved)
+        spec.resolve(2, with: .int(21))  // resolving again changes nothing
+        if case .value(.int(let v)) = spec.args[2] { #expect(v == 20) } else { Issue.record("argument 2 is not a value") }
+        #expect(spec.resolved)
+        #expect(TaskSpec(id: ObjectID(owner: NodeID(0), counter: 10), function: "g", args: [.value(.int(1))], resources: Resources()).resolved)
+        #expect(TaskSpec(id: ObjectID(owner: NodeID(0), counter: 11), function: "g", args: [], resources: Resources()).resolved)
+    }
+}
+
 @Suite("Scheduling policy (pure)")
 struct SchedulingPolicyTests {
     let nodes = [
