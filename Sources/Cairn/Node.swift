@@ -1468,35 +1468,36 @@ enum Waiter {
     }
 }
 
-/// What a node knows about one object. Guarded by the node's lock.
+/// What a node knows about one object. Guarded by the node's lock, which already makes each
+/// access exclusive: as for the node's own tables, the runtime's exclusivity checks are off.
 final class ObjectEntry {
     /// The value, once it is here.
-    var value: StoredValue?
+    @exclusivity(unchecked) var value: StoredValue?
     /// Whether the value is here, without copying it (`value == nil` copies the value first,
     /// through the enum's outlined value witnesses, as a profile of the head shows).
     var hasValue: Bool {
         if case .none = value { return false }
         return true
     }
-    var size = 0
+    @exclusivity(unchecked) var size = 0
     /// Lineage: the task that makes this object, kept by its owner to run it again if lost.
-    var spec: TaskSpec?
+    @exclusivity(unchecked) var spec: TaskSpec?
     /// A task or call producing it is under way.
-    var inFlight = false
+    @exclusivity(unchecked) var inFlight = false
     /// Made by `put`: never evicted, no lineage.
-    var pinned = false
+    @exclusivity(unchecked) var pinned = false
     /// A fetch from its owner is outstanding.
-    var fetching = false
+    @exclusivity(unchecked) var fetching = false
     /// Freed while still being computed: drop the value when it arrives.
-    var freed = false
+    @exclusivity(unchecked) var freed = false
     /// For a task waiting here for its inputs: the task, how many inputs are missing, and
     /// whether it was placed here by the scheduler (so it must not be handed up again).
-    var pendingSpec: TaskSpec?
-    var missing = 0
-    var placed = false
+    @exclusivity(unchecked) var pendingSpec: TaskSpec?
+    @exclusivity(unchecked) var missing = 0
+    @exclusivity(unchecked) var placed = false
     /// Who waits for the value: the first inline, so that the common single waiter allocates nothing.
-    var firstWaiter: Waiter?
-    var moreWaiters: [Waiter] = []
+    @exclusivity(unchecked) var firstWaiter: Waiter?
+    @exclusivity(unchecked) var moreWaiters: [Waiter] = []
 
     func addWaiter(_ w: Waiter) {
         if firstWaiter == nil { firstWaiter = w } else { moreWaiters.append(w) }
@@ -1510,21 +1511,21 @@ final class ObjectEntry {
         return all
     }
     /// Tasks waiting for this object.
-    var blockedTasks: [ObjectID] = []
+    @exclusivity(unchecked) var blockedTasks: [ObjectID] = []
     /// Nodes that asked for it before it existed.
-    var fetchRequests: [NodeID] = []
+    @exclusivity(unchecked) var fetchRequests: [NodeID] = []
     /// Nodes holding a copy (to free them too).
-    var copies: [NodeID] = []
+    @exclusivity(unchecked) var copies: [NodeID] = []
     /// The node that confirmed it holds the task making it, or where the actor call went: if
     /// that node dies first, the task runs again (its owner keeps the spec) or the call fails.
-    var placedOn: NodeID?
+    @exclusivity(unchecked) var placedOn: NodeID?
     /// Times the task was run again because its node died.
-    var retries: Int32 = 0
+    @exclusivity(unchecked) var retries: Int32 = 0
     /// Handed up to the global scheduler and not yet confirmed by the node it went to: handed
     /// up again if the scheduler is replaced or a node dies first.
-    var handedUp = false
+    @exclusivity(unchecked) var handedUp = false
     /// For an owned result computed elsewhere and kept there: the node holding it.
-    var heldAt: NodeID?
+    @exclusivity(unchecked) var heldAt: NodeID?
 }
 
 func monotonicNanoseconds() -> UInt64 {

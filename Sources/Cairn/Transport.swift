@@ -23,21 +23,22 @@ enum Endpoint: Hashable, Sendable, CustomStringConvertible {
 /// Thread safety (why `@unchecked Sendable` is sound): `args` and `local` change only on the
 /// node that owns the spec, under that node's lock, while resolving inputs before the task is
 /// queued or sent; after that every field is only read. A spec sent to another component is
-/// always a fresh copy made by ``portable()``.
+/// always a fresh copy made by ``portable()``. So no two accesses overlap, and the runtime's
+/// exclusivity checks are off for its fields.
 final class TaskSpec: @unchecked Sendable {
     /// The task's result ID (and so the task's ID).
     let id: ObjectID
     let function: String
     /// Arguments; references are replaced by values before the task runs (``resolve(_:with:)``).
-    private(set) var args: [TaskArg]
+    @exclusivity(unchecked) private(set) var args: [TaskArg]
     /// References among ``args``: kept, not counted, since walking the arguments copies each
     /// one, and ``resolved`` is asked on every hop of every task.
-    private var references: Int
+    @exclusivity(unchecked) private var references: Int
     let resources: Resources
     /// The function's code, when the spec has not left the process that submitted it.
-    var local: ErasedFunction?
+    @exclusivity(unchecked) var local: ErasedFunction?
     /// Made by ``portable()``: every value encoded, so the spec may cross between components.
-    private(set) var isPortable = false
+    @exclusivity(unchecked) private(set) var isPortable = false
     /// The node that submitted the task and receives its result.
     var owner: NodeID { id.owner }
 
