@@ -31,8 +31,8 @@ final class TaskSpec: @unchecked Sendable {
     let function: String
     /// Arguments; references are replaced by values before the task runs (``resolve(_:with:)``).
     @exclusivity(unchecked) private(set) var args: [TaskArg]
-    /// References among ``args``: kept, not counted, since walking the arguments copies each
-    /// one, and ``resolved`` is asked on every hop of every task.
+    /// How many of ``args`` are still references: stored rather than counted when asked, since
+    /// walking the arguments copies each one and ``resolved`` is asked on every hop of a task.
     @exclusivity(unchecked) private var references: Int
     let resources: Resources
     /// The function's code, when the spec has not left the process that submitted it.
