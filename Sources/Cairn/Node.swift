@@ -90,6 +90,8 @@ struct Outgoing {
     var messages: [(Message, Endpoint)] = []
     var objects: [NodeID: [(ObjectID, StoredValue)]] = [:]
     var spilled: [TaskSpec] = []
+    /// Lone tasks sent by their owner straight to an idle node (see ``SchedulingPolicy/directTarget(_:from:nodes:start:)``).
+    var direct: [(NodeID, TaskSpec)] = []
     var callbacks: [(Waiter, StoredValue)] = []
     var spawnWorkers = 0
     /// Set when a call was routed into the actor outbox.
@@ -102,6 +104,7 @@ struct Outgoing {
         if !messages.isEmpty { messages.removeAll(keepingCapacity: true) }
         if !objects.isEmpty { objects.removeAll(keepingCapacity: true) }
         if !spilled.isEmpty { spilled.removeAll(keepingCapacity: true) }
+        if !direct.isEmpty { direct.removeAll(keepingCapacity: true) }
         if !callbacks.isEmpty { callbacks.removeAll(keepingCapacity: true) }
         spawnWorkers = 0
         actorCallsRouted = false
@@ -195,6 +198,13 @@ final class Node: @unchecked Sendable {
     static let confirmWithinNanoseconds: UInt64 = 2_000_000_000
     /// When this node last heard of a node's death or a new scheduler.
     @exclusivity(unchecked) private var lastFailureNanoseconds: UInt64 = 0
+    /// The last task owned here that was sent straight to a node rather than handed up; the
+    /// next goes the same way only once this one is back (or was moved after its node died).
+    @exclusivity(unchecked) private var directTask: ObjectID?
+    /// Where the search for an idle node starts, advanced per direct task so they take turns.
+    @exclusivity(unchecked) private var directTurn = 0
+    /// Tasks sent straight to a node since this node started (for tests and status).
+    @exclusivity(unchecked) private var directCount = 0
     /// The incarnation of the global scheduler's process this node last heard of.
     @exclusivity(unchecked) private var schedulerIncarnation: UInt64?
     /// Times a task owned here is run again after its node died, before it fails.
@@ -428,6 +438,15 @@ final class Node: @unchecked Sendable {
         let runnable = accepts(spec.function) && configuration.resources.satisfies(spec.resources)
         if placed || (runnable && !spillLocked(spec)) {
             enqueueLocked(.task(spec), &out)
+        } else if inProcessCluster, spec.owner == id, spec.resolved, let target = directTargetLocked(spec), let e = objects[spec.id] {
+            // Bottom-up, one step further: a lone task with every input in hand goes straight to
+            // an idle node, a hop and the placement notice shorter than through the scheduler.
+            // Its owner knows where it is, so it runs again elsewhere if that node dies.
+            e.placedOn = target
+            e.handedUp = false
+            directTask = spec.id
+            directCount += 1
+            out.direct.append((target, spec))
         } else {
             out.spilled.append(spec)
             if inProcessCluster, spec.owner == id, let e = objects[spec.id] {
@@ -435,6 +454,33 @@ final class Node: @unchecked Sendable {
                 handedUpQueue.append((spec.id, monotonicNanoseconds()))
             }
         }
+    }
+
+    /// An idle node to send `spec` to directly, if the last task sent that way is back.
+    private func directTargetLocked(_ spec: TaskSpec) -> NodeID? {
+        if let previous = directTask {
+            if let p = objects[previous], !p.hasValue, p.placedOn != nil { return nil }
+            directTask = nil
+        }
+        directTurn &+= 1
+        guard let i = SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
+                                                    nodes: nodeLoads, start: directTurn) else { return nil }
+        let node = nodeLoads[i].id
+        return deadNodes.contains(node) ? nil : node
+    }
+
+    /// Tasks this node sent straight to an idle node instead of handing them up.
+    var directPlacements: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return directCount
+    }
+
+    /// The node a task owned here was placed on, as far as this node knows.
+    func placement(of task: ObjectID) -> NodeID? {
+        condition.lock()
+        defer { condition.unlock() }
+        return objects[task]?.placedOn
     }
 
     /// Bottom-up: keep the task unless the queue is long and another node is less loaded.
@@ -996,12 +1042,15 @@ final class Node: @unchecked Sendable {
         var located: [(@Sendable (ObjectLocation?) -> Void, ObjectLocation?)] = []
         for message in batch {
             switch message {
-            case .runTasks(let specs):
+            case .runTasks(let specs), .runDirect(let specs):
                 var last: ErasedFunction?
                 // Owners learn that their tasks are here, so they can run them again if this
                 // node dies (or hand them up again if the scheduler died before sending them).
+                // An owner that sent its tasks here itself knows already.
                 var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
-                for spec in specs where inProcessCluster {
+                var fromScheduler = true
+                if case .runDirect = message { fromScheduler = false }
+                for spec in specs where inProcessCluster && fromScheduler {
                     if spec.owner != id {
                         notices[spec.owner, default: []].append((spec.id, id))
                     } else if let e = objects[spec.id] {
@@ -1276,6 +1325,14 @@ final class Node: @unchecked Sendable {
                 }
             }
             transport.send(.schedule(specs, from: id, avoid: nodesToAvoid()), to: .scheduler)
+        }
+        for (node, spec) in out.direct {
+            do {
+                transport.send(.runDirect([try spec.portable()]), to: .node(node))
+            } catch {
+                let e = RemoteError(kind: .serialization, task: spec.id, function: spec.function, node: id, message: "\(error)")
+                transport.send(.objects([(spec.id, .failed(e))]), to: .node(spec.owner))
+            }
         }
         if out.actorCallsRouted { flushActorCalls() }
         for (durable, call) in out.durableCalls { durable.submit(call) }

@@ -50,6 +50,25 @@ public enum SchedulingPolicy {
         return nodes.contains { $0.id != local && $0.canRun(work.resources, work.function) && Double($0.queued) / max($0.resources.cpus, 1) < ours }
     }
 
+    /// Where a node may send `work` itself instead of handing it up, or nil: a live node other
+    /// than `local` that can run it and whose last reported queue was empty, searched from
+    /// index `start` on (so that successive lone tasks take turns among idle nodes).
+    ///
+    /// The node calls this only for a lone task (its previous direct one has finished) whose
+    /// inputs are all values: one task more on an idle node cannot unbalance the cluster, and
+    /// there is no input whose location the scheduler should weigh. Anything else goes to the
+    /// global scheduler.
+    public static func directTarget(_ work: Work, from local: NodeID, nodes: [NodeLoad], start: Int) -> Int? {
+        guard !nodes.isEmpty else { return nil }
+        let first = ((start % nodes.count) + nodes.count) % nodes.count
+        for k in 0..<nodes.count {
+            let i = (first + k) % nodes.count
+            let node = nodes[i]
+            if node.id != local && node.queued == 0 && node.canRun(work.resources, work.function) { return i }
+        }
+        return nil
+    }
+
     /// Whether any node could ever run `work`.
     public static func feasible(_ work: Work, nodes: [NodeLoad]) -> Bool {
         nodes.contains { $0.canRun(work.resources, work.function) }

@@ -139,6 +139,10 @@ enum ControlRequest: Sendable {
 enum Message: Sendable {
     /// Tasks placed on the receiving node: run them there.
     case runTasks([TaskSpec])
+    /// Tasks their owner sent straight to the receiving node, which was idle, without the
+    /// global scheduler (``SchedulingPolicy/directTarget(_:from:nodes:start:)``): run them
+    /// there. The owner already knows where they are, so no ``placed(_:)`` notice goes back.
+    case runDirect([TaskSpec])
     /// Tasks a node hands to the global scheduler (from: the node handing them up). `avoid`:
     /// nodes the sender heard were declared dead lately, which the scheduler must not place
     /// them on even if its own node table does not say so yet (the news reaches the two by
@@ -245,7 +249,7 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
             if case .boxed(let b) = v { preconditionFailure("a \(type(of: b)) would cross between components as a shared reference; encode it first") }
         }
         switch message {
-        case .runTasks(let specs), .schedule(let specs, _, _):
+        case .runTasks(let specs), .runDirect(let specs), .schedule(let specs, _, _):
             // Only `portable()` makes specs that may cross; checking its stamp is O(1) per spec.
             for s in specs where !s.isPortable {
                 preconditionFailure("task \(s.id) would cross between components without being made portable")

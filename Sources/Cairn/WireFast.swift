@@ -79,6 +79,9 @@ enum WireFast {
             w.byte(9)
             w.count(table.count)
             for record in table { w.node(record) }
+        case .runDirect(let specs):
+            w.byte(11)
+            try w.tasks(specs)
         case .control(.reportLoad(let node, let queued)):
             w.byte(10)
             w.int(node.raw)
@@ -140,7 +143,8 @@ enum WireFast {
         case 10:
             let node = NodeID(try r.int())
             message = .control(.reportLoad(node, queued: try r.int()))
-        case let tag: throw r.fail("message tag \(tag) is not one of 1 to 10")
+        case 11: message = .runDirect(try r.tasks())
+        case let tag: throw r.fail("message tag \(tag) is not one of 1 to 11")
         }
         guard r.atEnd else { throw r.fail("\(r.remaining) bytes follow the message") }
         return (endpoint, message)

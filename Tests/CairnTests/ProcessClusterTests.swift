@@ -670,6 +670,41 @@ struct ProcessClusterTests {
         #expect(try await cluster.get(kept) == first)
     }
 
+    @Test("a lone task goes from its owner straight to an idle node process, without the scheduler; SIGKILLed there, it runs again elsewhere")
+    func loneTasksGoStraightToIdleNodes() async throws {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        // One at a time, every node idle: each is sent straight to a node, and they take turns.
+        var pids: Set<Int> = []
+        for i in 0..<20 {
+            let result = try await cluster.get(try ClusterWorkload.whereAmI.remote(i))
+            #expect(result[1] == i)
+            pids.insert(result[0])
+        }
+        let direct = cluster.driverNode.directPlacements
+        #expect(direct >= 15, "only \(direct) of 20 lone tasks went straight to a node")
+        #expect(pids.count >= 2, "lone tasks all ran in \(pids)")
+        #expect(!pids.contains(Int(getpid())))
+
+        // A lone task's node is killed while it runs: its owner knows where it was and runs it again.
+        let ref = try ClusterWorkload.sleep.remote(2_000)
+        let deadline = ContinuousClock.now + .seconds(30)
+        var placedOn: NodeID?
+        while placedOn == nil && ContinuousClock.now < deadline {
+            placedOn = cluster.driverNode.placement(of: ref.id)
+            if placedOn == nil { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        #expect(cluster.driverNode.directPlacements == direct + 1)
+        let victim = try #require(cluster.nodeProcesses.first { $0.node == placedOn }, "the task was placed on \(String(describing: placedOn))")
+        try await Task.sleep(for: .milliseconds(200))
+        kill(victim.pid, SIGKILL)
+        #expect(try await cluster.get(ref, timeout: .seconds(60)) == 2_000)
+        let alive = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
+        #expect(!alive.contains(victim.node))
+    }
+
     @Test("past maxTaskRetries, a task whose node died fails with nodeDied")
     func retriesAreBounded() async throws {
         var options = Self.options()

@@ -458,6 +458,32 @@ struct SchedulingPolicyTests {
         #expect(!SchedulingPolicy.shouldSpill(work, from: NodeID(0), localQueued: 100, localCPUs: 2, nodes: busier))
     }
 
+    @Test("directTarget: only a live, idle node other than the sender that can run the work; successive starts take turns")
+    func direct() {
+        let work = SchedulingPolicy.Work(resources: .default, function: "f")
+        let view = [
+            SchedulingPolicy.NodeLoad(id: NodeID(0), resources: Resources(cpus: 0), queued: 0),
+            SchedulingPolicy.NodeLoad(id: NodeID(1), resources: Resources(cpus: 1), queued: 0),
+            SchedulingPolicy.NodeLoad(id: NodeID(2), resources: Resources(cpus: 1), queued: 3),
+            SchedulingPolicy.NodeLoad(id: NodeID(3), resources: Resources(cpus: 1), queued: 0, alive: false),
+            SchedulingPolicy.NodeLoad(id: NodeID(4), resources: Resources(cpus: 1), queued: 0, functions: ["g"]),
+            SchedulingPolicy.NodeLoad(id: NodeID(5), resources: Resources(cpus: 1), queued: 0),
+            SchedulingPolicy.NodeLoad(id: NodeID(6), resources: Resources(cpus: 2), queued: 0),
+        ]
+        // Node 0 has no CPU, 2 is busy, 3 dead, 4 lacks the function: 1, 5 and 6 remain.
+        let picks = (0..<14).map { SchedulingPolicy.directTarget(work, from: NodeID(6), nodes: view, start: $0).map { view[$0].id } }
+        #expect(Set(picks.compactMap { $0 }) == [NodeID(1), NodeID(5)], "the sender itself is never chosen")
+        #expect(picks.allSatisfy { $0 != nil })
+        #expect(picks.filter { $0 == NodeID(1) }.count >= 2 && picks.filter { $0 == NodeID(5) }.count >= 2)
+        #expect(SchedulingPolicy.directTarget(work, from: NodeID(0), nodes: view, start: -5).map { view[$0].id } != nil)
+        // Nothing idle that fits: the work goes to the global scheduler.
+        #expect(SchedulingPolicy.directTarget(.init(resources: Resources(cpus: 4), function: "f"), from: NodeID(0), nodes: view, start: 0) == nil)
+        var busy = view
+        for i in busy.indices { busy[i].queued += 1 }
+        #expect(SchedulingPolicy.directTarget(work, from: NodeID(0), nodes: busy, start: 0) == nil)
+        #expect(SchedulingPolicy.directTarget(work, from: NodeID(0), nodes: [], start: 0) == nil)
+    }
+
     @Test("runsLocally: a node keeps work while its queue is short")
     func local() {
         #expect(SchedulingPolicy.runsLocally(queued: 3, workers: 2, spillThreshold: 2))

@@ -22,7 +22,7 @@ struct TCPTransportTests {
                                 args: [.value(.int(5)), .value(.encoded([1, 2])), .ref(ObjectID(owner: NodeID(1), counter: 3), nil)],
                                 resources: Resources(cpus: 1)).portable()
         let messages: [Message] = [
-            .runTasks([spec]), .schedule([spec], from: NodeID(1), avoid: [NodeID(3), NodeID(5)]),
+            .runTasks([spec]), .runDirect([spec]), .schedule([spec], from: NodeID(1), avoid: [NodeID(3), NodeID(5)]),
             .objects([(ObjectID(owner: NodeID(0), counter: 1), .failed(RemoteError(kind: .threw, task: ObjectID(raw: 1), function: "f", node: NodeID(1), message: "x")))]),
             .fetch([ObjectID(owner: NodeID(0), counter: 9)], replyTo: NodeID(3)),
             .actorCreated(ActorID(raw: 4), on: NodeID(2), failure: "no such type"),
