@@ -60,6 +60,13 @@ public struct ClusterOptions: Sendable {
     /// Times a task is run again because the node running it died, before its `get` fails
     /// with ``RemoteError/Kind-swift.enum/nodeDied``. Default 3.
     public var maxTaskRetries = 3
+    /// With ``processes``: a lone task (the only one its node sends off at that moment, the
+    /// last one sent this way being back) whose inputs are all values goes from its owner
+    /// straight to a node the node table lists as idle, instead of through the global
+    /// scheduler: one TCP hop and the placement notice fewer. Bursts, tasks with references
+    /// among their inputs and everything when no node is idle still go to the scheduler.
+    /// Default true; false sends every task a node does not run itself to the scheduler.
+    public var placeLoneTasksDirectly = true
     /// Start a replacement node process (with a new node ID) for each one that dies. Default true.
     public var replaceDeadNodes = true
     /// With ``processes``: the head also listens on this port (0: any free one) of the
@@ -241,7 +248,8 @@ public final class Cluster: Sendable {
         let hereHosted = options.processes ? Array(options.nodes.prefix(1)) : options.nodes
         nodes = hereHosted.enumerated().map { i, config in
             Node(id: NodeID(i), configuration: config, transport: transport, actorStorage: actorStorage,
-                 maxTaskRetries: options.maxTaskRetries, inProcessCluster: options.processes) { oid in
+                 maxTaskRetries: options.maxTaskRetries, inProcessCluster: options.processes,
+                 placeLoneTasksDirectly: options.placeLoneTasksDirectly) { oid in
                 releases.add(oid)
             }
         }
@@ -250,6 +258,7 @@ public final class Cluster: Sendable {
             let template = NodeLaunch(node: NodeID(0), resources: Resources(), functions: nil, storeLimitBytes: 0, spillThreshold: 0, host: host,
                                       controlStore: tcp.localAddress(.controlStore) ?? "", schedulerSeed: options.schedulerSeed,
                                       tokenFile: "", failureTimeoutMs: options.failureTimeoutMs, maxTaskRetries: options.maxTaskRetries,
+                                      placeLoneTasksDirectly: options.placeLoneTasksDirectly,
                                       housekeepingIntervalMs: options.housekeepingIntervalMs, head: getpid(),
                                       storageDirectory: options.storage.absoluteDirectory, replicatedStorage: options.storage.location == .replicated,
                                       checkpointsKept: options.storage.checkpointsKept, logSegmentBytes: options.storage.logSegmentBytes)

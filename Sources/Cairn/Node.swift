@@ -215,12 +215,16 @@ final class Node: @unchecked Sendable {
     /// runs the task again if this node dies) instead of crossing the network to their owner.
     /// In an embedded cluster none of this is needed, and its cost stays off the task path.
     let inProcessCluster: Bool
+    /// In a cluster of processes, with ``ClusterOptions/placeLoneTasksDirectly``.
+    let placesLoneTasks: Bool
 
     init(id: NodeID, configuration: NodeConfiguration, transport: any Transport, actorStorage: LazyActorStorage,
-         maxTaskRetries: Int = 3, inProcessCluster: Bool = false, release: @escaping @Sendable (ObjectID) -> Void) {
+         maxTaskRetries: Int = 3, inProcessCluster: Bool = false, placeLoneTasksDirectly: Bool = true,
+         release: @escaping @Sendable (ObjectID) -> Void) {
         self.id = id
         self.maxTaskRetries = maxTaskRetries
         self.inProcessCluster = inProcessCluster
+        placesLoneTasks = inProcessCluster && placeLoneTasksDirectly
         self.actorStorage = actorStorage
         self.configuration = configuration
         self.transport = transport
@@ -438,9 +442,12 @@ final class Node: @unchecked Sendable {
         let runnable = accepts(spec.function) && configuration.resources.satisfies(spec.resources)
         if placed || (runnable && !spillLocked(spec)) {
             enqueueLocked(.task(spec), &out)
-        } else if inProcessCluster, spec.owner == id, spec.resolved, let target = directTargetLocked(spec), let e = objects[spec.id] {
-            // Bottom-up, one step further: a lone task with every input in hand goes straight to
-            // an idle node, a hop and the placement notice shorter than through the scheduler.
+        } else if placesLoneTasks, out.spilled.isEmpty, out.direct.isEmpty, spec.owner == id, spec.resolved,
+                  let target = directTargetLocked(spec), let e = objects[spec.id] {
+            // Bottom-up, one step further: a lone task (the only one leaving in this pass, the
+            // last sent this way back) with every input in hand goes straight to an idle node,
+            // a hop and the placement notice shorter than through the scheduler. A burst costs
+            // one check: the tasks after its first see that something already left.
             // Its owner knows where it is, so it runs again elsewhere if that node dies.
             e.placedOn = target
             e.handedUp = false

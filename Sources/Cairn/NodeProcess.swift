@@ -34,6 +34,8 @@ struct NodeLaunch: Codable, Equatable {
     var tokenFile: String
     var failureTimeoutMs: Int
     var maxTaskRetries: Int
+    /// ``ClusterOptions/placeLoneTasksDirectly``.
+    var placeLoneTasksDirectly = true
     var housekeepingIntervalMs: Int
     /// The head's pid: the node exits when its parent is no longer the head.
     var head: Int32
@@ -80,7 +82,7 @@ struct NodeLaunch: Codable, Equatable {
         let configuration = NodeConfiguration(resources: resources, functions: functions, storeLimitBytes: storeLimitBytes,
                                               spillThreshold: spillThreshold)
         return Node(id: node, configuration: configuration, transport: transport, actorStorage: storage,
-                    maxTaskRetries: maxTaskRetries, inProcessCluster: true) { releases.add($0) }
+                    maxTaskRetries: maxTaskRetries, inProcessCluster: true, placeLoneTasksDirectly: placeLoneTasksDirectly) { releases.add($0) }
     }
 
     func encoded() throws -> String {

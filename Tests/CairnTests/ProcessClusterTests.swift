@@ -705,6 +705,23 @@ struct ProcessClusterTests {
         #expect(!alive.contains(victim.node))
     }
 
+    @Test("with placeLoneTasksDirectly off, lone tasks take the scheduler's path and still run in the node processes")
+    func loneTasksThroughTheScheduler() async throws {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        options.placeLoneTasksDirectly = false
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        var pids: Set<Int> = []
+        for i in 0..<10 {
+            let result = try await cluster.get(try ClusterWorkload.whereAmI.remote(i))
+            #expect(result[1] == i)
+            pids.insert(result[0])
+        }
+        #expect(cluster.driverNode.directPlacements == 0)
+        #expect(!pids.isEmpty && !pids.contains(Int(getpid())))
+    }
+
     @Test("past maxTaskRetries, a task whose node died fails with nodeDied")
     func retriesAreBounded() async throws {
         var options = Self.options()
