@@ -670,6 +670,17 @@ struct ProcessClusterTests {
         #expect(try await cluster.get(kept) == first)
     }
 
+    /// Runs `count` tasks from the driver one at a time (each alone); the pids they ran in.
+    static func loneTasks(_ cluster: Cluster, count: Int) async throws -> Set<Int> {
+        var pids: Set<Int> = []
+        for i in 0..<count {
+            let result = try await cluster.get(try ClusterWorkload.whereAmI.remote(i))
+            #expect(result[1] == i)
+            pids.insert(result[0])
+        }
+        return pids
+    }
+
     @Test("a lone task goes from its owner straight to an idle node process, without the scheduler; SIGKILLed there, it runs again elsewhere")
     func loneTasksGoStraightToIdleNodes() async throws {
         var options = Self.options()
@@ -677,12 +688,7 @@ struct ProcessClusterTests {
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         // One at a time, every node idle: each is sent straight to a node, and they take turns.
-        var pids: Set<Int> = []
-        for i in 0..<20 {
-            let result = try await cluster.get(try ClusterWorkload.whereAmI.remote(i))
-            #expect(result[1] == i)
-            pids.insert(result[0])
-        }
+        let pids = try await Self.loneTasks(cluster, count: 20)
         let direct = cluster.driverNode.directPlacements
         #expect(direct >= 15, "only \(direct) of 20 lone tasks went straight to a node")
         #expect(pids.count >= 2, "lone tasks all ran in \(pids)")
@@ -701,6 +707,7 @@ struct ProcessClusterTests {
         try await Task.sleep(for: .milliseconds(200))
         kill(victim.pid, SIGKILL)
         #expect(try await cluster.get(ref, timeout: .seconds(60)) == 2_000)
+        #expect(cluster.driverNode.placement(of: ref.id) != victim.node)
         let alive = try await Self.waitForAlive(cluster, count: 4, excluding: [victim.node])
         #expect(!alive.contains(victim.node))
     }
@@ -712,12 +719,7 @@ struct ProcessClusterTests {
         options.placeLoneTasksDirectly = false
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
-        var pids: Set<Int> = []
-        for i in 0..<10 {
-            let result = try await cluster.get(try ClusterWorkload.whereAmI.remote(i))
-            #expect(result[1] == i)
-            pids.insert(result[0])
-        }
+        let pids = try await Self.loneTasks(cluster, count: 10)
         #expect(cluster.driverNode.directPlacements == 0)
         #expect(!pids.isEmpty && !pids.contains(Int(getpid())))
     }
