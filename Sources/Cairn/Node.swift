@@ -470,10 +470,9 @@ final class Node: @unchecked Sendable {
             directTask = nil
         }
         directTurn &+= 1
-        guard let i = SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
-                                                    nodes: nodeLoads, start: directTurn) else { return nil }
-        let node = nodeLoads[i].id
-        return deadNodes.contains(node) ? nil : node
+        // A node declared dead is not alive in `nodeLoads` (both come from the same table).
+        return SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
+                                             nodes: nodeLoads, start: directTurn).map { nodeLoads[$0].id }
     }
 
     /// Tasks this node sent straight to an idle node instead of handing them up.
@@ -1055,9 +1054,9 @@ final class Node: @unchecked Sendable {
                 // node dies (or hand them up again if the scheduler died before sending them).
                 // An owner that sent its tasks here itself knows already.
                 var notices: [NodeID: [(ObjectID, NodeID)]] = [:]
-                var fromScheduler = true
-                if case .runDirect = message { fromScheduler = false }
-                for spec in specs where inProcessCluster && fromScheduler {
+                let direct: Bool
+                if case .runDirect = message { direct = true } else { direct = false }
+                for spec in specs where inProcessCluster && !direct {
                     if spec.owner != id {
                         notices[spec.owner, default: []].append((spec.id, id))
                     } else if let e = objects[spec.id] {

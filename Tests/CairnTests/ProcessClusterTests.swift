@@ -26,6 +26,14 @@ struct ProcessClusterTests {
         return options
     }
 
+    /// ``options(spillThreshold:)`` with a driver's node that runs nothing: every task it
+    /// submits leaves it, through the scheduler (bursts) or straight to an idle node (lone tasks).
+    static func idleDriverOptions() -> ClusterOptions {
+        var options = Self.options()
+        options.nodes[0].resources = Resources(cpus: 0)
+        return options
+    }
+
     /// GCS options for durable actors kept in the GCS on a loaded test machine: a request waits
     /// up to 60 s. Under two busy loops the replicas' and the coordinator's fsync'd commits were
     /// seen taking 10 s all at once (logged as stall warnings); with the default 10 s, the
@@ -466,9 +474,8 @@ struct ProcessClusterTests {
         let seed = SeededGenerator.seed(fromEnvironment: "CAIRN_PROCESS_SEED")
         print("scheduler kill: seed \(seed) (CAIRN_PROCESS_SEED replays)")
         var random = SeededGenerator(seed: seed)
-        var options = Self.options()
-        // The driver's node runs nothing: every task goes through the scheduler.
-        options.nodes[0].resources = Resources(cpus: 0)
+        // The driver's node runs nothing: every burst goes through the scheduler.
+        let options = Self.idleDriverOptions()
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         #expect(try await cluster.get(try ClusterWorkload.square.remote(3)) == 9)
@@ -605,8 +612,7 @@ struct ProcessClusterTests {
 
     @Test("a standby scheduler joined from outside takes over when the active one's process is SIGKILLed; every task handed to either completes")
     func standbySchedulerTakesOver() async throws {
-        var options = Self.options()
-        options.nodes[0].resources = Resources(cpus: 0)
+        var options = Self.idleDriverOptions()
         options.headPort = 0
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
@@ -644,8 +650,7 @@ struct ProcessClusterTests {
 
     @Test("a large result kept on the node that computed it is rebuilt from lineage when that node is killed")
     func lineageRebuildsLargeResult() async throws {
-        var options = Self.options()
-        options.nodes[0].resources = Resources(cpus: 0)
+        let options = Self.idleDriverOptions()
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         for round in 0..<(Int(ProcessInfo.processInfo.environment["CAIRN_LINEAGE_ROUNDS"] ?? "") ?? 3) {
@@ -683,8 +688,7 @@ struct ProcessClusterTests {
 
     @Test("a lone task goes from its owner straight to an idle node process, without the scheduler; SIGKILLed there, it runs again elsewhere")
     func loneTasksGoStraightToIdleNodes() async throws {
-        var options = Self.options()
-        options.nodes[0].resources = Resources(cpus: 0)
+        let options = Self.idleDriverOptions()
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         // One at a time, every node idle: each is sent straight to a node, and they take turns.
@@ -714,8 +718,7 @@ struct ProcessClusterTests {
 
     @Test("with placeLoneTasksDirectly off, lone tasks take the scheduler's path and still run in the node processes")
     func loneTasksThroughTheScheduler() async throws {
-        var options = Self.options()
-        options.nodes[0].resources = Resources(cpus: 0)
+        var options = Self.idleDriverOptions()
         options.placeLoneTasksDirectly = false
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
@@ -726,8 +729,7 @@ struct ProcessClusterTests {
 
     @Test("past maxTaskRetries, a task whose node died fails with nodeDied")
     func retriesAreBounded() async throws {
-        var options = Self.options()
-        options.nodes[0].resources = Resources(cpus: 0)
+        var options = Self.idleDriverOptions()
         options.maxTaskRetries = 0
         options.replaceDeadNodes = false
         let cluster = try await Cluster.local(options)
