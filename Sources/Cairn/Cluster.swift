@@ -564,7 +564,16 @@ public final class Cluster: Sendable {
         let gather = Gather(total: oids.count, needed: count)
         // Values already present are recorded before the timer starts, so even a zero
         // timeout reports everything that is ready at the moment of the call.
-        driverNode.whenAvailable(oids, into: gather)
+        let poll = timeout.map { $0 <= .zero } ?? false
+        driverNode.whenAvailable(oids, into: gather, waiting: !poll)
+        if poll, let timeout {
+            // A poll: what is ready now, with no timer task and no suspension.
+            let values = gather.finishNow()
+            if failOnTimeout, case let ready = values.count(where: { $0 != nil }), ready < count {
+                throw CairnError(.timeout, "\(oids.count - ready) of \(oids.count) objects were not ready within \(timeout)")
+            }
+            return values
+        }
         let timer: Task<Void, Never>? = timeout.map { timeout in
             Task {
                 // Cancelled once the values are in; only a timeout that really passes expires the gather.
@@ -794,6 +803,14 @@ final class Gather: @unchecked Sendable {
         let done = ready >= needed && continuation != nil
         lock.unlock()
         if done { finish(nil) }
+    }
+
+    /// Ends the gather with whatever has arrived so far, for a caller that will not wait.
+    func finishNow() -> [StoredValue?] {
+        lock.lock()
+        defer { lock.unlock() }
+        finished = true
+        return values
     }
 
     /// Set once the timeout passed, so that an expiry before `start` is not lost.

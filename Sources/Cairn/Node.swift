@@ -682,8 +682,10 @@ final class Node: @unchecked Sendable {
         return value
     }
 
-    /// Hands each value to `gather` as it becomes available (at once for those present).
-    func whenAvailable(_ oids: [ObjectID], into gather: Gather) {
+    /// Hands each value to `gather` as it becomes available (at once for those present). With
+    /// `waiting` false (a poll), only values present now are handed over; missing ones are still
+    /// fetched, so that a later poll finds them.
+    func whenAvailable(_ oids: [ObjectID], into gather: Gather, waiting: Bool = true) {
         var out = Outgoing()
         var now: [(Int, StoredValue)] = []
         condition.lock()
@@ -693,8 +695,10 @@ final class Node: @unchecked Sendable {
             if e.hasValue, let v = e.value {
                 now.append((i, v))
             } else {
-                e.addWaiter(.gather(gather, i))
+                if waiting { e.addWaiter(.gather(gather, i)) }
                 requestLocked(oid, e, &out)
+                // A poll still reports a value the request settled at once (an object lost with its node).
+                if !waiting, e.hasValue, let v = e.value { now.append((i, v)) }
             }
         }
         condition.unlock()
@@ -736,6 +740,14 @@ final class Node: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return objects.count
+    }
+
+    /// Callers waiting for `oid`'s value here, for tests.
+    func waiterCount(of oid: ObjectID) -> Int {
+        condition.lock()
+        defer { condition.unlock() }
+        guard let e = objects[oid] else { return 0 }
+        return (e.firstWaiter == nil ? 0 : 1) + e.moreWaiters.count
     }
 
     /// Objects and bytes held, for tests and status.

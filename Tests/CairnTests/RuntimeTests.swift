@@ -179,6 +179,38 @@ struct RuntimeTests {
         }
     }
 
+    @Test("a zero timeout polls: it reports what is ready now, leaves no waiter behind, and fetches a value held elsewhere")
+    func zeroTimeoutPolls() async throws {
+        var options = ClusterOptions.uniform(nodes: 2)
+        options.nodes[0].resources = Resources(cpus: 0)
+        try await withCluster(options) { cluster in
+            let slow = try sleepy.remote(1_000)
+            for _ in 0..<100 {
+                let (ready, notReady) = try await cluster.wait([slow], timeout: .zero)
+                #expect(ready.isEmpty && notReady == [slow])
+            }
+            #expect(cluster.driverNode.waiterCount(of: slow.id) == 0)
+            do {
+                _ = try await cluster.get(slow, timeout: .zero)
+                Issue.record("expected a timeout")
+            } catch let e as CairnError {
+                #expect(e.code == .timeout)
+            }
+            // 1 MiB made on the other node (the driver's has no CPUs) stays there until asked
+            // for; polling alone brings it here.
+            let far = try bigBlob.remote(7)
+            var polls = 0
+            while try await cluster.wait([far], timeout: .zero).ready.isEmpty {
+                polls += 1
+                try await Task.sleep(for: .milliseconds(1))
+                #expect(polls < 20_000, "the value never arrived")
+                if polls >= 20_000 { return }
+            }
+            #expect(polls > 0)
+            #expect(try await cluster.get(far, timeout: .zero) == [UInt8](repeating: 7, count: 1 << 20))
+        }
+    }
+
     @Test("resources: a task no node can satisfy fails at once; one that a node can is placed there")
     func resources() async throws {
         var options = ClusterOptions.uniform(nodes: 4)
