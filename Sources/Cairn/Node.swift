@@ -470,7 +470,7 @@ final class Node: @unchecked Sendable {
             directTask = nil
         }
         directTurn &+= 1
-        // A node declared dead is not alive in `nodeLoads` (both come from the same table).
+        // A node declared dead is never alive in `nodeLoads` (see `.nodeTable`).
         return SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
                                              nodes: nodeLoads, start: directTurn).map { nodeLoads[$0].id }
     }
@@ -1169,9 +1169,6 @@ final class Node: @unchecked Sendable {
                     }
                 }
             case .nodeTable(let table):
-                if table.map(\.id) != nodeLoads.map(\.id) || table.map(\.alive) != nodeLoads.map(\.alive) {
-                    feasibility.withLock { $0.forget() }
-                }
                 for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
                     deadNodes.insert(record.id)
                     lastFailureNanoseconds = monotonicNanoseconds()
@@ -1180,7 +1177,15 @@ final class Node: @unchecked Sendable {
                     transport.forget(.node(record.id))
                     nodeDiedLocked(record.id, &out)
                 }
-                nodeLoads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions, alive: $0.alive) }
+                // A node declared dead stays dead here, even in a table that still lists it alive
+                // (one sent before its death and delivered after): its death pass ran once, so a
+                // task sent to it now would never run again.
+                let loads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions,
+                                                                  alive: $0.alive && !deadNodes.contains($0.id)) }
+                if loads.map(\.id) != nodeLoads.map(\.id) || loads.map(\.alive) != nodeLoads.map(\.alive) {
+                    feasibility.withLock { $0.forget() }
+                }
+                nodeLoads = loads
             case .placed(let placements):
                 for (oid, node) in placements {
                     // (A large result can be reported held before its task's notice arrives:

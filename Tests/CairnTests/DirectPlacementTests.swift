@@ -1,0 +1,77 @@
+@testable import Cairn
+import CairnCore
+import Foundation
+import Synchronization
+import Testing
+
+/// A node of a cluster of processes, alone on an in-memory transport: the test plays the
+/// control store, the scheduler and the other nodes, and sees every message sent to them.
+@Suite("Lone tasks sent straight to a node, seen from their owner")
+struct DirectPlacementTests {
+    final class Recorder: Sendable {
+        let messages = Mutex<[(Endpoint, Message)]>([])
+
+        /// Waits up to 10 s for a message to `endpoint` matching `match`.
+        func await(_ what: String, timeout: Double = 10, _ match: @escaping (Endpoint, Message) -> Bool) throws -> (Endpoint, Message) {
+            let deadline = Date().addingTimeInterval(timeout)
+            while Date() < deadline {
+                if let found = messages.withLock({ $0.first(where: match) }) { return found }
+                usleep(1_000)
+            }
+            throw CairnError(.timeout, "no \(what) within \(timeout) s")
+        }
+    }
+
+    static func record(_ id: Int, alive: Bool, cpus: Double, queued: Int = 0) -> NodeRecord {
+        NodeRecord(id: NodeID(id), resources: Resources(cpus: cpus), functions: nil, queued: queued, alive: alive)
+    }
+
+    static func tasks(in message: Message) -> [ObjectID] {
+        switch message {
+        case .runDirect(let specs), .runTasks(let specs), .schedule(let specs, _, _): specs.map(\.id)
+        default: []
+        }
+    }
+
+    @Test("a node declared dead is never sent a lone task, even when a node table sent before its death arrives after it")
+    func staleTableAfterDeath() throws {
+        _ = double  // registered by name
+        let transport = InMemoryTransport()
+        defer { transport.shutdown() }
+        let seen = Recorder()
+        for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
+            transport.register(endpoint) { batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
+        }
+        // Runs nothing itself, so every task leaves.
+        let node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
+                        actorStorage: LazyActorStorage(options: ActorStorageOptions(location: .inMemory), log: { _ in }),
+                        inProcessCluster: true, release: { _ in })
+        defer { node.stop() }
+        let me = Self.record(1, alive: true, cpus: 0)
+        // Node 3 is busy throughout: never a target for a lone task, but there to run work.
+        let busy = Self.record(3, alive: true, cpus: 1, queued: 5)
+        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
+
+        // Node 2 is idle: a lone task goes straight there.
+        let first: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(1).portable())], resources: Resources(cpus: 1))
+        let (to, _) = try seen.await("first task") { Self.tasks(in: $1).contains(first.id) }
+        #expect(to == .node(NodeID(2)))
+        // Its result comes back, so the next lone task may go straight to a node too.
+        transport.send(.objects([(first.id, try StoredValue.boxed(2).portable())]), to: .node(NodeID(1)))
+
+        // Node 2 dies; then a table sent before that is delivered, still listing it alive.
+        transport.send(.nodeTable([me, Self.record(2, alive: false, cpus: 1), busy]), to: .node(NodeID(1)))
+        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
+        // Handled in order: once node 3 gets this fetch's answer, both tables were.
+        transport.send(.fetch([first.id], replyTo: NodeID(3)), to: .node(NodeID(1)))
+        _ = try seen.await("fetch answer") { endpoint, message in
+            if endpoint == .node(NodeID(3)), case .objects = message { return true }
+            return false
+        }
+
+        let second: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(3).portable())], resources: Resources(cpus: 1))
+        let (went, _) = try seen.await("second task") { Self.tasks(in: $1).contains(second.id) }
+        #expect(went == .scheduler, "the second task went to \(went), declared dead before it was submitted")
+        #expect(node.directPlacements == 1)
+    }
+}
