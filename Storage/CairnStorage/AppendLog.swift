@@ -80,7 +80,11 @@ public final class AppendLog: @unchecked Sendable {
         case truncate(String, UInt64, @Sendable (Result<UInt64, StorageError>) -> Void)
     }
 
-    let condition = NSCondition()
+    /// Guards the state below. The committer (and `close`) waits on ``committerWake``, the
+    /// preparer on ``preparerWake``: an append wakes the committer alone.
+    let condition = ConditionLock(conditions: 2)
+    private static let committerWake = 0
+    private static let preparerWake = 1
     private var logs: [String: Index] = [:]
     private var segments: [UInt64: Segment] = [:]
     private var queue: [Request] = []
@@ -149,8 +153,9 @@ public final class AppendLog: @unchecked Sendable {
     public func close() {
         condition.lock()
         stopping = true
-        condition.broadcast()
-        while threadsRunning > 0 { condition.wait() }
+        condition.broadcast(Self.committerWake)
+        condition.broadcast(Self.preparerWake)
+        while threadsRunning > 0 { condition.wait(Self.committerWake) }
         for s in toDelete {
             Self.closeSegment(s)
             unlink(Self.path(directory, s.index))
@@ -256,7 +261,7 @@ public final class AppendLog: @unchecked Sendable {
             return
         }
         queue.append(r)
-        if queue.count == 1 { condition.broadcast() }
+        if queue.count == 1 { condition.broadcast(Self.committerWake) }
         condition.unlock()
     }
 
@@ -282,10 +287,10 @@ public final class AppendLog: @unchecked Sendable {
     private func runCommitter() {
         while true {
             condition.lock()
-            while queue.isEmpty && !stopping { condition.wait() }
+            while queue.isEmpty && !stopping { condition.wait(Self.committerWake) }
             if queue.isEmpty {
                 threadsRunning -= 1
-                condition.broadcast()
+                condition.broadcast(Self.committerWake)
                 condition.unlock()
                 return
             }
@@ -321,7 +326,7 @@ public final class AppendLog: @unchecked Sendable {
             condition.lock()
             if writeOffset > segmentSize / 2 && spare == nil && preparing == nil && !wantSpare {
                 wantSpare = true
-                condition.broadcast()
+                condition.signal(Self.preparerWake)
             }
             var dead: [Segment] = []
             if let error {
@@ -353,7 +358,7 @@ public final class AppendLog: @unchecked Sendable {
             if !dead.isEmpty {
                 // Unlinking a large file takes milliseconds: the preparer does it, not the committer.
                 toDelete.append(contentsOf: dead)
-                condition.broadcast()
+                condition.signal(Self.preparerWake)
             }
             condition.unlock()
             for p in placed {
@@ -421,7 +426,7 @@ public final class AppendLog: @unchecked Sendable {
     private func takeSpare() throws -> Segment {
         let index = active.index + 1
         condition.lock()
-        while spare == nil && preparing == index { condition.wait() }
+        while spare == nil && preparing == index { condition.wait(Self.committerWake) }
         var next = spare?.index == index ? spare : nil
         spare = nil
         let makeHere = next == nil
@@ -433,6 +438,7 @@ public final class AppendLog: @unchecked Sendable {
             } catch {
                 condition.lock()
                 preparing = nil
+                condition.signal(Self.preparerWake)
                 condition.unlock()
                 throw error
             }
@@ -440,7 +446,8 @@ public final class AppendLog: @unchecked Sendable {
         condition.lock()
         if makeHere { preparing = nil }
         segments[index] = next!
-        condition.broadcast()
+        // The preparer may have been waiting for this segment to be made before making the next.
+        condition.signal(Self.preparerWake)
         condition.unlock()
         return next!
     }
@@ -448,7 +455,7 @@ public final class AppendLog: @unchecked Sendable {
     private func runPreparer() {
         condition.lock()
         while true {
-            while !(wantSpare && spare == nil && preparing == nil) && toDelete.isEmpty && !stopping { condition.wait() }
+            while !(wantSpare && spare == nil && preparing == nil) && toDelete.isEmpty && !stopping { condition.wait(Self.preparerWake) }
             if !toDelete.isEmpty {
                 let dead = toDelete
                 toDelete = []
@@ -476,10 +483,11 @@ public final class AppendLog: @unchecked Sendable {
                     spare = made
                 }
             }
-            condition.broadcast()
+            // The committer may be waiting in takeSpare for this segment.
+            condition.broadcast(Self.committerWake)
         }
         threadsRunning -= 1
-        condition.broadcast()
+        condition.broadcast(Self.committerWake)
         condition.unlock()
     }
 

@@ -446,6 +446,44 @@ struct BatchQueueTests {
         #expect(woke.wait(timeout: .now() + 30) == .success, "the waiter was not woken")
     }
 
+    @Test("a ConditionLock with two conditions: a signal on one wakes its waiter and leaves the other's asleep")
+    func conditionLockSeparateConditions() async throws {
+        let lock = ConditionLock(conditions: 2)
+        // Guarded by the lock: how often each waiter came back from a wait, and what it waits for.
+        let wakeups = Locked([0, 0])
+        let go = Locked([false, false])
+        let done = DispatchSemaphore(value: 0)
+        for which in 0..<2 {
+            startThread(named: "test-waiter-\(which)") {
+                lock.lock()
+                while !go.value[which] {
+                    lock.wait(which)
+                    wakeups.update { $0[which] += 1 }
+                }
+                lock.unlock()
+                done.signal()
+            }
+        }
+        try await Task.sleep(for: .milliseconds(20))
+        // Wake the second waiter 50 times for nothing: the first must not wake at all.
+        for _ in 0..<50 {
+            lock.lock()
+            lock.broadcast(1)
+            lock.unlock()
+            try await Task.sleep(for: .milliseconds(1))
+        }
+        let counted = wakeups.value
+        #expect(counted[1] > 0, "the second waiter never woke")
+        #expect(counted[0] == 0, "the first waiter woke \(counted[0]) times for signals on the other condition")
+        for which in 0..<2 {
+            lock.lock()
+            go.update { $0[which] = true }
+            lock.signal(which)
+            lock.unlock()
+        }
+        #expect(done.wait(timeout: .now() + 30) == .success && done.wait(timeout: .now() + 30) == .success, "a waiter was not woken by its own condition")
+    }
+
     func eventuallyTrue(_ what: String, _ condition: () -> Bool) async throws {
         for _ in 0..<4_000 {
             if condition() { return }
