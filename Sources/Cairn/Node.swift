@@ -1169,23 +1169,27 @@ final class Node: @unchecked Sendable {
                     }
                 }
             case .nodeTable(let table):
+                var died: [NodeID] = []
                 for record in table where !record.alive && record.id != id && !deadNodes.contains(record.id) {
                     deadNodes.insert(record.id)
                     lastFailureNanoseconds = monotonicNanoseconds()
                     recentDeaths.update { $0.append(RecentDeath(node: record.id, at: lastFailureNanoseconds)) }
                     anyRecentDeaths.store(true, ordering: .releasing)
                     transport.forget(.node(record.id))
-                    nodeDiedLocked(record.id, &out)
+                    died.append(record.id)
                 }
                 // A node declared dead stays dead here, even in a table that still lists it alive
-                // (one sent before its death and delivered after): its death pass ran once, so a
-                // task sent to it now would never run again.
+                // (one sent before its death and delivered after): its death pass runs once, so a
+                // task sent to it later would never run again.
                 let loads = table.map { SchedulingPolicy.NodeLoad(id: $0.id, resources: $0.resources, queued: $0.queued, functions: $0.functions,
                                                                   alive: $0.alive && !deadNodes.contains($0.id)) }
                 if loads.map(\.id) != nodeLoads.map(\.id) || loads.map(\.alive) != nodeLoads.map(\.alive) {
                     feasibility.withLock { $0.forget() }
                 }
                 nodeLoads = loads
+                // Only now, with the table current: a task run again by a death pass must not be
+                // sent to a node that died, this one included.
+                for node in died { nodeDiedLocked(node, &out) }
             case .placed(let placements):
                 for (oid, node) in placements {
                     // (A large result can be reported held before its task's notice arrives:

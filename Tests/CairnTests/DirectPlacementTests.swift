@@ -26,6 +26,17 @@ struct DirectPlacementTests {
         NodeRecord(id: NodeID(id), resources: Resources(cpus: cpus), functions: nil, queued: queued, alive: alive)
     }
 
+    /// Returns once `node` has handled everything sent to it before: its inbox handles messages
+    /// in order, and a fetch of a value it holds is answered (to node 3, which records it).
+    static func barrier(_ node: Node, _ transport: InMemoryTransport, _ seen: Recorder) throws {
+        let marker = node.put(7)
+        transport.send(.fetch([marker.id], replyTo: NodeID(3)), to: .node(node.id))
+        _ = try seen.await("fetch answer") { endpoint, message in
+            if endpoint == .node(NodeID(3)), case .objects(let objects) = message { return objects.contains { $0.0 == marker.id } }
+            return false
+        }
+    }
+
     static func tasks(in message: Message) -> [ObjectID] {
         switch message {
         case .runDirect(let specs), .runTasks(let specs), .schedule(let specs, _, _): specs.map(\.id)
@@ -51,6 +62,7 @@ struct DirectPlacementTests {
         // Node 3 is busy throughout: never a target for a lone task, but there to run work.
         let busy = Self.record(3, alive: true, cpus: 1, queued: 5)
         transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
+        try Self.barrier(node, transport, seen)
 
         // Node 2 is idle: a lone task goes straight there.
         let first: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(1).portable())], resources: Resources(cpus: 1))
@@ -62,16 +74,40 @@ struct DirectPlacementTests {
         // Node 2 dies; then a table sent before that is delivered, still listing it alive.
         transport.send(.nodeTable([me, Self.record(2, alive: false, cpus: 1), busy]), to: .node(NodeID(1)))
         transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
-        // Handled in order: once node 3 gets this fetch's answer, both tables were.
-        transport.send(.fetch([first.id], replyTo: NodeID(3)), to: .node(NodeID(1)))
-        _ = try seen.await("fetch answer") { endpoint, message in
-            if endpoint == .node(NodeID(3)), case .objects = message { return true }
-            return false
-        }
+        try Self.barrier(node, transport, seen)
 
         let second: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(3).portable())], resources: Resources(cpus: 1))
         let (went, _) = try seen.await("second task") { Self.tasks(in: $1).contains(second.id) }
         #expect(went == .scheduler, "the second task went to \(went), declared dead before it was submitted")
         #expect(node.directPlacements == 1)
+    }
+
+    @Test("a lone task run again because its node died is never sent back to that node")
+    func retryAfterDeath() throws {
+        _ = double
+        let transport = InMemoryTransport()
+        defer { transport.shutdown() }
+        let seen = Recorder()
+        for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
+            transport.register(endpoint) { batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
+        }
+        let node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
+                        actorStorage: LazyActorStorage(options: ActorStorageOptions(location: .inMemory), log: { _ in }),
+                        inProcessCluster: true, release: { _ in })
+        defer { node.stop() }
+        let me = Self.record(1, alive: true, cpus: 0)
+        let busy = Self.record(3, alive: true, cpus: 1, queued: 5)
+        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
+        try Self.barrier(node, transport, seen)
+
+        let task: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(1).portable())], resources: Resources(cpus: 1))
+        let (to, _) = try seen.await("the task") { Self.tasks(in: $1).contains(task.id) }
+        #expect(to == .node(NodeID(2)))
+        seen.messages.withLock { $0.removeAll() }
+
+        // Node 2 dies with the task: it runs again, and the only idle node is the dead one.
+        transport.send(.nodeTable([me, Self.record(2, alive: false, cpus: 1), busy]), to: .node(NodeID(1)))
+        let (again, _) = try seen.await("the task again") { Self.tasks(in: $1).contains(task.id) }
+        #expect(again == .scheduler, "run again on \(again), the node that had just died")
     }
 }
