@@ -44,70 +44,81 @@ struct DirectPlacementTests {
         }
     }
 
-    @Test("a node declared dead is never sent a lone task, even when a node table sent before its death arrives after it")
-    func staleTableAfterDeath() throws {
-        _ = double  // registered by name
+    /// Node 1 (no CPUs: every task leaves), told of node 2 (idle) and node 3 (busy throughout:
+    /// never a target for a lone task, but there to run work).
+    final class Setup {
         let transport = InMemoryTransport()
-        defer { transport.shutdown() }
         let seen = Recorder()
-        for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
-            transport.register(endpoint) { batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
-        }
-        // Runs nothing itself, so every task leaves.
-        let node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
+        let node: Node
+        let me = DirectPlacementTests.record(1, alive: true, cpus: 0)
+        let busy = DirectPlacementTests.record(3, alive: true, cpus: 1, queued: 5)
+
+        init() throws {
+            _ = double  // registered by name
+            for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
+                transport.register(endpoint) { [seen] batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
+            }
+            node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
                         actorStorage: LazyActorStorage(options: ActorStorageOptions(location: .inMemory), log: { _ in }),
                         inProcessCluster: true, release: { _ in })
-        defer { node.stop() }
-        let me = Self.record(1, alive: true, cpus: 0)
-        // Node 3 is busy throughout: never a target for a lone task, but there to run work.
-        let busy = Self.record(3, alive: true, cpus: 1, queued: 5)
-        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
-        try Self.barrier(node, transport, seen)
+            table(node2Alive: true)
+            try barrier()
+        }
 
+        func stop() {
+            node.stop()
+            transport.shutdown()
+        }
+
+        func table(node2Alive: Bool) {
+            transport.send(.nodeTable([me, DirectPlacementTests.record(2, alive: node2Alive, cpus: 1), busy]), to: .node(NodeID(1)))
+        }
+
+        func barrier() throws { try DirectPlacementTests.barrier(node, transport, seen) }
+
+        /// Submits `double(x)` at node 1 and returns it with where it was sent.
+        func submit(_ x: Int) throws -> (ObjectRef<Int>, Endpoint) {
+            let ref: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(x).portable())], resources: Resources(cpus: 1))
+            return (ref, try sent(ref))
+        }
+
+        /// Where `ref`'s task was sent (the first message carrying it).
+        func sent(_ ref: ObjectRef<Int>) throws -> Endpoint {
+            try seen.await("task \(ref.id)") { DirectPlacementTests.tasks(in: $1).contains(ref.id) }.0
+        }
+    }
+
+    @Test("a node declared dead is never sent a lone task, even when a node table sent before its death arrives after it")
+    func staleTableAfterDeath() throws {
+        let setup = try Setup()
+        defer { setup.stop() }
         // Node 2 is idle: a lone task goes straight there.
-        let first: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(1).portable())], resources: Resources(cpus: 1))
-        let (to, _) = try seen.await("first task") { Self.tasks(in: $1).contains(first.id) }
+        let (first, to) = try setup.submit(1)
         #expect(to == .node(NodeID(2)))
         // Its result comes back, so the next lone task may go straight to a node too.
-        transport.send(.objects([(first.id, try StoredValue.boxed(2).portable())]), to: .node(NodeID(1)))
+        setup.transport.send(.objects([(first.id, try StoredValue.boxed(2).portable())]), to: .node(NodeID(1)))
 
         // Node 2 dies; then a table sent before that is delivered, still listing it alive.
-        transport.send(.nodeTable([me, Self.record(2, alive: false, cpus: 1), busy]), to: .node(NodeID(1)))
-        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
-        try Self.barrier(node, transport, seen)
+        setup.table(node2Alive: false)
+        setup.table(node2Alive: true)
+        try setup.barrier()
 
-        let second: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(3).portable())], resources: Resources(cpus: 1))
-        let (went, _) = try seen.await("second task") { Self.tasks(in: $1).contains(second.id) }
+        let (_, went) = try setup.submit(3)
         #expect(went == .scheduler, "the second task went to \(went), declared dead before it was submitted")
-        #expect(node.directPlacements == 1)
+        #expect(setup.node.directPlacements == 1)
     }
 
     @Test("a lone task run again because its node died is never sent back to that node")
     func retryAfterDeath() throws {
-        _ = double
-        let transport = InMemoryTransport()
-        defer { transport.shutdown() }
-        let seen = Recorder()
-        for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
-            transport.register(endpoint) { batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
-        }
-        let node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
-                        actorStorage: LazyActorStorage(options: ActorStorageOptions(location: .inMemory), log: { _ in }),
-                        inProcessCluster: true, release: { _ in })
-        defer { node.stop() }
-        let me = Self.record(1, alive: true, cpus: 0)
-        let busy = Self.record(3, alive: true, cpus: 1, queued: 5)
-        transport.send(.nodeTable([me, Self.record(2, alive: true, cpus: 1), busy]), to: .node(NodeID(1)))
-        try Self.barrier(node, transport, seen)
-
-        let task: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(1).portable())], resources: Resources(cpus: 1))
-        let (to, _) = try seen.await("the task") { Self.tasks(in: $1).contains(task.id) }
+        let setup = try Setup()
+        defer { setup.stop() }
+        let (task, to) = try setup.submit(1)
         #expect(to == .node(NodeID(2)))
-        seen.messages.withLock { $0.removeAll() }
+        setup.seen.messages.withLock { $0.removeAll() }
 
         // Node 2 dies with the task: it runs again, and the only idle node is the dead one.
-        transport.send(.nodeTable([me, Self.record(2, alive: false, cpus: 1), busy]), to: .node(NodeID(1)))
-        let (again, _) = try seen.await("the task again") { Self.tasks(in: $1).contains(task.id) }
+        setup.table(node2Alive: false)
+        let again = try setup.sent(task)
         #expect(again == .scheduler, "run again on \(again), the node that had just died")
     }
 }
