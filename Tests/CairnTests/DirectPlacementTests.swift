@@ -11,7 +11,7 @@ struct DirectPlacementTests {
     final class Recorder: Sendable {
         let messages = Mutex<[(Endpoint, Message)]>([])
 
-        /// Waits up to 10 s for a message to `endpoint` matching `match`.
+        /// Waits up to `timeout` seconds for a message (and where it went) matching `match`.
         func await(_ what: String, timeout: Double = 10, _ match: @escaping (Endpoint, Message) -> Bool) throws -> (Endpoint, Message) {
             let deadline = Date().addingTimeInterval(timeout)
             while Date() < deadline {
@@ -24,17 +24,6 @@ struct DirectPlacementTests {
 
     static func record(_ id: Int, alive: Bool, cpus: Double, queued: Int = 0) -> NodeRecord {
         NodeRecord(id: NodeID(id), resources: Resources(cpus: cpus), functions: nil, queued: queued, alive: alive)
-    }
-
-    /// Returns once `node` has handled everything sent to it before: its inbox handles messages
-    /// in order, and a fetch of a value it holds is answered (to node 3, which records it).
-    static func barrier(_ node: Node, _ transport: InMemoryTransport, _ seen: Recorder) throws {
-        let marker = node.put(7)
-        transport.send(.fetch([marker.id], replyTo: NodeID(3)), to: .node(node.id))
-        _ = try seen.await("fetch answer") { endpoint, message in
-            if endpoint == .node(NodeID(3)), case .objects(let objects) = message { return objects.contains { $0.0 == marker.id } }
-            return false
-        }
     }
 
     static func tasks(in message: Message) -> [ObjectID] {
@@ -74,7 +63,16 @@ struct DirectPlacementTests {
             transport.send(.nodeTable([me, DirectPlacementTests.record(2, alive: node2Alive, cpus: 1), busy]), to: .node(NodeID(1)))
         }
 
-        func barrier() throws { try DirectPlacementTests.barrier(node, transport, seen) }
+        /// Returns once the node has handled everything sent to it before: its inbox handles
+        /// messages in order, and a fetch of a value it holds is answered (to node 3, recorded).
+        func barrier() throws {
+            let marker = node.put(7)
+            transport.send(.fetch([marker.id], replyTo: NodeID(3)), to: .node(node.id))
+            _ = try seen.await("fetch answer") { endpoint, message in
+                if endpoint == .node(NodeID(3)), case .objects(let objects) = message { return objects.contains { $0.0 == marker.id } }
+                return false
+            }
+        }
 
         /// Submits `double(x)` at node 1 and returns it with where it was sent.
         func submit(_ x: Int) throws -> (ObjectRef<Int>, Endpoint) {
