@@ -201,8 +201,9 @@ final class Node: @unchecked Sendable {
     /// The last task owned here that was sent straight to a node rather than handed up; the
     /// next goes the same way only once this one is back (or was moved after its node died).
     @exclusivity(unchecked) private var directTask: ObjectID?
-    /// Where the search for an idle node starts, advanced per direct task so they take turns.
-    @exclusivity(unchecked) private var directTurn = 0
+    /// The node the last direct task went to: the next goes there again while it is listed
+    /// idle, so a stream of lone tasks finds one process's threads awake and its caches warm.
+    @exclusivity(unchecked) private var directLast: NodeID?
     /// Tasks sent straight to a node since this node started (for tests and status).
     @exclusivity(unchecked) private var directCount = 0
     /// The incarnation of the global scheduler's process this node last heard of.
@@ -469,10 +470,12 @@ final class Node: @unchecked Sendable {
             if let p = objects[previous], !p.hasValue, p.placedOn != nil { return nil }
             directTask = nil
         }
-        directTurn &+= 1
         // A node declared dead is never alive in `nodeLoads` (see `.nodeTable`).
-        return SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
-                                             nodes: nodeLoads, start: directTurn).map { nodeLoads[$0].id }
+        let start = directLast.flatMap { last in nodeLoads.firstIndex { $0.id == last } } ?? 0
+        guard let i = SchedulingPolicy.directTarget(.init(resources: spec.resources, function: spec.function), from: id,
+                                                    nodes: nodeLoads, start: start) else { return nil }
+        directLast = nodeLoads[i].id
+        return nodeLoads[i].id
     }
 
     /// Tasks this node sent straight to an idle node instead of handing them up.

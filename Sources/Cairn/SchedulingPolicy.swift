@@ -52,7 +52,8 @@ public enum SchedulingPolicy {
 
     /// Where a node may send `work` itself instead of handing it up, or nil: a live node other
     /// than `local` that can run it and whose last reported queue was empty, searched from
-    /// index `start` on (so that successive lone tasks take turns among idle nodes).
+    /// index `start` on (the node calls it with the node it sent its last lone task to, which
+    /// keeps getting them while it stays idle).
     ///
     /// The node calls this only for a lone task (its previous direct one has finished) whose
     /// inputs are all values: one task more on an idle node cannot unbalance the cluster, and

@@ -34,7 +34,8 @@ struct DirectPlacementTests {
     }
 
     /// Node 1 (no CPUs: every task leaves), told of node 2 (idle) and node 3 (busy throughout:
-    /// never a target for a lone task, but there to run work).
+    /// never a target for a lone task, but there to run work). Node 4 is reached too, once a
+    /// table lists it.
     final class Setup {
         let transport = InMemoryTransport()
         let seen = Recorder()
@@ -44,7 +45,7 @@ struct DirectPlacementTests {
 
         init() throws {
             _ = double  // registered by name
-            for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3))] {
+            for endpoint in [Endpoint.controlStore, .scheduler, .node(NodeID(2)), .node(NodeID(3)), .node(NodeID(4))] {
                 transport.register(endpoint) { [seen] batch in seen.messages.withLock { all in for m in batch { all.append((endpoint, m)) } } }
             }
             node = Node(id: NodeID(1), configuration: NodeConfiguration(resources: Resources(cpus: 0)), transport: transport,
@@ -60,7 +61,18 @@ struct DirectPlacementTests {
         }
 
         func table(node2Alive: Bool) {
-            transport.send(.nodeTable([me, DirectPlacementTests.record(2, alive: node2Alive, cpus: 1), busy]), to: .node(NodeID(1)))
+            table([me, DirectPlacementTests.record(2, alive: node2Alive, cpus: 1), busy])
+        }
+
+        func table(_ records: [NodeRecord]) {
+            transport.send(.nodeTable(records), to: .node(NodeID(1)))
+        }
+
+        /// Delivers `ref`'s result to node 1, as the node that ran it would, and waits until
+        /// node 1 has it.
+        func complete(_ ref: ObjectRef<Int>, _ value: Int) throws {
+            transport.send(.objects([(ref.id, try StoredValue.boxed(value).portable())]), to: .node(NodeID(1)))
+            try barrier()
         }
 
         /// Returns once the node has handled everything sent to it before: its inbox handles
@@ -118,5 +130,39 @@ struct DirectPlacementTests {
         setup.table(node2Alive: false)
         let again = try setup.sent(task)
         #expect(again == .scheduler, "run again on \(again), the node that had just died")
+    }
+
+    @Test("lone tasks one after another keep going to the same idle node, and to another once it is listed busy")
+    func loneTasksStayOnOneIdleNode() throws {
+        let setup = try Setup()
+        defer { setup.stop() }
+        // Nodes 2 and 4 idle, or reporting the queues given.
+        func table(queued2: Int, queued4: Int) throws {
+            setup.table([setup.me, DirectPlacementTests.record(2, alive: true, cpus: 1, queued: queued2), setup.busy,
+                         DirectPlacementTests.record(4, alive: true, cpus: 1, queued: queued4)])
+            try setup.barrier()
+        }
+        try table(queued2: 0, queued4: 0)
+        var targets: [Endpoint] = []
+        for x in 0..<6 {
+            let (ref, to) = try setup.submit(x)
+            targets.append(to)
+            try setup.complete(ref, 2 * x)
+        }
+        let first = try #require(targets.first)
+        #expect(targets.allSatisfy { $0 == first }, "lone tasks went to \(targets)")
+        #expect(first == .node(NodeID(2)) || first == .node(NodeID(4)))
+
+        // That node now reports a queue: the next lone task goes to the other idle one, and
+        // stays there when both are idle again.
+        let other: Endpoint = first == .node(NodeID(2)) ? .node(NodeID(4)) : .node(NodeID(2))
+        try first == .node(NodeID(2)) ? table(queued2: 3, queued4: 0) : table(queued2: 0, queued4: 3)
+        let (moved, to) = try setup.submit(10)
+        #expect(to == other)
+        try setup.complete(moved, 20)
+        try table(queued2: 0, queued4: 0)
+        let (_, again) = try setup.submit(11)
+        #expect(again == other)
+        #expect(setup.node.directPlacements == 8)
     }
 }

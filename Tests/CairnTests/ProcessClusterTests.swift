@@ -691,12 +691,12 @@ struct ProcessClusterTests {
         let options = Self.idleDriverOptions()
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
-        // One at a time, every node idle: each is sent straight to a node, and they take turns.
+        // One at a time, every node idle: each is sent straight to a node process (the same
+        // one while it stays idle).
         let pids = try await Self.loneTasks(cluster, count: 20)
         let direct = cluster.driverNode.directPlacements
         #expect(direct >= 15, "only \(direct) of 20 lone tasks went straight to a node")
-        #expect(pids.count >= 2, "lone tasks all ran in \(pids)")
-        #expect(!pids.contains(Int(getpid())))
+        #expect(!pids.isEmpty && !pids.contains(Int(getpid())))
 
         // A lone task's node is killed while it runs: its owner knows where it was and runs it again.
         let ref = try ClusterWorkload.sleep.remote(2_000)
