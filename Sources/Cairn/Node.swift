@@ -144,6 +144,11 @@ final class Node: @unchecked Sendable {
     private let submissions = SubmissionBuffer()
     /// Workers waiting for work; read without `condition` by submitters to decide whether to wake one.
     private let sleepers = Atomic<Int>(0)
+    /// When the last task was submitted here (monotonic nanoseconds).
+    private let lastSubmission = Atomic<UInt64>(0)
+    /// A task submitted at least this long after the one before is taken in by its submitter's
+    /// thread when the node's lock is free (see ``submit(_:args:resources:)``).
+    static let loneSubmissionNanoseconds: UInt64 = 100_000
     /// Actors hosted here. Its own lock, so that sending to a local actor does not take `condition`.
     private let actors = Mutex<[ActorID: ActorInstance]>([:])
     /// Counts objects stored here, so that a caller about to wait can see one arrive without the lock.
@@ -312,6 +317,17 @@ final class Node: @unchecked Sendable {
         let taskID = mint.object()
         let ref: ObjectRef<R> = newRef(taskID)
         submissions.append(TaskSpec(id: taskID, function: f.name, args: args, resources: resources, local: f))
+        // A lone task (the first in a while) is taken in here, so it leaves without waking a
+        // worker to do it: one thread hand-off less on its way. Those of a burst, which follow
+        // within microseconds, are left to a worker, which takes them in together.
+        let now = monotonicNanoseconds()
+        if now &- lastSubmission.exchange(now, ordering: .relaxed) >= Self.loneSubmissionNanoseconds, condition.tryLock() {
+            var out = Outgoing()
+            drainSubmissionsLocked(&out)
+            condition.unlock()
+            flush(&out)
+            return ref
+        }
         if sleepers.load(ordering: .acquiring) > 0 {
             condition.lock()
             condition.signal()

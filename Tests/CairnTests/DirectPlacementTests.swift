@@ -88,8 +88,12 @@ struct DirectPlacementTests {
 
         /// Submits `double(x)` at node 1 and returns it with where it was sent.
         func submit(_ x: Int) throws -> (ObjectRef<Int>, Endpoint) {
-            let ref: ObjectRef<Int> = try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(x).portable())], resources: Resources(cpus: 1))
+            let ref = try submitOnly(x)
             return (ref, try sent(ref))
+        }
+
+        func submitOnly(_ x: Int) throws -> ObjectRef<Int> {
+            try node.submit(function: "test.double", args: [.value(try StoredValue.boxed(x).portable())], resources: Resources(cpus: 1))
         }
 
         /// Where `ref`'s task was sent (the first message carrying it).
@@ -164,5 +168,23 @@ struct DirectPlacementTests {
         let (_, again) = try setup.submit(11)
         #expect(again == other)
         #expect(setup.node.directPlacements == 8)
+    }
+
+    @Test("a lone task is placed by the time submit returns: its submitter's thread takes it in, no worker is woken for it")
+    func loneSubmissionTakenInBySubmitter() throws {
+        let setup = try Setup()
+        defer { setup.stop() }
+        // Each submission comes more than `loneSubmissionNanoseconds` after the one before. The
+        // node's lock may be busy at the moment (then a worker takes the task in), so most, not
+        // all, must be placed at once; a worker woken for each would almost never be first.
+        var placedAtOnce = 0
+        for x in 0..<8 {
+            usleep(1_000)
+            let ref = try setup.submitOnly(x)
+            if setup.node.placement(of: ref.id) != nil { placedAtOnce += 1 }
+            #expect(try setup.sent(ref) == .node(NodeID(2)))
+            try setup.complete(ref, 2 * x)
+        }
+        #expect(placedAtOnce >= 5, "only \(placedAtOnce) of 8 lone tasks were placed when submit returned")
     }
 }
