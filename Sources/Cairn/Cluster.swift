@@ -277,8 +277,16 @@ public final class Cluster: Sendable {
     /// A driver's cluster handle joined to a cluster whose head runs elsewhere: one node (the
     /// driver's) in this process, talking to the head's control store and the other nodes.
     private init(joined launch: NodeLaunch, token: ClusterToken, log: @escaping @Sendable (String) -> Void) throws {
+        // The head is the cluster's control store: without it nothing this driver waits for
+        // can be answered (node processes stop when they lose it), so the driver's node is cut
+        // off, and every get, wait and spawn fails with the reason instead of waiting.
+        let driver = Mutex<Node?>(nil)
         let transport = try launch.transport(token: token, name: launch.node.description, log: log) { peer, reason in
-            if peer == Cluster.headName { log("lost the head (\(reason)); this cluster handle can no longer reach the cluster") }
+            guard peer == Cluster.headName || peer == Endpoint.controlStore.description else { return }
+            let error = CairnError(.shutDown, "lost the head of the cluster this driver joined (\(reason)); nothing more can be answered: connect again once a head runs")
+            guard let node = driver.withLock({ $0 }), node.cutOffReason == nil else { return }
+            log("lost the head (\(reason)); this cluster handle can no longer reach the cluster")
+            node.cutOff(error)
         }
         self.transport = transport
         self.log = log
@@ -291,6 +299,7 @@ public final class Cluster: Sendable {
         let actorStorage = LazyActorStorage(options: launch.storage, perActor: true, log: log)
         self.actorStorage = actorStorage
         let node = launch.node(on: transport, storage: actorStorage, releases: releases)
+        driver.withLock { $0 = node }
         nodes = [node]
         housekeeper = .nodes(nodes, releases: releases, transport: transport, intervalMs: launch.housekeepingIntervalMs)
     }
@@ -561,6 +570,7 @@ public final class Cluster: Sendable {
 
     private func collect(_ oids: [ObjectID], count: Int, timeout: Duration?, failOnTimeout: Bool) async throws -> [StoredValue?] {
         guard running.load(ordering: .relaxed) else { throw CairnError(.shutDown, "the cluster was shut down") }
+        if let error = driverNode.cutOffReason { throw error }
         let gather = Gather(total: oids.count, needed: count)
         // Values already present are recorded before the timer starts, so even a zero
         // timeout reports everything that is ready at the moment of the call.

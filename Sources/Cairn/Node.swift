@@ -186,6 +186,10 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var locationBacklog: [(ObjectID, NodeID, size: Int)] = []
     @exclusivity(unchecked) private var taskBacklog: [TaskRecord] = []
     @exclusivity(unchecked) private var stopped = false
+    /// Why this node can no longer reach its cluster (a driver that lost its head), once it cannot.
+    @exclusivity(unchecked) private var cutOffError: CairnError?
+    /// Set with `cutOffError`, read without the lock.
+    private let isCutOff = Atomic<Bool>(false)
     /// Nodes the control store declared dead.
     @exclusivity(unchecked) private var deadNodes: Set<NodeID> = []
     /// Nodes declared dead in the last ``avoidWindowNanoseconds``, with when: tasks handed up
@@ -277,6 +281,48 @@ final class Node: @unchecked Sendable {
         all.forEach { $0.fire(failure) }
     }
 
+    /// Stops this node for good because it can no longer reach its cluster (a driver whose
+    /// head is gone): every `get`, `wait`, spawn and lookup waiting here, and every later one,
+    /// fails with `error` instead of waiting for an answer that cannot come.
+    func cutOff(_ error: CairnError) {
+        condition.lock()
+        guard cutOffError == nil else {
+            condition.unlock()
+            return
+        }
+        cutOffError = error
+        isCutOff.store(true, ordering: .releasing)
+        stopped = true
+        condition.broadcast()
+        var waiters: [Waiter] = []
+        for (_, e) in objects where e.firstWaiter != nil { waiters += e.takeWaiters() }
+        let spawns = Array(spawnWaiters.values)
+        let describes = describeWaiters.values.flatMap { $0 }
+        let locates = locateWaiters.values.flatMap { $0 }
+        spawnWaiters = [:]
+        describeWaiters = [:]
+        locateWaiters = [:]
+        condition.unlock()
+        let failure = StoredValue.failed(RemoteError(kind: .cancelled, task: ObjectID(raw: 0), function: "", node: id, message: error.detail))
+        for waiter in waiters {
+            switch waiter {
+            case .gather(let gather, _): gather.expire(error)
+            case .call: waiter.fire(failure)
+            }
+        }
+        spawns.forEach { $0(.failure(error)) }
+        describes.forEach { $0(nil) }
+        locates.forEach { $0(nil) }
+    }
+
+    /// Set once ``cutOff(_:)`` was called: why.
+    var cutOffReason: CairnError? {
+        guard isCutOff.load(ordering: .acquiring) else { return nil }
+        condition.lock()
+        defer { condition.unlock() }
+        return cutOffError
+    }
+
     var nodeCount: Int {
         condition.lock()
         defer { condition.unlock() }
@@ -347,8 +393,10 @@ final class Node: @unchecked Sendable {
         if known { return }
         condition.lock()
         let stopped = self.stopped
+        let cutOff = cutOffError
         let loads = nodeLoads
         condition.unlock()
+        if let cutOff { throw cutOff }
         guard !stopped else { throw CairnError(.shutDown, "the cluster was shut down") }
         // A node process that has not yet heard the node table cannot judge: the scheduler will.
         if loads.isEmpty { return }
@@ -708,6 +756,11 @@ final class Node: @unchecked Sendable {
         var out = Outgoing()
         var now: [(Int, StoredValue)] = []
         condition.lock()
+        if let error = cutOffError {
+            condition.unlock()
+            gather.expire(error)
+            return
+        }
         drainSubmissionsLocked(&out)
         for (i, oid) in oids.enumerated() {
             let e = entry(oid)
@@ -782,6 +835,10 @@ final class Node: @unchecked Sendable {
     /// A durable actor is created, or restored from its storage, before `done` runs.
     func spawnActor(typeName: String, state: StoredValue, resources: Resources, durable: DurableSpawn? = nil,
                     done: @escaping @Sendable (Result<(ActorID, NodeID), CairnError>) -> Void) {
+        if let error = cutOffReason {
+            done(.failure(error))
+            return
+        }
         let aid = durable.map { ActorID.durable(name: $0.name) } ?? mint.actor()
         if durable != nil && inProcessCluster {
             // Hosted (or being restored) by some node already: that one is the actor. (In one
@@ -948,6 +1005,10 @@ final class Node: @unchecked Sendable {
     /// Asks the control store for an actor's record.
     func describeActor(_ aid: ActorID, done: @escaping @Sendable (ActorRecord?) -> Void) {
         condition.lock()
+        guard cutOffError == nil else {
+            condition.unlock()
+            return done(nil)
+        }
         let first = describeWaiters[aid] == nil
         describeWaiters[aid, default: []].append(done)
         condition.unlock()
@@ -962,6 +1023,10 @@ final class Node: @unchecked Sendable {
     /// Asks the control store's object table where an object lives.
     func locateObject(_ oid: ObjectID, done: @escaping @Sendable (ObjectLocation?) -> Void) {
         condition.lock()
+        guard cutOffError == nil else {
+            condition.unlock()
+            return done(nil)
+        }
         let first = locateWaiters[oid] == nil
         locateWaiters[oid, default: []].append(done)
         condition.unlock()

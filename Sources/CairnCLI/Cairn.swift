@@ -48,6 +48,17 @@ struct Session {
         return String(line)
     }
 
+    /// Before a head starts here: refuses if the recorded head still runs; otherwise removes
+    /// what a previous head left (stopped, or killed before it could clean up): its address,
+    /// its pids and its token, which no process of a cluster that is gone can still use, and
+    /// which a new head would otherwise refuse to overwrite.
+    func clearForNewHead() throws {
+        if let pid = pids().first(where: { $0.what == "head" })?.pid, !processHasExited(pid) {
+            throw ValidationError("a head (pid \(pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
+        }
+        for file in [headFile, pidsFile, tokenFile] { try? FileManager.default.removeItem(atPath: file) }
+    }
+
     func token() throws -> ClusterToken {
         do {
             return try ClusterToken.read(from: tokenFile)
@@ -127,6 +138,7 @@ struct Start: AsyncParsableCommand {
             print("\(started.node) (pid \(started.pid)) joined the head at \(address); its log: \(dir)/node.log")
             return
         }
+        try session.clearForNewHead()
         if !foreground {
             try startInBackground(session)
             return
@@ -137,11 +149,6 @@ struct Start: AsyncParsableCommand {
     /// Starts `cairn start --head --foreground …` detached (``Cluster/startDetached(_:logFile:)``)
     /// and waits until it has written its address.
     private func startInBackground(_ session: Session) throws {
-        if let pid = session.pids().first(where: { $0.what == "head" })?.pid, !processHasExited(pid) {
-            throw ValidationError("a head (pid \(pid)) already runs for \(dir); stop it with `cairn stop --dir \(dir)`")
-        }
-        try? FileManager.default.removeItem(atPath: session.headFile)
-        try? FileManager.default.removeItem(atPath: session.pidsFile)
         var arguments = [currentExecutablePath(), "start", "--head", "--foreground", "--dir", dir, "--host", host, "--port", "\(port)",
                          "--nodes", "\(nodes)", "--cpus", "\(cpus)", "--failure-timeout-ms", "\(failureTimeoutMs)"]
         if let executable { arguments += ["--executable", executable] }
@@ -160,7 +167,9 @@ struct Start: AsyncParsableCommand {
             }
             var status: Int32 = 0
             if waitpid(pid, &status, WNOHANG) == pid {
-                throw ValidationError("the head exited before it was ready; see \(dir)/head.log")
+                let log = (try? String(contentsOfFile: dir + "/head.log", encoding: .utf8)) ?? ""
+                let reason = log.split(separator: "\n").last { $0.hasPrefix("Error: ") }.map { ": " + $0.dropFirst("Error: ".count) } ?? ""
+                throw ValidationError("the head exited before it was ready\(reason); see \(dir)/head.log")
             }
             usleep(10_000)
         }
@@ -304,6 +313,9 @@ struct Stop: ParsableCommand {
         for p in ordered { print("stopped \(p.what) (pid \(p.pid))") }
         try? FileManager.default.removeItem(atPath: session.pidsFile)
         try? FileManager.default.removeItem(atPath: session.headFile)
+        // A head's token goes with it: no process of its cluster is left to use it. (A session
+        // that only joined nodes to a head elsewhere keeps the token it was given.)
+        if started.contains(where: { $0.what == "head" }) { try? FileManager.default.removeItem(atPath: session.tokenFile) }
     }
 }
 

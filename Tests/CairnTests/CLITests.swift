@@ -161,6 +161,14 @@ struct CLITests {
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/head"))
         let gone = try Self.run(["status", "--dir", dir.path])
         #expect(gone.status != 0, "status after stop fails: \(gone.output)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/token"), "the stopped head's token is removed")
+
+        // The same session directory takes a new head, with a new token.
+        let again = try Self.startHead(dir.path, ["--nodes", "0"])
+        #expect(again != headPID)
+        _ = try await Self.status(dir.path) { Self.row($0, "node-0")?.contains("yes") == true }
+        let stoppedAgain = try Self.run(["stop", "--dir", dir.path])
+        #expect(stoppedAgain.status == 0 && stoppedAgain.output.contains("stopped head"), "\(stoppedAgain.output)")
     }
 
     @Test("a head with --replicated-storage keeps a durable actor in the GCS: its node killed, it answers from another with its state")
@@ -199,6 +207,81 @@ struct CLITests {
         let after = try await cluster.status(of: bank)
         #expect(after.node != before.node && after.restarts == 1 && after.state == .alive, "\(after)")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/storage"), "nothing was stored in a directory")
+    }
+
+    @Test("a head SIGKILLed takes its cluster down and loses no acknowledged actor state: started again on the same session, the actor spawned by name answers with each message applied once")
+    func headKilledAndStartedAgain() async throws {
+        let dir = try TemporaryDirectory()
+        let firstHead = try Self.startHead(dir.path, ["--nodes", "2"])
+        var heads = [firstHead]
+        defer {
+            _ = try? Self.run(["stop", "--dir", dir.path])
+            for pid in heads { kill(pid, SIGKILL) }  // only if stop failed; this test's own heads
+        }
+        _ = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true }
+        let children = Self.children(of: firstHead)
+        #expect(children.count == 3, "the head's scheduler and nodes: \(children)")
+        var address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        var model = Bank()
+        var replies: [Bank.Reply] = []
+        do {
+            let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
+            defer { cluster.shutdown() }
+            let bank = try await cluster.spawn(Bank(), name: "head-bank", resources: Resources(cpus: 1))
+            for i in 1...20 {
+                let message = Bank.Message.deposit(account: i % Bank.accounts, amount: i)
+                let reply = try await cluster.get(try bank.send(message, caller: CallerID(11), sequence: UInt64(i)), timeout: .seconds(60))
+                #expect(reply == (try model.receive(message)))
+                replies.append(reply)
+            }
+            kill(firstHead, SIGKILL)
+            // A call right after the kill may still reach the actor's node before it stops, or
+            // fail with a typed error; it never hangs. Answered or not, it is retried below.
+            do {
+                let reply = try await cluster.get(try bank.send(.audit, caller: CallerID(11), sequence: 21), timeout: .seconds(60))
+                var after = model
+                #expect(reply == (try after.receive(.audit)))
+            } catch let error as CairnError {
+                #expect(error.code != .timeout, "\(error)")
+            } catch {
+                #expect(error is RemoteError, "\(error)")
+            }
+            // Once the driver has seen its connections to the head close, every get fails at
+            // once, naming the lost head (until then a task may still run on a node not yet stopped).
+            var lost: CairnError?
+            let noticed = ContinuousClock.now + .seconds(30)
+            while lost == nil && ContinuousClock.now < noticed {
+                do {
+                    _ = try await cluster.get(try ClusterWorkload.identity.remote(1), timeout: .seconds(20))
+                    try await Task.sleep(for: .milliseconds(10))
+                } catch let error as CairnError {
+                    lost = error
+                }
+            }
+            #expect(lost?.code == .shutDown && lost?.detail.contains("lost the head") == true, "\(String(describing: lost))")
+            await #expect(throws: CairnError.self) { _ = try await cluster.spawn(Bank(), resources: Resources(cpus: 1)) }
+        }
+        // The head's scheduler and nodes stop by themselves.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while children.contains(where: { !processHasExited($0) }) && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(children.allSatisfy { processHasExited($0) }, "still running after the head's death: \(children.filter { !processHasExited($0) })")
+
+        // Started again on the same session: the actor comes back from its storage directory,
+        // a retry of the last acknowledged message gets its reply again, and a new one applies once.
+        let secondHead = try Self.startHead(dir.path, ["--nodes", "2"])
+        heads.append(secondHead)
+        address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
+        defer { cluster.shutdown() }
+        let bank = try await cluster.spawn(Bank(), name: "head-bank", resources: Resources(cpus: 1))
+        let retried = try await cluster.get(try bank.send(.deposit(account: 20 % Bank.accounts, amount: 20), caller: CallerID(11), sequence: 20), timeout: .seconds(60))
+        #expect(retried == replies.last, "a retry of message 20 after the head's restart")
+        let audit = try await cluster.get(try bank.send(.audit, caller: CallerID(11), sequence: 21), timeout: .seconds(60))
+        #expect(audit == (try model.receive(.audit)), "the state after the head's restart: every acknowledged message applied once")
+        let last = try await cluster.get(try bank.send(.deposit(account: 1, amount: 5), caller: CallerID(11), sequence: 22), timeout: .seconds(60))
+        #expect(last == (try model.receive(.deposit(account: 1, amount: 5))))
     }
 
     @Test("cairn gcs: a GCS replica joins a head whose replicas run in processes, is listed as a standby, and is stopped by cairn stop")
