@@ -238,7 +238,8 @@ public final class Cluster: Sendable {
         self.gcs = gcs
         log = options.log
         replacementsExpected = options.processes && options.replaceDeadNodes
-        controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, log: options.log))
+        controlStore = Locked(ControlStoreServer(transport: transport, gcs: gcs, replacementsExpected: replacementsExpected, startsNewCluster: true,
+                                                 log: options.log))
         scheduler = options.processes ? nil : GlobalScheduler(transport: transport, seed: options.schedulerSeed)
         let releases = self.releases
         var storage = options.storage

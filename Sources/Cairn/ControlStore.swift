@@ -153,12 +153,49 @@ struct ControlStoreCore {
     /// Durable actors whose node died and that no live node can host yet.
     private(set) var homeless: [ActorID] = []
 
+    /// Whether, once caught up, the rows of a previous cluster are deleted before any request
+    /// is answered (see ``init(markers:replacementsExpected:startsNewCluster:)``).
+    private let startsNewCluster: Bool
+    /// Rows of a previous cluster being deleted: requests wait until every deletion is back.
+    private var clearing: Set<String> = []
+
     /// A store whose view is complete from the start (`markers` empty), or one that waits for
     /// each marker row to come back with the value it wrote.
-    init(markers: [String: [UInt8]] = [:], replacementsExpected: Bool = false) {
+    ///
+    /// With `startsNewCluster`, the store is the first of a cluster on a GCS that may hold the
+    /// tables of a cluster that is gone (a head started again on the GCS's directory): once
+    /// caught up it deletes every node, actor, object and task row it found, and answers only
+    /// when those deletions are committed, so the new cluster never sees nodes, actors or
+    /// objects of the old one. Other rows stay (a durable actor's replicated storage among
+    /// them), so an actor spawned again by name comes back from what it had stored.
+    init(markers: [String: [UInt8]] = [:], replacementsExpected: Bool = false, startsNewCluster: Bool = false) {
         self.markers = markers
         self.replacementsExpected = replacementsExpected
+        self.startsNewCluster = startsNewCluster
         ready = markers.isEmpty
+    }
+
+    /// The keys of every row in the tables.
+    private var tableKeys: [String] {
+        nodes.keys.map(ControlTables.node) + actors.keys.map(ControlTables.actor)
+            + locations.keys.map(ControlTables.object) + tasks.keys.map(ControlTables.task)
+    }
+
+    /// Caught up: answers what waited, after deleting a previous cluster's rows if asked to.
+    private mutating func caughtUp(_ actions: inout [Action]) {
+        if startsNewCluster && clearing.isEmpty {
+            let stale = tableKeys
+            if !stale.isEmpty {
+                clearing = Set(stale)
+                actions.append(.log("control store: deleting \(stale.count) rows a previous cluster left in the GCS (\(nodes.count) nodes, \(actors.count) actors, \(locations.count) objects, \(tasks.count) tasks) before answering"))
+                for key in stale { actions.append(.write(key: key, value: nil)) }
+                return
+            }
+        }
+        ready = true
+        let waiting = early
+        early = []
+        for r in waiting { actions += handle(r) }
     }
 
     /// Makes `s` the active scheduler and tells every node (a new incarnation: the one before
@@ -284,13 +321,18 @@ struct ControlStoreCore {
         if let expected = markers[key] {
             if value == expected {
                 markers[key] = nil
-                if markers.isEmpty {
-                    ready = true
-                    let waiting = early
-                    early = []
-                    for r in waiting { actions += handle(r) }
-                }
+                if markers.isEmpty { caughtUp(&actions) }
             }
+            return actions
+        }
+        if !ready, clearing.contains(key) {
+            if value == nil { clearing.remove(key) }
+            do {
+                try apply(key: key, value: value, updateNewest: true)
+            } catch {
+                actions.append(.log("control store: the GCS row \(key) does not decode (\(error)); it is left out of the tables"))
+            }
+            if clearing.isEmpty { caughtUp(&actions) }
             return actions
         }
         let ours = unconfirmed[key]
@@ -319,6 +361,10 @@ struct ControlStoreCore {
 
     /// The GCS gave up on a write: reads waiting for it are answered from what is committed.
     mutating func writeFailed(key: String, value: [UInt8]?) -> [Action] {
+        if !ready, value == nil, clearing.contains(key) {
+            // The GCS gave up on a deletion: ask again (requests wait until it is done).
+            return [.log("control store: deleting \(key), a previous cluster's row, failed; trying again"), .write(key: key, value: nil)]
+        }
         guard unconfirmed[key] == Written(value: value) else { return [] }
         unconfirmed[key] = nil
         return release(key)
@@ -474,7 +520,10 @@ final class ControlStoreServer: @unchecked Sendable {
     private var publishedLoads: UInt64 = 0
     private var publishedAt: UInt64 = 0
 
-    init(transport: any Transport, gcs: EmbeddedGCS?, replacementsExpected: Bool = false, log: @escaping @Sendable (String) -> Void) {
+    /// `startsNewCluster`: the first control store of a cluster (not one started again within
+    /// it), which deletes the tables a previous cluster left in the GCS before answering.
+    init(transport: any Transport, gcs: EmbeddedGCS?, replacementsExpected: Bool = false, startsNewCluster: Bool = false,
+         log: @escaping @Sendable (String) -> Void) {
         self.transport = transport
         self.log = log
         let generation = UInt64.random(in: 1...UInt64.max)
@@ -487,7 +536,7 @@ final class ControlStoreServer: @unchecked Sendable {
             return
         }
         core = ControlStoreCore(markers: ControlTables.markers(shards: gcs.options.shards, generation: generation),
-                                replacementsExpected: replacementsExpected)
+                                replacementsExpected: replacementsExpected, startsNewCluster: startsNewCluster)
         let writeThrough = GCSWriteThrough(gcs, log: log) { key, value in
             transport.send(.control(.writeFailed(generation: generation, key: key, value: value)), to: .controlStore)
         }

@@ -181,6 +181,12 @@ struct Start: AsyncParsableCommand {
                                      + Array(repeating: NodeConfiguration(resources: Resources(cpus: cpus)), count: nodes),
                                      storage: ActorStorageOptions(location: replicatedStorage ? .replicated : .directory(storage ?? dir + "/storage")))
         options.processes = true
+        // The GCS lives in the session directory, so a head started again on it (after a stop,
+        // or after it was killed) keeps what the GCS held: durable actors' replicated storage.
+        // The new cluster's control store deletes the old cluster's tables before answering.
+        var gcsOptions = EmbeddedGCS.Options()
+        gcsOptions.directory = dir + "/gcs"
+        options.controlStore = .chainReplicated(gcsOptions)
         options.transport = .tcp(host: host)
         options.nodeExecutable = program
         options.headPort = port

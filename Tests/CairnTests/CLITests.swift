@@ -211,8 +211,17 @@ struct CLITests {
 
     @Test("a head SIGKILLed takes its cluster down and loses no acknowledged actor state: started again on the same session, the actor spawned by name answers with each message applied once")
     func headKilledAndStartedAgain() async throws {
+        try await headKilledAndStartedAgain(storage: [])
+    }
+
+    @Test("with --replicated-storage too: a head SIGKILLed and started again on the same session brings the actor back by name, its state in the GCS")
+    func headKilledAndStartedAgainReplicated() async throws {
+        try await headKilledAndStartedAgain(storage: ["--replicated-storage"])
+    }
+
+    func headKilledAndStartedAgain(storage: [String]) async throws {
         let dir = try TemporaryDirectory()
-        let firstHead = try Self.startHead(dir.path, ["--nodes", "2"])
+        let firstHead = try Self.startHead(dir.path, ["--nodes", "2"] + storage)
         var heads = [firstHead]
         defer {
             _ = try? Self.run(["stop", "--dir", dir.path])
@@ -270,7 +279,7 @@ struct CLITests {
 
         // Started again on the same session: the actor comes back from its storage directory,
         // a retry of the last acknowledged message gets its reply again, and a new one applies once.
-        let secondHead = try Self.startHead(dir.path, ["--nodes", "2"])
+        let secondHead = try Self.startHead(dir.path, ["--nodes", "2"] + storage)
         heads.append(secondHead)
         address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
         let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")

@@ -135,6 +135,44 @@ struct ControlStoreCoreTests {
         #expect(markers.values.allSatisfy { $0 == [0, 0, 0, 0, 0, 0, 0, 7] })
     }
 
+    @Test("the first store of a new cluster deletes the node, actor, object and task rows a previous cluster left before answering; other rows stay")
+    func newClusterClearsPreviousTables() throws {
+        // A previous cluster left a node, an actor, an object's location and a task record.
+        var first = ControlStoreCore()
+        var history: [(String, [UInt8]?)] = []
+        let previous = first.handle(.registerNode(NodeRecord(id: NodeID(3), resources: Resources(cpus: 1), functions: nil, queued: 0, alive: true)))
+            + first.handle(.registerActor(record(.alive)))
+            + first.handle(.objectLocations([(ObjectID(raw: 5), NodeID(1), size: 1 << 20)]))
+        for case .write(let k, let v) in previous { history.append((k, v)) }
+        #expect(history.count == 3)
+        let kept = GCSTable.storage.key("actor-ns/journal-1")
+
+        // A restarted store of the same cluster keeps them; a new cluster's first store deletes them.
+        for startsNewCluster in [false, true] {
+            var core = ControlStoreCore(markers: [ControlTables.marker(0): [9]], startsNewCluster: startsNewCluster)
+            #expect(core.handle(.lookupActor(aid, replyTo: driver)).isEmpty)
+            for (k, v) in history { _ = core.committed(key: k, value: v) }
+            _ = core.committed(key: kept, value: [1, 2, 3])
+            let caughtUp = core.committed(key: ControlTables.marker(0), value: [9])
+            let deletes = caughtUp.compactMap { if case .write(let k, nil) = $0 { return k } else { return nil } }
+            if !startsNewCluster {
+                #expect(core.ready && deletes.isEmpty)
+                #expect(location(caughtUp) == .some(NodeID(2)), "the actor, from the replayed row")
+                continue
+            }
+            #expect(Set(deletes) == Set(history.map(\.0)), "every table row, and nothing else: \(deletes)")
+            #expect(!core.ready && location(caughtUp) == nil, "nothing is answered before the deletions are committed")
+            // A deletion the GCS gave up on is asked again.
+            let again = core.writeFailed(key: deletes[0], value: nil)
+            #expect(again.contains { if case .write(let k, nil) = $0 { return k == deletes[0] } else { return false } })
+            var answers: [ControlStoreCore.Action] = []
+            for key in deletes { answers += core.committed(key: key, value: nil) }
+            #expect(core.ready)
+            #expect(location(answers) == .some(nil), "the actor is unknown to the new cluster, so spawning its name again restores it")
+            #expect(core.nodeTable.isEmpty && core.actors.isEmpty)
+        }
+    }
+
     @Test("node table: only committed nodes are pushed, in node order, with their latest load; load alone writes nothing")
     func nodeTable() {
         var core = ControlStoreCore()
