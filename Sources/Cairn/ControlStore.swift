@@ -325,6 +325,8 @@ struct ControlStoreCore {
             }
             return actions
         }
+        // An earlier incarnation's marker, or this one's seen again: not a row of the tables.
+        if ControlTables.isMarker(key) { return actions }
         if !ready, clearing.contains(key) {
             if value == nil { clearing.remove(key) }
             do {
@@ -661,19 +663,30 @@ public enum ControlTables {
     /// The tables the control store learns back through subscriptions.
     static let subscribed = [GCSTable.nodes, .objects, .tasks, .actors, .controlStore].map(\.rawValue)
 
-    /// The `n`th catch-up marker row.
-    static func marker(_ n: Int) -> String { GCSTable.controlStore.key("caught-up-\(n)") }
+    /// The `n`th catch-up marker row of the table whose keys start with `prefix`.
+    static func marker(_ n: Int, in prefix: String = GCSTable.controlStore.rawValue) -> String { prefix + markerInfix + "\(n)" }
+    static let markerInfix = "~caught-up-"
 
-    /// One catch-up marker row per shard (the first marker keys that cover every shard), each
-    /// holding the control store incarnation's `generation`.
+    /// Whether `key` is a catch-up marker row (of any incarnation), not a row of the tables.
+    static func isMarker(_ key: String) -> Bool {
+        subscribed.contains { key.dropPrefix($0)?.hasPrefix(markerInfix) == true }
+    }
+
+    /// Catch-up marker rows, each holding the control store incarnation's `generation`: in
+    /// every subscribed table, one per shard (the first marker keys that cover every shard).
+    /// Each table comes back through a subscription of its own, in order within a shard but
+    /// in no order across tables, so a table has caught up on a shard only once its own
+    /// marker there has come back.
     static func markers(shards: Int, generation: UInt64) -> [String: [UInt8]] {
         var markers: [String: [UInt8]] = [:]
-        var covered = Set<Int>()
-        var n = 0
-        while covered.count < shards {
-            let key = marker(n)
-            if covered.insert(shard(of: key, shards: shards)).inserted { markers[key] = withUnsafeBytes(of: generation.bigEndian, Array.init) }
-            n += 1
+        for prefix in subscribed {
+            var covered = Set<Int>()
+            var n = 0
+            while covered.count < shards {
+                let key = marker(n, in: prefix)
+                if covered.insert(shard(of: key, shards: shards)).inserted { markers[key] = withUnsafeBytes(of: generation.bigEndian, Array.init) }
+                n += 1
+            }
         }
         return markers
     }

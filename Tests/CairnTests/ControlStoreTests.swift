@@ -129,10 +129,21 @@ struct ControlStoreCoreTests {
         #expect(location(answers) == .some(NodeID(2)), "the actor's node, from the replayed row")
         let located = sends(answers).contains { if case .objectLocation(_, let l) = $0.0 { return l == ObjectLocation(node: NodeID(1), size: 1 << 20) } else { return false } }
         #expect(located, "the object's location, from the replayed row")
-        // The shell's markers: one per shard, every shard covered, each holding the generation.
+        // The shell's markers: in every subscribed table (each comes back through a subscription
+        // of its own, in no order across tables), one per shard, each holding the generation.
         let markers = ControlTables.markers(shards: 4, generation: 7)
-        #expect(Set(markers.keys.map { shard(of: $0, shards: 4) }) == [0, 1, 2, 3] && markers.count == 4)
+        #expect(markers.count == 4 * ControlTables.subscribed.count)
+        for prefix in ControlTables.subscribed {
+            let keys = markers.keys.filter { $0.hasPrefix(prefix) }
+            #expect(Set(keys.map { shard(of: $0, shards: 4) }) == [0, 1, 2, 3] && keys.count == 4, "\(prefix): \(keys)")
+        }
         #expect(markers.values.allSatisfy { $0 == [0, 0, 0, 0, 0, 0, 0, 7] })
+        #expect(markers.keys.allSatisfy(ControlTables.isMarker) && !ControlTables.isMarker(ControlTables.node(NodeID(3))))
+        // A node-table marker that comes back after the store caught up (seen again) is no row.
+        var caught = ControlStoreCore(markers: [ControlTables.marker(0, in: GCSTable.nodes.rawValue): [9]])
+        _ = caught.committed(key: ControlTables.marker(0, in: GCSTable.nodes.rawValue), value: [9])
+        #expect(caught.ready)
+        #expect(caught.committed(key: ControlTables.marker(0, in: GCSTable.nodes.rawValue), value: [8]).isEmpty && caught.nodeTable.isEmpty)
     }
 
     @Test("the first store of a new cluster deletes the node, actor, object and task rows a previous cluster left before answering; other rows stay")
