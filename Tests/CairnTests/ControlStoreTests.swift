@@ -184,6 +184,26 @@ struct ControlStoreCoreTests {
         }
     }
 
+    @Test("a store has caught up only when every table's marker is back: a node row that comes after the control table's marker is still cleared before any answer")
+    func catchUpWaitsForEveryTable() throws {
+        let control = ControlTables.marker(0)
+        let nodes = ControlTables.marker(0, in: GCSTable.nodes.rawValue)
+        var core = ControlStoreCore(markers: [control: [9], nodes: [9]], startsNewCluster: true)
+        #expect(core.handle(.subscribeNodes(driver)).isEmpty)
+        // The control table's subscription is ahead of the node table's.
+        #expect(core.committed(key: control, value: [9]).isEmpty && !core.ready)
+        var old = ControlStoreCore()
+        let row = old.handle(.registerNode(NodeRecord(id: NodeID(1), resources: Resources(cpus: 1), functions: nil, queued: 0, alive: true, address: "127.0.0.1:1")))
+        for case .write(let k, let v) in row { _ = core.committed(key: k, value: v) }
+        let caughtUp = core.committed(key: nodes, value: [9])
+        #expect(caughtUp.contains { if case .write(let k, nil) = $0 { return k == ControlTables.node(NodeID(1)) } else { return false } })
+        #expect(!core.ready && sends(caughtUp).isEmpty, "no node table goes out with the dead cluster's node in it")
+        let answers = core.committed(key: ControlTables.node(NodeID(1)), value: nil)
+        #expect(core.ready)
+        let tables = sends(answers).compactMap { if case .nodeTable(let t) = $0.0 { return t } else { return nil } }
+        #expect(tables.count == 1 && tables.allSatisfy(\.isEmpty), "the waiting subscriber gets the new cluster's (empty) table: \(tables)")
+    }
+
     @Test("node table: only committed nodes are pushed, in node order, with their latest load; load alone writes nothing")
     func nodeTable() {
         var core = ControlStoreCore()
