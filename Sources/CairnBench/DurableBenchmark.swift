@@ -194,6 +194,64 @@ struct DurableBenchmark {
         report.add("recovery.replay_per_s", median(replay), "messages/s", goal: ">= 1000000")
 
         try killToAnswer(report)
+        try await headKillToAnswer(report)
+    }
+
+    /// SIGKILL the head of a cluster of processes (`cairn start --head --replicated-storage`,
+    /// 2 nodes) while a driver in this process uses a durable Bank actor at 100 messages, start
+    /// a head again on the same session, and time until the actor, spawned again by name,
+    /// answers the next message with every earlier one applied once. Skipped (with the reason)
+    /// when the `cairn` binary is not beside this one.
+    func headKillToAnswer(_ report: Report) async throws {
+        let cairn = executableDirectory() + "/cairn"
+        guard access(cairn, X_OK) == 0 else {
+            FileHandle.standardError.write(Data("recovery.head_kill_to_answer_ms skipped: no cairn binary at \(cairn) (swift build -c release builds it)\n".utf8))
+            return
+        }
+        let dir = directory + "/head"
+        func run(_ arguments: [String]) throws {
+            let child = try ChildProcess(executable: cairn, arguments: arguments + ["--dir", dir], mergeStandardError: true)
+            var output: [String] = []
+            while let line = child.readLine(timeoutMilliseconds: 60_000) { output.append(line) }
+            guard child.wait() == 0 else { throw BenchError("cairn \(arguments.joined(separator: " ")) failed: \(output.joined(separator: "; "))") }
+        }
+        func headPID() throws -> Int32 {
+            let pids = (try? String(contentsOfFile: dir + "/pids", encoding: .utf8)) ?? ""
+            guard let line = pids.split(separator: "\n").first(where: { $0.split(separator: " ").dropFirst().first == "head" }),
+                  let pid = Int32(line.split(separator: " ")[0]) else { throw BenchError("no head recorded in \(dir)/pids") }
+            return pid
+        }
+        func connect() async throws -> Cluster {
+            let address = try String(contentsOfFile: dir + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            return try await Cluster.connect(to: address, tokenFile: dir + "/token", log: { _ in })
+        }
+        let start = ["start", "--head", "--port", "0", "--nodes", "2", "--replicated-storage"]
+        try run(start)
+        defer { try? run(["stop"]) }
+        var model = Bank()
+        var sequence: UInt64 = 0
+        func call(_ cluster: Cluster, _ bank: ActorHandle<Bank>, _ message: Bank.Message) async throws {
+            sequence += 1
+            let reply = try await cluster.get(try bank.send(message, caller: CallerID(77), sequence: sequence), timeout: .seconds(60))
+            guard reply == (try model.receive(message)) else { throw BenchError("wrong reply to message \(sequence) after the head's restart: \(reply)") }
+        }
+        var cluster = try await connect()
+        var bank = try await cluster.spawn(Bank(), name: "bench-head-bank", resources: Resources(cpus: 1))
+        for _ in 0..<100 { try await call(cluster, bank, .deposit(account: 0, amount: 1)) }
+        var samples: [Double] = []
+        for _ in 0..<3 {
+            let t0 = now()
+            kill(try headPID(), SIGKILL)
+            cluster.shutdown()
+            try run(start)
+            cluster = try await connect()
+            bank = try await cluster.spawn(Bank(), name: "bench-head-bank", resources: Resources(cpus: 1))
+            try await call(cluster, bank, .audit)
+            samples.append((now() - t0) * 1000)
+        }
+        cluster.shutdown()
+        report.add("recovery.head_kill_to_answer_ms", median(samples), "ms")
+        report.add("recovery.head_kill_to_answer_max_ms", samples.max()!, "ms")
     }
 
     /// SIGKILL the process hosting a durable Bank actor whose counter is at 100, restart it on
