@@ -420,6 +420,32 @@ extension ClusterSuites {
             #expect(try await cluster.get(try addFromTask.remote(fresh, 3)) == 3)
         }
 
+        @Test("a cluster started again on its GCS directory: the old cluster's tables are gone, and a durable actor in replicated storage comes back by name with its state")
+        func newClusterOnOldGCS() async throws {
+            let dir = try TemporaryDirectory()
+            var options = Self.options(nodes: 2, gcsDirectory: dir.path + "/gcs")
+            options.storage = ActorStorageOptions(location: .replicated)
+            let aid: ActorID
+            do {
+                let cluster = try await Cluster.local(options)
+                defer { cluster.shutdown() }
+                let counter = try await cluster.spawn(Counter(), name: "kept-in-gcs")
+                aid = counter.id
+                for i in 1...25 { #expect(try await cluster.get(counter.send(1)) == i) }
+                _ = try await cluster.spawn(Counter())  // an actor with no name: not kept
+                let gcs = try #require(cluster.gcs)
+                #expect(try gcs.get(ControlTables.actorKey(aid)) != nil)
+            }
+            let cluster = try await Cluster.local(options)
+            defer { cluster.shutdown() }
+            let gcs = try #require(cluster.gcs)
+            #expect(try gcs.get(ControlTables.actorKey(aid)) == nil, "the old cluster's actor row was deleted")
+            #expect(cluster.driverNode.aliveNodes.count == 2)
+            let counter = try await cluster.spawn(Counter(), name: "kept-in-gcs")
+            #expect(counter.id == aid)
+            #expect(try await cluster.get(counter.send(1)) == 26, "25 messages before, restored from the GCS")
+        }
+
         @Test("in memory, a restarted control store has lost its tables (the contrast the GCS removes)")
         func restartInMemoryLoses() async throws {
             var options = Self.options()
