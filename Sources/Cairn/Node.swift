@@ -154,8 +154,9 @@ final class Node: @unchecked Sendable {
     /// When the last task that found no other waiting to be taken in was submitted here
     /// (monotonic nanoseconds).
     private let lastSubmission = Atomic<UInt64>(0)
-    /// A task submitted at least this long after the one before is taken in by its submitter's
-    /// thread when the node's lock is free (see ``submit(_:args:resources:)``).
+    /// On a node with no CPU, a task submitted alone at least this long after the last such
+    /// one is taken in by its submitter's thread when the node's lock is free (see
+    /// ``submit(_:args:resources:)``).
     static let loneSubmissionNanoseconds: UInt64 = 100_000
     /// Actors hosted here. Its own lock, so that sending to a local actor does not take `condition`.
     private let actors = Mutex<[ActorID: ActorInstance]>([:])
