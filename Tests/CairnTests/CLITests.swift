@@ -277,8 +277,9 @@ struct CLITests {
         }
         #expect(children.allSatisfy { processHasExited($0) }, "still running after the head's death: \(children.filter { !processHasExited($0) })")
 
-        // Started again on the same session: the actor comes back from its storage directory,
-        // a retry of the last acknowledged message gets its reply again, and a new one applies once.
+        // Started again on the same session: the actor comes back from its storage (a directory,
+        // or the GCS the head keeps in the session), a retry of the last acknowledged message
+        // gets its reply again, and a new one applies once.
         let secondHead = try Self.startHead(dir.path, ["--nodes", "2"] + storage)
         heads.append(secondHead)
         address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
