@@ -25,8 +25,9 @@ struct CairnCommand: AsyncParsableCommand {
         abstract: "Start, inspect and stop a Cairn cluster of processes.",
         discussion: """
         A session directory (--dir) holds what `cairn start` made: the head's address (head), \
-        the cluster token (token, mode 0600), the pids it started (pids) and their logs. \
-        `cairn status` and `cairn stop` read it.
+        the cluster token (token, mode 0600), the pids it started (pids), their logs, and the \
+        head's GCS (gcs/), which a head started again on the directory reopens, so durable \
+        actors come back by name. `cairn status` and `cairn stop` read it.
         """,
         subcommands: [Start.self, Scheduler.self, Gcs.self, Status.self, Stop.self])
 }
