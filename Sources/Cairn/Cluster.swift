@@ -283,11 +283,10 @@ public final class Cluster: Sendable {
         // off, and every get, wait and spawn fails with the reason instead of waiting.
         let driver = Mutex<Node?>(nil)
         let transport = try launch.transport(token: token, name: launch.node.description, log: log) { peer, reason in
-            guard peer == Cluster.headName || peer == Endpoint.controlStore.description else { return }
-            let error = CairnError(.shutDown, "lost the head of the cluster this driver joined (\(reason)); nothing more can be answered: connect again once a head runs")
-            guard let node = driver.withLock({ $0 }), node.cutOffReason == nil else { return }
+            guard peer == Cluster.headName || peer == Endpoint.controlStore.description,
+                  let node = driver.withLock({ $0 }), node.cutOffReason == nil else { return }
             log("lost the head (\(reason)); this cluster handle can no longer reach the cluster")
-            node.cutOff(error)
+            node.cutOff(CairnError(.shutDown, "lost the head of the cluster this driver joined (\(reason)); nothing more can be answered: connect again once a head runs"))
         }
         self.transport = transport
         self.log = log

@@ -110,7 +110,7 @@ struct DirectPlacementTests {
         let (first, to) = try setup.submit(1)
         #expect(to == .node(NodeID(2)))
         // Its result comes back, so the next lone task may go straight to a node too.
-        setup.transport.send(.objects([(first.id, try StoredValue.boxed(2).portable())]), to: .node(NodeID(1)))
+        try setup.complete(first, 2)
 
         // Node 2 dies; then a table sent before that is delivered, still listing it alive.
         setup.table(node2Alive: false)
