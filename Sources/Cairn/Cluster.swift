@@ -67,6 +67,12 @@ public struct ClusterOptions: Sendable {
     /// among their inputs and everything when no node is idle still go to the scheduler.
     /// Default true; false sends every task a node does not run itself to the scheduler.
     public var placeLoneTasksDirectly = true
+    /// With ``processes``: a driver's node (one with no CPU) sends its lone tasks (above) by a
+    /// lane, a connection of its own to the node that runs them, written by the thread that
+    /// submits and read by a thread blocked on the socket at each end, and the results come
+    /// back the same way: no event loop on a lone task's way. Default true; false sends them
+    /// through the event loops like every other message.
+    public var lanes = true
     /// Start a replacement node process (with a new node ID) for each one that dies. Default true.
     public var replaceDeadNodes = true
     /// With ``processes``: the head also listens on this port (0: any free one) of the
@@ -224,7 +230,7 @@ public final class Cluster: Sendable {
             // Components of this process talk in memory; node processes over TCP, with
             // connections that declare a silent peer dead after `failureTimeoutMs`.
             transport = TCPTransport(host: host, token: options.token ?? .generate(), name: Self.headName, shortcutLocal: true,
-                                     wire: .failureDetecting(milliseconds: options.failureTimeoutMs), log: options.log) { peer, reason in
+                                     lanes: options.lanes, wire: .failureDetecting(milliseconds: options.failureTimeoutMs), log: options.log) { peer, reason in
                 lost.report(peer: peer, reason: "its connection closed (\(reason))")
             }
         case .tcp(let host):

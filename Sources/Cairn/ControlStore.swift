@@ -13,6 +13,8 @@ struct NodeRecord: Sendable, Codable {
     var alive: Bool
     /// `host:port` of the node's listener when it runs in its own process; nil in process.
     var address: String? = nil
+    /// The port on `address`'s host where the node accepts lanes (``LaneConnection``), if it does.
+    var lane: Int? = nil
 }
 
 /// The lineage of one task: enough to run it again.

@@ -176,6 +176,8 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var pendingCount = 0
     @exclusivity(unchecked) private var ready = Deque<Work>()
     @exclusivity(unchecked) private var threads = 0
+    /// Lane threads running a task in a worker's slot (``handleFromLane(_:)``); counted in `threads`.
+    @exclusivity(unchecked) private var laneRunning = 0
     @exclusivity(unchecked) private var idle = 0
     @exclusivity(unchecked) private var blocked = 0
     @exclusivity(unchecked) private var actorLocations: [ActorID: NodeID] = [:]
@@ -256,8 +258,10 @@ final class Node: @unchecked Sendable {
         self.workersTarget = max(1, Int(configuration.resources.cpus.rounded(.down)))
         self.releaseObject = release
         transport.register(.node(id), { [self] batch in handle(batch) }, onEventLoop: { [self] batch in tryHandle(batch) })
+        transport.registerLaneHandler(.node(id)) { [self] batch in handleFromLane(batch) }
         transport.send(.control(.registerNode(NodeRecord(id: id, resources: configuration.resources, functions: configuration.functions,
-                                                         queued: 0, alive: true, address: transport.localAddress(.node(id))))), to: .controlStore)
+                                                         queued: 0, alive: true, address: transport.localAddress(.node(id)),
+                                                         lane: transport.lanePort(.node(id))))), to: .controlStore)
         transport.send(.control(.subscribeNodes(.node(id))), to: .controlStore)
         condition.lock()
         var out = Outgoing()
@@ -1158,6 +1162,40 @@ final class Node: @unchecked Sendable {
         return true
     }
 
+    /// Tasks a lane brought (``TCPTransport``), on the lane's reading thread. A lone task
+    /// another node owns, with its inputs in hand, runs right here when a worker's slot is free
+    /// and nothing is queued: it then reaches its worker, and its result the lane, with no
+    /// thread woken. The lane's thread holds the slot while it runs (`laneRunning`, counted in
+    /// `threads`), so the node never runs more at once than it has workers. Anything else is
+    /// handled as if it came the usual way.
+    private func handleFromLane(_ batch: [Message]) {
+        guard batch.count == 1, case .runDirect(let specs) = batch[0], specs.count == 1, let spec = specs.first,
+              spec.owner != id, spec.resolved, accepts(spec.function),
+              let function = FunctionRegistry.process.function(spec.function) else {
+            handle(batch)
+            return
+        }
+        condition.lock()
+        guard !stopped, ready.isEmpty, idle > 0, threads - blocked - idle < workersTarget else {
+            handleLocked(batch)
+            return
+        }
+        threads += 1
+        laneRunning += 1
+        condition.unlock()
+        if WorkerContext.current?.node !== self { WorkerContext.enter(WorkerContext(node: self)) }
+        spec.local = function
+        let value = run(spec)
+        var out = Outgoing()
+        condition.lock()
+        threads -= 1
+        laneRunning -= 1
+        completeLocked(spec.id, value, &out)
+        if idle > 0 && (!ready.isEmpty || !submissions.isEmpty) { condition.signal() }
+        condition.unlock()
+        flush(&out)
+    }
+
     /// Entered with the lock held; releases it.
     private func handleLocked(_ batch: [Message]) {
         var out = Outgoing()
@@ -1462,7 +1500,12 @@ final class Node: @unchecked Sendable {
         }
         for (node, spec) in out.direct {
             do {
-                transport.send(.runDirect([try spec.portable()]), to: .node(node))
+                // A node with no CPU (a driver's) sends its lone tasks by a lane, from this thread.
+                if takesLoneSubmissionsIn {
+                    transport.send(.runDirect([try spec.portable()]), to: .node(node), laneFrom: .node(id))
+                } else {
+                    transport.send(.runDirect([try spec.portable()]), to: .node(node))
+                }
             } catch {
                 let e = RemoteError(kind: .serialization, task: spec.id, function: spec.function, node: id, message: "\(error)")
                 transport.send(.objects([(spec.id, .failed(e))]), to: .node(spec.owner))
@@ -1528,13 +1571,27 @@ final class Node: @unchecked Sendable {
             // One locked section per task: hand in the last result, take the next work.
             for (oid, value) in results { completeLocked(oid, value, &out) }
             results.removeAll(keepingCapacity: true)
-            if stopped || threads - blocked > workersTarget {
+            if stopped || threads - laneRunning - blocked > workersTarget {
                 threads -= 1
                 condition.unlock()
                 flush(&out)
                 return
             }
             if ready.isEmpty { drainSubmissionsLocked(&out) }
+            // A lane's thread holds a slot (``handleFromLane(_:)``): with every slot busy, wait.
+            if laneRunning > 0 && threads - blocked - idle > workersTarget && !stopped {
+                condition.unlock()
+                flush(&out)
+                condition.lock()
+                sleepers.add(1, ordering: .sequentiallyConsistent)
+                if laneRunning > 0 && threads - blocked - idle > workersTarget && !stopped {
+                    idle += 1
+                    condition.wait()
+                    idle -= 1
+                }
+                sleepers.subtract(1, ordering: .sequentiallyConsistent)
+                continue
+            }
             guard let first = ready.popFirst() else {
                 condition.unlock()
                 flush(&out)

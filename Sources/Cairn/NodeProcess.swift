@@ -70,7 +70,7 @@ struct NodeLaunch: Codable, Equatable {
         guard let control = TCPTransport.split(controlStore) else {
             throw CairnError(.invalidArgument, "bad control store address \(controlStore) in the node's launch description")
         }
-        let transport = TCPTransport(host: host, token: token, name: name, shortcutLocal: true,
+        let transport = TCPTransport(host: host, token: token, name: name, shortcutLocal: true, lanes: true,
                                      wire: .failureDetecting(milliseconds: failureTimeoutMs), log: log, peerLost: peerLost)
         transport.setAddress(.controlStore, host: control.0, port: control.1)
         return transport

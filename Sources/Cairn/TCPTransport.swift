@@ -54,9 +54,31 @@ final class TCPTransport: Transport, @unchecked Sendable {
     private var forgotten: Set<Endpoint> = []
     private var stopped = false
 
+    /// Lanes (``LaneConnection``): with `lanes`, every node endpoint registered here also
+    /// accepts lanes on a port of its own (named in its node record), and
+    /// ``send(_:to:laneFrom:)`` opens one to a node whose record names its port. A lane carries
+    /// only tasks sent straight to a node (`.runDirect`) and, back, their results, each written
+    /// by the thread that produced it and read by a thread blocked on the socket: a lone task
+    /// then meets no event loop at either end. Everything else, and everything while a lane is
+    /// being made or after it failed, goes the usual way.
+    let lanes: Bool
+    private var laneListeners: [Endpoint: LaneListener] = [:]
+    private var laneAddresses: [Endpoint: (host: String, port: Int)] = [:]
+    private var handlers: [Endpoint: @Sendable ([Message]) -> Void] = [:]
+    private var laneHandlers: [Endpoint: @Sendable ([Message]) -> Void] = [:]
+    /// Lanes this process opened, by the endpoint they reach.
+    private var outLanes: [Endpoint: OutLane] = [:]
+    /// Lanes other processes opened to endpoints here, by the endpoint that opened them.
+    private var inLanes: [Endpoint: InLane] = [:]
+    /// `inLanes.count`, read without `lock` on every send of results.
+    private let inLaneCount = Atomic<Int>(0)
+    /// After a lane to an endpoint failed, no new one is tried for this long.
+    static let laneRetryNanoseconds: UInt64 = 1_000_000_000
+
     init(host: String = "127.0.0.1", token: ClusterToken = .generate(), epoch: UInt64 = 1, name: String = "sender",
-         shortcutLocal: Bool = false, wire: WireOptions = WireOptions(), log: @escaping @Sendable (String) -> Void,
+         shortcutLocal: Bool = false, lanes: Bool = false, wire: WireOptions = WireOptions(), log: @escaping @Sendable (String) -> Void,
          peerLost: @escaping @Sendable (String, CloseReason) -> Void = { _, _ in }) {
+        self.lanes = lanes
         self.host = host
         self.token = token
         self.epoch = epoch
@@ -144,14 +166,22 @@ final class TCPTransport: Transport, @unchecked Sendable {
                                         }
                                     })
         let listener: WireListener
+        var laneListener: LaneListener?
         do {
             listener = try Wire.listenBlocking(host: host, port: 0, token: token, epoch: epoch, handlers: handlers, options: wire)
+            if lanes, case .node = endpoint {
+                laneListener = try LaneListener(host: host, token: token, epoch: epoch, name: endpoint.description, log: { log("transport: \($0)") }) { [weak self] lane in
+                    self?.serveLane(lane, at: endpoint)
+                }
+            }
         } catch {
             // `Cluster.local` checked that this host can be listened on; failing now means the
             // machine ran out of ports or descriptors.
             preconditionFailure("cannot listen on \(host) for \(endpoint): \(error)")
         }
         lock.lock()
+        self.handlers[endpoint] = handler
+        let previousLaneListener = laneListener.flatMap { laneListeners.updateValue($0, forKey: endpoint) }
         let previousInbox = inboxes.updateValue(inbox, forKey: endpoint)
         inboundStreams[endpoint] = streams
         let previousListener = listeners.updateValue(listener, forKey: endpoint)
@@ -164,6 +194,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         previousInbox?.stop()
         previousOutbound?.stop()
         previousListener?.closeBlocking()
+        previousLaneListener?.close()
         for bytes in held { sendEncoded(bytes, to: endpoint) }
     }
 
@@ -183,6 +214,14 @@ final class TCPTransport: Transport, @unchecked Sendable {
     /// `host:port` of an endpoint registered in this process (what a node puts in its record).
     func localAddress(_ endpoint: Endpoint) -> String? {
         lock.withLock { listeners[endpoint].map { "\(host):\($0.port)" } }
+    }
+
+    func lanePort(_ endpoint: Endpoint) -> Int? {
+        lock.withLock { laneListeners[endpoint]?.port }
+    }
+
+    func registerLaneHandler(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {
+        lock.withLock { laneHandlers[endpoint] = handler }
     }
 
     /// Where `endpoint` is reached; messages that waited for it are sent.
@@ -213,10 +252,14 @@ final class TCPTransport: Transport, @unchecked Sendable {
         lock.lock()
         forgotten.insert(endpoint)
         addresses[endpoint] = nil
+        laneAddresses[endpoint] = nil
         waiting[endpoint] = nil
         let out = outbound.removeValue(forKey: endpoint)
+        let lanes = (outLanes.removeValue(forKey: endpoint)?.connection, removeInLaneLocked(endpoint)?.connection)
         lock.unlock()
         out?.stop()
+        lanes.0?.close()
+        lanes.1?.close()
     }
 
     private func learnAddresses(from message: Message) {
@@ -234,6 +277,11 @@ final class TCPTransport: Transport, @unchecked Sendable {
 
     private func learn(_ record: NodeRecord) {
         guard let address = record.address, let (host, port) = Self.split(address) else { return }
+        if lanes, let lane = record.lane {
+            lock.withLock {
+                if !forgotten.contains(.node(record.id)) { laneAddresses[.node(record.id)] = (host, lane) }
+            }
+        }
         setAddress(.node(record.id), host: host, port: port)
     }
 
@@ -245,6 +293,21 @@ final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     func send(_ message: Message, to endpoint: Endpoint) {
+        if lanes, case .objects(let objects) = message, inLaneCount.load(ordering: .relaxed) > 0,
+           let lane = lock.withLock({ inLanes[endpoint] }) {
+            // Results of tasks that came by a lane go back by it; the rest the usual way.
+            let (mine, others) = lane.take(objects)
+            if !mine.isEmpty {
+                let bytes = Self.encode(.objects(mine), to: endpoint)
+                do {
+                    try lane.connection.send(bytes)
+                } catch {
+                    sendEncoded(bytes, to: endpoint)
+                }
+            }
+            if !others.isEmpty { sendEncoded(Self.encode(.objects(others), to: endpoint), to: endpoint) }
+            return
+        }
         if shortcutLocal {
             lock.lock()
             let inbox = inboxes[endpoint]
@@ -256,14 +319,107 @@ final class TCPTransport: Transport, @unchecked Sendable {
                 return
             }
         }
-        // Encoding traps on a value or task that was not made portable, as InMemoryTransport's check does.
-        let bytes: [UInt8]
+        sendEncoded(Self.encode(message, to: endpoint), to: endpoint)
+    }
+
+    /// Encoding traps on a value or task that was not made portable, as InMemoryTransport's check does.
+    private static func encode(_ message: Message, to endpoint: Endpoint) -> [UInt8] {
         do {
-            bytes = try WireMessages.encode(message, to: endpoint)
+            return try WireMessages.encode(message, to: endpoint)
         } catch {
             preconditionFailure("a portable message did not encode: \(error)")
         }
+    }
+
+    func send(_ message: Message, to endpoint: Endpoint, laneFrom from: Endpoint) {
+        guard lanes, case .runDirect(let specs) = message, case .node = endpoint, case .node = from else {
+            send(message, to: endpoint)
+            return
+        }
+        let bytes = Self.encode(message, to: endpoint)
+        let now = monotonicNanoseconds()
+        lock.lock()
+        var lane = outLanes[endpoint]
+        var opening: (OutLane, host: String, port: Int)?
+        if lane?.retryDue(now) ?? true, !stopped, !forgotten.contains(endpoint), let address = laneAddresses[endpoint] {
+            let new = OutLane()
+            outLanes[endpoint] = new
+            lane = new
+            opening = (new, address.host, address.port)
+        }
+        lock.unlock()
+        if let opening { openLane(opening.0, to: endpoint, from: from, host: opening.host, port: opening.port) }
+        if let lane, lane.send(bytes, tasks: specs.map(\.id)) { return }
         sendEncoded(bytes, to: endpoint)
+    }
+
+    /// Makes `lane` on a thread of its own, which then reads the results it brings back and
+    /// hands them to `from`'s handler; when it closes, the tasks it carried and brought no
+    /// result for go again the usual way (the node may have run them: a task may run twice,
+    /// as after any failure, never zero times).
+    private func openLane(_ lane: OutLane, to endpoint: Endpoint, from: Endpoint, host: String, port: Int) {
+        let (token, epoch, name) = (self.token, self.epoch, self.name)
+        startThread(named: "cairn-lane-out") { [weak self] in
+            do {
+                let connection = try LaneConnection.connect(host: host, port: port, token: token, name: name, epoch: epoch, serverName: endpoint.description)
+                try connection.send(LaneHello(from: from, to: endpoint).encoded)
+                if lane.opened(connection) {
+                    while let bytes = connection.receive(), let self {
+                        guard let (to, message) = try? WireMessages.decode(bytes), to == from, case .objects(let objects) = message else {
+                            self.report("the lane to \(endpoint) brought something other than results for \(from); closing it")
+                            break
+                        }
+                        lane.answered(objects.map(\.0))
+                        self.lock.withLock { self.handlers[from] }?([message])
+                    }
+                }
+                connection.close()
+            } catch {
+                self?.report("no lane to \(endpoint) at \(host):\(port) (\(error)); its tasks go by its listener")
+            }
+            let left = lane.closed(at: monotonicNanoseconds())
+            for bytes in left { self?.sendEncoded(bytes, to: endpoint) }
+        }
+    }
+
+    /// Reads a lane another process opened to `endpoint`, handing its tasks to the endpoint's
+    /// handler on this thread, until it closes.
+    private func serveLane(_ connection: LaneConnection, at endpoint: Endpoint) {
+        guard let first = connection.receive(), let hello = LaneHello(first), hello.to == endpoint else {
+            report("a lane to \(endpoint) from \(connection.peer.name) did not say where it goes; closing it")
+            connection.close()
+            return
+        }
+        let lane = InLane(connection)
+        let previous: InLane?? = lock.withLock {
+            guard !stopped, !forgotten.contains(hello.from) else { return .none }
+            let previous = inLanes.updateValue(lane, forKey: hello.from)
+            if previous == nil { inLaneCount.add(1, ordering: .relaxed) }
+            return .some(previous)
+        }
+        guard let previous else {
+            connection.close()
+            return
+        }
+        previous?.connection.close()
+        while let bytes = connection.receive() {
+            guard let (to, message) = try? WireMessages.decode(bytes), to == endpoint, case .runDirect(let specs) = message else {
+                report("the lane from \(hello.from) to \(endpoint) brought something other than tasks; closing it")
+                break
+            }
+            lane.carried(specs.map(\.id))
+            lock.withLock { laneHandlers[endpoint] ?? handlers[endpoint] }?([message])
+        }
+        connection.close()
+        lock.withLock {
+            if inLanes[hello.from] === lane { _ = removeInLaneLocked(hello.from) }
+        }
+    }
+
+    private func removeInLaneLocked(_ from: Endpoint) -> InLane? {
+        guard let lane = inLanes.removeValue(forKey: from) else { return nil }
+        inLaneCount.subtract(1, ordering: .relaxed)
+        return lane
     }
 
     private func sendEncoded(_ bytes: [UInt8], to endpoint: Endpoint) {
@@ -300,10 +456,20 @@ final class TCPTransport: Transport, @unchecked Sendable {
         listeners = [:]
         addresses = [:]
         waiting = [:]
+        let laneConnections = outLanes.values.compactMap(\.connection) + inLanes.values.map(\.connection)
+        let laneListening = Array(laneListeners.values)
+        outLanes = [:]
+        inLanes = [:]
+        inLaneCount.store(0, ordering: .relaxed)
+        laneListeners = [:]
+        handlers = [:]
+        laneHandlers = [:]
         lock.unlock()
         outs.forEach { $0.stop() }
         all.forEach { $0.stop() }
         ls.forEach { $0.closeBlocking() }
+        laneListening.forEach { $0.close() }
+        laneConnections.forEach { $0.close() }
     }
 
     /// Closes every connection to `endpoint`, here and in this process's senders, as a network
@@ -325,6 +491,130 @@ final class TCPTransport: Transport, @unchecked Sendable {
     private func notifyLost(_ peer: String, _ reason: CloseReason) {
         guard !quiet.isSet, !lock.withLock({ stopped }) else { return }
         peerLost(peer, reason)
+    }
+}
+
+/// A lane's first message: which endpoint opened it, and which it reaches.
+struct LaneHello: Equatable {
+    let from: Endpoint
+    let to: Endpoint
+
+    init(from: Endpoint, to: Endpoint) {
+        self.from = from
+        self.to = to
+    }
+
+    /// Only node endpoints open and accept lanes.
+    var encoded: [UInt8] {
+        guard case .node(let f) = from, case .node(let t) = to else { preconditionFailure("lanes join nodes only") }
+        var bytes: [UInt8] = Array("lane".utf8)
+        for n in [f.raw, t.raw] { withUnsafeBytes(of: Int64(n).littleEndian) { bytes += $0 } }
+        return bytes
+    }
+
+    init?(_ bytes: [UInt8]) {
+        guard bytes.count == 20, bytes.starts(with: Array("lane".utf8)) else { return nil }
+        func int(_ at: Int) -> Int {
+            Int(Int64(littleEndian: bytes[at..<at + 8].withUnsafeBytes { $0.loadUnaligned(as: Int64.self) }))
+        }
+        from = .node(NodeID(int(4)))
+        to = .node(NodeID(int(12)))
+    }
+}
+
+/// A lane this process opened: tasks written on it wait in `inFlight` until their results come
+/// back on it. Thread safety: every field is guarded by `lock`.
+final class OutLane: @unchecked Sendable {
+    private let lock = NSLock()
+    private var connection_: LaneConnection?
+    /// Set once the lane failed or closed: when.
+    private var failedAt: UInt64?
+    private var inFlight: [ObjectID: [UInt8]] = [:]
+    /// Tasks sent straight to a node leave one at a time (``Node``'s `directTask`), so a lane has
+    /// one in flight; past this many, the oldest results went another way and are forgotten.
+    static let maxInFlight = 64
+
+    var connection: LaneConnection? { lock.withLock { connection_ } }
+
+    /// Whether a new lane should replace this failed one.
+    func retryDue(_ now: UInt64) -> Bool {
+        lock.withLock { failedAt.map { now &- $0 >= TCPTransport.laneRetryNanoseconds } ?? false }
+    }
+
+    /// False if the lane was closed before it opened.
+    func opened(_ connection: LaneConnection) -> Bool {
+        lock.withLock {
+            guard failedAt == nil else { return false }
+            connection_ = connection
+            return true
+        }
+    }
+
+    /// Writes `bytes` (carrying `tasks`) on the lane; false if it is not open (send them the usual way).
+    func send(_ bytes: [UInt8], tasks: [ObjectID]) -> Bool {
+        lock.lock()
+        guard failedAt == nil, let connection = connection_ else {
+            lock.unlock()
+            return false
+        }
+        if inFlight.count + tasks.count > Self.maxInFlight { inFlight.removeAll() }
+        for t in tasks { inFlight[t] = bytes }
+        lock.unlock()
+        do {
+            try connection.send(bytes)
+            return true
+        } catch {
+            // Closed under us: unless its reader already sent them again, the caller does.
+            return lock.withLock { tasks.contains { inFlight.removeValue(forKey: $0) != nil } }  == false
+        }
+    }
+
+    func answered(_ tasks: [ObjectID]) {
+        lock.withLock { for t in tasks { inFlight.removeValue(forKey: t) } }
+    }
+
+    /// Marks the lane failed; returns the messages of the tasks it carried that are not back.
+    func closed(at now: UInt64) -> [[UInt8]] {
+        lock.withLock {
+            failedAt = now
+            connection_ = nil
+            var seen = Set<[UInt8]>()
+            let left = inFlight.values.filter { seen.insert($0).inserted }
+            inFlight = [:]
+            return left
+        }
+    }
+}
+
+/// A lane another process opened to an endpoint here, with the tasks it brought whose
+/// results have not gone back yet. Thread safety: `tasks` is guarded by `lock`.
+final class InLane: @unchecked Sendable {
+    let connection: LaneConnection
+    private let lock = NSLock()
+    private var tasks: Set<ObjectID> = []
+
+    init(_ connection: LaneConnection) {
+        self.connection = connection
+    }
+
+    func carried(_ ids: [ObjectID]) {
+        lock.withLock {
+            if tasks.count + ids.count > OutLane.maxInFlight { tasks.removeAll() }
+            tasks.formUnion(ids)
+        }
+    }
+
+    /// Splits results into those of tasks this lane brought (taken off its list) and the rest.
+    func take(_ objects: [(ObjectID, StoredValue)]) -> (mine: [(ObjectID, StoredValue)], others: [(ObjectID, StoredValue)]) {
+        lock.withLock {
+            if tasks.isEmpty { return ([], objects) }
+            var mine: [(ObjectID, StoredValue)] = []
+            var others: [(ObjectID, StoredValue)] = []
+            for o in objects {
+                if tasks.remove(o.0) != nil { mine.append(o) } else { others.append(o) }
+            }
+            return (mine, others)
+        }
     }
 }
 

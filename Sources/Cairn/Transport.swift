@@ -199,6 +199,15 @@ protocol Transport: Sendable {
     func localAddress(_ endpoint: Endpoint) -> String?
     /// Drops an endpoint declared dead and whatever is queued for it.
     func forget(_ endpoint: Endpoint)
+    /// Sends a message from endpoint `from` of this process, on a lane (a connection written
+    /// by the sending thread itself, ``LaneConnection``) if the transport keeps one to
+    /// `endpoint`: the replies come back the same way. Otherwise as ``send(_:to:)``.
+    func send(_ message: Message, to endpoint: Endpoint, laneFrom from: Endpoint)
+    /// The port where `endpoint`, registered here, accepts lanes, if it does.
+    func lanePort(_ endpoint: Endpoint) -> Int?
+    /// What a lane's reading thread calls with the tasks it brings to `endpoint` (registered
+    /// already), instead of the endpoint's handler: it may run them on that thread.
+    func registerLaneHandler(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void)
 }
 
 extension Transport {
@@ -207,6 +216,9 @@ extension Transport {
     }
     func localAddress(_ endpoint: Endpoint) -> String? { nil }
     func forget(_ endpoint: Endpoint) {}
+    func send(_ message: Message, to endpoint: Endpoint, laneFrom from: Endpoint) { send(message, to: endpoint) }
+    func lanePort(_ endpoint: Endpoint) -> Int? { nil }
+    func registerLaneHandler(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {}
 }
 
 /// Messages between components of one process: one inbox thread per endpoint.

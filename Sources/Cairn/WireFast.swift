@@ -249,6 +249,7 @@ struct WireWriter {
         int(record.queued)
         byte(record.alive ? 1 : 0)
         optional(record.address) { $0.string($1) }
+        optional(record.lane) { $0.int($1) }
     }
 
     /// A presence byte, then the value if there is one.
@@ -417,7 +418,8 @@ struct WireReader {
         let queued = try int()
         let alive = try flag()
         let address = try flag() ? try string() : nil
-        return NodeRecord(id: id, resources: resources, functions: functions, queued: queued, alive: alive, address: address)
+        let lane = try flag() ? try int() : nil
+        return NodeRecord(id: id, resources: resources, functions: functions, queued: queued, alive: alive, address: address, lane: lane)
     }
 
     mutating func call() throws -> ActorCall {
