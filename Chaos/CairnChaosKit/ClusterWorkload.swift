@@ -1,4 +1,5 @@
 import Cairn
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -54,6 +55,44 @@ public enum ClusterWorkload {
         return x
     }
 
+    /// Sleeps `x` milliseconds, counting the tasks of this function running in this process
+    /// meanwhile: returns the pid, the most that ran at once while this one did, and 1 if it
+    /// ran on a lane's thread (0 on a worker).
+    public static let overlap = RemoteFunction<Int, [Int]>("workload.overlap") { x in
+        let first = Overlap.shared.enter()
+        usleep(UInt32(x) * 1_000)
+        let most = max(first, Overlap.shared.leave())
+        let thread = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? ""
+        return [Int(getpid()), most, thread.hasPrefix("cairn-lane") ? 1 : 0]
+    }
+
+    /// The count behind ``overlap``.
+    final class Overlap: @unchecked Sendable {
+        static let shared = Overlap()
+        private let lock = NSLock()
+        private var running = 0
+        private var most = 0
+
+        /// One more running; returns how many run now.
+        func enter() -> Int {
+            lock.lock()
+            defer { lock.unlock() }
+            running += 1
+            most = max(most, running)
+            return running
+        }
+
+        /// One fewer; returns the most that ran at once since the last time nothing ran.
+        func leave() -> Int {
+            lock.lock()
+            defer { lock.unlock() }
+            running -= 1
+            let seen = most
+            if running == 0 { most = 0 }
+            return seen
+        }
+    }
+
     /// `x` itself: the smallest task.
     public static let identity = RemoteFunction<Int, Int>("workload.identity") { $0 }
 
@@ -78,7 +117,7 @@ public enum ClusterWorkload {
 
     /// Creates every function and registers every actor type, so that a node process knows them by name.
     public static func register() {
-        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep)
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep, overlap)
         FunctionRegistry.process.register(Counter.self)
         FunctionRegistry.process.register(Bank.self)
     }

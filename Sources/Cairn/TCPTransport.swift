@@ -72,6 +72,10 @@ final class TCPTransport: Transport, @unchecked Sendable {
     private var inLanes: [Endpoint: InLane] = [:]
     /// `inLanes.count`, read without `lock` on every send of results.
     private let inLaneCount = Atomic<Int>(0)
+    private let laneSent = Atomic<Int>(0)
+    private let laneReceived = Atomic<Int>(0)
+    /// Messages this process wrote on lanes and read from them (for tests and benchmarks).
+    var laneMessages: (sent: Int, received: Int) { (laneSent.load(ordering: .relaxed), laneReceived.load(ordering: .relaxed)) }
     /// After a lane to an endpoint failed, no new one is tried for this long.
     static let laneRetryNanoseconds: UInt64 = 1_000_000_000
 
@@ -275,7 +279,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
         }
     }
 
-    private func learn(_ record: NodeRecord) {
+    func learn(_ record: NodeRecord) {
         guard let address = record.address, let (host, port) = Self.split(address) else { return }
         if lanes, let lane = record.lane {
             lock.withLock {
@@ -301,6 +305,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
                 let bytes = Self.encode(.objects(mine), to: endpoint)
                 do {
                     try lane.connection.send(bytes)
+                    laneSent.add(1, ordering: .relaxed)
                 } catch {
                     sendEncoded(bytes, to: endpoint)
                 }
@@ -349,7 +354,10 @@ final class TCPTransport: Transport, @unchecked Sendable {
         }
         lock.unlock()
         if let opening { openLane(opening.0, to: endpoint, from: from, host: opening.host, port: opening.port) }
-        if let lane, lane.send(bytes, tasks: specs.map(\.id)) { return }
+        if let lane, lane.send(bytes, tasks: specs.map(\.id)) {
+            laneSent.add(1, ordering: .relaxed)
+            return
+        }
         sendEncoded(bytes, to: endpoint)
     }
 
@@ -370,6 +378,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
                             break
                         }
                         lane.answered(objects.map(\.0))
+                        self.laneReceived.add(1, ordering: .relaxed)
                         self.lock.withLock { self.handlers[from] }?([message])
                     }
                 }
@@ -408,6 +417,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
                 break
             }
             lane.carried(specs.map(\.id))
+            laneReceived.add(1, ordering: .relaxed)
             lock.withLock { laneHandlers[endpoint] ?? handlers[endpoint] }?([message])
         }
         connection.close()
@@ -478,6 +488,13 @@ final class TCPTransport: Transport, @unchecked Sendable {
         let (streams, out) = lock.withLock { (inboundStreams[endpoint], outbound[endpoint]) }
         streams?.closeAll()
         out?.dropConnection()
+    }
+
+    /// Closes the lanes other processes opened to endpoints here, as a network fault would (for
+    /// tests): what they carried and brought no result for goes again the usual way.
+    func dropLanes() {
+        let lanes = lock.withLock { Array(inLanes.values) }
+        for lane in lanes { lane.connection.close() }
     }
 
     /// Messages for `endpoint` a connection took and it did not acknowledge (for tests).
