@@ -752,6 +752,10 @@ final class Node: @unchecked Sendable {
             if !ready.isEmpty && idle == 0 && threads - blocked < workersTarget {
                 threads += 1
                 out.spawnWorkers += 1
+            } else if laneRunning > 0 && !ready.isEmpty && idle > 0 {
+                // A worker may be waiting for the slot this thread gives back (see
+                // ``handleFromLane(_:)``): nothing else would wake it.
+                condition.signal()
             }
         }
         condition.unlock()

@@ -176,8 +176,21 @@ struct LaneTests {
         }
         #expect(laneRuns >= 3, "only \(laneRuns) of 6 long lone tasks ran on a lane's thread")
 
-        // A lone task on a lane's thread that submits tasks on its node and waits for them.
-        #expect(try await cluster.get(try ClusterWorkload.fanOut.remote(300), timeout: .seconds(60)) == (0..<300).reduce(0, +))
+    }
+
+    @Test("lone tasks on a lane's thread that submit tasks on their own node and wait for them all complete: the node's worker gets the slot the waiting task gives back")
+    func laneTaskWaitsOnItsOwnTasks() async throws {
+        // Nothing spills: the nested tasks all run on the node whose lane runs the task.
+        var options = ProcessClusterTests.options(spillThreshold: 1_000_000)
+        options.nodes[0].resources = Resources(cpus: 0)
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let transport = try #require(cluster.transport as? TCPTransport)
+        for round in 0..<30 {
+            let n = 50 + 10 * round
+            #expect(try await cluster.get(try ClusterWorkload.fanOut.remote(n), timeout: .seconds(60)) == (0..<n).reduce(0, +))
+        }
+        #expect(transport.laneMessages.received >= 10, "\(transport.laneMessages)")
     }
 }
 }
