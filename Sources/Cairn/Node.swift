@@ -817,16 +817,20 @@ final class Node: @unchecked Sendable {
     }
 
     /// Waits up to `microseconds` for `oid` without suspending: a round trip to a short task
-    /// usually completes within it, which saves the caller a thread wake-up.
-    func spinGet(_ oid: ObjectID, microseconds: UInt64) -> StoredValue? {
+    /// usually completes within it, which saves the caller a thread wake-up. For a task that
+    /// went straight to another node (a lone task, see ``directTargetLocked(_:)``), up to
+    /// `directMicroseconds`: its result comes back by a lane, a round trip of some tens of
+    /// microseconds.
+    func spinGet(_ oid: ObjectID, microseconds: UInt64, directMicroseconds: UInt64? = nil) -> StoredValue? {
         var out = Outgoing()
         condition.lock()
         drainSubmissionsLocked(&out)
         let present = objects[oid]?.value
+        let direct = directTask == oid
         condition.unlock()
         flush(&out)
         if let present { return present }
-        let deadline = monotonicNanoseconds() + microseconds * 1000
+        let deadline = monotonicNanoseconds() + (direct ? directMicroseconds ?? microseconds : microseconds) * 1000
         var seen = storedEvents.load(ordering: .acquiring)
         while monotonicNanoseconds() < deadline {
             let now = storedEvents.load(ordering: .acquiring)

@@ -259,9 +259,10 @@ final class TCPTransport: Transport, @unchecked Sendable {
         laneAddresses[endpoint] = nil
         waiting[endpoint] = nil
         let out = outbound.removeValue(forKey: endpoint)
-        let lanes = (outLanes.removeValue(forKey: endpoint)?.connection, removeInLaneLocked(endpoint)?.connection)
+        let lanes = (outLanes.removeValue(forKey: endpoint), removeInLaneLocked(endpoint)?.connection)
         lock.unlock()
         out?.stop()
+        // What it carried goes nowhere now: the endpoint is gone (its owner runs it again).
         lanes.0?.close()
         lanes.1?.close()
     }
@@ -466,7 +467,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
         listeners = [:]
         addresses = [:]
         waiting = [:]
-        let laneConnections = outLanes.values.compactMap(\.connection) + inLanes.values.map(\.connection)
+        let lanesOut = Array(outLanes.values)
+        let lanesIn = inLanes.values.map(\.connection)
         let laneListening = Array(laneListeners.values)
         outLanes = [:]
         inLanes = [:]
@@ -479,7 +481,8 @@ final class TCPTransport: Transport, @unchecked Sendable {
         all.forEach { $0.stop() }
         ls.forEach { $0.closeBlocking() }
         laneListening.forEach { $0.close() }
-        laneConnections.forEach { $0.close() }
+        lanesOut.forEach { $0.close() }
+        lanesIn.forEach { $0.close() }
     }
 
     /// Closes every connection to `endpoint`, here and in this process's senders, as a network
@@ -588,6 +591,18 @@ final class OutLane: @unchecked Sendable {
 
     func answered(_ tasks: [ObjectID]) {
         lock.withLock { for t in tasks { inFlight.removeValue(forKey: t) } }
+    }
+
+    /// Closes the lane for good, dropping what it carried; one still being made is closed once
+    /// made (``opened(_:)`` refuses it).
+    func close() {
+        let connection: LaneConnection? = lock.withLock {
+            failedAt = failedAt ?? 0
+            inFlight = [:]
+            defer { connection_ = nil }
+            return connection_
+        }
+        connection?.close()
     }
 
     /// Marks the lane failed; returns the messages of the tasks it carried that are not back.

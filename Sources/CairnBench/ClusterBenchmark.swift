@@ -52,12 +52,16 @@ struct ClusterBenchmark {
         report.add("cluster.nested_tasks_per_s", median(nested), "tasks/s")
 
         var rtts: [Double] = []
+        var laneBefore = cluster.laneMessages.received
         for i in 0..<3_000 {
+            if i == 300 { laneBefore = cluster.laneMessages.received }
             let t = now()
             let v = try await cluster.get(try ClusterWorkload.identity.remote(i))
             precondition(v == i)
             if i >= 300 { rtts.append((now() - t) * 1e6) }
         }
+        // How many of the timed round trips came back by a lane (see README, "Lanes").
+        report.add("cluster.task_rtt_by_lane_percent", Double(cluster.laneMessages.received - laneBefore) * 100 / Double(rtts.count), "%")
         report.add("cluster.task_rtt_p50_us", median(rtts), "us", goal: "<= 60 (a loopback round trip is ~25)")
         report.add("cluster.task_rtt_p99_us", percentile(rtts, 0.99), "us")
 

@@ -20,13 +20,15 @@ import Darwin
 /// ``receive()`` at once.
 ///
 /// Thread safety (why `@unchecked Sendable` is sound): ``send(_:)`` serializes writers with
-/// `writeLock`; `core` and `delivered` are used only by the one thread that calls ``receive()``
-/// (after the handshake, which runs before the connection is shared); the descriptor is closed
-/// only in `deinit`, so no thread can use a number the process reused.
+/// `writeLock`; `core`, `delivered` and `buffer` are used only by the one thread that calls
+/// ``receive()`` (after the handshake, which runs before the connection is shared); the
+/// descriptor is closed only in `deinit`, so no thread can use a number the process reused.
 public final class LaneConnection: @unchecked Sendable {
     private let fd: Int32
     private var core: ConnectionCore
     private var delivered: [[UInt8]] = []
+    /// What ``receive()`` reads into (allocated once: a lane carries one small message at a time).
+    private var buffer = [UInt8](repeating: 0, count: 64 << 10)
     private let writeLock = NSLock()
     private let isClosed = Atomic<Bool>(false)
     private let maxPayload: Int
@@ -117,7 +119,6 @@ public final class LaneConnection: @unchecked Sendable {
     /// The next message, blocking until one arrives; nil once the connection is closed (by
     /// either end, or for a malformed frame). Only one thread may call it.
     public func receive() -> [UInt8]? {
-        var buffer = [UInt8](repeating: 0, count: 64 << 10)
         while delivered.isEmpty {
             guard !closed else { return nil }
             let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
