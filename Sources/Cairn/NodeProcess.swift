@@ -64,13 +64,14 @@ struct NodeLaunch: Codable, Equatable {
     }
 
     /// A TCP transport named `name` for this process, which knows where the head's control
-    /// store listens; `peerLost` hears of every connection lost.
-    func transport(token: ClusterToken, name: String, log: @escaping @Sendable (String) -> Void,
+    /// store listens; `peerLost` hears of every connection lost. With `lanes`, its node accepts
+    /// lanes (``ClusterOptions/lanes``; a driver that has them on opens them).
+    func transport(token: ClusterToken, name: String, lanes: Bool = true, log: @escaping @Sendable (String) -> Void,
                    peerLost: @escaping @Sendable (String, CloseReason) -> Void) throws -> TCPTransport {
         guard let control = TCPTransport.split(controlStore) else {
             throw CairnError(.invalidArgument, "bad control store address \(controlStore) in the node's launch description")
         }
-        let transport = TCPTransport(host: host, token: token, name: name, shortcutLocal: true, lanes: true,
+        let transport = TCPTransport(host: host, token: token, name: name, shortcutLocal: true, lanes: lanes,
                                      wire: .failureDetecting(milliseconds: failureTimeoutMs), log: log, peerLost: peerLost)
         transport.setAddress(.controlStore, host: control.0, port: control.1)
         return transport

@@ -151,7 +151,9 @@ struct LaneTests {
 
     @Test("in a cluster of processes a driver's lone tasks cross by lanes and run on the lane's thread; a node never runs more tasks at once than its CPUs; a lane's task may wait on tasks it submits")
     func lanesInAClusterOfProcesses() async throws {
-        let cluster = try await Cluster.local(ProcessClusterTests.idleDriverOptions())
+        var options = ProcessClusterTests.idleDriverOptions()
+        options.lanes = true
+        let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         let transport = try #require(cluster.transport as? TCPTransport)
         var onLane = 0
@@ -183,6 +185,7 @@ struct LaneTests {
         // Nothing spills: the nested tasks all run on the node whose lane runs the task.
         var options = ProcessClusterTests.options(spillThreshold: 1_000_000)
         options.nodes[0].resources = Resources(cpus: 0)
+        options.lanes = true
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         let transport = try #require(cluster.transport as? TCPTransport)
