@@ -554,8 +554,6 @@ final class OutLane: @unchecked Sendable {
     /// one in flight; past this many, the oldest results went another way and are forgotten.
     static let maxInFlight = 64
 
-    var connection: LaneConnection? { lock.withLock { connection_ } }
-
     /// Whether a new lane should replace this failed one.
     func retryDue(_ now: UInt64) -> Bool {
         lock.withLock { failedAt.map { now &- $0 >= TCPTransport.laneRetryNanoseconds } ?? false }
