@@ -1508,11 +1508,12 @@ final class Node: @unchecked Sendable {
         }
         for (node, spec) in out.direct {
             do {
+                let message = Message.runDirect([try spec.portable()])
                 // A node with no CPU (a driver's) sends its lone tasks by a lane, from this thread.
                 if takesLoneSubmissionsIn {
-                    transport.send(.runDirect([try spec.portable()]), to: .node(node), laneFrom: .node(id))
+                    transport.send(message, to: .node(node), laneFrom: .node(id))
                 } else {
-                    transport.send(.runDirect([try spec.portable()]), to: .node(node))
+                    transport.send(message, to: .node(node))
                 }
             } catch {
                 let e = RemoteError(kind: .serialization, task: spec.id, function: spec.function, node: id, message: "\(error)")

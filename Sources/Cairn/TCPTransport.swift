@@ -95,7 +95,7 @@ final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     /// Set by ``quiesce()``: connections closing from here on are expected.
-    private let quiet = Flag()
+    private let quiet = Latch()
 
     /// Stops logging lost connections and reporting lost peers: the cluster is stopping its
     /// node processes on purpose.
@@ -646,13 +646,6 @@ final class InLane: @unchecked Sendable {
             return (mine, others)
         }
     }
-}
-
-/// A flag set once, read from any thread.
-final class Flag: Sendable {
-    private let value = Atomic<Bool>(false)
-    var isSet: Bool { value.load(ordering: .relaxed) }
-    func set() { value.store(true, ordering: .relaxed) }
 }
 
 /// The queue and connection to one endpoint. Messages wait here while the connection is being

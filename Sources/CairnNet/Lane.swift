@@ -1,7 +1,6 @@
 import CairnCore
 import CairnWire
 import Foundation
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -30,7 +29,7 @@ public final class LaneConnection: @unchecked Sendable {
     /// What ``receive()`` reads into (allocated once: a lane carries one small message at a time).
     private var buffer = [UInt8](repeating: 0, count: 64 << 10)
     private let writeLock = NSLock()
-    private let isClosed = Atomic<Bool>(false)
+    private let isClosed = Latch()
     private let maxPayload: Int
     /// Who is at the other end, proven by the handshake.
     public let peer: PeerIdentity
@@ -45,7 +44,7 @@ public final class LaneConnection: @unchecked Sendable {
 
     deinit { _ = Glibc.close(fd) }
 
-    public var closed: Bool { isClosed.load(ordering: .acquiring) }
+    public var closed: Bool { isClosed.isSet }
 
     /// Connects to `host:port` and runs the client's side of the handshake, blocking the
     /// calling thread for at most `timeout` seconds.
@@ -142,7 +141,7 @@ public final class LaneConnection: @unchecked Sendable {
 
     /// Closes both directions: a thread blocked in ``receive()`` returns nil, later sends throw.
     public func close() {
-        guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        guard isClosed.set() else { return }
         _ = shutdown(fd, Int32(SHUT_RDWR))
     }
 }
@@ -153,7 +152,7 @@ public final class LaneConnection: @unchecked Sendable {
 public final class LaneListener: @unchecked Sendable {
     private let fd: Int32
     public let port: Int
-    private let isClosed = OnceFlag()
+    private let isClosed = Latch()
 
     public init(host: String, token: ClusterToken, epoch: UInt64, name: String, maxPayload: Int = WireFormat.defaultMaxPayload,
                 log: @escaping @Sendable (String) -> Void, serve: @escaping @Sendable (LaneConnection) -> Void) throws {
@@ -188,14 +187,6 @@ public final class LaneListener: @unchecked Sendable {
         guard isClosed.set() else { return }
         _ = shutdown(fd, Int32(SHUT_RDWR))
     }
-}
-
-/// A flag set once, read from any thread.
-final class OnceFlag: Sendable {
-    private let value = Atomic<Bool>(false)
-    var isSet: Bool { value.load(ordering: .acquiring) }
-    /// Sets it; true if it was not set before.
-    func set() -> Bool { !value.exchange(true, ordering: .acquiringAndReleasing) }
 }
 
 /// Blocking socket calls of the lanes.
