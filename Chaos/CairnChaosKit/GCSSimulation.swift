@@ -445,6 +445,12 @@ public struct GCSSimulation {
                 }
             }
         }
+        if o.trace, let key = verdict.failingKey {
+            print("history of \(key), by call time:")
+            for e in history where e.key == key {
+                print("  c\(e.client) \(e.operation) called t=\(e.call) returned \(e.returned.map { "t=\($0)" } ?? "never")")
+            }
+        }
         if o.trace {
             print("compaction every \(compactEvery) (retain \(replicaOptions.retain), snapshot parts of \(replicaOptions.snapshotChunkBytes) bytes), window \(replicaOptions.window), reports every \(replicaOptions.reportInterval), resends every \(replicaOptions.retransmitInterval)")
         }

@@ -147,6 +147,11 @@ public struct ChainReplica: Sendable {
     }
     /// When the last report went to the coordinator.
     private var reportedAt: UInt64?
+    /// The clock at this life's first step (message or tick). A lease runs from the send time
+    /// of the report it answers, so one that runs from earlier was granted to a previous life:
+    /// the shells' clock keeps running across a restart, and moves on between a life's last
+    /// step and the next life's first.
+    private var lifeStart: UInt64?
     /// The keys of `subscriptions` in order: what goes to subscribers is sent in this order, so
     /// that a seeded simulation runs the same in every process (a dictionary's order does not).
     private var subscribers: [Int] = []
@@ -416,6 +421,7 @@ public struct ChainReplica: Sendable {
 
     /// Handles one message; `now` is the shell's clock (for leases).
     public mutating func handle(_ message: GCSMessage, from: Endpoint, now: UInt64) -> [GCSAction] {
+        if lifeStart == nil { lifeStart = now }
         if holdIfEarly(message, from: from) { return [] }
         var actions = step(message, from: from, now: now)
         actions += compactIfDue()
@@ -641,7 +647,10 @@ public struct ChainReplica: Sendable {
                 if new.learner == id { joinAskedAt = now }
                 actions += takeEarly(now: now)
             }
-            if let from = leaseFrom, new.epoch == config?.epoch, serving {
+            // Only a lease for a report of this life: one granted to the previous life may arrive
+            // after a restart, when the coordinator, told the process exited, counts no lease
+            // and has given the chain to others.
+            if let from = leaseFrom, let start = lifeStart, from >= start, new.epoch == config?.epoch, serving {
                 let until = from + options.leaseDuration
                 if until > (lease?.until ?? 0) || lease?.epoch != new.epoch { lease = (new.epoch, until) }
                 actions += release(now: now)
@@ -760,6 +769,7 @@ public struct ChainReplica: Sendable {
 
     /// Called periodically: reports to the coordinator and resends whatever is unacknowledged.
     public mutating func tick(now: UInt64) -> [GCSAction] {
+        if lifeStart == nil { lifeStart = now }
         var actions: [GCSAction] = compactIfDue()
         if reportedAt.map({ now >= $0 + options.reportInterval }) ?? true { actions.append(report(now: now)) }
         guard let c = config else { return actions }

@@ -245,6 +245,28 @@ struct GCSCoreTests {
         #expect(tail.isLearner)
     }
 
+    @Test("a tail restarted from its persisted configuration ignores a lease its previous life was granted, so it cannot answer a read the new chain has overtaken")
+    func restartedTailIgnoresPreviousLifesLease() {
+        let config = ChainConfig(shard: 0, epoch: 1, chain: [0, 2])
+        let u = ChainUpdate(epoch: 1, sequence: 1, key: "k", value: Self.value(1), request: RequestID(client: 1, number: 1))
+        // The tail reports at 10 and the coordinator grants a lease from 10; the tail's process is
+        // killed before the grant arrives, the coordinator hears it exited (and so counts no
+        // lease) and gives the chain to the head alone, which acknowledges newer writes.
+        var tail = Self.replica(2, config, log: [u])
+        _ = tail.tick(now: 10)
+        // Its next life starts from what it persisted: the old configuration, in which it is the tail.
+        var restarted = Self.replica(2, config, log: [u])
+        _ = restarted.tick(now: 20)
+        let taken = Self.sends(restarted.handle(.configure(config, leaseFrom: 10), from: .coordinator, now: 21))
+        #expect(taken.allSatisfy { if case .report = $0 { return true } else { return false } }, "it asks for a lease of its own: \(taken)")
+        #expect(!restarted.holdsLease(at: 21), "a lease granted for a report of the previous life")
+        let read = RequestID(client: 3, number: 1)
+        #expect(Self.sends(restarted.handle(.read(read, key: "k"), from: .client(3), now: 22)) == [.notHere(read)])
+        // A lease for a report of this life is taken.
+        _ = restarted.handle(.configure(config, leaseFrom: 20), from: .coordinator, now: 23)
+        #expect(restarted.holdsLease(at: 24))
+    }
+
     @Test("a rejoining replica cuts the part of its log the chain never kept, then catches up from the tail")
     func learnerTruncatesDivergentSuffix() {
         let r = { (n: UInt64) in RequestID(client: 1, number: n) }
