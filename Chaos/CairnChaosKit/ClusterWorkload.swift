@@ -93,6 +93,14 @@ public enum ClusterWorkload {
         }
     }
 
+    /// Submits `sleep(x)` on its own node and waits for it; returns 1 if this ran on a lane's
+    /// thread (0 on a worker).
+    public static let waitForSleep = RemoteFunction<Int, Int>("workload.waitForSleep") { x in
+        _ = try sleep.remote(x).get()
+        let thread = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? ""
+        return thread.hasPrefix("cairn-lane") ? 1 : 0
+    }
+
     /// `x` itself: the smallest task.
     public static let identity = RemoteFunction<Int, Int>("workload.identity") { $0 }
 
@@ -117,7 +125,7 @@ public enum ClusterWorkload {
 
     /// Creates every function and registers every actor type, so that a node process knows them by name.
     public static func register() {
-        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep, overlap)
+        _ = (square, slowSquare, whereAmI, sumOfSquares, ownedElsewhere, identity, fanOut, block, sleep, overlap, waitForSleep)
         FunctionRegistry.process.register(Counter.self)
         FunctionRegistry.process.register(Bank.self)
     }

@@ -176,7 +176,8 @@ final class Node: @unchecked Sendable {
     @exclusivity(unchecked) private var pendingCount = 0
     @exclusivity(unchecked) private var ready = Deque<Work>()
     @exclusivity(unchecked) private var threads = 0
-    /// Lane threads running a task in a worker's slot (``handleFromLane(_:)``); counted in `threads`.
+    /// Lane threads running a task in a worker's slot (``handleFromLane(_:)``); counted in
+    /// `threads`. One blocked in a `get` counts in `blocked` instead, as a worker does.
     @exclusivity(unchecked) private var laneRunning = 0
     @exclusivity(unchecked) private var idle = 0
     @exclusivity(unchecked) private var blocked = 0
@@ -746,14 +747,21 @@ final class Node: @unchecked Sendable {
             done.signal()
         })
         requestLocked(oid, e, &out)
-        let isWorker = WorkerContext.current?.node === self
+        let context = WorkerContext.current
+        let isWorker = context?.node === self
+        // A lane's thread holding a slot gives it up while it waits, as a worker does: it
+        // counts as blocked, no longer as running, so that every thread is counted once (a
+        // worker that counted it twice stayed when it should have left, and the node was left
+        // with more idle workers than slots, one of which then left with the next wake-up).
+        let onLane = isWorker && context!.lane
         if isWorker {
             blocked += 1
+            if onLane { laneRunning -= 1 }
             if !ready.isEmpty && idle == 0 && threads - blocked < workersTarget {
                 threads += 1
                 out.spawnWorkers += 1
-            } else if laneRunning > 0 && !ready.isEmpty && idle > 0 {
-                // A worker may be waiting for the slot this thread gives back (see
+            } else if !ready.isEmpty && idle > 0 {
+                // A worker may be waiting for the slot this thread gives back (a lane's: see
                 // ``handleFromLane(_:)``): nothing else would wake it.
                 condition.signal()
             }
@@ -772,6 +780,7 @@ final class Node: @unchecked Sendable {
         if isWorker {
             condition.lock()
             blocked -= 1
+            if onLane { laneRunning += 1 }
             condition.unlock()
         }
         guard result == .success, let value = slot.value else {
@@ -1191,7 +1200,7 @@ final class Node: @unchecked Sendable {
         threads += 1
         laneRunning += 1
         condition.unlock()
-        if WorkerContext.current?.node !== self { WorkerContext.enter(WorkerContext(node: self)) }
+        if let c = WorkerContext.current, c.node === self, c.lane {} else { WorkerContext.enter(WorkerContext(node: self, lane: true)) }
         spec.local = function
         let value = run(spec)
         var out = Outgoing()
@@ -1582,6 +1591,8 @@ final class Node: @unchecked Sendable {
             results.removeAll(keepingCapacity: true)
             if stopped || threads - laneRunning - blocked > workersTarget {
                 threads -= 1
+                // This thread may have been woken for work: another takes it.
+                if idle > 0 && (!ready.isEmpty || !submissions.isEmpty) { condition.signal() }
                 condition.unlock()
                 flush(&out)
                 return
@@ -1808,7 +1819,12 @@ final class ValueSlot: @unchecked Sendable {
 /// tasks submitted from a task are owned by the node running it.
 final class WorkerContext: Sendable {
     let node: Node
-    init(node: Node) { self.node = node }
+    /// A lane's reading thread (``Node/handleFromLane(_:)``), not one of the node's workers.
+    let lane: Bool
+    init(node: Node, lane: Bool = false) {
+        self.node = node
+        self.lane = lane
+    }
 
     private static let key: pthread_key_t = {
         var key = pthread_key_t()

@@ -195,5 +195,33 @@ struct LaneTests {
         }
         #expect(transport.laneMessages.received >= 10, "\(transport.laneMessages)")
     }
+
+    @Test("a lane's task and a worker's, both waiting on tasks of their own node, leave it no more workers than CPUs: the actor call that follows is answered")
+    func waitingLaneTaskLeavesNoExtraWorker() async throws {
+        // The driver and one node process with 2 CPUs; nothing spills.
+        var options = ProcessClusterTests.options(spillThreshold: 1_000_000)
+        options.nodes = [NodeConfiguration(resources: Resources(cpus: 0)), NodeConfiguration(resources: Resources(cpus: 2))]
+        options.lanes = true
+        let cluster = try await Cluster.local(options)
+        defer { cluster.shutdown() }
+        let counter = try await cluster.spawn(ClusterWorkload.Counter(), resources: Resources(cpus: 1))
+        var onLane = 0
+        for round in 1...6 {
+            // A lone task crosses by lane and waits on the lane's thread for a 300 ms task, which
+            // a worker runs; meanwhile a second task, sent through the scheduler, waits on the
+            // other worker for a 50 ms task, which a worker started for it runs. The second is
+            // done long before the first. A lane's waiting thread was counted twice (running
+            // and blocked), so the worker that finished the second stayed, and the node was
+            // left with 3 idle workers for 2 CPUs: the next one woken (for the actor call
+            // below) left without taking the call, which was never answered.
+            let first = try ClusterWorkload.waitForSleep.remote(300)
+            try await Task.sleep(for: .milliseconds(20))
+            let second = try ClusterWorkload.waitForSleep.remote(50)
+            let ran = try await cluster.get([first, second], timeout: .seconds(60))
+            onLane += ran[0]
+            #expect(try await cluster.get(try counter.send(1), timeout: .seconds(20)) == round)
+        }
+        #expect(onLane >= 3, "only \(onLane) of 6 waiting tasks ran on a lane's thread")
+    }
 }
 }
