@@ -71,11 +71,8 @@ public struct ClusterOptions: Sendable {
     /// lane, a connection of its own to the node that runs them, written by the thread that
     /// submits and read by a thread blocked on the socket at each end, and the results come
     /// back the same way: no event loop on a lone task's way (a round trip of ~45 µs instead
-    /// of ~150 here). Default false, for now: in about 1 in 10 runs of `cairn-bench cluster`
-    /// with lanes, every node process heard nothing from the head for 250 ms just after the
-    /// lone tasks and left the cluster, a failure not seen without them and not yet explained
-    /// (see README, "Lanes").
-    public var lanes = false
+    /// of ~150 here). Default true; false sends them through the event loops' connections.
+    public var lanes = true
     /// Start a replacement node process (with a new node ID) for each one that dies. Default true.
     public var replaceDeadNodes = true
     /// With ``processes``: the head also listens on this port (0: any free one) of the

@@ -77,7 +77,7 @@ struct CairnBench: AsyncParsableCommand {
                 try await TCPBenchmark().run(report)
             case "cluster":
                 try await ClusterBenchmark().run(report)
-                try await ClusterBenchmark().lanes(report)
+                try await ClusterBenchmark().withoutLanes(report)
             case "gcs":
                 try withScratch { try GCSBenchmark(directory: $0 + "/gcs").run(report) }
             case "durable", "recovery":

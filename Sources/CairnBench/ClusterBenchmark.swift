@@ -91,17 +91,15 @@ struct ClusterBenchmark {
         report.add(prefix + "task_rtt_p99_us", percentile(rtts, 0.99), "us")
     }
 
-    /// The round trips again on a cluster of its own with lanes (``ClusterOptions/lanes``, off
-    /// by default): a driver's lone tasks and their results on sockets of their own, outside
-    /// the event loops. Only round trips: with lanes, an actor phase after them lost the head
-    /// in about 1 run in 10 (see README, "Lanes").
-    func lanes(_ report: Report) async throws {
+    /// The round trips again on a cluster of its own without lanes (``ClusterOptions/lanes``):
+    /// lone tasks and their results through the event loops' connections, for comparison.
+    func withoutLanes(_ report: Report) async throws {
         var options = Self.options()
-        options.lanes = true
+        options.lanes = false
         let cluster = try await Cluster.local(options)
         defer { cluster.shutdown() }
         _ = try await cluster.get(try (0..<20_000).map { try ClusterWorkload.identity.remote($0) })
-        try await Self.roundTrips(report, cluster, prefix: "cluster.lanes.")
+        try await Self.roundTrips(report, cluster, prefix: "cluster.no_lanes.")
     }
 
     /// Waits until a replacement for `node` has joined: 5 live nodes (the head's and 4 processes).
