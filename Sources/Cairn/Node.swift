@@ -1200,7 +1200,7 @@ final class Node: @unchecked Sendable {
         threads += 1
         laneRunning += 1
         condition.unlock()
-        if let c = WorkerContext.current, c.node === self, c.lane {} else { WorkerContext.enter(WorkerContext(node: self, lane: true)) }
+        if WorkerContext.current.map({ $0.node !== self || !$0.lane }) ?? true { WorkerContext.enter(WorkerContext(node: self, lane: true)) }
         spec.local = function
         let value = run(spec)
         var out = Outgoing()
