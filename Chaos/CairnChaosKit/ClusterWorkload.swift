@@ -62,8 +62,12 @@ public enum ClusterWorkload {
         let first = Overlap.shared.enter()
         usleep(UInt32(x) * 1_000)
         let most = max(first, Overlap.shared.leave())
-        let thread = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? ""
-        return [Int(getpid()), most, thread.hasPrefix("cairn-lane") ? 1 : 0]
+        return [Int(getpid()), most, onLaneThread() ? 1 : 0]
+    }
+
+    /// Whether the calling thread is a lane's (by its name), not a worker.
+    static func onLaneThread() -> Bool {
+        ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "").hasPrefix("cairn-lane")
     }
 
     /// The count behind ``overlap``.
@@ -97,8 +101,7 @@ public enum ClusterWorkload {
     /// thread (0 on a worker).
     public static let waitForSleep = RemoteFunction<Int, Int>("workload.waitForSleep") { x in
         _ = try sleep.remote(x).get()
-        let thread = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? ""
-        return thread.hasPrefix("cairn-lane") ? 1 : 0
+        return onLaneThread() ? 1 : 0
     }
 
     /// `x` itself: the smallest task.
