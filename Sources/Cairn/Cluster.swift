@@ -913,20 +913,75 @@ final class Housekeeper: @unchecked Sendable {
 
 /// The cluster `f.remote(…)` submits to from outside any task: the most recently started.
 enum DefaultCluster {
-    private static let current = Mutex<Cluster?>(nil)
-    static func set(_ c: Cluster) { current.withLock { $0 = c } }
-    static func clear(_ c: Cluster) { current.withLock { if $0 === c { $0 = nil } } }
-    static func get() -> Cluster? { current.withLock { $0 } }
+    private static let current = Mutex<(cluster: Cluster?, generation: UInt64)>((nil, 0))
+    /// Changes whenever `current` does. A driver's thread reads it on every submission, and
+    /// reading shares its cache line; taking the lock would write to it, and that line also
+    /// holds type caches that every thread reads, so each submission paid a cache-line transfer.
+    private static let generation = Atomic<UInt64>(0)
+
+    static func set(_ c: Cluster) { change { $0 = c } }
+    static func clear(_ c: Cluster) { change { if $0 === c { $0 = nil } } }
+
+    private static func change(_ body: (inout Cluster?) -> Void) {
+        current.withLock { state in
+            body(&state.cluster)
+            state.generation += 1
+            generation.store(state.generation, ordering: .releasing)
+        }
+    }
+
+    /// The default cluster's driver node, remembered per thread while the default cluster
+    /// stays the same: a submission from the driver reads an atomic, not a lock.
+    static func driverNode() -> Node? {
+        let now = generation.load(ordering: .acquiring)
+        if let cached = DriverThreadCache.current, cached.generation == now { return cached.node }
+        let (cluster, generation) = current.withLock { ($0.cluster, $0.generation) }
+        guard let node = cluster?.driverNode else {
+            DriverThreadCache.set(nil)
+            return nil
+        }
+        DriverThreadCache.set(DriverThreadCache(generation: generation, node: node))
+        return node
+    }
+}
+
+/// What ``DefaultCluster/driverNode()`` remembers on a thread. It holds the node until the
+/// thread next submits after the default cluster changed (or the thread ends).
+final class DriverThreadCache: Sendable {
+    let generation: UInt64
+    let node: Node
+    init(generation: UInt64, node: Node) {
+        self.generation = generation
+        self.node = node
+    }
+
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { pointer in
+            if let pointer { Unmanaged<DriverThreadCache>.fromOpaque(pointer).release() }
+        }
+        return key
+    }()
+
+    static var current: DriverThreadCache? {
+        guard let p = pthread_getspecific(key) else { return nil }
+        return Unmanaged<DriverThreadCache>.fromOpaque(p).takeUnretainedValue()
+    }
+
+    static func set(_ cache: DriverThreadCache?) {
+        if let old = pthread_getspecific(key) { Unmanaged<DriverThreadCache>.fromOpaque(old).release() }
+        pthread_setspecific(key, cache.map { UnsafeRawPointer(Unmanaged.passRetained($0).toOpaque()) })
+    }
 }
 
 /// Finds the node that owns work submitted from the current thread.
 enum Submitter {
     static func current() throws -> Node {
         if let context = WorkerContext.current { return context.node }
-        guard let cluster = DefaultCluster.get() else {
+        guard let node = DefaultCluster.driverNode() else {
             throw CairnError(.shutDown, "no cluster is running: start one with `try await Cluster.local()` before calling remote()")
         }
-        return cluster.driverNode
+        return node
     }
 }
 

@@ -56,13 +56,21 @@ final class GlobalScheduler: @unchecked Sendable {
                 }
                 // Per node of the view, by index: no dictionary operation per task.
                 var chosen = [[TaskSpec]](repeating: [], count: view.count)
+                // The nodes that can run a task depend only on its function and resources, which
+                // a batch's tasks usually share: found once per run of alike tasks.
+                var shape: SchedulingPolicy.Work?
+                var eligible: [Int] = []
                 for spec in specs {
                     var inputs: [NodeID: Int] = [:]
                     if !spec.resolved {
                         for case .ref(let id, _) in spec.args { inputs[id.owner, default: 0] += 1 << 20 }
                     }
-                    let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
-                    if let i = SchedulingPolicy.placeIndex(work, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
+                    if shape?.function != spec.function || shape?.resources != spec.resources {
+                        let work = SchedulingPolicy.Work(resources: spec.resources, function: spec.function)
+                        shape = work
+                        eligible = SchedulingPolicy.eligible(work, nodes: view)
+                    }
+                    if let i = SchedulingPolicy.placeIndex(among: eligible, nodes: view, inputBytes: inputs, handedUpBy: from, random: &random) {
                         chosen[i].append(spec)
                         view[i].queued += 1
                     } else {

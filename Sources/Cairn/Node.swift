@@ -105,6 +105,15 @@ struct Outgoing {
     var actorCallsRouted = false
     /// Calls for durable actors hosted here: handed to their log stage after the lock is released.
     var durableCalls: [(DurableActor, ActorCall)] = []
+    /// The monotonic clock, read once per pass (see ``now()``); 0 until then.
+    private var clock: UInt64 = 0
+
+    /// The monotonic clock in nanoseconds, read at the first call of this pass: a pass that
+    /// hands up thousands of tasks stamps them all with one reading.
+    mutating func now() -> UInt64 {
+        if clock == 0 { clock = monotonicNanoseconds() }
+        return clock
+    }
 
     /// Empties everything, keeping the storage (a worker reuses one `Outgoing` for every task).
     mutating func clear() {
@@ -116,6 +125,7 @@ struct Outgoing {
         spawnWorkers = 0
         actorCallsRouted = false
         if !durableCalls.isEmpty { durableCalls.removeAll(keepingCapacity: true) }
+        clock = 0
     }
 }
 
@@ -551,7 +561,7 @@ final class Node: @unchecked Sendable {
             out.spilled.append(spec)
             if inProcessCluster, spec.owner == id, let e = objects[spec.id] {
                 e.handedUp = true
-                handedUpQueue.append((spec.id, monotonicNanoseconds()))
+                handedUpQueue.append((spec.id, out.now()))
             }
         }
     }

@@ -94,13 +94,31 @@ public enum SchedulingPolicy {
     static func placeIndex<R: RandomNumberGenerator>(_ work: Work, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
                                                      bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
                                                      random: inout R) -> Int? {
+        placeIndex(among: nodes.indices.lazy.filter { nodes[$0].canRun(work.resources, work.function) }, nodes: nodes,
+                   inputBytes: inputBytes, bytesPerQueuedTask: bytesPerQueuedTask, handedUpBy: handedUpBy, random: &random)
+    }
+
+    /// The indices of the nodes in `nodes` that can run `work` (alive, with the resources, accepting
+    /// the function), in order: what ``placeIndex(among:nodes:inputBytes:bytesPerQueuedTask:handedUpBy:random:)``
+    /// takes, computed once for a run of tasks of the same function and resources.
+    static func eligible(_ work: Work, nodes: [NodeLoad]) -> [Int] {
+        nodes.indices.filter { nodes[$0].canRun(work.resources, work.function) }
+    }
+
+    /// ``placeIndex(_:nodes:inputBytes:bytesPerQueuedTask:handedUpBy:random:)`` among the nodes
+    /// at `eligible`, which must be those that can run the work, in order: the same choice
+    /// and the same draws from `random`.
+    static func placeIndex<R: RandomNumberGenerator, S: Sequence<Int>>(among eligible: S, nodes: [NodeLoad], inputBytes: [NodeID: Int] = [:],
+                                                                       bytesPerQueuedTask: Double = 65_536, handedUpBy: NodeID? = nil,
+                                                                       random: inout R) -> Int? {
         // Ties are broken by reservoir sampling: the k-th tied node replaces the pick with
         // probability 1/k, so each is equally likely and no array is built per task.
         var best: Int?
         var ties: UInt64 = 0
         var bestScore = Double.infinity
         var fallback: Int?
-        for (i, node) in nodes.enumerated() where node.canRun(work.resources, work.function) {
+        for i in eligible {
+            let node = nodes[i]
             if node.id == handedUpBy {
                 fallback = i
                 continue

@@ -211,6 +211,8 @@ struct WireWriter {
 
     mutating func tasks(_ specs: [TaskSpec]) throws {
         count(specs.count)
+        // A task with one small argument takes about 32 bytes: grow once, not per field.
+        bytes.reserveCapacity(bytes.count + 32 * specs.count)
         for spec in specs {
             precondition(spec.isPortable, "task \(spec.id) would cross between processes without being made portable")
             uint(spec.id.raw)
@@ -233,6 +235,7 @@ struct WireWriter {
     mutating func resources(_ r: Resources) {
         double(r.cpus)
         count(r.custom.count)
+        if r.custom.isEmpty { return }
         for (name, amount) in r.custom.sorted(by: { $0.key < $1.key }) {
             string(name)
             double(amount)
@@ -379,12 +382,16 @@ struct WireReader {
     }
 
     mutating func tasks() throws -> [TaskSpec] {
+        let n = try count()
         var specs: [TaskSpec] = []
-        for _ in 0..<(try count()) {
+        specs.reserveCapacity(n)
+        for _ in 0..<n {
             let id = ObjectID(raw: try uint())
             let function = try name()
+            let argc = try count()
             var args: [TaskArg] = []
-            for _ in 0..<(try count()) {
+            args.reserveCapacity(argc)
+            for _ in 0..<argc {
                 switch try byte() {
                 case 0: args.append(.value(try value()))
                 case 1: args.append(.ref(ObjectID(raw: try uint()), nil))

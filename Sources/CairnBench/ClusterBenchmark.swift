@@ -31,14 +31,21 @@ struct ClusterBenchmark {
         // Tasks from the driver, placed by the global scheduler on the node processes.
         _ = try await cluster.get(try (0..<20_000).map { try ClusterWorkload.identity.remote($0) })
         var rates: [Double] = []
+        var cpuPerTask: [Double] = []
         for _ in 0..<3 {
             let n = 200_000
+            let busy = machineBusyCPUSeconds()
             let t = now()
             let values = try await cluster.get(try (0..<n).map { try ClusterWorkload.identity.remote($0) })
+            let elapsed = now() - t
             precondition(values.count == n && values[n - 1] == n - 1, "wrong results")
-            rates.append(Double(n) / (now() - t))
+            rates.append(Double(n) / elapsed)
+            if let before = busy, let after = machineBusyCPUSeconds() { cpuPerTask.append((after - before) / Double(n) * 1e6) }
         }
         report.add("cluster.tasks_per_s", median(rates), "tasks/s", goal: ">= 200000 (Ray 2.60 here: 1814)")
+        if !cpuPerTask.isEmpty {
+            report.add("cluster.cpu_us_per_task", median(cpuPerTask), "us")
+        }
 
         // Tasks submitted inside the cluster: 4 fan-out tasks, each submitting 100,000 on its node.
         var nested: [Double] = []

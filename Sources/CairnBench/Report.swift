@@ -52,3 +52,16 @@ func percentile(_ samples: [Double], _ p: Double) -> Double {
 }
 
 func median(_ samples: [Double]) -> Double { percentile(samples, 0.5) }
+
+/// CPU seconds this machine has spent busy (user, nice, system, irq, softirq; every process
+/// and the kernel), from `/proc/stat`: the difference across a phase is what the phase cost,
+/// a steadier figure than its rate when the machine's speed varies between runs. Nil where
+/// `/proc/stat` cannot be read.
+func machineBusyCPUSeconds() -> Double? {
+    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+          let line = text.split(separator: "\n").first, line.hasPrefix("cpu ") else { return nil }
+    let fields = line.split(separator: " ").dropFirst().compactMap { Double($0) }
+    guard fields.count >= 7 else { return nil }
+    let ticks = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+}

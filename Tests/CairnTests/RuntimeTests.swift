@@ -340,6 +340,27 @@ struct RuntimeTests {
         }
     }
 
+    @Test("a driver thread that submitted to one cluster submits to the next one started, and is refused once none runs")
+    func driverThreadFollowsTheDefaultCluster() async throws {
+        // One thread of our own submits every time, so its remembered driver node is the one tested.
+        let submitter = SubmitThread()
+        defer { submitter.stop() }
+        for round in 0..<3 {
+            let cluster = try await Cluster.local(nodes: 2)
+            let submitsTo = try submitter.run { try Submitter.current() }.get()
+            #expect(submitsTo === cluster.driverNode, "round \(round): the thread submits to a node of an earlier cluster")
+            let ref = try submitter.run { try double.remote(round) }.get()
+            #expect(try await cluster.get([ref], timeout: .seconds(30)) == [2 * round])
+            cluster.shutdown()
+            let refused = submitter.run { try double.remote(round) }
+            guard case .failure(let error as CairnError) = refused else {
+                Issue.record("round \(round): submitting with no cluster running gave \(refused)")
+                continue
+            }
+            #expect(error.code == .shutDown)
+        }
+    }
+
     @Test("no cluster: remote() says how to start one")
     func noCluster() throws {
         do {
@@ -480,6 +501,41 @@ struct SchedulingPolicyTests {
         #expect(Set(picks(3).compactMap { $0 }).count == 4)
     }
 
+    @Test("place among nodes found eligible once: the same choices and the same random draws as placing each task alone")
+    func eligibleOnce() {
+        // Seeded loads, shapes and inputs; printed so a failure can be replayed.
+        let seed: UInt64 = 20261129
+        print("eligibleOnce seed \(seed)")
+        var setup = SeededGenerator(seed: seed)
+        let shapes = [
+            SchedulingPolicy.Work(resources: .default, function: "f"),
+            SchedulingPolicy.Work(resources: Resources(cpus: 1, custom: ["gpu": 1]), function: nil),
+            SchedulingPolicy.Work(resources: Resources(cpus: 16), function: "f"),
+        ]
+        for round in 0..<200 {
+            var view = (0..<6).map { i in
+                SchedulingPolicy.NodeLoad(id: NodeID(i), resources: Resources(cpus: Double(1 + setup.next() % 3), custom: setup.next() % 3 == 0 ? ["gpu": 1] : [:]),
+                                          queued: Int(setup.next() % 4), functions: setup.next() % 4 == 0 ? ["g"] : nil, alive: setup.next() % 5 != 0)
+            }
+            let work = shapes[round % shapes.count]
+            let handedUpBy: NodeID? = setup.next() % 2 == 0 ? NodeID(Int(setup.next() % 6)) : nil
+            let inputs: [NodeID: Int] = setup.next() % 3 == 0 ? [NodeID(Int(setup.next() % 6)): 1 << 20] : [:]
+            var each = SeededGenerator(seed: UInt64(round))
+            var once = SeededGenerator(seed: UInt64(round))
+            var other = view
+            let eligible = SchedulingPolicy.eligible(work, nodes: view)
+            for _ in 0..<20 {
+                let a = SchedulingPolicy.placeIndex(work, nodes: view, inputBytes: inputs, handedUpBy: handedUpBy, random: &each)
+                let b = SchedulingPolicy.placeIndex(among: eligible, nodes: other, inputBytes: inputs, handedUpBy: handedUpBy, random: &once)
+                #expect(a == b, "round \(round): \(String(describing: a)) placing alone, \(String(describing: b)) among \(eligible)")
+                guard let a, let b else { break }
+                view[a].queued += 1
+                other[b].queued += 1
+            }
+            #expect(each.next() == once.next(), "round \(round): the two drew differently from the random source")
+        }
+    }
+
     @Test("shouldSpill: a long queue is handed up only if another node that can run the work is less loaded")
     func spill() {
         let work = SchedulingPolicy.Work(resources: .default, function: nil)
@@ -548,5 +604,51 @@ struct ValueTests {
         #expect(FastCodec.decodeInt([0xCA, 1, 0x03, 0x80]) == nil)
         #expect(FastCodec.decodeInt([0xCA, 1, 0x07, 1, 65]) == nil)
         #expect(throws: CairnError.self) { try StoredValue.encoded([0xCA, 1, 0x03, 0x80]).value(as: Int.self) }
+    }
+}
+
+/// A thread of its own that runs closures one at a time, for tests that need the same thread
+/// every time.
+final class SubmitThread: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var job: (() -> Void)?
+    private var stopped = false
+
+    init() {
+        let thread = Thread { [self] in
+            condition.lock()
+            while true {
+                while job == nil && !stopped { condition.wait() }
+                if let run = job {
+                    condition.unlock()
+                    run()
+                    condition.lock()
+                    job = nil
+                    condition.broadcast()
+                } else {
+                    break
+                }
+            }
+            condition.unlock()
+        }
+        thread.start()
+    }
+
+    /// Runs `body` on the thread and waits for it.
+    func run<T>(_ body: @escaping () throws -> T) -> Result<T, any Error> {
+        var result: Result<T, any Error>?
+        condition.lock()
+        job = { result = Result { try body() } }
+        condition.broadcast()
+        while job != nil { condition.wait() }
+        condition.unlock()
+        return result!
+    }
+
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.broadcast()
+        condition.unlock()
     }
 }
