@@ -168,6 +168,9 @@ public final class LaneListener: @unchecked Sendable {
                     if !closed() { log("lane listener of \(name): accept failed: \(String(cString: strerror(errno)))") }
                     return
                 }
+                // Close-on-exec, as every other socket here (`accept4` is not imported from
+                // Glibc; the processes Cairn starts close inherited descriptors anyway).
+                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
                 Socket.noDelay(client)
                 startThread(named: "cairn-lane-in") {
                     do {

@@ -65,6 +65,37 @@ struct WireNetTests {
         try await listener.close()
     }
 
+    @Test("a lane's sockets, the listener's, the client's and the accepted one, are close-on-exec: a process started meanwhile inherits none")
+    func laneSocketsCloseOnExec() throws {
+        func sockets() -> Set<Int32> {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+            return Set(names.compactMap { name -> Int32? in
+                guard let fd = Int32(name), let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)"),
+                      target.hasPrefix("socket:") else { return nil }
+                return fd
+            })
+        }
+        let before = sockets()
+        let token = ClusterToken.generate()
+        let accepted = Locked<LaneConnection?>(nil)
+        let listener = try LaneListener(host: "127.0.0.1", token: token, epoch: 1, name: "server", log: { _ in },
+                                        serve: { lane in accepted.update { $0 = lane } })
+        defer { listener.close() }
+        let client = try LaneConnection.connect(host: "127.0.0.1", port: listener.port, token: token, name: "client", epoch: 1, serverName: "server")
+        defer { client.close() }
+        let deadline = Date().addingTimeInterval(20)
+        while accepted.value == nil && Date() < deadline { usleep(1_000) }
+        #expect(accepted.value != nil, "the lane was not accepted within 20 s")
+        let opened = sockets().subtracting(before)
+        #expect(opened.count >= 3, "expected the listener's, the client's and the accepted socket; found \(opened.count) new")
+        for fd in opened {
+            let flags = fcntl(fd, F_GETFD)
+            guard flags >= 0 else { continue }  // closed meanwhile by a test running beside this one
+            #expect(flags & FD_CLOEXEC != 0, "socket \(fd) is inherited by processes started from this one")
+        }
+        accepted.value?.close()
+    }
+
     @Test("a client with another token is refused and logged; nothing it sends is delivered")
     func wrongTokenRefused() async throws {
         let server = Inbox()
