@@ -1513,6 +1513,12 @@ final class Node: @unchecked Sendable {
             let portable = objects.map { (oid, value) in (oid, (try? value.portable()) ?? .failed(RemoteError(kind: .serialization, task: oid, function: "", node: id, message: "the result could not be encoded to send to its owner"))) }
             transport.send(.objects(portable), to: .node(node))
         }
+        // Tasks handed up to a scheduler in another process are encoded from the specs
+        // themselves when their values need no coding: no portable copy per task.
+        if !out.spilled.isEmpty, out.spilled.allSatisfy(\.encodableAsIs),
+           transport.sendIfEncodedAtOnce(.schedule(out.spilled, from: id, avoid: nodesToAvoid()), to: .scheduler) {
+            out.spilled.removeAll(keepingCapacity: true)
+        }
         if !out.spilled.isEmpty {
             var specs: [TaskSpec] = []
             for spec in out.spilled {

@@ -328,6 +328,17 @@ final class TCPTransport: Transport, @unchecked Sendable {
         sendEncoded(Self.encode(message, to: endpoint), to: endpoint)
     }
 
+    func sendIfEncodedAtOnce(_ message: Message, to endpoint: Endpoint) -> Bool {
+        if shortcutLocal {
+            lock.lock()
+            let local = inboxes[endpoint] != nil
+            lock.unlock()
+            if local { return false }
+        }
+        sendEncoded(Self.encode(message, to: endpoint), to: endpoint)
+        return true
+    }
+
     /// Encoding traps on a value or task that was not made portable, as InMemoryTransport's check does.
     private static func encode(_ message: Message, to endpoint: Endpoint) -> [UInt8] {
         do {

@@ -23,8 +23,9 @@ enum Endpoint: Hashable, Sendable, CustomStringConvertible {
 /// Thread safety (why `@unchecked Sendable` is sound): `args` and `local` change only on the
 /// node that owns the spec, under that node's lock, while resolving inputs before the task is
 /// queued or sent; after that every field is only read. A spec sent to another component is
-/// always a fresh copy made by ``portable()``. So no two accesses overlap, and the runtime's
-/// exclusivity checks are off for its fields.
+/// always a fresh copy made by ``portable()``, except one encoded into bytes before its send
+/// returns (``Transport/sendIfEncodedAtOnce(_:to:)``), which no other component ever sees. So
+/// no two accesses overlap, and the runtime's exclusivity checks are off for its fields.
 final class TaskSpec: @unchecked Sendable {
     /// The task's result ID (and so the task's ID).
     let id: ObjectID
@@ -70,6 +71,17 @@ final class TaskSpec: @unchecked Sendable {
         let spec = TaskSpec(id: id, function: function, args: args, resources: resources)
         spec.isPortable = true
         return spec
+    }
+
+    /// Whether the wire's writer can encode this spec as it stands, though it is not portable:
+    /// every value needs no coding (``StoredValue/portableWithoutCoding``; references are
+    /// written without their tokens). Only a transport that encodes before `send` returns may
+    /// be handed such a spec (``Transport/sendIfEncodedAtOnce(_:to:)``): no other component
+    /// ever holds it.
+    var encodableAsIs: Bool {
+        if isPortable { return true }
+        for case .value(let v) in args where v.portableWithoutCoding == nil { return false }
+        return true
     }
 
     /// A copy that may cross to another node: values encoded, no process-local tokens or code.
@@ -208,6 +220,11 @@ protocol Transport: Sendable {
     /// What a lane's reading thread calls with the tasks it brings to `endpoint` (registered
     /// already), instead of the endpoint's handler: it may run them on that thread.
     func registerLaneHandler(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void)
+    /// Sends `message` only if it is encoded into bytes before this returns (`endpoint` is in
+    /// another process), and returns whether it was sent; otherwise sends nothing. A message
+    /// sent this way may hold specs that are not portable but ``TaskSpec/encodableAsIs``:
+    /// nothing of it outlives the call.
+    func sendIfEncodedAtOnce(_ message: Message, to endpoint: Endpoint) -> Bool
 }
 
 extension Transport {
@@ -219,6 +236,7 @@ extension Transport {
     func send(_ message: Message, to endpoint: Endpoint, laneFrom from: Endpoint) { send(message, to: endpoint) }
     func lanePort(_ endpoint: Endpoint) -> Int? { nil }
     func registerLaneHandler(_ endpoint: Endpoint, _ handler: @escaping @Sendable ([Message]) -> Void) {}
+    func sendIfEncodedAtOnce(_ message: Message, to endpoint: Endpoint) -> Bool { false }
 }
 
 /// Messages between components of one process: one inbox thread per endpoint.

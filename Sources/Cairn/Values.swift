@@ -34,6 +34,17 @@ enum StoredValue: Sendable {
     }
 
     /// The form that may cross to another node: never a shared Swift reference.
+    /// The value in a form a wire may carry, if that needs no coding (a boxed `Int` becomes
+    /// ``int(_:)``); nil for any other boxed value. Never fails.
+    var portableWithoutCoding: StoredValue? {
+        switch self {
+        case .boxed(let v):
+            if ObjectIdentifier(Swift.type(of: v)) == SizeProbe.int, let i = v as? Int { return .int(i) }
+            return nil
+        case .encoded, .int, .failed: return self
+        }
+    }
+
     func portable() throws -> StoredValue {
         switch self {
         case .boxed(let v):

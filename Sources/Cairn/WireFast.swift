@@ -205,7 +205,11 @@ struct WireWriter {
             byte(2)
             blob(try BinaryEncoder().encode(e))
         case .boxed(let b):
-            preconditionFailure("a \(type(of: b)) would cross between processes as a shared reference; encode it first")
+            // A boxed Int needs no coding (a spec sent as it stands, ``TaskSpec/encodableAsIs``).
+            guard let plain = v.portableWithoutCoding else {
+                preconditionFailure("a \(type(of: b)) would cross between processes as a shared reference; encode it first")
+            }
+            try value(plain)
         }
     }
 
@@ -214,7 +218,7 @@ struct WireWriter {
         // A task with one small argument takes about 32 bytes: grow once, not per field.
         bytes.reserveCapacity(bytes.count + 32 * specs.count)
         for spec in specs {
-            precondition(spec.isPortable, "task \(spec.id) would cross between processes without being made portable")
+            precondition(spec.encodableAsIs, "task \(spec.id) would cross between processes without being made portable")
             uint(spec.id.raw)
             string(spec.function)
             count(spec.args.count)

@@ -445,6 +445,28 @@ struct TaskSpecTests {
         #expect(TaskSpec(id: ObjectID(owner: NodeID(0), counter: 10), function: "g", args: [.value(.int(1))], resources: Resources()).resolved)
         #expect(TaskSpec(id: ObjectID(owner: NodeID(0), counter: 11), function: "g", args: [], resources: Resources()).resolved)
     }
+
+    @Test("a spec whose values need no coding is written as it stands, to the same bytes as its portable copy; one holding any other boxed value is not")
+    func encodableAsIs() throws {
+        let token = RefToken(id: ObjectID(owner: NodeID(0), counter: 1), release: { _ in })
+        let spec = TaskSpec(id: ObjectID(owner: NodeID(0), counter: 2), function: "f",
+                            args: [.value(.boxed(41)), .ref(ObjectID(owner: NodeID(3), counter: 5), token), .value(.int(-7)),
+                                   .value(.encoded([1, 2, 3]))],
+                            resources: Resources(cpus: 1, custom: ["gpu": 1]))
+        #expect(!spec.isPortable && spec.encodableAsIs)
+        let asIs = try WireMessages.encode(.schedule([spec], from: NodeID(0), avoid: []), to: .scheduler)
+        let copied = try WireMessages.encode(.schedule([try spec.portable()], from: NodeID(0), avoid: []), to: .scheduler)
+        #expect(asIs == copied)
+        guard case (.scheduler, .schedule(let back, _, _)) = try WireMessages.decode(asIs), let received = back.first else {
+            Issue.record("the message did not decode as the schedule it was")
+            return
+        }
+        #expect(received.id == spec.id && received.function == "f" && received.args.count == 4)
+        if case .value(.int(41)) = received.args[0] {} else { Issue.record("the boxed Int crossed as \(received.args[0])") }
+        let strings = TaskSpec(id: ObjectID(owner: NodeID(0), counter: 3), function: "f", args: [.value(.boxed("text"))], resources: Resources())
+        #expect(!strings.encodableAsIs)
+        #expect(try strings.portable().encodableAsIs)
+    }
 }
 
 @Suite("Scheduling policy (pure)")

@@ -141,6 +141,33 @@ struct TCPTransportTests {
         good.close()
     }
 
+    @Test("a spec that is not portable is sent only where it is encoded at once: refused for an endpoint reached in memory, delivered over the wire as a decoded copy")
+    func sendIfEncodedAtOnce() async throws {
+        let token = ClusterToken.generate()
+        let spec = TaskSpec(id: ObjectID(owner: NodeID(0), counter: 1), function: "f", args: [.value(.boxed(5))], resources: Resources(cpus: 1))
+        let message = Message.schedule([spec], from: NodeID(0), avoid: [])
+        // Messages between this process's endpoints handed over in memory: refused, nothing sent.
+        let shortcut = TCPTransport(token: token, name: "shortcut", shortcutLocal: true, log: { _ in })
+        defer { shortcut.shutdown() }
+        let inMemory = Locked<[Message]>([])
+        shortcut.register(.scheduler) { batch in inMemory.update { $0 += batch } }
+        #expect(!shortcut.sendIfEncodedAtOnce(message, to: .scheduler))
+        // Every message over the wire: sent, and what arrives was decoded, not the spec itself.
+        let wire = TCPTransport(token: token, name: "wire", log: { _ in })
+        defer { wire.shutdown() }
+        let arrived = Locked<[Message]>([])
+        wire.register(.scheduler) { batch in arrived.update { $0 += batch } }
+        #expect(wire.sendIfEncodedAtOnce(message, to: .scheduler))
+        for _ in 0..<4_000 where arrived.value.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
+        guard case .schedule(let specs, _, _)? = arrived.value.first, let received = specs.first else {
+            Issue.record("no schedule arrived over the wire: \(arrived.value)")
+            return
+        }
+        #expect(received !== spec && received.isPortable && received.id == spec.id)
+        if case .value(.int(5)) = received.args[0] {} else { Issue.record("the boxed Int arrived as \(received.args[0])") }
+        #expect(inMemory.value.isEmpty)
+    }
+
     @Test("a TCP host this machine cannot listen on is refused with a typed error before anything starts")
     func badHostRefused() async throws {
         var options = Self.tcpOptions()
