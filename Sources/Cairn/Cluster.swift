@@ -955,23 +955,11 @@ final class DriverThreadCache: Sendable {
         self.node = node
     }
 
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        pthread_key_create(&key) { pointer in
-            if let pointer { Unmanaged<DriverThreadCache>.fromOpaque(pointer).release() }
-        }
-        return key
-    }()
+    private static let slot = ThreadSlot<DriverThreadCache>()
 
-    static var current: DriverThreadCache? {
-        guard let p = pthread_getspecific(key) else { return nil }
-        return Unmanaged<DriverThreadCache>.fromOpaque(p).takeUnretainedValue()
-    }
+    static var current: DriverThreadCache? { slot.value }
 
-    static func set(_ cache: DriverThreadCache?) {
-        if let old = pthread_getspecific(key) { Unmanaged<DriverThreadCache>.fromOpaque(old).release() }
-        pthread_setspecific(key, cache.map { UnsafeRawPointer(Unmanaged.passRetained($0).toOpaque()) })
-    }
+    static func set(_ cache: DriverThreadCache?) { slot.set(cache) }
 }
 
 /// Finds the node that owns work submitted from the current thread.

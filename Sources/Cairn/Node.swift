@@ -1842,20 +1842,9 @@ final class WorkerContext: Sendable {
         self.lane = lane
     }
 
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        pthread_key_create(&key) { pointer in
-            if let pointer { Unmanaged<WorkerContext>.fromOpaque(pointer).release() }
-        }
-        return key
-    }()
+    private static let slot = ThreadSlot<WorkerContext>()
 
-    static func enter(_ context: WorkerContext) {
-        pthread_setspecific(key, Unmanaged.passRetained(context).toOpaque())
-    }
+    static func enter(_ context: WorkerContext) { slot.set(context) }
 
-    static var current: WorkerContext? {
-        guard let p = pthread_getspecific(key) else { return nil }
-        return Unmanaged<WorkerContext>.fromOpaque(p).takeUnretainedValue()
-    }
+    static var current: WorkerContext? { slot.value }
 }

@@ -473,6 +473,36 @@ struct BatchQueueTests {
         #expect(woke.wait(timeout: .now() + 30) == .success, "the waiter was not woken")
     }
 
+    @Test("a ThreadSlot: each thread sees only what it stored; what it held is released when replaced and when its thread ends")
+    func threadSlot() {
+        final class Tracked {
+            let name: String
+            let released: Locked<[String]>
+            init(_ name: String, _ released: Locked<[String]>) {
+                self.name = name
+                self.released = released
+            }
+            deinit { released.update { $0.append(name) } }
+        }
+        let released = Locked<[String]>([])
+        let slot = ThreadSlot<Tracked>()
+        let seen = Locked<[String]>([])
+        let done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            seen.update { $0.append(slot.value?.name ?? "none") }
+            slot.set(Tracked("first", released))
+            slot.set(Tracked("second", released))  // releases "first"
+            seen.update { $0.append(slot.value?.name ?? "none") }
+            done.signal()
+        }  // ends holding "second", which the slot releases then
+        thread.start()
+        #expect(done.wait(timeout: .now() + 30) == .success)
+        #expect(seen.value == ["none", "second"])
+        #expect(slot.value == nil, "another thread's value is visible here")
+        for _ in 0..<3_000 where released.value.count < 2 { usleep(1_000) }
+        #expect(released.value == ["first", "second"])
+    }
+
     @Test("a ConditionLock with two conditions: a signal on one wakes its waiter and leaves the other's asleep")
     func conditionLockSeparateConditions() async throws {
         let lock = ConditionLock(conditions: 2)
