@@ -934,7 +934,7 @@ enum DefaultCluster {
     /// stays the same: a submission from the driver reads an atomic, not a lock.
     static func driverNode() -> Node? {
         let now = generation.load(ordering: .acquiring)
-        if let cached = DriverThreadCache.current, cached.generation == now { return cached.node }
+        if let cached = DriverThreadCache.current, cached.generation == now, let node = cached.node { return node }
         let (cluster, generation) = current.withLock { ($0.cluster, $0.generation) }
         guard let node = cluster?.driverNode else {
             DriverThreadCache.set(nil)
@@ -945,11 +945,11 @@ enum DefaultCluster {
     }
 }
 
-/// What ``DefaultCluster/driverNode()`` remembers on a thread. It holds the node until the
-/// thread next submits after the default cluster changed (or the thread ends).
+/// What ``DefaultCluster/driverNode()`` remembers on a thread. The node is held weakly: a
+/// thread that never submits again keeps no cluster that was shut down alive.
 final class DriverThreadCache: Sendable {
     let generation: UInt64
-    let node: Node
+    weak let node: Node?
     init(generation: UInt64, node: Node) {
         self.generation = generation
         self.node = node

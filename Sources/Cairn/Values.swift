@@ -33,7 +33,6 @@ enum StoredValue: Sendable {
         return nil
     }
 
-    /// The form that may cross to another node: never a shared Swift reference.
     /// The value in a form a wire may carry, if that needs no coding (a boxed `Int` becomes
     /// ``int(_:)``); nil for any other boxed value. Never fails.
     var portableWithoutCoding: StoredValue? {
@@ -45,6 +44,7 @@ enum StoredValue: Sendable {
         }
     }
 
+    /// The form that may cross to another node: never a shared Swift reference.
     func portable() throws -> StoredValue {
         switch self {
         case .boxed(let v):
