@@ -168,7 +168,7 @@ public final class LaneListener: @unchecked Sendable {
                     if !closed() { log("lane listener of \(name): accept failed: \(String(cString: strerror(errno)))") }
                     return
                 }
-                // Close-on-exec, as every other socket here (`accept4` is not imported from
+                // Close-on-exec, as the lane's other sockets (`accept4` is not imported from
                 // Glibc; the processes Cairn starts close inherited descriptors anyway).
                 _ = fcntl(client, F_SETFD, FD_CLOEXEC)
                 Socket.noDelay(client)

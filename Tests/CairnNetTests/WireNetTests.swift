@@ -67,15 +67,6 @@ struct WireNetTests {
 
     @Test("a lane's sockets, the listener's, the client's and the accepted one, are close-on-exec: a process started meanwhile inherits none")
     func laneSocketsCloseOnExec() throws {
-        func sockets() -> Set<Int32> {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-            return Set(names.compactMap { name -> Int32? in
-                guard let fd = Int32(name), let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)"),
-                      target.hasPrefix("socket:") else { return nil }
-                return fd
-            })
-        }
-        let before = sockets()
         let token = ClusterToken.generate()
         let accepted = Locked<LaneConnection?>(nil)
         let listener = try LaneListener(host: "127.0.0.1", token: token, epoch: 1, name: "server", log: { _ in },
@@ -86,13 +77,26 @@ struct WireNetTests {
         let deadline = Date().addingTimeInterval(20)
         while accepted.value == nil && Date() < deadline { usleep(1_000) }
         #expect(accepted.value != nil, "the lane was not accepted within 20 s")
-        let opened = sockets().subtracting(before)
-        #expect(opened.count >= 3, "expected the listener's, the client's and the accepted socket; found \(opened.count) new")
-        for fd in opened {
+        // The lane's sockets, and only they (tests beside this one open sockets of their own):
+        // those with the listener's port at either end in /proc/net/tcp, found by inode.
+        // Read to its end: a file of /proc reports no size, and its text comes a page at a time.
+        let table = FileHandle(forReadingAtPath: "/proc/net/tcp").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) } ?? ""
+        let portHex = String(format: "%04X", listener.port)
+        let inodes = Set(table.split(separator: "\n").dropFirst().compactMap { line -> String? in
+            let fields = line.split(separator: " ")
+            guard fields.count > 9, fields[1].hasSuffix(":" + portHex) || fields[2].hasSuffix(":" + portHex) else { return nil }
+            return String(fields[9])
+        })
+        var checked = 0
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+            guard let fd = Int32(name), let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)"),
+                  target.hasPrefix("socket:["), inodes.contains(String(target.dropFirst(8).dropLast())) else { continue }
             let flags = fcntl(fd, F_GETFD)
-            guard flags >= 0 else { continue }  // closed meanwhile by a test running beside this one
-            #expect(flags & FD_CLOEXEC != 0, "socket \(fd) is inherited by processes started from this one")
+            guard flags >= 0 else { continue }
+            checked += 1
+            #expect(flags & FD_CLOEXEC != 0, "the lane's socket \(fd) (\(target)) is inherited by processes started from this one")
         }
+        #expect(checked == 3, "expected the listener's, the client's and the accepted socket; found \(checked) (port \(portHex), inodes \(inodes))")
         accepted.value?.close()
     }
 
