@@ -763,7 +763,7 @@ final class Node: @unchecked Sendable {
         // counts as blocked, no longer as running, so that every thread is counted once (a
         // worker that counted it twice stayed when it should have left, and the node was left
         // with more idle workers than slots, one of which then left with the next wake-up).
-        let onLane = isWorker && context!.lane
+        let onLane = isWorker && context?.lane == true
         if isWorker {
             blocked += 1
             if onLane { laneRunning -= 1 }
