@@ -40,6 +40,8 @@ struct Session {
     var pidsFile: String { directory + "/pids" }
 
     static let defaultDirectory = "/tmp/cairn"
+    /// What the pids file calls the process that starts the head again when it dies.
+    static let supervisor = "head-supervisor"
 
     func address() throws -> String {
         guard let text = try? String(contentsOfFile: headFile, encoding: .utf8),
@@ -54,8 +56,8 @@ struct Session {
     /// its pids and its token, which no process of a cluster that is gone can still use, and
     /// which a new head would otherwise refuse to overwrite.
     func clearForNewHead() throws {
-        if let pid = pids().first(where: { $0.what == "head" })?.pid, !processHasExited(pid) {
-            throw ValidationError("a head (pid \(pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
+        if let running = pids().first(where: { ($0.what == "head" || $0.what == Self.supervisor) && !processHasExited($0.pid) }) {
+            throw ValidationError("a \(running.what) (pid \(running.pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
         }
         for file in [headFile, pidsFile, tokenFile] { try? FileManager.default.removeItem(atPath: file) }
     }
@@ -117,6 +119,13 @@ struct Start: AsyncParsableCommand {
     @Option(help: "With --head: a node whose connections stay silent this long is declared dead (a killed one is at once).") var failureTimeoutMs = 250
     @Flag(help: "With --head: run each GCS replica in a process of its own (started again from its LMDB if it dies), not on the head's threads.") var gcsProcesses = false
     @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
+    @Option(help: "With --head: how many times within any 60 s the head is started again (same port, same token) after it dies; 0: never, and its cluster stops with it.") var restarts = 5
+    /// Internal: run as the head's supervisor (what `start --head` detaches when restarts are on).
+    @Flag(help: .hidden) var supervise = false
+    /// Internal: a head its supervisor started (the session was cleared for it already).
+    @Flag(help: .hidden) var supervised = false
+    /// Internal: a head its supervisor started again (it keeps the session's token).
+    @Flag(help: .hidden) var restarted = false
 
     func validate() throws {
         guard head != (address != nil) else { throw ValidationError("give exactly one of --head and --address HOST:PORT") }
@@ -124,6 +133,8 @@ struct Start: AsyncParsableCommand {
         guard (0...64).contains(nodes) else { throw ValidationError("--nodes must be 0 to 64") }
         guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
         guard failureTimeoutMs >= 100 else { throw ValidationError("--failure-timeout-ms must be at least 100") }
+        guard (0...1_000).contains(restarts) else { throw ValidationError("--restarts must be 0 to 1000") }
+        if foreground && restarts != 5 { throw ValidationError("--restarts applies to a head in the background; a head in the foreground is not started again") }
         if replicatedStorage && storage != nil { throw ValidationError("--replicated-storage keeps durable actors in the GCS; drop --storage, or drop --replicated-storage to use that directory") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
@@ -139,7 +150,11 @@ struct Start: AsyncParsableCommand {
             print("\(started.node) (pid \(started.pid)) joined the head at \(address); its log: \(dir)/node.log")
             return
         }
-        try session.clearForNewHead()
+        if supervise {
+            try await superviseHead(session)
+            return
+        }
+        if !supervised { try session.clearForNewHead() }
         if !foreground {
             try startInBackground(session)
             return
@@ -147,20 +162,29 @@ struct Start: AsyncParsableCommand {
         try await runHead(session, program: program)
     }
 
-    /// Starts `cairn start --head --foreground …` detached (``Cluster/startDetached(_:logFile:)``)
-    /// and waits until it has written its address.
-    private func startInBackground(_ session: Session) throws {
-        var arguments = [currentExecutablePath(), "start", "--head", "--foreground", "--dir", dir, "--host", host, "--port", "\(port)",
-                         "--nodes", "\(nodes)", "--cpus", "\(cpus)", "--failure-timeout-ms", "\(failureTimeoutMs)"]
+    /// The arguments that start a head like this one: `mode` says how (`--foreground`, `--supervise`).
+    private func headArguments(_ mode: [String], port: Int) -> [String] {
+        var arguments = [currentExecutablePath(), "start", "--head"] + mode
+            + ["--dir", dir, "--host", host, "--port", "\(port)", "--nodes", "\(nodes)", "--cpus", "\(cpus)",
+               "--failure-timeout-ms", "\(failureTimeoutMs)"]
+        if mode.contains("--supervise") { arguments += ["--restarts", "\(restarts)"] }
         if let executable { arguments += ["--executable", executable] }
         if let storage { arguments += ["--storage", storage] }
         if gcsProcesses { arguments.append("--gcs-processes") }
         if replicatedStorage { arguments.append("--replicated-storage") }
-        let pid = try Cluster.startDetached(arguments, logFile: dir + "/head.log")
+        return arguments
+    }
+
+    /// Starts `cairn start --head --foreground …` detached (``Cluster/startDetached(_:logFile:)``)
+    /// and waits until it has written its address.
+    private func startInBackground(_ session: Session) throws {
+        let pid = try Cluster.startDetached(headArguments(restarts > 0 ? ["--supervise"] : ["--foreground"], port: port), logFile: dir + "/head.log")
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
             if let address = try? session.address() {
-                print("head (pid \(pid)) at \(address); token in \(session.tokenFile)")
+                let head = session.pids().first { $0.what == "head" }?.pid ?? pid
+                print("head (pid \(head)) at \(address); token in \(session.tokenFile)"
+                      + (restarts > 0 ? "; started again if it dies (up to \(restarts) times within 60 s, by pid \(pid))" : ""))
                 print("join a node:   cairn start --address \(address) --dir \(dir)")
                 print("see it:        cairn status --dir \(dir)")
                 print("stop it all:   cairn stop --dir \(dir)")
@@ -175,6 +199,71 @@ struct Start: AsyncParsableCommand {
             usleep(10_000)
         }
         throw ValidationError("the head did not start within 60 s; see \(dir)/head.log")
+    }
+
+    /// Runs the head as a child of this process, and starts it again when it dies (killed, or
+    /// failed) within the budget of ``restarts`` in any 60 s: on the port the first one got, with
+    /// the session's token, so drivers and the `cairn` command find it where it was. Its GCS and
+    /// durable actors' storage are in the session, so what they held comes back with it. Stops
+    /// (and stops the head) on SIGTERM or SIGINT; stops when the head exits by itself with status
+    /// 0 (stopped), or when the first head never became ready.
+    private func superviseHead(_ session: Session) async throws {
+        try session.record(pid: getpid(), Session.supervisor, executable: currentExecutablePath())
+        let child = Mutex<(pid: Int32, stopping: Bool)>((0, false))
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        Task.detached {
+            let sig = await waitForSignal([SIGTERM, SIGINT])
+            let pid = child.withLock { c in
+                c.stopping = true
+                return c.pid
+            }
+            say("supervisor: signal \(sig): stopping the head (pid \(pid))")
+            if pid > 0 { kill(pid, SIGTERM) }
+        }
+        var budget = RestartBudget(limit: restarts, windowSeconds: 60)
+        let origin = ContinuousClock.now
+        var port = self.port
+        var mode = ["--foreground", "--supervised"]
+        while true {
+            let started = ContinuousClock.now
+            let pid: Int32 = try child.withLock { c in
+                guard !c.stopping else { return 0 }
+                c.pid = try Cluster.startDetached(headArguments(mode, port: port), logFile: dir + "/head.log")
+                return c.pid
+            }
+            guard pid > 0 else { return }
+            let status = await exitStatus(of: pid)
+            let seconds = Self.seconds(since: started)
+            let signalled = status & 0x7f
+            let how = signalled != 0 ? "was killed by signal \(signalled)" : "exited with status \((status >> 8) & 0xff)"
+            // Exited by itself with 0, or ended by the signals only a stop sends: stopped, not lost.
+            if child.withLock({ $0.stopping }) || (signalled == 0 && (status >> 8) & 0xff == 0) || signalled == SIGTERM || signalled == SIGINT {
+                say("supervisor: the head (pid \(pid)) \(how); stopping")
+                return
+            }
+            guard let address = try? session.address(), let recorded = address.split(separator: ":").last.flatMap({ Int($0) }) else {
+                say("supervisor: the head (pid \(pid)) \(how) before it was ready; not starting it again")
+                throw ExitCode.failure
+            }
+            port = recorded
+            mode = ["--foreground", "--supervised", "--restarted"]
+            switch budget.died(at: Self.seconds(since: origin), livedSeconds: seconds) {
+            case .giveUp(let why):
+                say("supervisor: the head (pid \(pid)) \(how) after \(String(format: "%.1f", seconds)) s; not starting it again: \(why)")
+                try? FileManager.default.removeItem(atPath: session.headFile)
+                throw ExitCode.failure
+            case .restart(let delay):
+                say("supervisor: the head (pid \(pid)) \(how) after \(String(format: "%.1f", seconds)) s; starting it again on port \(port)"
+                      + (delay > 0 ? " in \(delay) s" : ""))
+                if delay > 0 { try await Task.sleep(for: .seconds(delay)) }
+            }
+        }
+    }
+
+    private static func seconds(since instant: ContinuousClock.Instant) -> Double {
+        let elapsed = instant.duration(to: .now).components
+        return Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
     }
 
     private func runHead(_ session: Session, program: String) async throws {
@@ -193,13 +282,16 @@ struct Start: AsyncParsableCommand {
         options.headPort = port
         options.gcsReplicaProcesses = gcsProcesses
         options.failureTimeoutMs = failureTimeoutMs
+        // A head started again by its supervisor keeps the session's token: drivers and nodes
+        // that join find it where it was, with what they already hold.
+        if restarted { options.token = try session.token() }
         let cluster = try await Cluster.local(options)
         guard let address = cluster.headAddress, let token = cluster.token else {
             cluster.shutdown()
             throw ValidationError("the head has no address")
         }
         do {
-            try token.write(to: session.tokenFile)
+            if !restarted { try token.write(to: session.tokenFile) }
         } catch {
             cluster.shutdown()
             throw ValidationError("cannot write the token to \(session.tokenFile): \(error)")
@@ -308,8 +400,10 @@ struct Stop: ParsableCommand {
             print("nothing was started from \(dir)")
             return
         }
-        // Joined nodes first (they would stop on losing the head anyway), then the head.
-        let ordered = started.filter { $0.what != "head" } + started.filter { $0.what == "head" }
+        // Joined nodes first (they would stop on losing the head anyway), then the supervisor
+        // (so that it does not start the head again), then the head.
+        let ordered = started.filter { $0.what != "head" && $0.what != Session.supervisor }
+            + started.filter { $0.what == Session.supervisor } + started.filter { $0.what == "head" }
         for p in ordered where !processHasExited(p.pid) { kill(p.pid, SIGTERM) }
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline && ordered.contains(where: { !processHasExited($0.pid) }) { usleep(20_000) }
@@ -339,6 +433,22 @@ private func waitForSignal(_ signals: [Int32]) async -> Int32 {
             }
             source.resume()
             sources.keep(source)
+        }
+    }
+}
+
+/// Writes `line` to standard output at once (a log file, where `print` would hold it in a buffer).
+private func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+/// Waits, on a thread of its own, for child `pid` to end; its wait status.
+private func exitStatus(of pid: Int32) async -> Int32 {
+    await withCheckedContinuation { continuation in
+        startThread(named: "wait-\(pid)") {
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            continuation.resume(returning: status)
         }
     }
 }

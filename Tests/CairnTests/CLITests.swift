@@ -209,28 +209,33 @@ struct CLITests {
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/storage"), "nothing was stored in a directory")
     }
 
-    @Test("a head SIGKILLed takes its cluster down and loses no acknowledged actor state: started again on the same session, the actor spawned by name answers with each message applied once")
+    @Test("a head SIGKILLed with restarts off takes its cluster down and loses no acknowledged actor state: started again on the same session, the actor spawned by name answers with each message applied once")
     func headKilledAndStartedAgain() async throws {
-        try await headKilledAndStartedAgain(storage: [])
+        try await headKilledAndStartedAgain(storage: [], supervised: false)
     }
 
-    @Test("with --replicated-storage too: a head SIGKILLed and started again on the same session brings the actor back by name, its state in the GCS")
-    func headKilledAndStartedAgainReplicated() async throws {
-        try await headKilledAndStartedAgain(storage: ["--replicated-storage"])
+    @Test("a head SIGKILLed is started again by its supervisor on the same port with the same token; with --replicated-storage, the actor spawned by name answers from the GCS with each message applied once")
+    func headKilledAndRestartedBySupervisor() async throws {
+        try await headKilledAndStartedAgain(storage: ["--replicated-storage"], supervised: true)
     }
 
-    func headKilledAndStartedAgain(storage: [String]) async throws {
+    func headKilledAndStartedAgain(storage: [String], supervised: Bool) async throws {
         let dir = try TemporaryDirectory()
-        let firstHead = try Self.startHead(dir.path, ["--nodes", "2"] + storage)
+        let firstHead = try Self.startHead(dir.path, ["--nodes", "2", "--restarts", supervised ? "5" : "0"] + storage)
         var heads = [firstHead]
+        let supervisor = Session.pids(dir.path).first { $0.what == "head-supervisor" }?.pid
+        #expect((supervisor != nil) == supervised, "a supervisor only with restarts on: \(Session.pids(dir.path))")
         defer {
             _ = try? Self.run(["stop", "--dir", dir.path])
-            for pid in heads { kill(pid, SIGKILL) }  // only if stop failed; this test's own heads
+            // Only if stop failed: this test's own supervisor, then its heads.
+            if let supervisor { kill(supervisor, SIGKILL) }
+            for pid in heads { kill(pid, SIGKILL) }
         }
         _ = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true }
         let children = Self.children(of: firstHead)
         #expect(children.count == 3, "the head's scheduler and nodes: \(children)")
         var address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let token = try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token"))
         var model = Bank()
         var replies: [Bank.Reply] = []
         do {
@@ -277,12 +282,28 @@ struct CLITests {
         }
         #expect(children.allSatisfy { processHasExited($0) }, "still running after the head's death: \(children.filter { !processHasExited($0) })")
 
-        // Started again on the same session: the actor comes back from its storage (a directory,
-        // or the GCS the head keeps in the session), a retry of the last acknowledged message
-        // gets its reply again, and a new one applies once.
-        let secondHead = try Self.startHead(dir.path, ["--nodes", "2"] + storage)
-        heads.append(secondHead)
-        address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        // Started again on the same session (by its supervisor, or by hand): the actor comes back
+        // from its storage (a directory, or the GCS the head keeps in the session), a retry of
+        // the last acknowledged message gets its reply again, and a new one applies once.
+        if supervised {
+            let restarted = ContinuousClock.now + .seconds(60)
+            var secondHead: Int32?
+            while secondHead == nil && ContinuousClock.now < restarted {
+                secondHead = Session.pids(dir.path).first { $0.what == "head" && $0.pid != firstHead && !processHasExited($0.pid) }?.pid
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            heads.append(try #require(secondHead, "the supervisor started no head again: \(Session.pids(dir.path))"))
+            #expect(Self.children(of: supervisor!).contains(secondHead!))
+            _ = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true }
+            let now = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(now == address, "the head is started again where it was")
+            #expect(try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token")) == token, "with the same token")
+            let log = try String(contentsOfFile: dir.path + "/head.log", encoding: .utf8)
+            #expect(log.contains("supervisor: the head (pid \(firstHead)) was killed by signal 9"), "\(log)")
+        } else {
+            heads.append(try Self.startHead(dir.path, ["--nodes", "2", "--restarts", "0"] + storage))
+            address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
         let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
         defer { cluster.shutdown() }
         let bank = try await cluster.spawn(Bank(), name: "head-bank", resources: Resources(cpus: 1))
@@ -323,6 +344,28 @@ struct CLITests {
         #expect(processHasExited(replica) || kill(replica, 0) != 0)
     }
 
+    @Test("a head that cannot start (its port taken) is not started again: start fails naming the port and leaves no supervisor; a second head on a running session is refused")
+    func headThatCannotStartIsNotRestarted() async throws {
+        let dir = try TemporaryDirectory()
+        let headPID = try Self.startHead(dir.path, ["--nodes", "0"])
+        defer {
+            _ = try? Self.run(["stop", "--dir", dir.path])
+            kill(headPID, SIGKILL)
+        }
+        let again = try Self.run(["start", "--head", "--dir", dir.path, "--nodes", "0"], errors: true)
+        #expect(again.status != 0 && again.output.contains("already runs"), "\(again.output)")
+        let address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let port = try #require(address.split(separator: ":").last.map(String.init))
+        let other = try TemporaryDirectory()
+        let taken = try Self.run(["start", "--head", "--dir", other.path, "--port", port, "--nodes", "0"], errors: true)
+        #expect(taken.status != 0 && taken.output.contains(port) && taken.output.contains("before it was ready"), "\(taken.output)")
+        let log = try String(contentsOfFile: other.path + "/head.log", encoding: .utf8)
+        #expect(log.contains("not starting it again"), "\(log)")
+        #expect(Session.pids(other.path).allSatisfy { processHasExited($0.pid) }, "nothing left running: \(Session.pids(other.path))")
+        let fails = try Self.run(["start", "--head", "--dir", other.path, "--foreground", "--restarts", "2"], errors: true)
+        #expect(fails.status != 0 && fails.output.contains("--restarts"), "\(fails.output)")
+    }
+
     @Test("a driver with the wrong token is refused, and a bad address is a typed error")
     func wrongTokenRefused() async throws {
         let dir = try TemporaryDirectory()
@@ -353,5 +396,25 @@ enum Session {
             guard parts.count == 3, let pid = Int32(parts[0]) else { return nil }
             return (pid, String(parts[1]))
         }
+    }
+}
+
+@Suite("a restart budget: how often a supervisor starts a dead process again")
+struct RestartBudgetTests {
+    @Test("at most `limit` restarts within any window, at once after a long life, after a second after a short one")
+    func budget() {
+        var budget = RestartBudget(limit: 2, windowSeconds: 60)
+        #expect(budget.died(at: 10, livedSeconds: 10) == .restart(afterSeconds: 0))
+        #expect(budget.died(at: 12, livedSeconds: 0.2) == .restart(afterSeconds: 1))
+        guard case .giveUp(let why) = budget.died(at: 20, livedSeconds: 5) else {
+            Issue.record("a third death within 60 s is not restarted")
+            return
+        }
+        #expect(why.contains("3 times within 60 s"), "\(why)")
+        // The first restart leaves the window 60 s after it: one more is allowed.
+        #expect(budget.died(at: 70.5, livedSeconds: 5) == .restart(afterSeconds: 0))
+        #expect(budget.restarts == [13, 70.5])
+        var off = RestartBudget(limit: 0, windowSeconds: 60)
+        #expect(off.died(at: 0, livedSeconds: 100) == .giveUp("restarts are off"))
     }
 }
