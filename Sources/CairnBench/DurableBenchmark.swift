@@ -198,10 +198,11 @@ struct DurableBenchmark {
     }
 
     /// SIGKILL the head of a cluster of processes (`cairn start --head --replicated-storage`,
-    /// 2 nodes) while a driver in this process uses a durable Bank actor at 100 messages, start
-    /// a head again on the same session, and time until the actor, spawned again by name,
-    /// answers the next message with every earlier one applied once. Skipped (with the reason)
-    /// when the `cairn` binary is not beside this one.
+    /// 2 nodes) while a driver in this process uses a durable Bank actor at 100 messages; the
+    /// head's supervisor starts it again on the same port, and the driver connects again as
+    /// soon as it can. Times from the kill until the actor, spawned again by name, answers the
+    /// next message with every earlier one applied once. Skipped (with the reason) when the
+    /// `cairn` binary is not beside this one.
     func headKillToAnswer(_ report: Report) async throws {
         let cairn = executableDirectory() + "/cairn"
         guard access(cairn, X_OK) == 0 else {
@@ -217,13 +218,23 @@ struct DurableBenchmark {
         }
         func headPID() throws -> Int32 {
             let pids = (try? String(contentsOfFile: dir + "/pids", encoding: .utf8)) ?? ""
-            guard let line = pids.split(separator: "\n").first(where: { $0.split(separator: " ").dropFirst().first == "head" }),
+            // The newest head: one started again is recorded after the one it replaced.
+            guard let line = pids.split(separator: "\n").last(where: { $0.split(separator: " ").dropFirst().first == "head" }),
                   let pid = Int32(line.split(separator: " ")[0]) else { throw BenchError("no head recorded in \(dir)/pids") }
             return pid
         }
         func connect() async throws -> Cluster {
             let address = try String(contentsOfFile: dir + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             return try await Cluster.connect(to: address, tokenFile: dir + "/token", log: { _ in })
+        }
+        /// Connects to the head started again in place of `killed`, as soon as it answers.
+        func reconnect(replacing killed: Int32) async throws -> Cluster {
+            let deadline = ContinuousClock.now + .seconds(60)
+            while true {
+                if let head = try? headPID(), head != killed, let cluster = try? await connect() { return cluster }
+                guard ContinuousClock.now < deadline else { throw BenchError("no head answered within 60 s of the kill; see \(dir)/head.log") }
+                try await Task.sleep(for: .milliseconds(2))
+            }
         }
         let start = ["start", "--head", "--port", "0", "--nodes", "2", "--replicated-storage"]
         try run(start)
@@ -241,10 +252,10 @@ struct DurableBenchmark {
         var samples: [Double] = []
         for _ in 0..<3 {
             let t0 = now()
-            kill(try headPID(), SIGKILL)
+            let killed = try headPID()
+            kill(killed, SIGKILL)
             cluster.shutdown()
-            try run(start)
-            cluster = try await connect()
+            cluster = try await reconnect(replacing: killed)
             bank = try await cluster.spawn(Bank(), name: "bench-head-bank", resources: Resources(cpus: 1))
             try await call(cluster, bank, .audit)
             samples.append((now() - t0) * 1000)

@@ -42,6 +42,8 @@ struct Session {
     static let defaultDirectory = "/tmp/cairn"
     /// What the pids file calls the process that starts the head again when it dies.
     static let supervisor = "head-supervisor"
+    /// What the pids file calls a process that joins a node to the head again when it dies.
+    static let nodeSupervisor = "node-supervisor"
 
     func address() throws -> String {
         guard let text = try? String(contentsOfFile: headFile, encoding: .utf8),
@@ -103,7 +105,11 @@ struct Start: AsyncParsableCommand {
         a global scheduler process and --nodes node processes, listening for joins on --port. \
         --address HOST:PORT starts one node process that joins the head there. Nodes run \
         --executable in node mode (default: this binary, which knows the built-in workload): \
-        a program of yours that calls Cluster.runNodeIfLaunched first thing in main.
+        a program of yours that calls Cluster.runNodeIfLaunched first thing in main. \
+        With --restarts above 0 (the default), each runs under a small supervisor process: a \
+        head that dies is started again on the same port with the same token (its GCS and \
+        durable actors come back from the session directory; its node processes are new), and a \
+        joined node that dies, or stops because it lost the head, joins again as a new node.
         """)
 
     @Flag(help: "Start the head.") var head = false
@@ -119,7 +125,7 @@ struct Start: AsyncParsableCommand {
     @Option(help: "With --head: a node whose connections stay silent this long is declared dead (a killed one is at once).") var failureTimeoutMs = 250
     @Flag(help: "With --head: run each GCS replica in a process of its own (started again from its LMDB if it dies), not on the head's threads.") var gcsProcesses = false
     @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
-    @Option(help: "With --head: how many times within any 60 s the head is started again (same port, same token) after it dies; 0: never, and its cluster stops with it.") var restarts = 5
+    @Option(help: "How many times within any 60 s a head that dies is started again (same port, same token), or a joined node that dies joins again; 0: never.") var restarts = 5
     /// Internal: run as the head's supervisor (what `start --head` detaches when restarts are on).
     @Flag(help: .hidden) var supervise = false
     /// Internal: a head its supervisor started (the session was cleared for it already).
@@ -134,7 +140,7 @@ struct Start: AsyncParsableCommand {
         guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
         guard failureTimeoutMs >= 100 else { throw ValidationError("--failure-timeout-ms must be at least 100") }
         guard (0...1_000).contains(restarts) else { throw ValidationError("--restarts must be 0 to 1000") }
-        if foreground && restarts != 5 { throw ValidationError("--restarts applies to a head in the background; a head in the foreground is not started again") }
+        if foreground && restarts != 5 { throw ValidationError("--restarts applies to a head in the background (or a node); a head in the foreground is not started again") }
         if replicatedStorage && storage != nil { throw ValidationError("--replicated-storage keeps durable actors in the GCS; drop --storage, or drop --replicated-storage to use that directory") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
@@ -144,6 +150,14 @@ struct Start: AsyncParsableCommand {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let program = executable ?? currentExecutablePath()
         if let address {
+            if supervise {
+                try await superviseNode(session, address: address, program: program)
+                return
+            }
+            if restarts > 0 {
+                try startNodeInBackground(session, address: address)
+                return
+            }
             let started = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
                                                       resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
             try session.record(pid: started.pid, started.node.description, executable: realPath(program))
@@ -209,61 +223,81 @@ struct Start: AsyncParsableCommand {
     /// 0 (stopped), or when the first head never became ready.
     private func superviseHead(_ session: Session) async throws {
         try session.record(pid: getpid(), Session.supervisor, executable: currentExecutablePath())
-        let child = Mutex<(pid: Int32, stopping: Bool)>((0, false))
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        Task.detached {
-            let sig = await waitForSignal([SIGTERM, SIGINT])
-            let pid = child.withLock { c in
-                c.stopping = true
-                return c.pid
-            }
-            say("supervisor: signal \(sig): stopping the head (pid \(pid))")
-            if pid > 0 { kill(pid, SIGTERM) }
-        }
-        var budget = RestartBudget(limit: restarts, windowSeconds: 60)
-        let origin = ContinuousClock.now
+        let supervisor = Supervisor(of: "the head", restarts: restarts)
         var port = self.port
         var mode = ["--foreground", "--supervised"]
-        while true {
-            let started = ContinuousClock.now
-            let pid: Int32 = try child.withLock { c in
-                guard !c.stopping else { return 0 }
-                c.pid = try Cluster.startDetached(headArguments(mode, port: port), logFile: dir + "/head.log")
-                return c.pid
-            }
-            guard pid > 0 else { return }
-            let status = await exitStatus(of: pid)
-            let seconds = Self.seconds(since: started)
-            let signalled = status & 0x7f
-            let how = signalled != 0 ? "was killed by signal \(signalled)" : "exited with status \((status >> 8) & 0xff)"
-            // Exited by itself with 0, or ended by the signals only a stop sends: stopped, not lost.
-            if child.withLock({ $0.stopping }) || (signalled == 0 && (status >> 8) & 0xff == 0) || signalled == SIGTERM || signalled == SIGINT {
-                say("supervisor: the head (pid \(pid)) \(how); stopping")
-                return
-            }
+        while let pid = try supervisor.start({ try Cluster.startDetached(headArguments(mode, port: port), logFile: dir + "/head.log") }) {
+            guard let death = await supervisor.death(of: pid) else { return }
             guard let address = try? session.address(), let recorded = address.split(separator: ":").last.flatMap({ Int($0) }) else {
-                say("supervisor: the head (pid \(pid)) \(how) before it was ready; not starting it again")
+                say("supervisor: the head (pid \(pid)) \(death.how) before it was ready; not starting it again")
                 throw ExitCode.failure
             }
             port = recorded
             mode = ["--foreground", "--supervised", "--restarted"]
-            switch budget.died(at: Self.seconds(since: origin), livedSeconds: seconds) {
-            case .giveUp(let why):
-                say("supervisor: the head (pid \(pid)) \(how) after \(String(format: "%.1f", seconds)) s; not starting it again: \(why)")
+            guard try await supervisor.again(after: death, pid: pid, what: "on port \(port)") else {
                 try? FileManager.default.removeItem(atPath: session.headFile)
                 throw ExitCode.failure
-            case .restart(let delay):
-                say("supervisor: the head (pid \(pid)) \(how) after \(String(format: "%.1f", seconds)) s; starting it again on port \(port)"
-                      + (delay > 0 ? " in \(delay) s" : ""))
-                if delay > 0 { try await Task.sleep(for: .seconds(delay)) }
             }
         }
     }
 
-    private static func seconds(since instant: ContinuousClock.Instant) -> Double {
-        let elapsed = instant.duration(to: .now).components
-        return Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+    /// Starts `cairn start --address … --supervise` detached, and waits until the node it
+    /// starts has joined (or the supervisor has given up, saying why in the node's log).
+    private func startNodeInBackground(_ session: Session, address: String) throws {
+        var arguments = [currentExecutablePath(), "start", "--address", address, "--supervise", "--dir", dir, "--host", host,
+                         "--cpus", "\(cpus)", "--restarts", "\(restarts)"]
+        if let executable { arguments += ["--executable", executable] }
+        let log = dir + "/node.log"
+        let supervisor = try Cluster.startDetached(arguments, logFile: log)
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if let node = session.pids().first(where: { $0.what.hasPrefix("node-") && parentPID(of: $0.pid) == supervisor }) {
+                print("\(node.what) (pid \(node.pid)) joined the head at \(address); its log: \(log); "
+                      + "it joins again as a new node if it dies (up to \(restarts) times within 60 s, by pid \(supervisor))")
+                return
+            }
+            var status: Int32 = 0
+            if waitpid(supervisor, &status, WNOHANG) == supervisor {
+                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                let reason = text.split(separator: "\n").last { $0.hasPrefix("supervisor: cannot join") }
+                    .map { String($0.dropFirst("supervisor: ".count)) } ?? "the node's supervisor exited; see \(log)"
+                throw ValidationError(reason)
+            }
+            usleep(10_000)
+        }
+        throw ValidationError("the node did not join within 60 s; see \(log)")
+    }
+
+    /// Runs a node that joins the head at `address` as a child of this process, and joins
+    /// again with a new node when it dies (killed, or stopped because it lost the head) within
+    /// the budget of ``restarts`` in any 60 s, waiting up to 60 s each time for the head to
+    /// answer (it may be starting again). Stops (and stops the node) on SIGTERM or SIGINT.
+    private func superviseNode(_ session: Session, address: String, program: String) async throws {
+        try session.record(pid: getpid(), Session.nodeSupervisor, executable: currentExecutablePath())
+        let supervisor = Supervisor(of: "the node", restarts: restarts)
+        var first = true
+        while true {
+            let deadline = ContinuousClock.now + .seconds(60)
+            var joined: (node: NodeID, pid: Int32)?
+            while joined == nil {
+                do {
+                    joined = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
+                                                         resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
+                } catch let error as CairnError where !first && error.code == .shutDown && ContinuousClock.now < deadline {
+                    // The head does not answer yet: it may be starting again.
+                    try await Task.sleep(for: .milliseconds(50))
+                } catch {
+                    say("supervisor: cannot join the head at \(address): \(error); stopping")
+                    throw ExitCode.failure
+                }
+            }
+            guard let joined, let pid = supervisor.start({ joined.pid }) else { return }
+            try session.record(pid: pid, joined.node.description, executable: realPath(program))
+            say("supervisor: \(joined.node) (pid \(pid)) joined the head at \(address)")
+            first = false
+            guard let death = await supervisor.death(of: pid),
+                  try await supervisor.again(after: death, pid: pid, what: "as a new node of the head at \(address)") else { return }
+        }
     }
 
     private func runHead(_ session: Session, program: String) async throws {
@@ -400,10 +434,11 @@ struct Stop: ParsableCommand {
             print("nothing was started from \(dir)")
             return
         }
-        // Joined nodes first (they would stop on losing the head anyway), then the supervisor
-        // (so that it does not start the head again), then the head.
-        let ordered = started.filter { $0.what != "head" && $0.what != Session.supervisor }
-            + started.filter { $0.what == Session.supervisor } + started.filter { $0.what == "head" }
+        // Supervisors first (so that none starts its process again), then joined nodes (they
+        // would stop on losing the head anyway), then the head.
+        let supervisors = [Session.supervisor, Session.nodeSupervisor]
+        let ordered = started.filter { supervisors.contains($0.what) }
+            + started.filter { $0.what != "head" && !supervisors.contains($0.what) } + started.filter { $0.what == "head" }
         for p in ordered where !processHasExited(p.pid) { kill(p.pid, SIGTERM) }
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline && ordered.contains(where: { !processHasExited($0.pid) }) { usleep(20_000) }
@@ -437,20 +472,101 @@ private func waitForSignal(_ signals: [Int32]) async -> Int32 {
     }
 }
 
+/// Starts a child process again each time it dies, within a restart budget, until this
+/// process gets SIGTERM or SIGINT (which it passes on to the child).
+private final class Supervisor: Sendable {
+    struct Death {
+        var how: String
+        var seconds: Double
+        var killed: Bool
+    }
+
+    private let what: String
+    private let child: Mutex<(pid: Int32, startedAt: Double, stopping: Bool, budget: RestartBudget)>
+    private let origin = ContinuousClock.now
+
+    init(of what: String, restarts: Int) {
+        self.what = what
+        child = Mutex((0, 0, false, RestartBudget(limit: restarts, windowSeconds: 60)))
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        Task.detached { [self] in
+            let sig = await waitForSignal([SIGTERM, SIGINT])
+            let pid = self.child.withLock { c in
+                c.stopping = true
+                return c.pid
+            }
+            say("supervisor: signal \(sig): stopping \(what) (pid \(pid))")
+            if pid > 0 { kill(pid, SIGTERM) }
+        }
+    }
+
+    /// The child `start` starts, unless a stop came first (nil; a child started meanwhile is stopped).
+    func start(_ start: () throws -> Int32) rethrows -> Int32? {
+        let startedAt = Self.seconds(since: origin)
+        let pid = try start()
+        let stopping = child.withLock { c in
+            c.pid = pid
+            c.startedAt = startedAt
+            return c.stopping
+        }
+        if stopping { kill(pid, SIGTERM) }
+        return stopping ? nil : pid
+    }
+
+    /// Waits until child `pid` ends: nil if that was a stop (a stop was asked, or it exited with
+    /// status 0, or it ended by SIGTERM or SIGINT, which only a stop sends), else how it died.
+    func death(of pid: Int32) async -> Death? {
+        let status: Int32 = await withCheckedContinuation { continuation in
+            startThread(named: "wait-\(pid)") {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                continuation.resume(returning: status)
+            }
+        }
+        let signalled = status & 0x7f
+        let code = (status >> 8) & 0xff
+        let how = signalled != 0 ? "was killed by signal \(signalled)" : "exited with status \(code)"
+        let (stopping, startedAt) = child.withLock { ($0.stopping, $0.startedAt) }
+        if stopping || (signalled == 0 && code == 0) || signalled == SIGTERM || signalled == SIGINT {
+            say("supervisor: \(what) (pid \(pid)) \(how); stopping")
+            return nil
+        }
+        return Death(how: how, seconds: Self.seconds(since: origin) - startedAt, killed: signalled != 0)
+    }
+
+    /// After `death`: true when the budget allows starting it again (having waited what it
+    /// asks); false, having said why, when it does not.
+    func again(after death: Death, pid: Int32, what detail: String) async throws -> Bool {
+        let decision = child.withLock { $0.budget.died(at: Self.seconds(since: origin), livedSeconds: death.seconds, killed: death.killed) }
+        let lived = String(format: "%.1f", death.seconds)
+        switch decision {
+        case .giveUp(let why):
+            say("supervisor: \(what) (pid \(pid)) \(death.how) after \(lived) s; not starting it again: \(why)")
+            return false
+        case .restart(let delay):
+            say("supervisor: \(what) (pid \(pid)) \(death.how) after \(lived) s; starting it again \(detail)" + (delay > 0 ? " in \(delay) s" : ""))
+            if delay > 0 { try await Task.sleep(for: .seconds(delay)) }
+            return true
+        }
+    }
+
+    private static func seconds(since instant: ContinuousClock.Instant) -> Double {
+        let elapsed = instant.duration(to: .now).components
+        return Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+    }
+}
+
+/// The parent of process `pid` (0 if it cannot be read).
+private func parentPID(of pid: Int32) -> Int32 {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return 0 }
+    let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
+    return fields.count > 1 ? Int32(fields[1]) ?? 0 : 0
+}
+
 /// Writes `line` to standard output at once (a log file, where `print` would hold it in a buffer).
 private func say(_ line: String) {
     FileHandle.standardOutput.write(Data((line + "\n").utf8))
-}
-
-/// Waits, on a thread of its own, for child `pid` to end; its wait status.
-private func exitStatus(of pid: Int32) async -> Int32 {
-    await withCheckedContinuation { continuation in
-        startThread(named: "wait-\(pid)") {
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-            continuation.resume(returning: status)
-        }
-    }
 }
 
 /// Keeps signal sources alive while they are waited on.

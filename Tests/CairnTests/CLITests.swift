@@ -151,13 +151,23 @@ struct CLITests {
         let noReplica = try Self.run(["gcs", "--dir", dir.path], errors: true)
         #expect(noReplica.status != 0 && noReplica.output.contains("--gcs-processes"), "\(noReplica.output)")
 
-        // A joined node that dies is declared dead.
+        // A joined node that dies is declared dead, and its supervisor joins a new node in its place.
         let nodePID = try #require(Session.pids(dir.path).first { $0.what == "node-3" }?.pid)
+        let nodeSupervisor = try #require(Session.pids(dir.path).first { $0.what == "node-supervisor" }?.pid)
+        #expect(Self.children(of: nodeSupervisor) == [nodePID])
         kill(nodePID, SIGKILL)
-        _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains(" no ") == true }
+        let joinedAgain = ContinuousClock.now + .seconds(30)
+        var rejoined: (pid: Int32, what: String)?
+        while rejoined == nil && ContinuousClock.now < joinedAgain {
+            rejoined = Session.pids(dir.path).first { $0.what.hasPrefix("node-") && $0.pid != nodePID && Self.children(of: nodeSupervisor).contains($0.pid) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let newNode = try #require(rejoined, "no node joined again in the place of node-3")
+        _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains(" no ") == true && Self.row($0, newNode.what)?.contains("yes") == true }
 
         let stopped = try Self.run(["stop", "--dir", dir.path])
         #expect(stopped.status == 0 && stopped.output.contains("stopped head") && stopped.output.contains("stopped scheduler"), "\(stopped.output)")
+        #expect(processHasExited(nodeSupervisor) && processHasExited(newNode.pid), "the node and its supervisor stopped, and no node joined again")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/head"))
         let gone = try Self.run(["status", "--dir", dir.path])
         #expect(gone.status != 0, "status after stop fails: \(gone.output)")
@@ -236,6 +246,12 @@ struct CLITests {
         #expect(children.count == 3, "the head's scheduler and nodes: \(children)")
         var address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
         let token = try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token"))
+        // With restarts on, a node joined from outside (2 CPUs, to tell it apart) joins the head started again.
+        if supervised {
+            let joined = try Self.run(["start", "--address", address, "--dir", dir.path, "--cpus", "2"])
+            #expect(joined.status == 0, "\(joined.output)")
+            _ = try await Self.status(dir.path) { $0.contains("cpus=2") }
+        }
         var model = Bank()
         var replies: [Bank.Reply] = []
         do {
@@ -294,7 +310,11 @@ struct CLITests {
             }
             heads.append(try #require(secondHead, "the supervisor started no head again: \(Session.pids(dir.path))"))
             #expect(Self.children(of: supervisor!).contains(secondHead!))
-            _ = try await Self.status(dir.path) { Self.row($0, "node-2")?.contains("yes") == true }
+            // Back to full strength: its own 2 nodes, and the one joined from outside again.
+            _ = try await Self.status(dir.path) { table in
+                Self.row(table, "node-2")?.contains("yes") == true
+                    && table.split(separator: "\n").contains { $0.contains("cpus=2") && $0.contains(" yes ") }
+            }
             let now = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(now == address, "the head is started again where it was")
             #expect(try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token")) == token, "with the same token")
@@ -401,20 +421,20 @@ enum Session {
 
 @Suite("a restart budget: how often a supervisor starts a dead process again")
 struct RestartBudgetTests {
-    @Test("at most `limit` restarts within any window, at once after a long life, after a second after a short one")
+    @Test("at most `limit` restarts within any window; at once after a kill or a long life, after a second after a short life that ended by itself")
     func budget() {
         var budget = RestartBudget(limit: 2, windowSeconds: 60)
-        #expect(budget.died(at: 10, livedSeconds: 10) == .restart(afterSeconds: 0))
-        #expect(budget.died(at: 12, livedSeconds: 0.2) == .restart(afterSeconds: 1))
-        guard case .giveUp(let why) = budget.died(at: 20, livedSeconds: 5) else {
+        #expect(budget.died(at: 10, livedSeconds: 10, killed: false) == .restart(afterSeconds: 0))
+        #expect(budget.died(at: 12, livedSeconds: 0.2, killed: false) == .restart(afterSeconds: 1))
+        guard case .giveUp(let why) = budget.died(at: 20, livedSeconds: 5, killed: true) else {
             Issue.record("a third death within 60 s is not restarted")
             return
         }
         #expect(why.contains("3 times within 60 s"), "\(why)")
         // The first restart leaves the window 60 s after it: one more is allowed.
-        #expect(budget.died(at: 70.5, livedSeconds: 5) == .restart(afterSeconds: 0))
+        #expect(budget.died(at: 70.5, livedSeconds: 0.1, killed: true) == .restart(afterSeconds: 0))
         #expect(budget.restarts == [13, 70.5])
         var off = RestartBudget(limit: 0, windowSeconds: 60)
-        #expect(off.died(at: 0, livedSeconds: 100) == .giveUp("restarts are off"))
+        #expect(off.died(at: 0, livedSeconds: 100, killed: true) == .giveUp("restarts are off"))
     }
 }
