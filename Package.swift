@@ -63,7 +63,7 @@ let package = Package(
         ], path: "Sources/CairnBench"),
         // Process control and workloads shared by the chaos runner and the crash tests.
         // Optimized in debug builds too: `swift test` runs 10,000 seeds of the GCS simulation.
-        .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore", "CairnGCS"], path: "Chaos/CairnChaosKit",
+        .target(name: "CairnChaosKit", dependencies: ["Cairn", "CairnCore", "CairnGCS", "CairnWire"], path: "Chaos/CairnChaosKit",
                 swiftSettings: simulationSpeed),
         // The Global Control Store's protocol cores: pure values, no I/O.
         .target(name: "CairnGCS", dependencies: [.product(name: "DequeModule", package: "swift-collections")],

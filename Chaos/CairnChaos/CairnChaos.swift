@@ -18,7 +18,7 @@ struct CairnChaos: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-chaos",
         abstract: "Cairn's fault-injection harness.",
-        subcommands: [ActorCrash.self, ActorHost.self, ClusterChaos.self, GCSSim.self, StorageWriter.self])
+        subcommands: [ActorCrash.self, ActorHost.self, ClusterChaos.self, GCSSim.self, HeadChaos.self, StorageWriter.self])
 }
 
 /// The child of the storage crash test: appends and checkpoints until it is killed,

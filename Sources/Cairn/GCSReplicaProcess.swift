@@ -459,7 +459,7 @@ enum GCSReplicaProcess {
             host.worker.post(.message(frame.message, from: frame.from))
         }, closed: { _, reason in
             log("lost the head (\(reason)); exiting")
-            exit(3)
+            exit(Cluster.lostHeadExitStatus)
         }, log: log)
         let connected = DispatchSemaphore(value: 0)
         Task {

@@ -106,6 +106,11 @@ struct NodeLaunch: Codable, Equatable {
 }
 
 extension Cluster {
+    /// The exit status of a node, scheduler or GCS replica process that stopped because it
+    /// lost the head (its connection closed, or the head declared it dead): a supervisor joins
+    /// it again at once, as it would a killed one.
+    public static let lostHeadExitStatus: Int32 = 3
+
     /// The entry point of a node process. Call it first thing in `main`.
     ///
     /// A cluster with ``ClusterOptions/processes`` starts its nodes by running this program
@@ -164,7 +169,7 @@ enum NodeProcess {
                 // (or is gone): it stops, and the head starts a replacement.
                 if peer == Cluster.headName || peer == Endpoint.controlStore.description {
                     log("lost the head (\(reason)); exiting")
-                    exit(3)
+                    exit(Cluster.lostHeadExitStatus)
                 }
             }
         } catch {

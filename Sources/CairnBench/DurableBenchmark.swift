@@ -209,36 +209,9 @@ struct DurableBenchmark {
             FileHandle.standardError.write(Data("recovery.head_kill_to_answer_ms skipped: no cairn binary at \(cairn) (swift build -c release builds it)\n".utf8))
             return
         }
-        let dir = directory + "/head"
-        func run(_ arguments: [String]) throws {
-            let child = try ChildProcess(executable: cairn, arguments: arguments + ["--dir", dir], mergeStandardError: true)
-            var output: [String] = []
-            while let line = child.readLine(timeoutMilliseconds: 60_000) { output.append(line) }
-            guard child.wait() == 0 else { throw BenchError("cairn \(arguments.joined(separator: " ")) failed: \(output.joined(separator: "; "))") }
-        }
-        func headPID() throws -> Int32 {
-            let pids = (try? String(contentsOfFile: dir + "/pids", encoding: .utf8)) ?? ""
-            // The newest head: one started again is recorded after the one it replaced.
-            guard let line = pids.split(separator: "\n").last(where: { $0.split(separator: " ").dropFirst().first == "head" }),
-                  let pid = Int32(line.split(separator: " ")[0]) else { throw BenchError("no head recorded in \(dir)/pids") }
-            return pid
-        }
-        func connect() async throws -> Cluster {
-            let address = try String(contentsOfFile: dir + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
-            return try await Cluster.connect(to: address, tokenFile: dir + "/token", log: { _ in })
-        }
-        /// Connects to the head started again in place of `killed`, as soon as it answers.
-        func reconnect(replacing killed: Int32) async throws -> Cluster {
-            let deadline = ContinuousClock.now + .seconds(60)
-            while true {
-                if let head = try? headPID(), head != killed, let cluster = try? await connect() { return cluster }
-                guard ContinuousClock.now < deadline else { throw BenchError("no head answered within 60 s of the kill; see \(dir)/head.log") }
-                try await Task.sleep(for: .milliseconds(2))
-            }
-        }
-        let start = ["start", "--head", "--port", "0", "--nodes", "2", "--replicated-storage"]
-        try run(start)
-        defer { try? run(["stop"]) }
+        let session = HeadSession(cairn: cairn, directory: directory + "/head")
+        try session.run(["start", "--head", "--port", "0", "--nodes", "2", "--replicated-storage"])
+        defer { try? session.run(["stop"]) }
         var model = Bank()
         var sequence: UInt64 = 0
         func call(_ cluster: Cluster, _ bank: ActorHandle<Bank>, _ message: Bank.Message) async throws {
@@ -246,16 +219,16 @@ struct DurableBenchmark {
             let reply = try await cluster.get(try bank.send(message, caller: CallerID(77), sequence: sequence), timeout: .seconds(60))
             guard reply == (try model.receive(message)) else { throw BenchError("wrong reply to message \(sequence) after the head's restart: \(reply)") }
         }
-        var cluster = try await connect()
+        var cluster = try await session.connect()
         var bank = try await cluster.spawn(Bank(), name: "bench-head-bank", resources: Resources(cpus: 1))
         for _ in 0..<100 { try await call(cluster, bank, .deposit(account: 0, amount: 1)) }
         var samples: [Double] = []
         for _ in 0..<3 {
             let t0 = now()
-            let killed = try headPID()
+            guard let killed = session.headPID() else { throw BenchError("no head runs in \(session.directory)") }
             kill(killed, SIGKILL)
             cluster.shutdown()
-            cluster = try await reconnect(replacing: killed)
+            cluster = try await session.reconnect(replacing: killed)
             bank = try await cluster.spawn(Bank(), name: "bench-head-bank", resources: Resources(cpus: 1))
             try await call(cluster, bank, .audit)
             samples.append((now() - t0) * 1000)

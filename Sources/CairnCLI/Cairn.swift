@@ -274,7 +274,7 @@ struct Start: AsyncParsableCommand {
     /// answer (it may be starting again). Stops (and stops the node) on SIGTERM or SIGINT.
     private func superviseNode(_ session: Session, address: String, program: String) async throws {
         try session.record(pid: getpid(), Session.nodeSupervisor, executable: currentExecutablePath())
-        let supervisor = Supervisor(of: "the node", restarts: restarts)
+        let supervisor = Supervisor(of: "the node", restarts: restarts, stoppedFromOutside: Cluster.lostHeadExitStatus)
         var first = true
         while true {
             let deadline = ContinuousClock.now + .seconds(60)
@@ -478,6 +478,7 @@ private final class Supervisor: Sendable {
     struct Death {
         var how: String
         var seconds: Double
+        /// Killed by a signal, or stopped from outside: started again at once.
         var killed: Bool
     }
 
@@ -485,8 +486,13 @@ private final class Supervisor: Sendable {
     private let child: Mutex<(pid: Int32, startedAt: Double, stopping: Bool, budget: RestartBudget)>
     private let origin = ContinuousClock.now
 
-    init(of what: String, restarts: Int) {
+    /// An exit status that means the child was stopped from outside, not that it failed: it
+    /// is started again at once, as a killed one is.
+    private let stoppedFromOutside: Int32?
+
+    init(of what: String, restarts: Int, stoppedFromOutside: Int32? = nil) {
         self.what = what
+        self.stoppedFromOutside = stoppedFromOutside
         child = Mutex((0, 0, false, RestartBudget(limit: restarts, windowSeconds: 60)))
         signal(SIGTERM, SIG_IGN)
         signal(SIGINT, SIG_IGN)
@@ -532,7 +538,8 @@ private final class Supervisor: Sendable {
             say("supervisor: \(what) (pid \(pid)) \(how); stopping")
             return nil
         }
-        return Death(how: how, seconds: Self.seconds(since: origin) - startedAt, killed: signalled != 0)
+        return Death(how: how, seconds: Self.seconds(since: origin) - startedAt,
+                     killed: signalled != 0 || (stoppedFromOutside != nil && code == stoppedFromOutside))
     }
 
     /// After `death`: true when the budget allows starting it again (having waited what it

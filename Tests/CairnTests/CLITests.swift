@@ -364,6 +364,16 @@ struct CLITests {
         #expect(processHasExited(replica) || kill(replica, 0) != 0)
     }
 
+    @Test("the head SIGKILLed 3 times at seeded moments while a driver's messages are in flight: each time started again, every reply as the model says (the unanswered message retried, applied once), the cluster back to its 3 nodes")
+    func headKilledRepeatedly() async throws {
+        let seed = UInt64(ProcessInfo.processInfo.environment["CAIRN_HEAD_CHAOS_SEED"] ?? "") ?? UInt64.random(in: 1...UInt64.max)
+        print("head chaos seed: \(seed) (replay with CAIRN_HEAD_CHAOS_SEED=\(seed))")
+        let report = await HeadCampaign.run(.init(cairn: Self.cairn, seed: seed, kills: 3))
+        #expect(report.failures.isEmpty, "seed \(seed): \(report.failures)\n\(report.timeline.joined(separator: "\n"))")
+        #expect(report.killToAnswerMs.count == 3 && report.fullStrengthMs.count == 3, "\(report.timeline)")
+        #expect(report.callsChecked >= 6, "messages before and after each kill: \(report.callsChecked)")
+    }
+
     @Test("a head that cannot start (its port taken) is not started again: start fails naming the port and leaves no supervisor; a second head on a running session is refused")
     func headThatCannotStartIsNotRestarted() async throws {
         let dir = try TemporaryDirectory()
