@@ -128,7 +128,10 @@ public enum HeadCampaign {
         var rng = SeededGenerator(seed: configuration.seed)
         var cluster = try await session.connect()
         defer { cluster.shutdown() }
-        var bank = try await cluster.spawn(Bank(), name: "chaos-head-bank", resources: Resources(cpus: 1))
+        // Each head kill takes the actor's node down with it, which counts toward maxRestarts
+        // (10 by default) like any crash of its host: allow one per kill.
+        let durability = DurabilityOptions(maxRestarts: configuration.kills + 10)
+        var bank = try await cluster.spawn(Bank(), name: "chaos-head-bank", durability: durability, resources: Resources(cpus: 1))
         var model = Bank()
         var sequence: UInt64 = 0
         let origin = ContinuousClock.now
@@ -171,7 +174,7 @@ public enum HeadCampaign {
             cluster.shutdown()
 
             cluster = try await session.reconnect(replacing: head)
-            bank = try await cluster.spawn(Bank(), name: "chaos-head-bank", resources: Resources(cpus: 1))
+            bank = try await cluster.spawn(Bank(), name: "chaos-head-bank", durability: durability, resources: Resources(cpus: 1))
             // The message that got no reply, again with its number; then an audit.
             for message in [sent.pending, .audit].compactMap({ $0 }) {
                 let reply = try await cluster.get(try bank.send(message, caller: caller, sequence: sequence + 1), timeout: .seconds(60))

@@ -76,7 +76,9 @@ public struct DurabilityOptions: Sendable {
     public var logging: MessageLogging
     /// Default every 10,000 messages or 5 s.
     public var checkpoint: CheckpointPolicy
-    /// How many times the actor may be restored after a crash before it is declared dead. Default 10.
+    /// How many times the actor may be restored after a crash before it is declared dead, over
+    /// its whole life (the count is kept in its storage). The death of its host counts, including
+    /// a head's death that takes the cluster's nodes with it. Default 10.
     public var maxRestarts: Int
     /// Replies remembered per caller, so that a retried message gets its original reply. Default 1,024.
     public var repliesKeptPerCaller: Int
