@@ -189,8 +189,9 @@ struct Start: AsyncParsableCommand {
         return arguments
     }
 
-    /// Starts `cairn start --head --foreground …` detached (``Cluster/startDetached(_:logFile:)``)
-    /// and waits until it has written its address.
+    /// Starts the head's supervisor (`cairn start --head --supervise …`), or with restarts off the
+    /// head itself (`--foreground`), detached (``Cluster/startDetached(_:logFile:)``), and waits
+    /// until the head has written its address.
     private func startInBackground(_ session: Session) throws {
         let pid = try Cluster.startDetached(headArguments(restarts > 0 ? ["--supervise"] : ["--foreground"], port: port), logFile: dir + "/head.log")
         let deadline = ContinuousClock.now + .seconds(60)
@@ -285,6 +286,7 @@ struct Start: AsyncParsableCommand {
                                                          resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
                 } catch let error as CairnError where !first && error.code == .shutDown && ContinuousClock.now < deadline {
                     // The head does not answer yet: it may be starting again.
+                    if supervisor.stopping { return }
                     try await Task.sleep(for: .milliseconds(50))
                 } catch {
                     say("supervisor: cannot join the head at \(address): \(error); stopping")
@@ -507,6 +509,9 @@ private final class Supervisor: Sendable {
         }
     }
 
+    /// True once this process was asked to stop.
+    var stopping: Bool { child.withLock { $0.stopping } }
+
     /// The child `start` starts, unless a stop came first (nil; a child started meanwhile is stopped).
     func start(_ start: () throws -> Int32) rethrows -> Int32? {
         let startedAt = Self.seconds(since: origin)
@@ -533,8 +538,8 @@ private final class Supervisor: Sendable {
         let signalled = status & 0x7f
         let code = (status >> 8) & 0xff
         let how = signalled != 0 ? "was killed by signal \(signalled)" : "exited with status \(code)"
-        let (stopping, startedAt) = child.withLock { ($0.stopping, $0.startedAt) }
-        if stopping || (signalled == 0 && code == 0) || signalled == SIGTERM || signalled == SIGINT {
+        let (stopped, startedAt) = child.withLock { ($0.stopping, $0.startedAt) }
+        if stopped || (signalled == 0 && code == 0) || signalled == SIGTERM || signalled == SIGINT {
             say("supervisor: \(what) (pid \(pid)) \(how); stopping")
             return nil
         }
