@@ -44,6 +44,8 @@ struct Session {
     static let supervisor = "head-supervisor"
     /// What the pids file calls a process that joins a node to the head again when it dies.
     static let nodeSupervisor = "node-supervisor"
+    /// What the pids file calls a process that joins a standby scheduler again when it dies.
+    static let schedulerSupervisor = "scheduler-supervisor"
 
     func address() throws -> String {
         guard let text = try? String(contentsOfFile: headFile, encoding: .utf8),
@@ -249,56 +251,19 @@ struct Start: AsyncParsableCommand {
                          "--cpus", "\(cpus)", "--restarts", "\(restarts)"]
         if let executable { arguments += ["--executable", executable] }
         let log = dir + "/node.log"
-        let supervisor = try Cluster.startDetached(arguments, logFile: log)
-        let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline {
-            if let node = session.pids().first(where: { $0.what.hasPrefix("node-") && parentPID(of: $0.pid) == supervisor }) {
-                print("\(node.what) (pid \(node.pid)) joined the head at \(address); its log: \(log); "
-                      + "it joins again as a new node if it dies (up to \(restarts) times within 60 s, by pid \(supervisor))")
-                return
-            }
-            var status: Int32 = 0
-            if waitpid(supervisor, &status, WNOHANG) == supervisor {
-                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-                let reason = text.split(separator: "\n").last { $0.hasPrefix("supervisor: cannot join") }
-                    .map { String($0.dropFirst("supervisor: ".count)) } ?? "the node's supervisor exited; see \(log)"
-                throw ValidationError(reason)
-            }
-            usleep(10_000)
-        }
-        throw ValidationError("the node did not join within 60 s; see \(log)")
+        let (supervisor, node) = try startSupervised(arguments, session: session, log: log) { $0.hasPrefix("node-") }
+        print("\(node.what) (pid \(node.pid)) joined the head at \(address); its log: \(log); "
+              + "it joins again as a new node if it dies (up to \(restarts) times within 60 s, by pid \(supervisor))")
     }
 
     /// Runs a node that joins the head at `address` as a child of this process, and joins
-    /// again with a new node when it dies (killed, or stopped because it lost the head) within
-    /// the budget of ``restarts`` in any 60 s, waiting up to 60 s each time for the head to
-    /// answer (it may be starting again). Stops (and stops the node) on SIGTERM or SIGINT.
+    /// again with a new node when it dies (killed, or stopped because it lost the head), within
+    /// the budget of ``restarts`` in any 60 s.
     private func superviseNode(_ session: Session, address: String, program: String) async throws {
-        try session.record(pid: getpid(), Session.nodeSupervisor, executable: currentExecutablePath())
-        let supervisor = Supervisor(of: "the node", restarts: restarts, stoppedFromOutside: Cluster.lostHeadExitStatus)
-        var first = true
-        while true {
-            let deadline = ContinuousClock.now + .seconds(60)
-            var joined: (node: NodeID, pid: Int32)?
-            while joined == nil {
-                do {
-                    joined = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
-                                                         resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
-                } catch let error as CairnError where !first && error.code == .shutDown && ContinuousClock.now < deadline {
-                    // The head does not answer yet: it may be starting again.
-                    if supervisor.stopping { return }
-                    try await Task.sleep(for: .milliseconds(50))
-                } catch {
-                    say("supervisor: cannot join the head at \(address): \(error); stopping")
-                    throw ExitCode.failure
-                }
-            }
-            guard let joined, let pid = supervisor.start({ joined.pid }) else { return }
-            try session.record(pid: pid, joined.node.description, executable: realPath(program))
-            say("supervisor: \(joined.node) (pid \(pid)) joined the head at \(address)")
-            first = false
-            guard let death = await supervisor.death(of: pid),
-                  try await supervisor.again(after: death, pid: pid, what: "as a new node of the head at \(address)") else { return }
+        try await superviseJoins(session: session, address: address, restarts: restarts, what: "the node", name: Session.nodeSupervisor) {
+            let joined = try await Cluster.startNode(joining: address, tokenFile: session.tokenFile, executable: program,
+                                                     resources: Resources(cpus: cpus), host: host, logFile: dir + "/node.log")
+            return (joined.node.description, joined.pid, realPath(program))
         }
     }
 
@@ -352,26 +317,48 @@ struct Scheduler: AsyncParsableCommand {
         The head runs one global scheduler process (and starts another if it dies). A scheduler \
         started here registers as a standby: when the active scheduler's process is lost, the \
         newest standby takes over at once, and the nodes hand it whatever the lost one had not \
-        placed. It stops when it loses the head; `cairn stop` stops it.
+        placed. It stops when it loses the head; with --restarts above 0 (the default) a \
+        supervisor then joins it again, to the head started again in its place. `cairn stop` \
+        stops it and its supervisor.
         """)
 
     @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
     @Option(help: "The session directory (for the head's address and the token).") var dir = Session.defaultDirectory
     @Option(help: "Address to listen on.") var host = "127.0.0.1"
     @Option(help: "The program to run (default: this one).") var executable: String?
+    @Option(help: "How many times within any 60 s a scheduler that dies (or stops because it lost the head) joins again; 0: never.") var restarts = 5
+    /// Internal: run as the scheduler's supervisor.
+    @Flag(help: .hidden) var supervise = false
 
     func validate() throws {
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
+        guard (0...1_000).contains(restarts) else { throw ValidationError("--restarts must be 0 to 1000") }
     }
 
     func run() async throws {
         let session = Session(directory: dir)
         let address = try address ?? session.address()
         let program = executable ?? currentExecutablePath()
+        let log = dir + "/scheduler.log"
+        if supervise {
+            try await superviseJoins(session: session, address: address, restarts: restarts, what: "the scheduler", name: Session.schedulerSupervisor) {
+                let pid = try await Cluster.startScheduler(joining: address, tokenFile: session.tokenFile, executable: program, host: host, logFile: log)
+                return ("scheduler", pid, realPath(program))
+            }
+            return
+        }
+        if restarts > 0 {
+            var arguments = [currentExecutablePath(), "scheduler", "--address", address, "--supervise", "--dir", dir, "--host", host, "--restarts", "\(restarts)"]
+            if let executable { arguments += ["--executable", executable] }
+            let (supervisor, scheduler) = try startSupervised(arguments, session: session, log: log) { $0 == "scheduler" }
+            print("scheduler (pid \(scheduler.pid)) joined the head at \(address) as a standby; its log: \(log); "
+                  + "it joins again if it dies (up to \(restarts) times within 60 s, by pid \(supervisor))")
+            return
+        }
         let pid = try await Cluster.startScheduler(joining: address, tokenFile: session.tokenFile, executable: program, host: host,
-                                                   logFile: dir + "/scheduler.log")
+                                                   logFile: log)
         try session.record(pid: pid, "scheduler", executable: realPath(program))
-        print("scheduler (pid \(pid)) joined the head at \(address) as a standby; its log: \(dir)/scheduler.log")
+        print("scheduler (pid \(pid)) joined the head at \(address) as a standby; its log: \(log)")
     }
 }
 
@@ -438,7 +425,7 @@ struct Stop: ParsableCommand {
         }
         // Supervisors first (so that none starts its process again), then joined nodes (they
         // would stop on losing the head anyway), then the head.
-        let supervisors = [Session.supervisor, Session.nodeSupervisor]
+        let supervisors = [Session.supervisor, Session.nodeSupervisor, Session.schedulerSupervisor]
         let ordered = started.filter { supervisors.contains($0.what) }
             + started.filter { $0.what != "head" && !supervisors.contains($0.what) } + started.filter { $0.what == "head" }
         for p in ordered where !processHasExited(p.pid) { kill(p.pid, SIGTERM) }
@@ -471,6 +458,63 @@ private func waitForSignal(_ signals: [Int32]) async -> Int32 {
             source.resume()
             sources.keep(source)
         }
+    }
+}
+
+/// Starts `arguments` (a `cairn … --supervise` command) detached, its output appended to
+/// `log`, and waits until the process it supervises is in the session's pids with a name that
+/// `matches`: the supervisor's pid and that record. Throws the supervisor's reason (from
+/// `log`) if it gives up first.
+private func startSupervised(_ arguments: [String], session: Session, log: String,
+                             matches: (String) -> Bool) throws -> (supervisor: Int32, child: (pid: Int32, what: String)) {
+    let supervisor = try Cluster.startDetached(arguments, logFile: log)
+    let deadline = ContinuousClock.now + .seconds(60)
+    while ContinuousClock.now < deadline {
+        if let child = session.pids().first(where: { matches($0.what) && parentPID(of: $0.pid) == supervisor }) { return (supervisor, child) }
+        var status: Int32 = 0
+        if waitpid(supervisor, &status, WNOHANG) == supervisor {
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            let reason = text.split(separator: "\n").last { $0.hasPrefix("supervisor: cannot join") }
+                .map { String($0.dropFirst("supervisor: ".count)) } ?? "its supervisor exited; see \(log)"
+            throw ValidationError(reason)
+        }
+        usleep(10_000)
+    }
+    throw ValidationError("nothing joined within 60 s; see \(log)")
+}
+
+/// Records this process as `name` in the session, then joins a process to the head at
+/// `address` with `join` (which starts it and returns its name, pid and program), and joins
+/// another each time it dies (killed, or stopped because it lost the head) within the budget
+/// of `restarts` in any 60 s, waiting up to 60 s each time for the head to answer (it may be
+/// starting again). The first join is tried once. Stops (and stops the process) on SIGTERM or
+/// SIGINT.
+private func superviseJoins(session: Session, address: String, restarts: Int, what: String, name: String,
+                            join: () async throws -> (name: String, pid: Int32, executable: String)) async throws {
+    try session.record(pid: getpid(), name, executable: currentExecutablePath())
+    let supervisor = Supervisor(of: what, restarts: restarts, stoppedFromOutside: Cluster.lostHeadExitStatus)
+    var first = true
+    while true {
+        let deadline = ContinuousClock.now + .seconds(60)
+        var joined: (name: String, pid: Int32, executable: String)?
+        while joined == nil {
+            do {
+                joined = try await join()
+            } catch let error as CairnError where !first && error.code == .shutDown && ContinuousClock.now < deadline {
+                // The head does not answer yet: it may be starting again.
+                if supervisor.stopping { return }
+                try await Task.sleep(for: .milliseconds(50))
+            } catch {
+                say("supervisor: cannot join the head at \(address): \(error); stopping")
+                throw ExitCode.failure
+            }
+        }
+        guard let joined, let pid = supervisor.start({ joined.pid }) else { return }
+        try session.record(pid: pid, joined.name, executable: joined.executable)
+        say("supervisor: \(joined.name) (pid \(pid)) joined the head at \(address)")
+        first = false
+        guard let death = await supervisor.death(of: pid),
+              try await supervisor.again(after: death, pid: pid, what: "to join the head at \(address)") else { return }
     }
 }
 

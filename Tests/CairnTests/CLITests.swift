@@ -246,11 +246,14 @@ struct CLITests {
         #expect(children.count == 3, "the head's scheduler and nodes: \(children)")
         var address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
         let token = try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token"))
-        // With restarts on, a node joined from outside (2 CPUs, to tell it apart) joins the head started again.
+        // With restarts on, a node joined from outside (2 CPUs, to tell it apart) and a standby
+        // scheduler join the head started again.
         if supervised {
             let joined = try Self.run(["start", "--address", address, "--dir", dir.path, "--cpus", "2"])
             #expect(joined.status == 0, "\(joined.output)")
-            _ = try await Self.status(dir.path) { $0.contains("cpus=2") }
+            let scheduler = try Self.run(["scheduler", "--dir", dir.path])
+            #expect(scheduler.status == 0, "\(scheduler.output)")
+            _ = try await Self.status(dir.path) { $0.contains("cpus=2") && $0.contains("standby\n") }
         }
         var model = Bank()
         var replies: [Bank.Reply] = []
@@ -310,10 +313,11 @@ struct CLITests {
             }
             heads.append(try #require(secondHead, "the supervisor started no head again: \(Session.pids(dir.path))"))
             #expect(Self.children(of: supervisor!).contains(secondHead!))
-            // Back to full strength: its own 2 nodes, and the one joined from outside again.
+            // Back to full strength: its own 2 nodes, the one joined from outside, the standby scheduler.
             _ = try await Self.status(dir.path) { table in
                 Self.row(table, "node-2")?.contains("yes") == true
                     && table.split(separator: "\n").contains { $0.contains("cpus=2") && $0.contains(" yes ") }
+                    && table.contains("standby\n")
             }
             let now = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(now == address, "the head is started again where it was")
