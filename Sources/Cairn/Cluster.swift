@@ -420,9 +420,13 @@ public final class Cluster: Sendable {
         let root = storage.hasPrefix("/") ? storage : FileManager.default.currentDirectoryPath + "/" + storage
         replica.directory = root + "/gcs-replica-\(replica.replica)"
         do {
+            // A joining replica is new to the head, so it starts empty. A directory of that name
+            // is left by a replica of an earlier head (which numbers its replicas afresh), and
+            // its log is not this GCS's history.
+            if FileManager.default.fileExists(atPath: replica.directory) { try FileManager.default.removeItem(atPath: replica.directory) }
             try FileManager.default.createDirectory(atPath: replica.directory, withIntermediateDirectories: true)
         } catch {
-            throw CairnError(.storage, "cannot make the replica's directory \(replica.directory): \(error)")
+            throw CairnError(.storage, "cannot make the replica's directory \(replica.directory) afresh: \(error)")
         }
         launch.gcs = replica
         return (replica.replica, try launch.start([executable], detached: true, logFile: logFile))

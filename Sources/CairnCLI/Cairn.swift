@@ -46,6 +46,8 @@ struct Session {
     static let nodeSupervisor = "node-supervisor"
     /// What the pids file calls a process that joins a standby scheduler again when it dies.
     static let schedulerSupervisor = "scheduler-supervisor"
+    /// What the pids file calls a process that joins a new GCS replica when its replica dies.
+    static let replicaSupervisor = "gcs-replica-supervisor"
 
     func address() throws -> String {
         guard let text = try? String(contentsOfFile: headFile, encoding: .utf8),
@@ -371,16 +373,22 @@ struct Gcs: AsyncParsableCommand {
         The replica keeps its LMDB in DIR/gcs-replica-<ID>, stands by for --shard (default: the \
         shard with the fewest replicas), and takes the place of a replica that dies when it is \
         the first standby alive: it catches up from the tail and joins the chain. It stops when \
-        it loses the head and is not started again; `cairn stop` stops it.
+        it loses the head. With --restarts above 0 (the default) a supervisor then joins a new \
+        replica (a new ID, an empty directory) in its place, to the head started again, and \
+        removes the dead one's directory; `cairn stop` stops both.
         """)
 
     @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
     @Option(help: "The session directory (for the head's address and the token; the replica's LMDB goes under it).") var dir = Session.defaultDirectory
     @Option(help: "The shard to stand by for.") var shard: Int?
+    @Option(help: "How many times within any 60 s a new replica joins in the place of one that dies (or stops because it lost the head); 0: never.") var restarts = 5
+    /// Internal: run as the replica's supervisor.
+    @Flag(help: .hidden) var supervise = false
     @Option(help: "The program to run (default: this one).") var executable: String?
 
     func validate() throws {
         if let shard, shard < 0 { throw ValidationError("--shard must not be negative") }
+        guard (0...1_000).contains(restarts) else { throw ValidationError("--restarts must be 0 to 1000") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
 
@@ -388,10 +396,30 @@ struct Gcs: AsyncParsableCommand {
         let session = Session(directory: dir)
         let address = try address ?? session.address()
         let program = executable ?? currentExecutablePath()
+        let log = dir + "/gcs.log"
+        if supervise {
+            // Each join is a new replica with a directory of its own; a dead one's is of no use.
+            try await superviseJoins(session: session, address: address, restarts: restarts, what: "the GCS replica", name: Session.replicaSupervisor,
+                                     afterDeath: { name in try? FileManager.default.removeItem(atPath: dir + "/" + name) }) {
+                let started = try await Cluster.startReplica(joining: address, tokenFile: session.tokenFile, executable: program, storage: dir,
+                                                             shard: shard, logFile: log)
+                return ("gcs-replica-\(started.replica)", started.pid, realPath(program))
+            }
+            return
+        }
+        if restarts > 0 {
+            var arguments = [currentExecutablePath(), "gcs", "--address", address, "--supervise", "--dir", dir, "--restarts", "\(restarts)"]
+            if let shard { arguments += ["--shard", "\(shard)"] }
+            if let executable { arguments += ["--executable", executable] }
+            let (supervisor, replica) = try startSupervised(arguments, session: session, log: log) { $0.hasPrefix("gcs-replica-") }
+            print("GCS replica \(replica.what.dropFirst("gcs-replica-".count)) (pid \(replica.pid)) joined the head at \(address) as a standby; its log: \(log); "
+                  + "a new replica joins in its place if it dies (up to \(restarts) times within 60 s, by pid \(supervisor))")
+            return
+        }
         let started = try await Cluster.startReplica(joining: address, tokenFile: session.tokenFile, executable: program, storage: dir,
-                                                     shard: shard, logFile: dir + "/gcs.log")
+                                                     shard: shard, logFile: log)
         try session.record(pid: started.pid, "gcs-replica-\(started.replica)", executable: realPath(program))
-        print("GCS replica \(started.replica) (pid \(started.pid)) joined the head at \(address) as a standby; its log: \(dir)/gcs.log")
+        print("GCS replica \(started.replica) (pid \(started.pid)) joined the head at \(address) as a standby; its log: \(log)")
     }
 }
 
@@ -425,7 +453,7 @@ struct Stop: ParsableCommand {
         }
         // Supervisors first (so that none starts its process again), then joined nodes (they
         // would stop on losing the head anyway), then the head.
-        let supervisors = [Session.supervisor, Session.nodeSupervisor, Session.schedulerSupervisor]
+        let supervisors = [Session.supervisor, Session.nodeSupervisor, Session.schedulerSupervisor, Session.replicaSupervisor]
         let ordered = started.filter { supervisors.contains($0.what) }
             + started.filter { $0.what != "head" && !supervisors.contains($0.what) } + started.filter { $0.what == "head" }
         for p in ordered where !processHasExited(p.pid) { kill(p.pid, SIGTERM) }
@@ -490,6 +518,7 @@ private func startSupervised(_ arguments: [String], session: Session, log: Strin
 /// starting again). The first join is tried once. Stops (and stops the process) on SIGTERM or
 /// SIGINT.
 private func superviseJoins(session: Session, address: String, restarts: Int, what: String, name: String,
+                            afterDeath: (String) -> Void = { _ in },
                             join: () async throws -> (name: String, pid: Int32, executable: String)) async throws {
     try session.record(pid: getpid(), name, executable: currentExecutablePath())
     let supervisor = Supervisor(of: what, restarts: restarts, stoppedFromOutside: Cluster.lostHeadExitStatus)
@@ -513,8 +542,9 @@ private func superviseJoins(session: Session, address: String, restarts: Int, wh
         try session.record(pid: pid, joined.name, executable: joined.executable)
         say("supervisor: \(joined.name) (pid \(pid)) joined the head at \(address)")
         first = false
-        guard let death = await supervisor.death(of: pid),
-              try await supervisor.again(after: death, pid: pid, what: "to join the head at \(address)") else { return }
+        let death = await supervisor.death(of: pid)
+        afterDeath(joined.name)
+        guard let death, try await supervisor.again(after: death, pid: pid, what: "to join the head at \(address)") else { return }
     }
 }
 

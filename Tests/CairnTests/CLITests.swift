@@ -339,7 +339,7 @@ struct CLITests {
         #expect(last == (try model.receive(.deposit(account: 1, amount: 5))))
     }
 
-    @Test("cairn gcs: a GCS replica joins a head whose replicas run in processes, is listed as a standby, and is stopped by cairn stop")
+    @Test("cairn gcs: a GCS replica joins a head whose replicas run in processes with an empty directory (what an earlier head's replica of that number left is removed), is listed as a standby, joins again after the head is killed and started again, and is stopped by cairn stop")
     func replicaJoins() async throws {
         let dir = try TemporaryDirectory()
         let headPID = try Self.startHead(dir.path, ["--nodes", "0", "--gcs-processes"])
@@ -349,8 +349,13 @@ struct CLITests {
         }
         let badShard = try Self.run(["gcs", "--dir", dir.path, "--shard", "7"], errors: true)
         #expect(badShard.status != 0 && badShard.output.contains("shard 7"), "\(badShard.output)")
+        // What a replica 4 of an earlier head left: not this GCS's history.
+        let stale = dir.path + "/gcs-replica-4/stale"
+        try FileManager.default.createDirectory(atPath: dir.path + "/gcs-replica-4", withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: stale, contents: Data("an earlier head's replica".utf8))
         let joined = try Self.run(["gcs", "--dir", dir.path, "--shard", "0"])
         #expect(joined.status == 0 && joined.output.contains("GCS replica 4"), "\(joined.output)")
+        #expect(!FileManager.default.fileExists(atPath: stale), "the joining replica starts empty")
         // Replica 4 is listed as a standby beside the one the head started (3). On a slow
         // machine the chain may have been reconfigured meanwhile, so which replica is the
         // other standby is not fixed: five replicas, three in the chain, two standing by.
@@ -363,9 +368,28 @@ struct CLITests {
         }
         #expect(table.contains("after its compacted base"), "the chain's line says what its tail holds: \(table)")
         let replica = try #require(Session.pids(dir.path).first { $0.what == "gcs-replica-4" }?.pid)
+        // (The first supervisor recorded is the one whose join to shard 7 was refused.)
+        let replicaSupervisor = try #require(Session.pids(dir.path).first { $0.what == "gcs-replica-supervisor" && Self.children(of: $0.pid).contains(replica) }?.pid)
+
+        // The head killed: its supervisor starts it again, and the replica's joins a new replica
+        // (numbered afresh by the new head) as a standby again.
+        kill(headPID, SIGKILL)
+        let rejoinedBy = ContinuousClock.now + .seconds(60)
+        var rejoined: (pid: Int32, what: String)?
+        while rejoined == nil && ContinuousClock.now < rejoinedBy {
+            rejoined = Session.pids(dir.path).first { $0.what.hasPrefix("gcs-replica-") && $0.pid != replica && Self.children(of: replicaSupervisor).contains($0.pid) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let logs: String = ["gcs.log", "head.log"].map { (try? String(contentsOfFile: dir.path + "/" + $0, encoding: .utf8)) ?? "" }.joined()
+        let again = try #require(rejoined, "no replica joined again after the head's restart: \(Session.pids(dir.path))\n\(logs)")
+        let number = String(again.what.dropFirst("gcs-replica-".count))
+        _ = try await Self.status(dir.path) { output in
+            output.split(separator: "\n").first { $0.contains("shard 0") }?.split(separator: ";").first { $0.contains("standby") }?
+                .split(separator: " ").contains { $0.trimmingCharacters(in: .punctuationCharacters) == number } == true
+        }
         let stopped = try Self.run(["stop", "--dir", dir.path])
-        #expect(stopped.output.contains("stopped gcs-replica-4"), "\(stopped.output)")
-        #expect(processHasExited(replica) || kill(replica, 0) != 0)
+        #expect(stopped.output.contains("stopped \(again.what)") && stopped.output.contains("stopped gcs-replica-supervisor"), "\(stopped.output)")
+        #expect(processHasExited(replica) && processHasExited(again.pid) && processHasExited(replicaSupervisor))
     }
 
     @Test("the head SIGKILLed 3 times at seeded moments while a driver's messages are in flight: each time started again, every reply as the model says (the unanswered message retried, applied once), the cluster back to its 3 nodes")
