@@ -62,11 +62,12 @@ public struct HeadSession: Sendable {
 }
 
 /// SIGKILL the head of a cluster started with `cairn start --head --replicated-storage` (2
-/// node processes, and one node joined from outside) at seeded moments while a driver in this
+/// node processes, one node joined from outside, a standby scheduler) at seeded moments while a driver in this
 /// process sends messages to a durable Bank actor; after each kill the head's supervisor
 /// starts it again, the driver connects again, spawns the actor again by name, retries the
 /// message that got no reply with the same sequence number, and checks every reply against
-/// the model; and the cluster must be back to full strength (its 2 nodes and the joined one).
+/// the model; and the cluster must be back to full strength (its 2 nodes, the joined one, a
+/// standby scheduler).
 public enum HeadCampaign {
     public struct Configuration: Sendable {
         public var cairn: String
@@ -84,7 +85,7 @@ public enum HeadCampaign {
         public var timeline: [String] = []
         /// Per kill: from the SIGKILL to the actor's first answer through the new head.
         public var killToAnswerMs: [Double] = []
-        /// Per kill: from the SIGKILL until the new head lists 3 nodes with CPUs alive.
+        /// Per kill: from the SIGKILL until the new head lists 3 nodes with CPUs alive and a standby scheduler.
         public var fullStrengthMs: [Double] = []
         public var callsChecked = 0
         public var failures: [String] = []
@@ -117,6 +118,7 @@ public enum HeadCampaign {
             try session.run(["start", "--head", "--port", "0", "--nodes", "2", "--replicated-storage", "--restarts", restarts])
             defer { try? session.run(["stop"]) }
             try session.run(["start", "--address", try session.address(), "--cpus", "2", "--restarts", restarts])
+            try session.run(["scheduler", "--restarts", restarts])
             try await campaign(configuration, session, &report)
         } catch {
             report.failures.append("\(error)")
@@ -188,17 +190,19 @@ public enum HeadCampaign {
             report.fullStrengthMs.append(milliseconds(since: killedAt))
             report.timeline.append("\(stamp())  kill \(round): answered \(Int(report.killToAnswerMs.last!)) ms after it, \(sequence) messages applied; "
                                    + (full ? "full strength after \(Int(report.fullStrengthMs.last!)) ms" : "NOT back to full strength"))
-            if !full { report.failures.append("kill \(round): the cluster did not come back to 3 nodes with CPUs within 60 s") }
+            if !full { report.failures.append("kill \(round): the cluster did not come back to 3 nodes with CPUs and a standby scheduler within 60 s") }
         }
     }
 
-    /// Waits until the head lists 3 nodes with CPUs alive (its 2 and the joined one).
+    /// Waits until the head lists 3 nodes with CPUs alive (its 2 and the joined one) and a
+    /// standby scheduler beside its active one.
     private static func waitForFullStrength(_ session: HeadSession) async throws -> Bool {
         let token = try ClusterToken.read(from: session.directory + "/token")
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
             if let status = try? await Cluster.status(of: try session.address(), token: token),
-               status.nodes.filter({ $0.alive && $0.resources.cpus > 0 }).count >= 3 { return true }
+               status.nodes.filter({ $0.alive && $0.resources.cpus > 0 }).count >= 3,
+               status.schedulers.contains(where: { !$0.active }) { return true }
             try await Task.sleep(for: .milliseconds(5))
         }
         return false
