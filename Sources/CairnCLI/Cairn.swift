@@ -57,15 +57,26 @@ struct Session {
         return String(line)
     }
 
-    /// Before a head starts here: refuses if the recorded head still runs; otherwise removes
-    /// what a previous head left (stopped, or killed before it could clean up): its address,
-    /// its pids and its token, which no process of a cluster that is gone can still use, and
-    /// which a new head would otherwise refuse to overwrite.
+    /// Before a head starts here: refuses if the recorded head (or its supervisor) still runs;
+    /// otherwise removes what a previous head left (stopped, or killed before it could clean
+    /// up): its address and its token, which no process of a cluster that is gone can still
+    /// use, and which a new head would otherwise refuse to overwrite, and the pids of processes
+    /// that have exited. Processes still running stay recorded, so that `cairn stop` stops
+    /// them: a supervisor of a joined node, say, waiting for a head, which joins this one.
     func clearForNewHead() throws {
-        if let running = pids().first(where: { ($0.what == "head" || $0.what == Self.supervisor) && !processHasExited($0.pid) }) {
-            throw ValidationError("a \(running.what) (pid \(running.pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
+        let running = pids().filter { !processHasExited($0.pid) }
+        if let head = running.first(where: { $0.what == "head" || $0.what == Self.supervisor }) {
+            throw ValidationError("a \(head.what) (pid \(head.pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
         }
-        for file in [headFile, pidsFile, tokenFile] { try? FileManager.default.removeItem(atPath: file) }
+        for file in [headFile, tokenFile] { try? FileManager.default.removeItem(atPath: file) }
+        let kept = (try? String(contentsOfFile: pidsFile, encoding: .utf8))?.split(separator: "\n").filter { line in
+            running.contains { "\($0.pid)" == line.split(separator: " ").first.map(String.init) }
+        } ?? []
+        if kept.isEmpty {
+            try? FileManager.default.removeItem(atPath: pidsFile)
+        } else {
+            try (kept.joined(separator: "\n") + "\n").write(toFile: pidsFile, atomically: true, encoding: .utf8)
+        }
     }
 
     func token() throws -> ClusterToken {
@@ -527,6 +538,12 @@ private func superviseJoins(session: Session, address: String, restarts: Int, wh
         let deadline = ContinuousClock.now + .seconds(60)
         var joined: (name: String, pid: Int32, executable: String)?
         while joined == nil {
+            // A head started again by hand writes a new token file; until it does, there is none.
+            if !first && !FileManager.default.fileExists(atPath: session.tokenFile) && ContinuousClock.now < deadline {
+                if supervisor.stopping { return }
+                try await Task.sleep(for: .milliseconds(50))
+                continue
+            }
             do {
                 joined = try await join()
             } catch let error as CairnError where !first && error.code == .shutDown && ContinuousClock.now < deadline {

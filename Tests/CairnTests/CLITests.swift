@@ -219,7 +219,7 @@ struct CLITests {
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/storage"), "nothing was stored in a directory")
     }
 
-    @Test("a head SIGKILLed with restarts off takes its cluster down and loses no acknowledged actor state: started again on the same session, the actor spawned by name answers with each message applied once")
+    @Test("a head SIGKILLed with restarts off takes its cluster down and loses no acknowledged actor state: started again by hand on the same session and port, its joined node and standby scheduler join it again, and the actor spawned by name answers with each message applied once")
     func headKilledAndStartedAgain() async throws {
         try await headKilledAndStartedAgain(storage: [], supervised: false)
     }
@@ -246,15 +246,14 @@ struct CLITests {
         #expect(children.count == 3, "the head's scheduler and nodes: \(children)")
         var address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
         let token = try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token"))
-        // With restarts on, a node joined from outside (2 CPUs, to tell it apart) and a standby
-        // scheduler join the head started again.
-        if supervised {
-            let joined = try Self.run(["start", "--address", address, "--dir", dir.path, "--cpus", "2"])
-            #expect(joined.status == 0, "\(joined.output)")
-            let scheduler = try Self.run(["scheduler", "--dir", dir.path])
-            #expect(scheduler.status == 0, "\(scheduler.output)")
-            _ = try await Self.status(dir.path) { $0.contains("cpus=2") && $0.contains("standby\n") }
-        }
+        // A node joined from outside (2 CPUs, to tell it apart) and a standby scheduler, each
+        // with its supervisor: they join the head started again where it was, by its supervisor
+        // or by hand.
+        let joined = try Self.run(["start", "--address", address, "--dir", dir.path, "--cpus", "2"])
+        #expect(joined.status == 0, "\(joined.output)")
+        let scheduler = try Self.run(["scheduler", "--dir", dir.path])
+        #expect(scheduler.status == 0, "\(scheduler.output)")
+        _ = try await Self.status(dir.path) { $0.contains("cpus=2") && $0.contains("standby\n") }
         var model = Bank()
         var replies: [Bank.Reply] = []
         do {
@@ -313,20 +312,26 @@ struct CLITests {
             }
             heads.append(try #require(secondHead, "the supervisor started no head again: \(Session.pids(dir.path))"))
             #expect(Self.children(of: supervisor!).contains(secondHead!))
-            // Back to full strength: its own 2 nodes, the one joined from outside, the standby scheduler.
-            _ = try await Self.status(dir.path) { table in
-                Self.row(table, "node-2")?.contains("yes") == true
-                    && table.split(separator: "\n").contains { $0.contains("cpus=2") && $0.contains(" yes ") }
-                    && table.contains("standby\n")
-            }
             let now = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(now == address, "the head is started again where it was")
             #expect(try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token")) == token, "with the same token")
             let log = try String(contentsOfFile: dir.path + "/head.log", encoding: .utf8)
             #expect(log.contains("supervisor: the head (pid \(firstHead)) was killed by signal 9"), "\(log)")
         } else {
-            heads.append(try Self.startHead(dir.path, ["--nodes", "2", "--restarts", "0"] + storage))
+            // By hand, on the same port: the session's token is replaced by a new one, which the
+            // joined processes' supervisors read.
+            let port = try #require(address.split(separator: ":").last.map(String.init))
+            let started = try Self.run(["start", "--head", "--dir", dir.path, "--port", port, "--failure-timeout-ms", "5000",
+                                        "--nodes", "2", "--restarts", "0"] + storage)
+            #expect(started.status == 0, "\(started.output)")
+            heads.append(try #require(Session.pids(dir.path).first { $0.what == "head" && !processHasExited($0.pid) }?.pid))
             address = try String(contentsOfFile: dir.path + "/head", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        // Back to full strength: its own 2 nodes, the one joined from outside, the standby scheduler.
+        _ = try await Self.status(dir.path) { table in
+            Self.row(table, "node-2")?.contains("yes") == true
+                && table.split(separator: "\n").contains { $0.contains("cpus=2") && $0.contains(" yes ") }
+                && table.contains("standby\n")
         }
         let cluster = try await Cluster.connect(to: address, tokenFile: dir.path + "/token")
         defer { cluster.shutdown() }
