@@ -1232,6 +1232,8 @@ final class Node: @unchecked Sendable {
         var located: [(@Sendable (ObjectLocation?) -> Void, ObjectLocation?)] = []
         for message in batch {
             switch message {
+            case .runTasksEncoded:
+                preconditionFailure("tasks in their wire form reached a node undecoded; transports decode them (decodedForDelivery)")
             case .runTasks(let specs), .runDirect(let specs):
                 var last: ErasedFunction?
                 // Owners learn that their tasks are here, so they can run them again if this
@@ -1402,7 +1404,7 @@ final class Node: @unchecked Sendable {
                     }
                 }
                 schedulerIncarnation = incarnation
-            case .schedule, .control:
+            case .schedule, .scheduleEncoded, .control:
                 break
             }
         }

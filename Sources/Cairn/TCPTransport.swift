@@ -319,9 +319,15 @@ final class TCPTransport: Transport, @unchecked Sendable {
             let inbox = inboxes[endpoint]
             lock.unlock()
             if let inbox {
-                InMemoryTransport.checkPortable(message)
-                learnAddresses(from: message)
-                inbox.post(.local(message))
+                let delivered: Message
+                do {
+                    delivered = try message.decodedForDelivery
+                } catch {
+                    preconditionFailure("tasks read from the wire do not decode again: \(error)")
+                }
+                InMemoryTransport.checkPortable(delivered)
+                learnAddresses(from: delivered)
+                inbox.post(.local(delivered))
                 return
             }
         }

@@ -160,6 +160,14 @@ enum Message: Sendable {
     /// them on even if its own node table does not say so yet (the news reaches the two by
     /// different paths, and a task sent to a dead node waits for its owner's retry timer).
     case schedule([TaskSpec], from: NodeID, avoid: [NodeID])
+    /// ``schedule(_:from:avoid:)`` as read from the wire: each task still in its bytes, with
+    /// what placement needs read out (``EncodedTask``), so a scheduler in a process of its own
+    /// forwards tasks without decoding and encoding them again.
+    case scheduleEncoded([EncodedTask], from: NodeID, avoid: [NodeID])
+    /// ``runTasks(_:)`` with tasks still in their wire form, as a scheduler forwards them:
+    /// written out as they are, and decoded into ``runTasks(_:)`` where delivered in memory
+    /// (``decodedForDelivery``).
+    case runTasksEncoded(EncodedBatch)
     /// Object values, pushed to their owner or sent in answer to a fetch.
     case objects([(ObjectID, StoredValue)])
     /// Please send these objects to `replyTo` once they exist.
@@ -279,6 +287,8 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
             if case .boxed(let b) = v { preconditionFailure("a \(type(of: b)) would cross between components as a shared reference; encode it first") }
         }
         switch message {
+        case .runTasksEncoded, .scheduleEncoded:
+            preconditionFailure("tasks in their wire form are decoded before they are delivered in memory (decodedForDelivery)")
         case .runTasks(let specs), .runDirect(let specs), .schedule(let specs, _, _):
             // Only `portable()` makes specs that may cross; checking its stamp is O(1) per spec.
             for s in specs where !s.isPortable {
@@ -288,6 +298,51 @@ final class InMemoryTransport: Transport, @unchecked Sendable {
         case .actorCalls(let calls): calls.forEach { check($0.message) }
         case .createActor(let spawn): check(spawn.state)
         default: break
+        }
+    }
+}
+
+/// A task in its wire form (``WireWriter/tasks(_:)``), with what the global scheduler reads to
+/// place it: a scheduler in a process of its own forwards it as these bytes.
+struct EncodedTask: Sendable {
+    let id: ObjectID
+    let function: String
+    let resources: Resources
+    /// The owner of each of its reference arguments (empty: every input is in the spec).
+    let inputOwners: [NodeID]
+    /// The message the task came in, and where in it the task's bytes are.
+    let message: [UInt8]
+    let range: Range<Int>
+
+    var owner: NodeID { id.owner }
+    var resolved: Bool { inputOwners.isEmpty }
+}
+
+/// Tasks in their wire form, one after another (what ``WireWriter/tasks(_:)`` writes after
+/// the count): a scheduler's forwarded share for one node.
+struct EncodedBatch: Sendable {
+    private(set) var count = 0
+    private(set) var bytes: [UInt8] = []
+
+    mutating func reserve(_ more: Int) { bytes.reserveCapacity(bytes.count + more) }
+
+    mutating func append(_ task: EncodedTask) {
+        count += 1
+        bytes.append(contentsOf: task.message[task.range])
+    }
+}
+
+extension Message {
+    /// The message as a component in this process receives it: tasks in their wire form
+    /// decoded (only a scheduler's transport reads them so, and it may forward them to a node
+    /// in its own process).
+    var decodedForDelivery: Message {
+        get throws {
+            switch self {
+            case .runTasksEncoded(let batch): return .runTasks(try batch.decode())
+            case .scheduleEncoded(let tasks, let from, let avoid): return .schedule(try EncodedTask.decode(tasks), from: from, avoid: avoid)
+            default: return self
+            }
         }
     }
 }

@@ -40,6 +40,15 @@ enum WireFast {
             w.int(from.raw)
             w.count(avoid.count)
             for n in avoid { w.int(n.raw) }
+        case .runTasksEncoded(let batch):
+            w.byte(1)
+            w.encodedBatch(batch)
+        case .scheduleEncoded(let tasks, let from, let avoid):
+            w.byte(2)
+            w.encodedTasks(tasks)
+            w.int(from.raw)
+            w.count(avoid.count)
+            for n in avoid { w.int(n.raw) }
         case .objects(let objects):
             w.byte(3)
             w.count(objects.count)
@@ -107,11 +116,12 @@ enum WireFast {
         switch try r.byte() {
         case 1: message = .runTasks(try r.tasks())
         case 2:
-            let specs = try r.tasks()
+            // Only a scheduler reads these, and it forwards the tasks as they came.
+            let tasks = try r.encodedTasks()
             let from = NodeID(try r.int())
             var avoid: [NodeID] = []
             for _ in 0..<(try r.count()) { avoid.append(NodeID(try r.int())) }
-            message = .schedule(specs, from: from, avoid: avoid)
+            message = .scheduleEncoded(tasks, from: from, avoid: avoid)
         case 3:
             var objects: [(ObjectID, StoredValue)] = []
             for _ in 0..<(try r.count()) { objects.append((ObjectID(raw: try r.uint()), try r.value())) }
@@ -235,6 +245,20 @@ struct WireWriter {
             }
             resources(spec.resources)
         }
+    }
+
+    /// Tasks as they were read (``WireReader/encodedTasks()``): the same bytes
+    /// ``tasks(_:)`` would write for them, copied.
+    mutating func encodedTasks(_ tasks: [EncodedTask]) {
+        count(tasks.count)
+        bytes.reserveCapacity(bytes.count + tasks.reduce(0) { $0 + $1.range.count })
+        for t in tasks { bytes.append(contentsOf: t.message[t.range]) }
+    }
+
+    /// A batch as ``tasks(_:)`` would write its tasks.
+    mutating func encodedBatch(_ batch: EncodedBatch) {
+        count(batch.count)
+        bytes.append(contentsOf: batch.bytes)
     }
 
     mutating func resources(_ r: Resources) {
@@ -408,6 +432,39 @@ struct WireReader {
         return specs
     }
 
+    /// What ``tasks()`` reads, with each task left in its bytes: its ID, function, resources
+    /// and the owners of its reference arguments read out, its values skipped (an error value
+    /// is decoded, so that a task that passes here decodes wherever it goes).
+    mutating func encodedTasks() throws -> [EncodedTask] {
+        let n = try count()
+        var tasks: [EncodedTask] = []
+        tasks.reserveCapacity(n)
+        for _ in 0..<n {
+            let start = at
+            let id = ObjectID(raw: try uint())
+            let function = try name()
+            var owners: [NodeID] = []
+            for _ in 0..<(try count()) {
+                switch try byte() {
+                case 0:
+                    switch try byte() {
+                    case 0: at += try count()
+                    case 1: _ = try uint()
+                    case 2:
+                        at -= 1
+                        _ = try value()
+                    case let tag: throw fail("value tag \(tag) is not 0, 1 or 2")
+                    }
+                case 1: owners.append(ObjectID(raw: try uint()).owner)
+                case let tag: throw fail("argument tag \(tag) is not 0 or 1")
+                }
+            }
+            let resources = try resources()
+            tasks.append(EncodedTask(id: id, function: function, resources: resources, inputOwners: owners, message: bytes, range: start..<at))
+        }
+        return tasks
+    }
+
     mutating func resources() throws -> Resources {
         let cpus = try double()
         var custom: [String: Double] = [:]
@@ -459,5 +516,25 @@ struct WireReader {
         case 1: return true
         case let b: throw fail("a presence byte is \(b), not 0 or 1")
         }
+    }
+}
+
+extension EncodedTask {
+    /// The tasks decoded, as ``WireReader/tasks()`` reads them.
+    static func decode(_ tasks: [EncodedTask]) throws -> [TaskSpec] {
+        var w = WireWriter()
+        w.encodedTasks(tasks)
+        var r = WireReader(w.bytes)
+        return try r.tasks()
+    }
+}
+
+extension EncodedBatch {
+    /// The tasks decoded, as ``WireReader/tasks()`` reads them.
+    func decode() throws -> [TaskSpec] {
+        var w = WireWriter()
+        w.encodedBatch(self)
+        var r = WireReader(w.bytes)
+        return try r.tasks()
     }
 }

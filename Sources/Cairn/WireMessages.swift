@@ -262,7 +262,7 @@ enum WireMessage: Codable {
         case .nodeTable(let t): self = .nodeTable(t)
         case .schedulerAt(let a, let i): self = .schedulerAt(address: a, incarnation: i)
         case .storageReply(let id, let r): self = .storageReply(id, r)
-        case .runTasks, .runDirect, .schedule, .objects, .fetch, .free, .actorCalls, .placed, .objectsHeld:
+        case .runTasks, .runDirect, .schedule, .objects, .fetch, .free, .actorCalls, .placed, .objectsHeld, .runTasksEncoded, .scheduleEncoded:
             preconditionFailure("\(m) is written by WireFast")
         }
     }

@@ -457,7 +457,7 @@ struct TaskSpecTests {
         let asIs = try WireMessages.encode(.schedule([spec], from: NodeID(0), avoid: []), to: .scheduler)
         let copied = try WireMessages.encode(.schedule([try spec.portable()], from: NodeID(0), avoid: []), to: .scheduler)
         #expect(asIs == copied)
-        guard case (.scheduler, .schedule(let back, _, _)) = try WireMessages.decode(asIs), let received = back.first else {
+        guard case .schedule(let back, _, _) = try WireMessages.decode(asIs).1.decodedForDelivery, let received = back.first else {
             Issue.record("the message did not decode as the schedule it was")
             return
         }

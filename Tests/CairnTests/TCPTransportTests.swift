@@ -159,13 +159,57 @@ struct TCPTransportTests {
         wire.register(.scheduler) { batch in arrived.update { $0 += batch } }
         #expect(wire.sendIfEncodedAtOnce(message, to: .scheduler))
         for _ in 0..<4_000 where arrived.value.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
-        guard case .schedule(let specs, _, _)? = arrived.value.first, let received = specs.first else {
+        // (A scheduler reads tasks from the wire in their bytes; decoded here to look inside.)
+        guard case .schedule(let specs, _, _)? = try arrived.value.first?.decodedForDelivery, let received = specs.first else {
             Issue.record("no schedule arrived over the wire: \(arrived.value)")
             return
         }
         #expect(received !== spec && received.isPortable && received.id == spec.id)
         if case .value(.int(5)) = received.args[0] {} else { Issue.record("the boxed Int arrived as \(received.args[0])") }
         #expect(inMemory.value.isEmpty)
+    }
+
+    @Test("tasks handed up reach a scheduler in their bytes, with what placement reads parsed out, and are forwarded as the same bytes; delivered in memory, they are decoded")
+    func scheduleForwardedAsBytes() async throws {
+        let failure = RemoteError(kind: .threw, task: ObjectID(raw: 1), function: "f", node: NodeID(1), message: "an input failed")
+        let first = try TaskSpec(id: ObjectID(owner: NodeID(2), counter: 7), function: "f",
+                                 args: [.value(.int(5)), .value(.encoded([1, 2])), .ref(ObjectID(owner: NodeID(1), counter: 3), nil),
+                                        .value(.failed(failure)), .ref(ObjectID(owner: NodeID(3), counter: 4), nil)],
+                                 resources: Resources(cpus: 1, custom: ["gpu": 2])).portable()
+        let second = try TaskSpec(id: ObjectID(owner: NodeID(0), counter: 8), function: "g", args: [.value(.int(-1))],
+                                  resources: Resources(cpus: 0.5)).portable()
+        let handedUp = try WireMessages.encode(.schedule([first, second], from: NodeID(2), avoid: [NodeID(4)]), to: .scheduler)
+        guard case (.scheduler, .scheduleEncoded(let tasks, let from, let avoid)) = try WireMessages.decode(handedUp) else {
+            Issue.record("a schedule did not arrive in its bytes")
+            return
+        }
+        #expect(from == NodeID(2) && avoid == [NodeID(4)])
+        #expect(tasks.map(\.id) == [first.id, second.id] && tasks.map(\.function) == ["f", "g"])
+        #expect(tasks.map(\.resources) == [first.resources, second.resources])
+        #expect(tasks[0].inputOwners == [NodeID(1), NodeID(3)] && !tasks[0].resolved && tasks[1].resolved)
+        // Forwarded whole, or one, or in another order: the bytes the decoded specs would be written as.
+        func batch(_ chosen: [EncodedTask]) -> EncodedBatch {
+            var batch = EncodedBatch()
+            for t in chosen { batch.append(t) }
+            return batch
+        }
+        #expect(try WireMessages.encode(.runTasksEncoded(batch(tasks)), to: .node(NodeID(1))) == WireMessages.encode(.runTasks([first, second]), to: .node(NodeID(1))))
+        #expect(try WireMessages.encode(.runTasksEncoded(batch([tasks[1]])), to: .node(NodeID(1))) == WireMessages.encode(.runTasks([second]), to: .node(NodeID(1))))
+        #expect(try WireMessages.encode(.runTasksEncoded(batch(tasks.reversed())), to: .node(NodeID(1))) == WireMessages.encode(.runTasks([second, first]), to: .node(NodeID(1))))
+        #expect(try WireMessages.encode(.scheduleEncoded(tasks, from: from, avoid: avoid), to: .scheduler) == handedUp)
+        // A node in the process that forwards them gets them decoded.
+        let transport = TCPTransport(token: ClusterToken.generate(), name: "local", shortcutLocal: true, log: { _ in })
+        defer { transport.shutdown() }
+        let arrived = Locked<[Message]>([])
+        transport.register(.node(NodeID(1))) { batch in arrived.update { $0 += batch } }
+        transport.send(.runTasksEncoded(batch(tasks)), to: .node(NodeID(1)))
+        for _ in 0..<4_000 where arrived.value.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
+        guard case .runTasks(let specs)? = arrived.value.first else {
+            Issue.record("the tasks did not arrive decoded: \(arrived.value)")
+            return
+        }
+        #expect(specs.map(\.id) == [first.id, second.id] && specs.allSatisfy(\.isPortable))
+        #expect(try WireMessages.encode(.runTasks(specs), to: .node(NodeID(1))) == WireMessages.encode(.runTasks([first, second]), to: .node(NodeID(1))))
     }
 
     @Test("a TCP host this machine cannot listen on is refused with a typed error before anything starts")
