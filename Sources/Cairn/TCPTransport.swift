@@ -319,15 +319,19 @@ final class TCPTransport: Transport, @unchecked Sendable {
             let inbox = inboxes[endpoint]
             lock.unlock()
             if let inbox {
-                let delivered: Message
-                do {
-                    delivered = try message.decodedForDelivery
-                } catch {
-                    preconditionFailure("tasks read from the wire do not decode again: \(error)")
+                switch message {
+                case .runTasksEncoded, .scheduleEncoded:
+                    // Tasks a scheduler read from the wire, forwarded within this process.
+                    do {
+                        inbox.post(.local(try message.decodedForDelivery))
+                    } catch {
+                        preconditionFailure("tasks read from the wire do not decode again: \(error)")
+                    }
+                default:
+                    InMemoryTransport.checkPortable(message)
+                    learnAddresses(from: message)
+                    inbox.post(.local(message))
                 }
-                InMemoryTransport.checkPortable(delivered)
-                learnAddresses(from: delivered)
-                inbox.post(.local(delivered))
                 return
             }
         }
