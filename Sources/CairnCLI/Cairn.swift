@@ -38,6 +38,8 @@ struct Session {
     var headFile: String { directory + "/head" }
     var tokenFile: String { directory + "/token" }
     var pidsFile: String { directory + "/pids" }
+    /// One line per death a supervisor saw, with what it did: `cairn status` shows the last.
+    var restartsFile: String { directory + "/restarts" }
 
     static let defaultDirectory = "/tmp/cairn"
     /// What the pids file calls the process that starts the head again when it dies.
@@ -239,7 +241,7 @@ struct Start: AsyncParsableCommand {
     /// 0 (stopped), or when the first head never became ready.
     private func superviseHead(_ session: Session) async throws {
         try session.record(pid: getpid(), Session.supervisor, executable: currentExecutablePath())
-        let supervisor = Supervisor(of: "the head", restarts: restarts)
+        let supervisor = Supervisor(of: "the head", restarts: restarts, journal: session.restartsFile)
         var port = self.port
         var mode = ["--foreground", "--supervised"]
         while let pid = try supervisor.start({ try Cluster.startDetached(headArguments(mode, port: port), logFile: dir + "/head.log") }) {
@@ -435,7 +437,7 @@ struct Gcs: AsyncParsableCommand {
 }
 
 struct Status: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors, schedulers and GCS chains.")
+    static let configuration = CommandConfiguration(abstract: "Print the cluster's nodes, actors, schedulers and GCS chains, and the last restarts the session's supervisors made.")
 
     @Option(help: "The session directory (for the head's address and the token).") var dir = Session.defaultDirectory
     @Option(help: "The head's HOST:PORT (default: the session's).") var address: String?
@@ -446,6 +448,12 @@ struct Status: AsyncParsableCommand {
         let report = try await Cluster.status(of: address, token: try session.token())
         print("head \(address)\n")
         print(report.table)
+        // What the session's supervisors did: the head and joined processes started again.
+        if let journal = try? String(contentsOfFile: session.restartsFile, encoding: .utf8) {
+            let lines = journal.split(separator: "\n")
+            print("\nRESTARTS (the last \(min(lines.count, 5)) of \(lines.count); all in \(session.restartsFile))")
+            lines.suffix(5).forEach { print($0) }
+        }
     }
 }
 
@@ -532,7 +540,7 @@ private func superviseJoins(session: Session, address: String, restarts: Int, wh
                             afterDeath: (String) -> Void = { _ in },
                             join: () async throws -> (name: String, pid: Int32, executable: String)) async throws {
     try session.record(pid: getpid(), name, executable: currentExecutablePath())
-    let supervisor = Supervisor(of: what, restarts: restarts, stoppedFromOutside: Cluster.lostHeadExitStatus)
+    let supervisor = Supervisor(of: what, restarts: restarts, journal: session.restartsFile, stoppedFromOutside: Cluster.lostHeadExitStatus)
     var first = true
     while true {
         let deadline = ContinuousClock.now + .seconds(60)
@@ -583,8 +591,12 @@ private final class Supervisor: Sendable {
     /// is started again at once, as a killed one is.
     private let stoppedFromOutside: Int32?
 
-    init(of what: String, restarts: Int, stoppedFromOutside: Int32? = nil) {
+    /// Where each death and what was done about it is appended, a line each.
+    private let journal: String
+
+    init(of what: String, restarts: Int, journal: String, stoppedFromOutside: Int32? = nil) {
         self.what = what
+        self.journal = journal
         self.stoppedFromOutside = stoppedFromOutside
         child = Mutex((0, 0, false, RestartBudget(limit: restarts, windowSeconds: 60)))
         signal(SIGTERM, SIG_IGN)
@@ -645,12 +657,26 @@ private final class Supervisor: Sendable {
         let lived = String(format: "%.1f", death.seconds)
         switch decision {
         case .giveUp(let why):
-            say("supervisor: \(what) (pid \(pid)) \(death.how) after \(lived) s; not starting it again: \(why)")
+            record("\(what) (pid \(pid)) \(death.how) after \(lived) s; not starting it again: \(why)")
             return false
         case .restart(let delay):
-            say("supervisor: \(what) (pid \(pid)) \(death.how) after \(lived) s; starting it again \(detail)" + (delay > 0 ? " in \(delay) s" : ""))
+            record("\(what) (pid \(pid)) \(death.how) after \(lived) s; starting it again \(detail)" + (delay > 0 ? " in \(delay) s" : ""))
             if delay > 0 { try await Task.sleep(for: .seconds(delay)) }
             return true
+        }
+    }
+
+    /// Says `event` in this process's log, and appends it, with the time, to the session's journal.
+    private func record(_ event: String) {
+        say("supervisor: " + event)
+        let line = Data((ISO8601DateFormatter().string(from: Date()) + " " + event + "\n").utf8)
+        if let handle = FileHandle(forWritingAtPath: journal) ?? {
+            _ = FileManager.default.createFile(atPath: journal, contents: nil)
+            return FileHandle(forWritingAtPath: journal)
+        }() {
+            _ = try? handle.seekToEnd()
+            try? handle.write(contentsOf: line)
+            try? handle.close()
         }
     }
 

@@ -317,6 +317,12 @@ struct CLITests {
             #expect(try Data(contentsOf: URL(fileURLWithPath: dir.path + "/token")) == token, "with the same token")
             let log = try String(contentsOfFile: dir.path + "/head.log", encoding: .utf8)
             #expect(log.contains("supervisor: the head (pid \(firstHead)) was killed by signal 9"), "\(log)")
+            // `cairn status` shows what the supervisors did: the head started again, and the
+            // joined node and standby joined again.
+            let shown = try Self.run(["status", "--dir", dir.path]).output
+            let restarts = shown.split(separator: "\n").drop { !$0.hasPrefix("RESTARTS") }
+            #expect(restarts.contains { $0.contains("the head (pid \(firstHead)) was killed by signal 9") && $0.contains("starting it again on port") }, "\(shown)")
+            #expect(restarts.contains { $0.contains("the node (pid") && $0.contains("exited with status 3") }, "\(shown)")
         } else {
             // By hand, on the same port: the session's token is replaced by a new one, which the
             // joined processes' supervisors read.
