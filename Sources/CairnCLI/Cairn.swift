@@ -71,13 +71,10 @@ struct Session {
             throw ValidationError("a \(head.what) (pid \(head.pid)) already runs for \(directory); stop it with `cairn stop --dir \(directory)`")
         }
         for file in [headFile, tokenFile] { try? FileManager.default.removeItem(atPath: file) }
-        let kept = (try? String(contentsOfFile: pidsFile, encoding: .utf8))?.split(separator: "\n").filter { line in
-            running.contains { "\($0.pid)" == line.split(separator: " ").first.map(String.init) }
-        } ?? []
-        if kept.isEmpty {
+        if running.isEmpty {
             try? FileManager.default.removeItem(atPath: pidsFile)
         } else {
-            try (kept.joined(separator: "\n") + "\n").write(toFile: pidsFile, atomically: true, encoding: .utf8)
+            try running.map { "\($0.pid) \($0.what) \($0.executable)\n" }.joined().write(toFile: pidsFile, atomically: true, encoding: .utf8)
         }
     }
 
@@ -103,13 +100,13 @@ struct Session {
     }
 
     /// The processes this session started that still run the program they were started with.
-    func pids() -> [(pid: Int32, what: String)] {
+    func pids() -> [(pid: Int32, what: String, executable: String)] {
         guard let text = try? String(contentsOfFile: pidsFile, encoding: .utf8) else { return [] }
         return text.split(separator: "\n").compactMap { line in
             let parts = line.split(separator: " ", maxSplits: 2).map(String.init)
             guard parts.count == 3, let pid = Int32(parts[0]), pid > 0,
                   (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")) == parts[2] else { return nil }
-            return (pid, parts[1])
+            return (pid, parts[1], parts[2])
         }
     }
 }
@@ -142,7 +139,10 @@ struct Start: AsyncParsableCommand {
     @Option(help: "With --head: a node whose connections stay silent this long is declared dead (a killed one is at once).") var failureTimeoutMs = 250
     @Flag(help: "With --head: run each GCS replica in a process of its own (started again from its LMDB if it dies), not on the head's threads.") var gcsProcesses = false
     @Flag(help: "With --head: run the head in this process until SIGTERM or SIGINT, instead of in the background.") var foreground = false
-    @Option(help: "How many times within any 60 s a head that dies is started again (same port, same token), or a joined node that dies joins again; 0: never.") var restarts = 5
+    @Option(name: .customLong("restarts"), help: "How many times within any 60 s a head that dies is started again (same port, same token), or a joined node that dies joins again; 0: never. Default 5.")
+    var restartsGiven: Int?
+    /// Given or not (a head in the foreground refuses it when given).
+    var restarts: Int { restartsGiven ?? 5 }
     /// Internal: run as the head's supervisor (what `start --head` detaches when restarts are on).
     @Flag(help: .hidden) var supervise = false
     /// Internal: a head its supervisor started (the session was cleared for it already).
@@ -157,7 +157,7 @@ struct Start: AsyncParsableCommand {
         guard cpus >= 0 else { throw ValidationError("--cpus must not be negative") }
         guard failureTimeoutMs >= 100 else { throw ValidationError("--failure-timeout-ms must be at least 100") }
         guard (0...1_000).contains(restarts) else { throw ValidationError("--restarts must be 0 to 1000") }
-        if foreground && restarts != 5 { throw ValidationError("--restarts applies to a head in the background (or a node); a head in the foreground is not started again") }
+        if foreground && restartsGiven != nil { throw ValidationError("--restarts applies to a head in the background (or a node); a head in the foreground is not started again") }
         if replicatedStorage && storage != nil { throw ValidationError("--replicated-storage keeps durable actors in the GCS; drop --storage, or drop --replicated-storage to use that directory") }
         if let executable, access(executable, X_OK) != 0 { throw ValidationError("--executable \(executable) is not an executable file") }
     }
@@ -517,7 +517,7 @@ private func startSupervised(_ arguments: [String], session: Session, log: Strin
     let supervisor = try Cluster.startDetached(arguments, logFile: log)
     let deadline = ContinuousClock.now + .seconds(60)
     while ContinuousClock.now < deadline {
-        if let child = session.pids().first(where: { matches($0.what) && parentPID(of: $0.pid) == supervisor }) { return (supervisor, child) }
+        if let child = session.pids().first(where: { matches($0.what) && parentPID(of: $0.pid) == supervisor }) { return (supervisor, (child.pid, child.what)) }
         var status: Int32 = 0
         if waitpid(supervisor, &status, WNOHANG) == supervisor {
             let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""

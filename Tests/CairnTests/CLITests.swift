@@ -56,6 +56,19 @@ struct CLITests {
         return try #require(Session.pids(dir).first { $0.what == "head" }?.pid)
     }
 
+    /// Waits up to 60 s for `supervisor` to start a process named `prefix…` in the place of
+    /// `replaced`; its record in the session, or nil.
+    static func joinedAgain(_ dir: String, by supervisor: Int32, named prefix: String, replacing replaced: Int32) async throws -> (pid: Int32, what: String)? {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if let joined = Session.pids(dir).first(where: { $0.what.hasPrefix(prefix) && $0.pid != replaced && children(of: supervisor).contains($0.pid) }) {
+                return joined
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return nil
+    }
+
     /// The table row of `node`.
     static func row(_ table: String, _ node: String) -> String? {
         table.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map(String.init)
@@ -156,13 +169,8 @@ struct CLITests {
         let nodeSupervisor = try #require(Session.pids(dir.path).first { $0.what == "node-supervisor" }?.pid)
         #expect(Self.children(of: nodeSupervisor) == [nodePID])
         kill(nodePID, SIGKILL)
-        let joinedAgain = ContinuousClock.now + .seconds(30)
-        var rejoined: (pid: Int32, what: String)?
-        while rejoined == nil && ContinuousClock.now < joinedAgain {
-            rejoined = Session.pids(dir.path).first { $0.what.hasPrefix("node-") && $0.pid != nodePID && Self.children(of: nodeSupervisor).contains($0.pid) }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        let newNode = try #require(rejoined, "no node joined again in the place of node-3")
+        let newNode = try #require(try await Self.joinedAgain(dir.path, by: nodeSupervisor, named: "node-", replacing: nodePID),
+                                   "no node joined again in the place of node-3")
         _ = try await Self.status(dir.path) { Self.row($0, "node-3")?.contains(" no ") == true && Self.row($0, newNode.what)?.contains("yes") == true }
 
         let stopped = try Self.run(["stop", "--dir", dir.path])
@@ -363,7 +371,7 @@ struct CLITests {
         // What a replica 4 of an earlier head left: not this GCS's history.
         let stale = dir.path + "/gcs-replica-4/stale"
         try FileManager.default.createDirectory(atPath: dir.path + "/gcs-replica-4", withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: stale, contents: Data("an earlier head's replica".utf8))
+        #expect(FileManager.default.createFile(atPath: stale, contents: Data("an earlier head's replica".utf8)))
         let joined = try Self.run(["gcs", "--dir", dir.path, "--shard", "0"])
         #expect(joined.status == 0 && joined.output.contains("GCS replica 4"), "\(joined.output)")
         #expect(!FileManager.default.fileExists(atPath: stale), "the joining replica starts empty")
@@ -385,12 +393,7 @@ struct CLITests {
         // The head killed: its supervisor starts it again, and the replica's joins a new replica
         // (numbered afresh by the new head) as a standby again.
         kill(headPID, SIGKILL)
-        let rejoinedBy = ContinuousClock.now + .seconds(60)
-        var rejoined: (pid: Int32, what: String)?
-        while rejoined == nil && ContinuousClock.now < rejoinedBy {
-            rejoined = Session.pids(dir.path).first { $0.what.hasPrefix("gcs-replica-") && $0.pid != replica && Self.children(of: replicaSupervisor).contains($0.pid) }
-            try await Task.sleep(for: .milliseconds(20))
-        }
+        let rejoined = try await Self.joinedAgain(dir.path, by: replicaSupervisor, named: "gcs-replica-", replacing: replica)
         let logs: String = ["gcs.log", "head.log"].map { (try? String(contentsOfFile: dir.path + "/" + $0, encoding: .utf8)) ?? "" }.joined()
         let again = try #require(rejoined, "no replica joined again after the head's restart: \(Session.pids(dir.path))\n\(logs)")
         let number = String(again.what.dropFirst("gcs-replica-".count))
